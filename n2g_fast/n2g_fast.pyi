@@ -1,0 +1,95 @@
+"""Type stubs for the `n2g_fast` extension (Rust core of n2g).
+
+Names follow n2g-method.md: activating token (depth 0, a child of the trie root), context token,
+IGNORE element, END (closes a path and holds the normalised activation).
+All errors raised by the core are `N2GError` (a `ValueError` subclass) with a message saying what
+to fix; the core never panics across the FFI.
+"""
+
+from typing import Literal, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+Semantics = Literal["all_paths_max", "greedy_deepest"]
+Role = Literal["activating", "context", "either"]
+GRAPH_SCHEMA: str  # "n2g.graph/v1"
+
+class N2GError(ValueError): ...
+
+class TopK:
+    """Per-neuron top-k accumulator for the dataset scan (n2g-method.md section 1).
+
+    Keeps, for each of `n_neurons` neurons, the k windows with the largest activation (a window's
+    score is its maximum over tokens) and a_max (the largest activation seen anywhere).
+    """
+
+    def __init__(self, n_neurons: int, k: int = 20) -> None: ...
+    @property
+    def n_neurons(self) -> int: ...
+    @property
+    def k(self) -> int: ...
+    def update(
+        self,
+        activations: npt.NDArray[np.float32],  # [batch, tokens, n_neurons], C-contiguous
+        window_ids: npt.NDArray[np.int64],  # [batch]
+        token_mask: npt.NDArray[np.bool_] | None = None,  # [batch, tokens]; False = not scored (BOS, padding)
+    ) -> None:
+        """Folds one batch in. Releases the GIL and runs in parallel over neurons."""
+    def max_activation(self) -> npt.NDArray[np.float32]:
+        """[n_neurons]; -inf for a neuron that saw no token."""
+    def top(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """(window_ids [n_neurons, k], scores [n_neurons, k]), best first; -1 / -inf pad."""
+
+ContextElement = tuple[str, Sequence[int], float] | None  # (label, token_ids, importance); None = IGNORE
+
+class NeuronGraph:
+    """The trie of one neuron (n2g-method.md sections 5 and 6)."""
+
+    def __init__(self, model: str, layer: int, neuron: int, hook: str, max_activation: float) -> None: ...
+    model: str
+    layer: int
+    neuron: int
+    hook: str
+    max_activation: float
+    def add_path(
+        self,
+        activating: tuple[str, Sequence[int], float],
+        context: Sequence[ContextElement],
+        end: float,
+    ) -> None:
+        """Inserts one path. `activating` = (label, token_ids, normalised activation) of token i;
+        `context` runs backwards from token i-1 (nearest first); trailing IGNOREs are cut; `end` is
+        the normalised activation stored on the END. A node keeps the max importance / activation
+        / end value seen. `token_ids` are every vocabulary id whose normalised label is `label`;
+        nodes are keyed by label, and their id sets are unioned."""
+    def finalize(self) -> None:
+        """Merges sibling sub-paths under IGNORE children and drops children that are neither END
+        nodes nor parents of one (n2g-method.md section 5). Idempotent; predict, to_json and
+        to_bytes call it implicitly."""
+    def predict(
+        self,
+        token_id_sequences: Sequence[Sequence[int]] | npt.NDArray[np.int64],
+        semantics: Semantics = "all_paths_max",
+    ) -> list[npt.NDArray[np.float32]]:
+        """One array of predicted normalised activations per sequence (0 where nothing matches).
+        "greedy_deepest": the reference code's walk (exact child, else IGNORE, else stop; the
+        deepest END reached). "all_paths_max": every matching path, exact or IGNORE at each step;
+        the maximum END value."""
+    def activating_labels(self) -> list[str]: ...
+    def context_labels(self) -> list[str]: ...
+    @property
+    def n_nodes(self) -> int: ...
+    @property
+    def n_paths(self) -> int: ...
+    def to_json(self) -> str:
+        """The `n2g.graph/v1` document (export format of the foundation issue)."""
+    @staticmethod
+    def from_json(text: str) -> NeuronGraph: ...
+    def to_bytes(self) -> bytes:
+        """Versioned, checksummed binary form (what the workspace stores)."""
+    @staticmethod
+    def from_bytes(data: bytes) -> NeuronGraph: ...
+    def to_dot(self) -> str: ...
+    def to_svg(self) -> str: ...

@@ -1,0 +1,7 @@
+"""n2g: the Python client library and the `n2g` command line for the n2g neuron-graph service.
+
+The client needs only grpcio, protobuf and numpy; the command line's local and `serve` commands
+import the service (torch, TransformerLens) lazily.
+"""
+
+__version__ = "0.1.0"

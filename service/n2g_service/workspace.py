@@ -1,0 +1,305 @@
+"""The workspace: one directory per (model, corpus), holding an embedded SQLite database.
+
+SQLite (WAL mode) keeps metadata, the corpus windows, the dataset scan, every built neuron (its
+graph in n2g_fast's versioned binary form, its examples, stats and evaluation) and the build jobs.
+Each neuron is committed in its own transaction as soon as it is built, so a build that is killed
+loses nothing and resumes where it stopped. A graph store file (`graphs.n2gs`, n2g_fast's format)
+is a derived cache of the graphs table for fast loading of whole models.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+DB_NAME = "n2g.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS windows (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    n INTEGER NOT NULL, length INTEGER NOT NULL, tokens BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS layer_scans (
+    layer INTEGER PRIMARY KEY, k INTEGER NOT NULL, d_mlp INTEGER NOT NULL,
+    max_activation BLOB NOT NULL, top_window_ids BLOB NOT NULL, top_scores BLOB NOT NULL,
+    seconds REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS neurons (
+    layer INTEGER NOT NULL, neuron INTEGER NOT NULL,
+    max_activation REAL NOT NULL,
+    graph BLOB NOT NULL,
+    examples TEXT NOT NULL,
+    stats TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    job_id TEXT,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (layer, neuron)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, state TEXT NOT NULL, request TEXT NOT NULL,
+    total INTEGER NOT NULL DEFAULT 0, done INTEGER NOT NULL DEFAULT 0,
+    error TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL
+);
+"""
+
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+class WorkspaceError(ValueError):
+    """A workspace that does not exist, belongs to another model/corpus, or lacks what is asked."""
+
+
+@dataclass
+class NeuronRecord:
+    layer: int
+    neuron: int
+    max_activation: float
+    graph_bytes: bytes
+    examples: dict[str, Any]
+    stats: dict[str, Any]
+    metrics: dict[str, Any]
+    job_id: str | None = None
+    created_at: float = field(default_factory=time.time)
+
+    def graph(self):
+        import n2g_fast
+
+        return n2g_fast.NeuronGraph.from_bytes(self.graph_bytes)
+
+
+@dataclass
+class JobRecord:
+    id: str
+    state: str
+    request: dict[str, Any]
+    total: int
+    done: int
+    error: str | None
+    created_at: float
+    updated_at: float
+
+
+def _blob(a: np.ndarray) -> bytes:
+    return np.ascontiguousarray(a).tobytes()
+
+
+class Workspace:
+    """Thread-safe access to one workspace directory (one connection per thread)."""
+
+    def __init__(self, path: str | Path, *, create: bool = False,
+                 model: str | None = None, corpus: str | None = None, hook: str | None = None):
+        self.path = Path(path)
+        db = self.path / DB_NAME
+        if not db.exists():
+            if not create:
+                raise WorkspaceError(f"no workspace at {self.path} (no {DB_NAME}); build one first with `n2g build --workspace {self.path}`")
+            self.path.mkdir(parents=True, exist_ok=True)
+        self._db_path = db
+        self._local = threading.local()
+        with self.transaction() as c:
+            c.executescript(_SCHEMA)
+            c.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        found = int(self.get_meta("schema_version"))
+        if found != SCHEMA_VERSION:
+            raise WorkspaceError(f"workspace {self.path} has schema version {found}, this n2g reads {SCHEMA_VERSION}")
+        for key, value in (("model", model), ("corpus", corpus), ("hook", hook)):
+            if value is None:
+                continue
+            have = self.get_meta(key)
+            if have is None:
+                self.set_meta(key, value)
+            elif have != value:
+                raise WorkspaceError(f"workspace {self.path} was built for {key}={have!r}, not {value!r}; use another --workspace")
+
+    # -- connection handling ------------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self._db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- metadata -------------------------------------------------------------------------------
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        row = self._conn().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def get_meta_json(self, key: str, default: Any = None) -> Any:
+        value = self.get_meta(key)
+        return default if value is None else json.loads(value)
+
+    def set_meta_json(self, key: str, value: Any) -> None:
+        self.set_meta(key, json.dumps(value, sort_keys=True))
+
+    @property
+    def model_name(self) -> str | None:
+        return self.get_meta("model")
+
+    @property
+    def corpus(self) -> str | None:
+        return self.get_meta("corpus")
+
+    @property
+    def hook(self) -> str | None:
+        return self.get_meta("hook")
+
+    # -- corpus windows -------------------------------------------------------------------------
+    def save_windows(self, windows: np.ndarray) -> None:
+        w = np.asarray(windows, dtype=np.int32)
+        with self.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO windows VALUES (0, ?, ?, ?)", (w.shape[0], w.shape[1], _blob(w)))
+
+    def load_windows(self) -> np.ndarray | None:
+        row = self._conn().execute("SELECT n, length, tokens FROM windows WHERE id = 0").fetchone()
+        if row is None:
+            return None
+        n, length, blob = row
+        return np.frombuffer(blob, dtype=np.int32).reshape(n, length).astype(np.int64)
+
+    # -- dataset scan ---------------------------------------------------------------------------
+    def save_layer_scan(self, layer: int, max_activation: np.ndarray, top_window_ids: np.ndarray,
+                        top_scores: np.ndarray, seconds: float) -> None:
+        ids = np.asarray(top_window_ids, dtype=np.int64)
+        with self.transaction() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO layer_scans VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (layer, ids.shape[1], ids.shape[0], _blob(np.asarray(max_activation, np.float32)),
+                 _blob(ids), _blob(np.asarray(top_scores, np.float32)), seconds),
+            )
+
+    def load_layer_scan(self, layer: int) -> dict[str, Any] | None:
+        row = self._conn().execute(
+            "SELECT k, d_mlp, max_activation, top_window_ids, top_scores, seconds FROM layer_scans WHERE layer = ?",
+            (layer,),
+        ).fetchone()
+        if row is None:
+            return None
+        k, d_mlp, amax, ids, scores, seconds = row
+        return {
+            "layer": layer,
+            "max_activation": np.frombuffer(amax, np.float32).copy(),
+            "top_window_ids": np.frombuffer(ids, np.int64).reshape(d_mlp, k).copy(),
+            "top_scores": np.frombuffer(scores, np.float32).reshape(d_mlp, k).copy(),
+            "seconds": seconds,
+        }
+
+    def scanned_layers(self) -> list[int]:
+        return [r[0] for r in self._conn().execute("SELECT layer FROM layer_scans ORDER BY layer")]
+
+    # -- neurons --------------------------------------------------------------------------------
+    def put_neuron(self, rec: NeuronRecord) -> None:
+        """Commits one built neuron (one transaction; replaces an earlier build of it)."""
+        with self.transaction() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO neurons VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (rec.layer, rec.neuron, rec.max_activation, rec.graph_bytes,
+                 json.dumps(rec.examples), json.dumps(rec.stats), json.dumps(rec.metrics),
+                 rec.job_id, rec.created_at),
+            )
+            if rec.job_id is not None:
+                c.execute(
+                    "UPDATE jobs SET done = done + 1, updated_at = ? WHERE id = ?", (time.time(), rec.job_id)
+                )
+
+    def has_neuron(self, layer: int, neuron: int) -> bool:
+        return self._conn().execute(
+            "SELECT 1 FROM neurons WHERE layer = ? AND neuron = ?", (layer, neuron)
+        ).fetchone() is not None
+
+    def built_keys(self, layers: list[int] | None = None) -> list[tuple[int, int]]:
+        rows = self._conn().execute("SELECT layer, neuron FROM neurons ORDER BY layer, neuron").fetchall()
+        return [(l, n) for l, n in rows if layers is None or l in layers]
+
+    def get_neuron(self, layer: int, neuron: int) -> NeuronRecord | None:
+        row = self._conn().execute(
+            "SELECT layer, neuron, max_activation, graph, examples, stats, metrics, job_id, created_at "
+            "FROM neurons WHERE layer = ? AND neuron = ?",
+            (layer, neuron),
+        ).fetchone()
+        return None if row is None else self._record(row)
+
+    def iter_neurons(self, *, with_examples: bool = True) -> Iterator[NeuronRecord]:
+        cols = "examples" if with_examples else "'{}'"
+        cur = self._conn().execute(
+            f"SELECT layer, neuron, max_activation, graph, {cols}, stats, metrics, job_id, created_at "
+            "FROM neurons ORDER BY layer, neuron"
+        )
+        for row in cur:
+            yield self._record(row)
+
+    @staticmethod
+    def _record(row) -> NeuronRecord:
+        layer, neuron, amax, graph, examples, stats, metrics, job_id, created = row
+        return NeuronRecord(layer, neuron, amax, bytes(graph), json.loads(examples), json.loads(stats),
+                            json.loads(metrics), job_id, created)
+
+    def graph_bytes(self) -> list[tuple[int, int, bytes]]:
+        return [(l, n, bytes(g)) for l, n, g in
+                self._conn().execute("SELECT layer, neuron, graph FROM neurons ORDER BY layer, neuron")]
+
+    # -- jobs -----------------------------------------------------------------------------------
+    def create_job(self, job_id: str, request: dict[str, Any], total: int) -> JobRecord:
+        now = time.time()
+        with self.transaction() as c:
+            c.execute("INSERT INTO jobs VALUES (?, 'queued', ?, ?, 0, NULL, ?, ?)",
+                      (job_id, json.dumps(request, sort_keys=True), total, now, now))
+        return self.get_job(job_id)
+
+    def update_job(self, job_id: str, *, state: str | None = None, total: int | None = None,
+                   done: int | None = None, error: str | None = None) -> None:
+        if state is not None and state not in JOB_STATES:
+            raise ValueError(f"unknown job state {state!r}")
+        sets, args = ["updated_at = ?"], [time.time()]
+        for col, val in (("state", state), ("total", total), ("done", done), ("error", error)):
+            if val is not None:
+                sets.append(f"{col} = ?")
+                args.append(val)
+        with self.transaction() as c:
+            c.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*args, job_id))
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        row = self._conn().execute(
+            "SELECT id, state, request, total, done, error, created_at, updated_at FROM jobs WHERE id = ?", (job_id,)
+        ).fetchone()
+        return None if row is None else JobRecord(row[0], row[1], json.loads(row[2]), *row[3:])
+
+    def list_jobs(self) -> list[JobRecord]:
+        rows = self._conn().execute(
+            "SELECT id, state, request, total, done, error, created_at, updated_at FROM jobs ORDER BY created_at"
+        ).fetchall()
+        return [JobRecord(r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows]
