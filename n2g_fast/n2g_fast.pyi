@@ -4,6 +4,11 @@ Names follow n2g-method.md: activating token (depth 0, a child of the trie root)
 IGNORE element, END (closes a path and holds the normalised activation).
 All errors raised by the core are `N2GError` (a `ValueError` subclass) with a message saying what
 to fix; the core never panics across the FFI.
+
+Token ids are non-negative ints below 2**32. Batch calls release the GIL and run on the module's
+own thread pool (size: RAYON_NUM_THREADS, else the CPU count); a fork handler gives a forked child
+(e.g. `multiprocessing` with the fork start method) a fresh pool, so forking after a batch call is
+safe.
 """
 
 from typing import Literal, Sequence
@@ -36,7 +41,11 @@ class TopK:
         window_ids: npt.NDArray[np.int64],  # [batch]
         token_mask: npt.NDArray[np.bool_] | None = None,  # [batch, tokens]; False = not scored (BOS, padding)
     ) -> None:
-        """Folds one batch in. Releases the GIL and runs in parallel over neurons."""
+        """Folds one batch in. Releases the GIL and runs in parallel over neurons.
+
+        A window with every token masked is not scored. A non C-contiguous array is copied once.
+        NaN activations raise N2GError and the batch is not applied. Window ids are not
+        deduplicated across batches."""
     def max_activation(self) -> npt.NDArray[np.float32]:
         """[n_neurons]; -inf for a neuron that saw no token."""
     def top(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
@@ -67,16 +76,30 @@ class NeuronGraph:
     def finalize(self) -> None:
         """Merges sibling sub-paths under IGNORE children and drops children that are neither END
         nodes nor parents of one (n2g-method.md section 5). Idempotent; predict, to_json and
-        to_bytes call it implicitly."""
+        to_bytes call it implicitly, and so does everything else that reads the trie
+        (activating_labels, context_labels, n_nodes, n_paths, to_dot, to_svg, ==).
+
+        Precisely (the reference's merge_ignores, values folded by max): top-down, at every node N
+        with an IGNORE child G, each other child C of N has its children (whole subtrees) merged
+        into G's children (same label -> same node, max value/END, union of ids; C's own END is
+        not copied), and C is dropped unless it holds an END. Then N's remaining children, G
+        included, are processed the same way."""
     def predict(
         self,
-        token_id_sequences: Sequence[Sequence[int]] | npt.NDArray[np.int64],
+        token_id_sequences: Sequence[Sequence[int]] | Sequence[npt.NDArray[np.integer]] | npt.NDArray[np.integer],
         semantics: Semantics = "all_paths_max",
+        *,
+        vocab_size: int | None = None,
     ) -> list[npt.NDArray[np.float32]]:
         """One array of predicted normalised activations per sequence (0 where nothing matches).
         "greedy_deepest": the reference code's walk (exact child, else IGNORE, else stop; the
         deepest END reached). "all_paths_max": every matching path, exact or IGNORE at each step;
-        the maximum END value."""
+        the maximum END value.
+
+        Input: a 2-D integer array [sequences, tokens], or a list of lists / 1-D integer arrays
+        (ragged allowed; an empty list gives []). Negative ids, ids >= 2**32 and, when
+        `vocab_size` is given, ids >= vocab_size raise N2GError naming sequence and position.
+        Where sibling nodes share an id, greedy takes the first by label, all-paths takes all."""
     def activating_labels(self) -> list[str]: ...
     def context_labels(self) -> list[str]: ...
     @property
@@ -91,5 +114,14 @@ class NeuronGraph:
         """Versioned, checksummed binary form (what the workspace stores)."""
     @staticmethod
     def from_bytes(data: bytes) -> NeuronGraph: ...
-    def to_dot(self) -> str: ...
-    def to_svg(self) -> str: ...
+    def to_dot(self) -> str:
+        """Graphviz DOT (n2g-method.md section 7): IGNORE dropped, same label at the same depth
+        merged into one node, activating tokens red by activation, context tokens blue by
+        importance, END nodes bold, rankdir RL, whitespace shown as '·' '⏎' '⇥'."""
+    def to_svg(self) -> str:
+        """The same drawing as standalone SVG, laid out in Rust (no Graphviz needed): one column
+        per depth, activating tokens rightmost."""
+    def __eq__(self, other: object) -> bool:
+        """Same metadata and the same finalized trie."""
+    def __reduce__(self) -> tuple[object, tuple[bytes]]:
+        """Pickles through to_bytes, so graphs cross process boundaries."""

@@ -1,58 +1,335 @@
-"""The `n2g` command line. Local commands work on a workspace directory and import the service
-lazily, so `n2g --help` and the remote commands never load torch."""
+"""The `n2g` command line.
+
+Every operation works against a server (`--server HOST:PORT`, or $N2G_SERVER) or locally on a
+workspace directory (`--workspace DIR`). Remote commands need only the client library (grpcio,
+numpy); local commands and `serve` import the service lazily, so `n2g --help` never loads torch.
+Output is a human-readable table by default, JSON with `--json`.
+
+    n2g serve --workspace W [--model M | --no-model] [--port P] [--token T] [--tls-cert C --tls-key K]
+    n2g info | build | jobs | graph | predict | activations | tokenize | search | similar | eval
+        | export | report   (each with --server HOST:PORT or --workspace DIR)
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any, Sequence
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # same as n2g_service.models.DEFAULT_MODEL
 DEFAULT_CORPUS = "fortunes"
 
 
+class CliError(Exception):
+    """A usage error: printed as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Output helpers
+
+def _plain(obj: Any) -> Any:
+    """JSON-ready copy of dataclasses, numpy arrays and tuples."""
+    import numpy as np
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(x) for x in obj]
+    return obj
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(_plain(obj), indent=2))
+
+
+def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    cells = [[str(h) for h in headers]] + [[_cell(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def _tok(s: str) -> str:
+    return repr(s)[1:-1] if s else "''"
+
+
+def _key(k) -> str:
+    return f"{k[0]}:{k[1]}"
+
+
+def _short(items: Sequence[str], n: int = 6) -> str:
+    shown = ", ".join(_tok(x) for x in items[:n])
+    return shown + (f" (+{len(items) - n})" if len(items) > n else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Connection: a server or a local workspace
+
+def _add_conn(p: argparse.ArgumentParser, *, workspace_required: bool = False) -> None:
+    g = p.add_argument_group("where")
+    g.add_argument("--server", default=None if workspace_required else os.environ.get("N2G_SERVER"),
+                   help="HOST:PORT of an n2g server (default $N2G_SERVER)")
+    g.add_argument("--workspace", type=Path, default=None, help="work locally on this workspace directory")
+    g.add_argument("--token", default=None, help="bearer token for the server (default $N2G_TOKEN)")
+    g.add_argument("--tls", action="store_true", help="connect with TLS (system root certificates)")
+    g.add_argument("--tls-ca", type=Path, default=None, help="connect with TLS, trusting this CA/certificate (PEM)")
+    g.add_argument("--tls-server-name", default=None, help="expected server name in its certificate")
+    g.add_argument("--timeout", type=float, default=120.0, help="deadline of each call in seconds (default 120)")
+    p.add_argument("--json", action="store_true", help="machine-readable JSON output")
+
+
+def _client(args, *, needs_model: bool = True):
+    if args.workspace is not None and args.server:
+        if os.environ.get("N2G_SERVER") == args.server:
+            args.server = None  # an explicit --workspace wins over the environment
+        else:
+            raise CliError("give --server or --workspace, not both")
+    if args.server:
+        from .client import N2GClient
+
+        return N2GClient(args.server, token=args.token, tls=args.tls, root_certificates=args.tls_ca,
+                         tls_server_name=args.tls_server_name, timeout=args.timeout)
+    if args.workspace is None:
+        raise CliError("give --server HOST:PORT (or set N2G_SERVER) or --workspace DIR")
+    from .local import LocalN2GClient
+
+    return LocalN2GClient(args.workspace, no_model=not needs_model,
+                          device=getattr(args, "device", None), timeout=args.timeout)
+
+
+def _neurons(specs: Sequence[str]) -> list[tuple[int, int]]:
+    from .client import parse_neuron
+
+    try:
+        return [parse_neuron(s) for s in specs]
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
+def _token_lists(specs: Sequence[str]) -> list[list[int]]:
+    out = []
+    for s in specs:
+        try:
+            out.append([int(x) for x in s.replace(",", " ").split()])
+        except ValueError:
+            raise CliError(f"bad --tokens {s!r}: give token ids separated by spaces or commas") from None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# serve
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="run the gRPC server on a workspace")
+    p.add_argument("--workspace", required=True, type=Path, help="workspace directory (created if missing)")
+    m = p.add_mutually_exclusive_group()
+    m.add_argument("--model", default=None, help=f"model name (default: the workspace's, else {DEFAULT_MODEL}); "
+                                                 "native:<seed> is a small random model for tests")
+    m.add_argument("--no-model", action="store_true", help="serve stored graphs only; no model is loaded")
+    p.add_argument("--corpus", default=None, help="corpus of a new workspace (default fortunes)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, localhost only)")
+    p.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--hook", default=None, help="neuron hook (default mlp.hook_post; SoLU models mlp.hook_mid)")
+    p.add_argument("--token", default=None,
+                   help="require 'authorization: Bearer TOKEN' on every RPC but health (default $N2G_TOKEN; off)")
+    p.add_argument("--tls-cert", type=Path, default=None, help="server certificate (PEM) to serve TLS")
+    p.add_argument("--tls-key", type=Path, default=None, help="private key (PEM) of --tls-cert")
+    p.add_argument("--max-workers", type=int, default=32, help="concurrent RPC threads (default 32)")
+    p.add_argument("--no-resume", action="store_true", help="do not resume unfinished jobs at start")
+    lim = p.add_argument_group("request limits (0 = none)")
+    from_defaults = {
+        "max_texts": 1024, "max_tokens_per_sequence": 4096, "max_total_tokens": 262_144, "max_neurons": 65_536,
+        "max_neuron_tokens": 8_000_000, "max_message_bytes": 64 << 20, "max_build_neurons": 100_000,
+    }
+    for name, default in from_defaults.items():
+        lim.add_argument("--" + name.replace("_", "-"), type=int, default=default, help=f"default {default}")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _cmd_serve(args) -> int:
+    import logging
+
+    from n2g_service.server import ServerLimits, serve
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    limits = ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
+    token = args.token or os.environ.get("N2G_TOKEN") or None
+    serve(args.workspace, args.model, no_model=args.no_model, corpus=args.corpus, host=args.host, port=args.port,
+          device=args.device, hook=args.hook, token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
+          limits=limits, max_workers=args.max_workers, resume=not args.no_resume, block=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# info, tokenize
+
+def _cmd_info(args) -> int:
+    with _client(args, needs_model=False) as c:
+        info = c.model_info()
+    if args.json:
+        _print_json(info)
+        return 0
+    print(f"model      {info.model} ({'loaded on ' + info.device if info.loaded else 'not loaded'})")
+    print(f"shape      {info.n_layers} layers x {info.d_mlp} neurons, vocabulary {info.d_vocab}, hook {info.hook}")
+    print(f"workspace  {info.workspace} (corpus {info.corpus})")
+    print(f"built      {info.neurons_built} neurons")
+    if info.layers:
+        print(_table([(l.layer, "yes" if l.scanned else "no", l.neurons_built) for l in info.layers],
+                     ["layer", "scanned", "built"]))
+    return 0
+
+
+def _cmd_tokenize(args) -> int:
+    with _client(args) as c:
+        out = c.tokenize(args.texts, skip_bos=args.skip_bos)
+    if args.json:
+        _print_json(out)
+        return 0
+    for text, t in zip(args.texts, out):
+        print(f"{text!r}: {len(t.token_ids)} tokens")
+        print(_table([(i, int(tid), _tok(lab)) for i, (tid, lab) in enumerate(zip(t.token_ids, t.tokens))],
+                     ["pos", "id", "token"]))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# build and jobs
+
 def _add_build(sub) -> None:
     p = sub.add_parser("build", help="scan the corpus and build (and evaluate) neuron graphs")
-    p.add_argument("--workspace", required=True, type=Path, help="workspace directory (created if missing)")
-    p.add_argument("--model", default=None, help=f"model name (default {DEFAULT_MODEL}, offline)")
+    _add_conn(p)
+    p.add_argument("--model", default=None, help=f"local: model name (default {DEFAULT_MODEL}, offline)")
     p.add_argument("--corpus", default=None,
-                   help="'fortunes' (default), a .txt/.jsonl file or directory, or hf:<dataset>")
+                   help="local: 'fortunes' (default), a .txt/.jsonl file or directory, or hf:<dataset>")
     p.add_argument("--layers", type=int, nargs="+", required=True, help="layers to build")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--neurons", type=int, nargs="+", help="neuron indices (in every layer asked)")
     g.add_argument("--sample", type=int, help="a seeded random sample of this many live neurons per layer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--group-size", type=int, default=8, help="neurons fitted together (shared forward passes)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--device", default=None, help="local: cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--k", type=int, default=None, help="top-k examples per neuron (default 20)")
     p.add_argument("--window-tokens", type=int, default=None, help="tokens per corpus window (default 64)")
+    p.add_argument("--config", default=None, help='JSON config overrides, e.g. \'{"fit": {"n_substitutes": 3}}\'')
+    p.add_argument("--detach", action="store_true", help="remote: start the job and print its id, do not watch")
+
+
+def _progress_printer(json_mode: bool):
+    """A JobEvent callback drawing a progress bar (or JSON lines with --json)."""
+    state: dict[str, Any] = {"bar": None}
+
+    def on_event(ev) -> None:
+        if json_mode:
+            print(json.dumps(_plain(ev)), flush=True)
+            return
+        if ev.stage == "fit" and ev.total:
+            if state["bar"] is None:
+                from tqdm import tqdm
+
+                state["bar"] = tqdm(total=ev.total, initial=ev.done, desc="building neurons", unit="neuron",
+                                    file=sys.stderr)
+            bar = state["bar"]
+            bar.total = ev.total
+            bar.n = ev.done
+            bar.set_postfix_str(ev.message[-40:])
+            bar.refresh()
+        elif ev.stage in ("corpus", "scan", "state"):
+            print(f"[{ev.stage}] {ev.message}", file=sys.stderr)
+
+    def close() -> None:
+        if state["bar"] is not None:
+            state["bar"].close()
+
+    on_event.close = close  # type: ignore[attr-defined]
+    return on_event
 
 
 def _cmd_build(args) -> int:
+    config = None
+    if args.config:
+        try:
+            config = json.loads(args.config)
+        except json.JSONDecodeError as e:
+            raise CliError(f"--config is not valid JSON: {e}") from None
+    if args.server and args.workspace is None:
+        return _build_remote(args, config)
+    if args.workspace is None:
+        raise CliError("give --server HOST:PORT or --workspace DIR")
+    return _build_local(args, config)
+
+
+def _build_remote(args, config) -> int:
+    with _client(args) as c:
+        job = c.start_build(args.layers, args.neurons, sample=args.sample, seed=args.seed,
+                            group_size=args.group_size, k=args.k, window_tokens=args.window_tokens, config=config)
+        if args.detach:
+            _print_json(job) if args.json else print(job.id)
+            return 0
+        print(f"job {job.id} {job.state}", file=sys.stderr)
+        printer = _progress_printer(args.json)
+        try:
+            job = c.wait_job(job.id, progress=printer)
+        finally:
+            printer.close()
+    if job.state != "succeeded":
+        print(f"error: job {job.id} {job.state}: {job.error}", file=sys.stderr)
+        return 1
+    if not args.json:
+        print(f"job {job.id}: built {job.total} neurons")
+    return 0
+
+
+def _build_local(args, config) -> int:
     from tqdm import tqdm
 
-    from n2g_service.config import ScanConfig
+    from n2g_service.config import EvalConfig, FitConfig, ScanConfig
     from n2g_service.jobs import BuildRequest, run_build
-    from n2g_service.models import load_model
+    from n2g_service.server import load_named_model
     from n2g_service.workspace import Workspace
 
     ws_model = None
     if (args.workspace / "n2g.sqlite").exists():
         ws_model = Workspace(args.workspace).model_name
     model_name = args.model or ws_model or DEFAULT_MODEL
-    model = load_model(model_name, device=args.device)
+    model = load_named_model(model_name, device=args.device)
     ws = Workspace(args.workspace, create=True, model=model_name,
                    corpus=args.corpus or (None if ws_model else DEFAULT_CORPUS), hook=model.hook)
     if ws.corpus is None:
         ws.set_meta("corpus", args.corpus or DEFAULT_CORPUS)
-    scan_kw = {}
+    from n2g_service.server import record_model_meta
+
+    record_model_meta(ws, model)
+    config = config or {}
+    scan_kw = dict(config.get("scan") or {})
     if args.k is not None:
         scan_kw["k"] = args.k
     if args.window_tokens is not None:
         scan_kw["window_tokens"] = args.window_tokens
-    req = BuildRequest(layers=args.layers, neurons=args.neurons, sample=args.sample, seed=args.seed,
-                       group_size=args.group_size, scan=ScanConfig(**scan_kw))
+    try:
+        req = BuildRequest(layers=args.layers, neurons=args.neurons, sample=args.sample, seed=args.seed,
+                           group_size=args.group_size, scan=ScanConfig(**scan_kw),
+                           fit=FitConfig.from_dict(config.get("fit")), eval=EvalConfig.from_dict(config.get("eval")))
+    except (TypeError, ValueError) as e:
+        raise CliError(str(e)) from None
     bar = None
 
     def progress(ev):
@@ -78,64 +355,357 @@ def _cmd_build(args) -> int:
     return 0
 
 
-def _cmd_eval(args) -> int:
-    from n2g_service.evaluate import format_table, summarise
-    from n2g_service.workspace import Workspace
+def _add_jobs(sub) -> None:
+    p = sub.add_parser("jobs", help="list, show, watch or cancel build jobs")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "show", "watch", "cancel"])
+    p.add_argument("job_id", nargs="?", help="job id (show, watch, cancel)")
+    p.add_argument("--state", nargs="+", default=None,
+                   choices=["queued", "running", "succeeded", "failed", "cancelled"], help="list: only these states")
+    _add_conn(p)
 
-    ws = Workspace(args.workspace)
-    rows = [{"layer": r.layer, "neuron": r.neuron, "metrics": r.metrics}
-            for r in ws.iter_neurons(with_examples=False)]
-    if not rows:
-        print(f"error: no neurons built in {args.workspace}", file=sys.stderr)
-        return 2
-    summary = summarise(rows)
+
+def _job_row(j) -> tuple:
+    import datetime
+
+    when = datetime.datetime.fromtimestamp(j.created_at).strftime("%Y-%m-%d %H:%M:%S")
+    req = j.request
+    what = f"layers {req.get('layers')} " + (f"neurons {req['neurons']}" if req.get("neurons")
+                                             else f"sample {req.get('sample')}")
+    return (j.id, j.state, f"{j.done}/{j.total}", when, what, j.error or "")
+
+
+def _cmd_jobs(args) -> int:
+    if args.action != "list" and not args.job_id:
+        raise CliError(f"jobs {args.action} needs a job id")
+    with _client(args, needs_model=False) as c:
+        if args.action == "list":
+            jobs = c.list_jobs(args.state)
+            if args.json:
+                _print_json(jobs)
+            else:
+                print(_table([_job_row(j) for j in jobs], ["id", "state", "done", "created", "request", "error"])
+                      if jobs else "no jobs")
+            return 0
+        if args.action == "show":
+            job = c.get_job(args.job_id)
+        elif args.action == "cancel":
+            job = c.cancel_job(args.job_id)
+        else:
+            printer = _progress_printer(args.json)
+            try:
+                job = c.wait_job(args.job_id, progress=printer)
+            finally:
+                printer.close()
     if args.json:
-        print(json.dumps(summary, indent=2))
+        _print_json(job)
     else:
-        print(f"model {ws.model_name}, corpus {ws.corpus}, hook {ws.hook}")
-        print(format_table(summary))
+        print(_table([_job_row(job)], ["id", "state", "done", "created", "request", "error"]))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# graphs
+
+def _add_graph(sub) -> None:
+    p = sub.add_parser("graph", help="show a neuron's graph (or list graphs); write its SVG/DOT/JSON")
+    p.add_argument("layer", type=int, nargs="?", help="layer (omit both to list graphs)")
+    p.add_argument("neuron", type=int, nargs="?", help="neuron")
+    p.add_argument("--svg", type=Path, default=None, help="write the rendered graph here")
+    p.add_argument("--dot", type=Path, default=None, help="write the Graphviz DOT here")
+    p.add_argument("--json-out", type=Path, default=None, help="write the n2g.graph/v1 JSON here")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="listing: only these layers")
+    p.add_argument("--limit", type=int, default=0, help="listing: at most this many")
+    _add_conn(p)
+
+
+def _scores_text(scores) -> str:
+    return "  ".join(f"{s.method}: P {s.precision:.2f} R {s.recall:.2f} F1 {s.f1:.2f}" for s in scores)
+
+
+def _cmd_graph(args) -> int:
+    if (args.layer is None) != (args.neuron is None):
+        raise CliError("give both LAYER and NEURON (or neither, to list the graphs)")
+    with _client(args, needs_model=False) as c:
+        if args.layer is None:
+            graphs = c.list_graphs(args.layers, limit=args.limit)
+            if args.json:
+                _print_json(graphs)
+            else:
+                f1 = lambda g: next((s.f1 for s in g.scores if s.method.startswith("n2g")), float("nan"))  # noqa: E731
+                print(_table([(_key(g.key), g.max_activation, g.n_nodes, g.n_paths, f1(g), _short(g.activating, 4),
+                               _short(g.context, 4)) for g in graphs],
+                             ["neuron", "a_max", "nodes", "paths", "f1", "activating", "context"])
+                      if graphs else "no graphs built")
+            return 0
+        g = c.graph(args.layer, args.neuron, svg=args.svg is not None, dot=args.dot is not None,
+                    json=args.json_out is not None or args.json)
+    for path, text in ((args.svg, g.svg), (args.dot, g.dot), (args.json_out, g.json)):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(f"wrote {path}", file=sys.stderr)
+    if args.json:
+        print(g.json)
+        return 0
+    s = g.summary
+    print(f"neuron {_key(s.key)} of {g.model} ({g.hook}), a_max {s.max_activation:.4f}")
+    print(f"  {s.n_nodes} nodes, {s.n_paths} paths, built by job {s.job_id or '(local)'}")
+    print(f"  activating: {_short(s.activating, 12)}")
+    print(f"  context:    {_short(s.context, 12)}")
+    if s.scores:
+        print(f"  scores:     {_scores_text(s.scores)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# predict, activations
+
+def _add_inputs(p) -> None:
+    p.add_argument("--neurons", nargs="+", required=True, metavar="L:N", help="neurons, e.g. 0:17 3:5")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--text", action="append", dest="texts", help="a text (repeatable)")
+    g.add_argument("--tokens", action="append", dest="tokens", metavar="IDS",
+                   help="token ids separated by spaces or commas (repeatable)")
+    p.add_argument("--skip-bos", action="store_true", help="texts: do not prepend BOS")
+
+
+def _print_activations(act, args, title: str) -> None:
+    if args.json:
+        _print_json({"neurons": act.neurons, "normalised": act.normalised, "semantics": act.semantics,
+                     "max_activation": act.max_activation,
+                     "sequences": [{"token_ids": t, "tokens": lab, "activations": v}
+                                   for t, lab, v in zip(act.token_ids, act.tokens, act.values)]})
+        return
+    for i, (ids, labels, vals) in enumerate(zip(act.token_ids, act.tokens, act.values)):
+        print(f"{title} sequence {i} ({len(ids)} tokens{', normalised' if act.normalised else ''}"
+              f"{', ' + act.semantics if act.semantics else ''})")
+        rows = [(p, int(ids[p]), _tok(labels[p]) if labels else "", *[float(vals[r, p]) for r in range(len(act.neurons))])
+                for p in range(len(ids))]
+        print(_table(rows, ["pos", "id", "token", *[_key(k) for k in act.neurons]]))
+
+
+def _cmd_predict(args) -> int:
+    neurons = _neurons(args.neurons)
+    with _client(args, needs_model=bool(args.texts)) as c:
+        act = c.predict(neurons, args.texts, token_ids=_token_lists(args.tokens or []) or None,
+                        semantics=args.semantics, skip_bos=args.skip_bos)
+    _print_activations(act, args, "predicted")
+    return 0
+
+
+def _cmd_activations(args) -> int:
+    neurons = _neurons(args.neurons)
+    with _client(args) as c:
+        act = c.activations(neurons, args.texts, token_ids=_token_lists(args.tokens or []) or None,
+                            normalise=not args.raw, skip_bos=args.skip_bos)
+    _print_activations(act, args, "true")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# search, similar
+
+def _clause_token(s: str) -> int | str:
+    if s.startswith("id:"):
+        try:
+            return int(s[3:])
+        except ValueError:
+            raise CliError(f"bad token {s!r}: id:<integer>") from None
+    return s
+
+
+def _cmd_search(args) -> int:
+    clauses = [(_clause_token(t), role) for role, toks in (("activating", args.activating),
+                                                          ("context", args.context), ("either", args.either))
+               for t in (toks or [])]
+    with _client(args, needs_model=False) as c:
+        if args.in_context:
+            if clauses:
+                raise CliError("--in-context takes no token clauses")
+            res = c.in_context_neurons(limit=args.limit)
+        else:
+            if not clauses:
+                raise CliError("give at least one of --activating, --context, --either (or --in-context)")
+            res = c.search(clauses, limit=args.limit)
+    if args.json:
+        _print_json(res)
+        return 0
+    shown = f"{len(res.neurons)} of {res.total}" if res.total != len(res.neurons) else str(res.total)
+    print(f"{shown} neuron(s)")
+    for k in res.neurons:
+        print(f"  {_key(k)}")
+    return 0
+
+
+def _pair_rows(pairs) -> list[tuple]:
+    return [(_key(p.a), _key(p.b), p.kind, p.activating_overlap, p.context_overlap) for p in pairs]
+
+
+def _cmd_similar(args) -> int:
+    with _client(args, needs_model=False) as c:
+        if args.all:
+            if args.layer is not None:
+                raise CliError("--all takes no LAYER NEURON")
+            pairs = list(c.pairs(args.kind, threshold=args.threshold))
+            if args.json:
+                _print_json(pairs)
+            else:
+                print(f"{len(pairs)} {args.kind} pair(s) at threshold {args.threshold or 0.9}")
+                if pairs:
+                    print(_table(_pair_rows(pairs), ["a", "b", "kind", "activating", "context"]))
+            return 0
+        if args.layer is None or args.neuron is None:
+            raise CliError("give LAYER NEURON, or --all for every pair")
+        res = c.similar(args.layer, args.neuron, threshold=args.threshold, k=args.k)
+    if args.json:
+        _print_json(res)
+        return 0
+    pairs = res.similar + res.subset
+    print(f"neuron {args.layer}:{args.neuron}: {len(res.similar)} similar, {len(res.subset)} subset pair(s)")
+    if pairs:
+        print(_table(_pair_rows(pairs), ["a", "b", "kind", "activating", "context"]))
+    if res.neighbours:
+        print("nearest neighbours:")
+        print(_table([(_key(n.key), n.score) for n in res.neighbours], ["neuron", "score"]))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# eval, export, report
+
+def _cmd_eval(args) -> int:
+    with _client(args, needs_model=False) as c:
+        ev = c.evaluate(_neurons(args.neurons) if args.neurons else None, layers=args.layers)
+        info = c.model_info() if not args.json else None
+    if args.json:
+        print(json.dumps(ev.summary, indent=2))
+        return 0
+    print(f"model {info.model}, corpus {info.corpus}, hook {info.hook}")
+    print(ev.table)
     return 0
 
 
 def _cmd_export(args) -> int:
-    from n2g_service.workspace import Workspace
+    from .client import _write_export
 
-    ws = Workspace(args.workspace)
-    (args.out / "graphs").mkdir(parents=True, exist_ok=True)
-    (args.out / "examples").mkdir(parents=True, exist_ok=True)
-    n = 0
-    for rec in ws.iter_neurons():
-        name = f"{rec.layer}_{rec.neuron}.json"
-        (args.out / "graphs" / name).write_text(rec.graph().to_json())
-        (args.out / "examples" / name).write_text(json.dumps(rec.examples))
-        n += 1
-    print(f"exported {n} neurons to {args.out}")
+    with _client(args, needs_model=False) as c:
+        items = c.export(args.layers, examples=True)
+        if not args.json and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            items = tqdm(items, desc="exporting", unit="neuron", file=sys.stderr)
+        n = _write_export(items, args.out)
+    if args.json:
+        _print_json({"exported": n, "out": str(args.out)})
+    else:
+        print(f"exported {n} neurons to {args.out}")
     return 0
 
+
+def _cmd_report(args) -> int:
+    if args.server and args.workspace is None:
+        with _client(args, needs_model=False) as c:
+            data = c.report()
+        if args.zip is not None:
+            args.zip.write_bytes(data)
+        from .client import _unzip
+
+        index = _unzip(data, args.out)
+    else:
+        if args.workspace is None:
+            raise CliError("give --workspace DIR (or --server HOST:PORT)")
+        from n2g_service.report import write_report
+        from n2g_service.workspace import Workspace
+
+        Workspace(args.workspace)  # a clear error for a missing workspace
+        index = write_report(args.workspace, args.out)
+    if args.json:
+        _print_json({"index": str(index)})
+    else:
+        print(f"report written to {index}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="n2g", description="Neuron to Graph: build, evaluate and serve neuron graphs")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    p = sub.add_parser("info", help="the model, its shape, and what the workspace holds")
+    _add_conn(p)
     _add_build(sub)
-    p = sub.add_parser("eval", help="print the per-layer precision/recall/F1 table of a workspace")
-    p.add_argument("--workspace", required=True, type=Path)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_jobs(sub)
+    _add_graph(sub)
+    p = sub.add_parser("predict", help="predicted activations of built neurons (from their graphs)")
+    _add_inputs(p)
+    p.add_argument("--semantics", choices=["all_paths_max", "greedy_deepest"], default=None)
+    _add_conn(p)
+    p = sub.add_parser("activations", help="the model's true activations")
+    _add_inputs(p)
+    p.add_argument("--raw", action="store_true", help="raw activations (default: divided by a_max)")
+    p.add_argument("--device", default=None, help="local: cpu, cuda, ...")
+    _add_conn(p)
+    p = sub.add_parser("tokenize", help="token ids and labels of texts")
+    p.add_argument("texts", nargs="+")
+    p.add_argument("--skip-bos", action="store_true")
+    p.add_argument("--device", default=None, help="local: cpu, cuda, ...")
+    _add_conn(p)
+    p = sub.add_parser("search", help="neurons whose graph matches every (token, role) clause")
+    p.add_argument("--activating", nargs="+", metavar="TOKEN", help="activating tokens (label, or id:N)")
+    p.add_argument("--context", nargs="+", metavar="TOKEN", help="context tokens")
+    p.add_argument("--either", nargs="+", metavar="TOKEN", help="tokens in either role")
+    p.add_argument("--in-context", action="store_true",
+                   help="neurons with a token among both their activating and context tokens")
+    p.add_argument("--limit", type=int, default=0)
+    _add_conn(p)
+    p = sub.add_parser("similar", help="a neuron's similar/subset pairs and neighbours, or all pairs")
+    p.add_argument("layer", type=int, nargs="?")
+    p.add_argument("neuron", type=int, nargs="?")
+    p.add_argument("--all", action="store_true", help="every pair of the workspace")
+    p.add_argument("--kind", choices=["similar", "subset"], default="similar", help="--all: which pairs")
+    p.add_argument("--threshold", type=float, default=None, help="overlap threshold (default 0.9)")
+    p.add_argument("--k", type=int, default=None, help="nearest neighbours to show (default 10)")
+    _add_conn(p)
+    p = sub.add_parser("eval", help="the per-layer precision/recall/F1 table")
+    p.add_argument("--layers", type=int, nargs="+", default=None)
+    p.add_argument("--neurons", nargs="+", default=None, metavar="L:N")
+    _add_conn(p)
     p = sub.add_parser("export", help="write graphs/L_N.json and examples/L_N.json for every built neuron")
-    p.add_argument("--workspace", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--layers", type=int, nargs="+", default=None)
+    _add_conn(p)
+    p = sub.add_parser("report", help="write the workspace's HTML report")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--zip", type=Path, default=None, help="remote: also keep the zip archive here")
+    _add_conn(p)
     return parser
 
 
-COMMANDS = {"build": _cmd_build, "eval": _cmd_eval, "export": _cmd_export}
+COMMANDS = {
+    "serve": _cmd_serve, "info": _cmd_info, "build": _cmd_build, "jobs": _cmd_jobs, "graph": _cmd_graph,
+    "predict": _cmd_predict, "activations": _cmd_activations, "tokenize": _cmd_tokenize, "search": _cmd_search,
+    "similar": _cmd_similar, "eval": _cmd_eval, "export": _cmd_export, "report": _cmd_report,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
     except Exception as e:  # a clear one-line error for the known failure kinds
-        from_ws = type(e).__name__ == "WorkspaceError"
-        if from_ws:
+        from .client import N2GError
+
+        if isinstance(e, N2GError):
+            print(f"error: {e.code.name}: {e.message}", file=sys.stderr)
+            return 1
+        if type(e).__name__ == "WorkspaceError":
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise

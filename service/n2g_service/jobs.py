@@ -8,11 +8,12 @@ built twice. Neurons of one layer are fitted in groups so their forward passes a
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import torch
@@ -191,13 +192,21 @@ def build_group(ws: Workspace, model, layer: int, neurons: list[int], windows: n
 
 def run_build(ws: Workspace, model, req: BuildRequest, *, job_id: str | None = None,
               progress: Callable[[BuildEvent], None] | None = None,
-              cancel: threading.Event | None = None) -> list[tuple[int, int]]:
-    """Runs (or resumes) a build; returns the keys it covers. Raises BuildCancelled if cancelled."""
+              cancel: threading.Event | None = None,
+              model_lock: ContextManager | None = None) -> list[tuple[int, int]]:
+    """Runs (or resumes) a build; returns the keys it covers. Raises BuildCancelled if cancelled.
+
+    `model_lock` (e.g. the server's model lock) is held around each piece of model work (corpus
+    windows, the scan, one neuron group) and released between groups, so other users of the model
+    interleave with a long build."""
     progress = progress or (lambda e: None)
+    lock = model_lock if model_lock is not None else contextlib.nullcontext()
     req.validate(model.n_layers, model.d_mlp)
     start = time.perf_counter()
-    windows = ensure_windows(ws, model, req.scan, progress)
-    scans = ensure_scans(ws, model, windows, sorted(set(req.layers)), req.scan, progress)
+    with lock:
+        windows = ensure_windows(ws, model, req.scan, progress)
+    with lock:
+        scans = ensure_scans(ws, model, windows, sorted(set(req.layers)), req.scan, progress)
     keys = plan_neurons(req, {l: s["max_activation"] for l, s in scans.items()})
     todo = [k for k in keys if not ws.has_neuron(*k)]
     done = len(keys) - len(todo)
@@ -210,7 +219,8 @@ def run_build(ws: Workspace, model, req: BuildRequest, *, job_id: str | None = N
             if cancel is not None and cancel.is_set():
                 raise BuildCancelled()
             group = layer_todo[i: i + req.group_size]
-            build_group(ws, model, layer, group, windows, scans[layer], req, job_id)
+            with lock:
+                build_group(ws, model, layer, group, windows, scans[layer], req, job_id)
             done += len(group)
             progress(BuildEvent("fit", done, len(keys), f"layer {layer}: built {group}", layer, group[-1],
                                 elapsed_s=time.perf_counter() - start))

@@ -1,0 +1,156 @@
+"""Load benchmark of the n2g server's Predict RPC (not a test).
+
+N concurrent clients (each its own channel, all in one asyncio loop) call Predict back to back for
+a fixed duration; prints requests/s, p50/p99 latency and errors per client count.
+
+    python benchmarks/bench_load.py                       # builds a small native workspace, serves it
+    python benchmarks/bench_load.py --workspace W         # serves W (--no-model) on a free port
+    python benchmarks/bench_load.py --server HOST:PORT    # an already running server
+    options: --clients 1 8 64 --duration 60 --neurons 8 --sequences 4 --tokens 64 --token T
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "python_client")]
+
+from n2g.client import AsyncN2GClient, N2GClient, N2GError  # noqa: E402
+
+
+def _env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(REPO / "service"), str(REPO / "python_client"), e.get("PYTHONPATH", "")])
+    return e
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _native_workspace(root: Path) -> Path:
+    sys.path.insert(0, str(REPO / "tests"))
+    from n2g_servers import write_corpus
+
+    ws = root / "ws"
+    corpus = write_corpus(root / "corpus.jsonl")
+    print("building a native workspace (16 neurons) ...", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "n2g.cli", "build", "--workspace", str(ws), "--model", "native:0",
+                    "--corpus", str(corpus), "--layers", "0", "1", "--sample", "8", "--window-tokens", "32",
+                    "--device", "cpu"], check=True, env=_env(), stdout=subprocess.DEVNULL)
+    return ws
+
+
+async def _client_loop(address: str, token: str | None, stop_at: float, make_request, lat: list, errors: Counter,
+                       timeout: float) -> None:
+    async with AsyncN2GClient(address, token=token, timeout=timeout, retries=0) as c:
+        while time.perf_counter() < stop_at:
+            neurons, seqs = make_request()
+            t0 = time.perf_counter()
+            try:
+                await c.predict(neurons, token_ids=seqs)
+                lat.append(time.perf_counter() - t0)
+            except N2GError as e:
+                errors[e.code.name] += 1
+
+
+async def _run(address: str, token: str | None, n_clients: int, duration: float, make_request,
+               timeout: float) -> dict:
+    lat: list[float] = []
+    errors: Counter = Counter()
+    t0 = time.perf_counter()
+    stop_at = t0 + duration
+    await asyncio.gather(*(_client_loop(address, token, stop_at, make_request, lat, errors, timeout)
+                           for _ in range(n_clients)))
+    wall = time.perf_counter() - t0
+    a = np.asarray(lat) * 1000 if lat else np.zeros(1)
+    return {"clients": n_clients, "requests": len(lat), "seconds": round(wall, 1),
+            "rps": round(len(lat) / wall, 1), "p50_ms": round(float(np.percentile(a, 50)), 2),
+            "p99_ms": round(float(np.percentile(a, 99)), 2), "errors": sum(errors.values()),
+            "error_codes": dict(errors)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--server", default=None, help="HOST:PORT of a running server")
+    p.add_argument("--workspace", type=Path, default=None, help="serve this workspace (--no-model) for the run")
+    p.add_argument("--token", default=None)
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--duration", type=float, default=60.0, help="seconds per client count (default 60)")
+    p.add_argument("--neurons", type=int, default=8, help="neurons per request")
+    p.add_argument("--sequences", type=int, default=4, help="token sequences per request")
+    p.add_argument("--tokens", type=int, default=64, help="tokens per sequence")
+    p.add_argument("--timeout", type=float, default=30.0, help="deadline per request (s)")
+    p.add_argument("--max-workers", type=int, default=32, help="server threads when this script starts it")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+
+    proc = None
+    tmp = None
+    address = args.server
+    if address is None:
+        ws = args.workspace
+        if ws is None:
+            tmp = tempfile.TemporaryDirectory(prefix="n2g-bench-")
+            ws = _native_workspace(Path(tmp.name))
+        port = _free_port()
+        address = f"127.0.0.1:{port}"
+        log = open(Path(tempfile.gettempdir()) / f"n2g-bench-server-{port}.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "n2g.cli", "serve", "--workspace", str(ws), "--no-model",
+                                 "--port", str(port), "--max-workers", str(args.max_workers),
+                                 "--log-level", "warning"], env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with N2GClient(address, token=args.token) as c:
+            c.wait_ready(120)
+            info = c.model_info()
+            keys = [g.key for g in c.list_graphs()]
+        if not keys:
+            print("the server has no graphs built", file=sys.stderr)
+            return 2
+        d_vocab = info.d_vocab or 1000
+        rng = random.Random(0)
+
+        def make_request():
+            neurons = rng.sample(keys, min(args.neurons, len(keys)))
+            seqs = [[1] + [rng.randrange(d_vocab) for _ in range(args.tokens - 1)] for _ in range(args.sequences)]
+            return neurons, seqs
+
+        print(f"server {address}: {len(keys)} graphs; request = {min(args.neurons, len(keys))} neurons x "
+              f"{args.sequences} sequences x {args.tokens} tokens; {args.duration:g} s per run", file=sys.stderr)
+        rows = []
+        for n in args.clients:
+            row = asyncio.run(_run(address, args.token, n, args.duration, make_request, args.timeout))
+            rows.append(row)
+            if not args.json:
+                print(f"{n:>4} clients: {row['requests']:>7} requests  {row['rps']:>8.1f} req/s  "
+                      f"p50 {row['p50_ms']:>8.2f} ms  p99 {row['p99_ms']:>8.2f} ms  errors {row['errors']}"
+                      + (f" {row['error_codes']}" if row["errors"] else ""), flush=True)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        return 0 if all(r["errors"] == 0 for r in rows) else 1
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(20)
+        if tmp is not None:
+            tmp.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+//! Python wrapper of `crate::topk::TopK`.
+
+use super::error::bad_input;
+use super::input::int64_vec;
+use crate::topk::{Batch, TopK};
+use numpy::{PyArray1, PyArray2, PyArray3, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+use std::borrow::Cow;
+
+#[pyclass(name = "TopK", module = "n2g_fast")]
+pub struct PyTopK {
+    inner: TopK,
+}
+
+fn describe(obj: &Bound<'_, PyAny>) -> String {
+    match obj.cast::<PyUntypedArray>() {
+        Ok(a) => format!("a {}-D array of dtype {}", a.ndim(), a.dtype().str().map(|s| s.to_string()).unwrap_or_default()),
+        Err(_) => obj.get_type().name().map(|n| n.to_string()).unwrap_or_default(),
+    }
+}
+
+#[pymethods]
+impl PyTopK {
+    #[new]
+    #[pyo3(signature = (n_neurons, k = 20))]
+    fn new(n_neurons: i64, k: i64) -> PyResult<Self> {
+        let n = usize::try_from(n_neurons).map_err(|_| bad_input(format!("n_neurons must be at least 1, got {n_neurons}")))?;
+        let k = usize::try_from(k).map_err(|_| bad_input(format!("k must be at least 1, got {k}")))?;
+        Ok(PyTopK { inner: TopK::new(n, k)? })
+    }
+
+    #[getter]
+    fn n_neurons(&self) -> usize {
+        self.inner.n_neurons()
+    }
+
+    #[getter]
+    fn k(&self) -> usize {
+        self.inner.k()
+    }
+
+    /// Folds one batch in; releases the GIL and runs in parallel over neurons.
+    #[pyo3(signature = (activations, window_ids, token_mask = None))]
+    fn update(&mut self, py: Python<'_>, activations: &Bound<'_, PyAny>, window_ids: &Bound<'_, PyAny>, token_mask: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let acts = activations.cast::<PyArray3<f32>>().map_err(|_| {
+            bad_input(format!(
+                "activations must be a float32 numpy array [batch, tokens, n_neurons], got {} (use .astype(np.float32))",
+                describe(activations)
+            ))
+        })?;
+        let shape = acts.shape().to_vec();
+        let (b, t, n) = (shape[0], shape[1], shape[2]);
+        if n != self.inner.n_neurons() {
+            return Err(bad_input(format!(
+                "activations have {n} neurons on axis 2 (shape {shape:?}); this TopK holds {}",
+                self.inner.n_neurons()
+            )));
+        }
+        let ro = acts.try_readonly().map_err(|e| bad_input(format!("activations: cannot read the array ({e})")))?;
+        // Non C-contiguous input (a transposed view, a slice) is copied once into C order.
+        let data: Cow<[f32]> = match ro.as_slice().ok().filter(|_| acts.is_c_contiguous()) {
+            Some(s) => Cow::Borrowed(s),
+            None => Cow::Owned(ro.as_array().iter().copied().collect()),
+        };
+        let ids = int64_vec(window_ids, "window_ids")?;
+        if ids.len() != b {
+            return Err(bad_input(format!("window_ids has {} entries; activations have batch size {b}", ids.len())));
+        }
+        let mask_ro;
+        let mask: Option<Cow<[bool]>> = match token_mask {
+            None => None,
+            Some(m) if m.is_none() => None,
+            Some(m) => {
+                let arr = m
+                    .cast::<PyArray2<bool>>()
+                    .map_err(|_| bad_input(format!("token_mask must be a bool numpy array [batch, tokens], got {}", describe(m))))?;
+                if arr.shape() != [b, t] {
+                    return Err(bad_input(format!("token_mask has shape {:?}; activations need [{b}, {t}]", arr.shape())));
+                }
+                mask_ro = arr.try_readonly().map_err(|e| bad_input(format!("token_mask: cannot read the array ({e})")))?;
+                Some(match mask_ro.as_slice().ok().filter(|_| arr.is_c_contiguous()) {
+                    Some(s) => Cow::Borrowed(s),
+                    None => Cow::Owned(mask_ro.as_array().iter().copied().collect()),
+                })
+            }
+        };
+        let batch = Batch { activations: &data, batch: b, tokens: t, window_ids: &ids, token_mask: mask.as_deref() };
+        let inner = &mut self.inner;
+        py.detach(|| inner.update(&batch))?;
+        Ok(())
+    }
+
+    /// `[n_neurons]` float32; -inf for a neuron that saw no token.
+    fn max_activation<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f32>> {
+        PyArray1::from_slice(py, self.inner.max_activation())
+    }
+
+    /// `(window_ids [n_neurons, k] int64, scores [n_neurons, k] float32)`, best first.
+    fn top<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<f32>>)> {
+        let (ids, scores) = self.inner.top();
+        let shape = [self.inner.n_neurons(), self.inner.k()];
+        Ok((PyArray1::from_slice(py, ids).reshape(shape)?, PyArray1::from_slice(py, scores).reshape(shape)?))
+    }
+
+    fn __repr__(&self) -> String {
+        format!("TopK(n_neurons={}, k={})", self.inner.n_neurons(), self.inner.k())
+    }
+}

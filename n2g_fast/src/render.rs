@@ -1,0 +1,329 @@
+//! Rendering (n2g-method.md section 7): DOT for Graphviz, and SVG drawn here with no Graphviz.
+//!
+//! The drawn graph is a DAG made from the trie: IGNORE nodes are dropped (a context node hangs
+//! from its nearest non-IGNORE ancestor, and IGNOREs do not count towards depth), and nodes with
+//! the same label at the same depth are merged (keeping the max value; END-bearing if any merged
+//! node holds an END). Activating tokens (depth 0) are filled red by activation, context tokens
+//! blue by importance, as the reference scales them: the colour starts at `value = threshold -
+//! 0.2` (0.3 for activations, 0.55 for importances with the default thresholds 0.5 and 0.75) and
+//! is full at 1. END-bearing nodes get a bold outline. Edges run from a context token towards
+//! the token it precedes; activating tokens sit rightmost (rankdir RL), as text reads.
+//! Whitespace in labels is made visible (space '·', newline '⏎', tab '⇥', carriage return '␍',
+//! other control characters as their Unicode control pictures) and everything is escaped.
+
+use crate::trie::{Label, NeuronGraph, ROOT};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write;
+
+const ACTIVATION_FLOOR: f32 = 0.3;
+const IMPORTANCE_FLOOR: f32 = 0.55;
+
+/// One drawn node: merged trie nodes with this label at this depth.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DagNode {
+    pub depth: usize,
+    pub label: String,
+    pub value: f32,
+    pub end: bool,
+}
+
+/// The DAG: nodes sorted by (depth, label); edges `(context node, node it precedes)` as indices.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dag {
+    pub nodes: Vec<DagNode>,
+    pub edges: Vec<(usize, usize)>,
+}
+
+pub fn dag(g: &NeuronGraph) -> Dag {
+    let mut merged: BTreeMap<(usize, &str), (f32, bool)> = BTreeMap::new();
+    let mut edges: BTreeSet<((usize, &str), (usize, &str))> = BTreeSet::new();
+    // (trie node, key of nearest drawn ancestor, depth this node would get if drawn)
+    let mut stack: Vec<(u32, Option<(usize, &str)>, usize)> = g.roots().iter().map(|&r| (r, None, 0)).collect();
+    while let Some((id, above, depth)) = stack.pop() {
+        let n = g.node(id);
+        let (here, next_depth) = match &n.label {
+            Label::Ignore => (above, depth),
+            Label::Token(s) => {
+                let key = (depth, &**s);
+                let e = merged.entry(key).or_insert((f32::NEG_INFINITY, false));
+                e.0 = e.0.max(n.value);
+                e.1 |= n.end.is_some();
+                if let Some(a) = above {
+                    edges.insert((key, a));
+                }
+                (Some(key), depth + 1)
+            }
+        };
+        stack.extend(n.children.iter().map(|&c| (c, here, next_depth)));
+    }
+    debug_assert!(g.node(ROOT).label != Label::Ignore);
+    let index: BTreeMap<(usize, &str), usize> = merged.keys().enumerate().map(|(i, k)| (*k, i)).collect();
+    Dag {
+        nodes: merged.iter().map(|(&(depth, label), &(value, end))| DagNode { depth, label: label.to_owned(), value, end }).collect(),
+        edges: edges.iter().map(|(a, b)| (index[a], index[b])).collect(),
+    }
+}
+
+/// The label with whitespace and control characters made visible.
+pub fn visible(label: &str) -> String {
+    if label.is_empty() {
+        return "∅".to_owned();
+    }
+    label
+        .chars()
+        .map(|c| match c {
+            ' ' => '·',
+            '\n' => '⏎',
+            '\t' => '⇥',
+            '\r' => '␍',
+            c if (c as u32) < 0x20 => char::from_u32(0x2400 + c as u32).unwrap_or('?'),
+            '\u{7f}' => '␡',
+            c => c,
+        })
+        .collect()
+}
+
+fn dot_escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+fn xml_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// (fill, font colour) of a node.
+fn colours(n: &DagNode) -> (String, &'static str) {
+    let scale = |v: f32, floor: f32| (((v - floor) / (1.0 - floor)).clamp(0.0, 1.0) * 255.0) as u8;
+    if n.depth == 0 {
+        let s = 255 - scale(n.value, ACTIVATION_FLOOR);
+        (format!("#ff{s:02x}{s:02x}"), "black")
+    } else {
+        let s = 255 - scale(n.value, IMPORTANCE_FLOOR);
+        (format!("#{s:02x}{s:02x}ff"), if s < 130 { "white" } else { "black" })
+    }
+}
+
+fn title(g: &NeuronGraph) -> String {
+    format!("{} · layer {} · neuron {}", g.model, g.layer, g.neuron)
+}
+
+pub fn to_dot(g: &NeuronGraph) -> String {
+    let d = dag(g);
+    let max_depth = d.nodes.iter().map(|n| n.depth).max().unwrap_or(0);
+    let mut out = String::new();
+    let _ = writeln!(out, "digraph \"n2g_{}_{}\" {{", g.layer, g.neuron);
+    let _ = writeln!(
+        out,
+        "  graph [rankdir=RL, splines=spline, ranksep=1.5, nodesep=0.2, labelloc=t, label=\"{}\"];",
+        dot_escape(&title(g))
+    );
+    out.push_str("  node [shape=box, style=\"filled,solid\", fontname=\"Helvetica\"];\n");
+    out.push_str("  edge [penwidth=3, dir=back];\n");
+    for depth in 0..=max_depth {
+        let _ = writeln!(out, "  subgraph cluster_{} {{\n    pencolor=white; penwidth=3;", max_depth - depth);
+        for (i, n) in d.nodes.iter().enumerate().filter(|(_, n)| n.depth == depth) {
+            let (fill, font) = colours(n);
+            let shown = visible(&n.label);
+            let _ = writeln!(
+                out,
+                "    n{i} [label=\"{}\", fillcolor=\"{fill}\", fontcolor={font}, fontsize={}, penwidth={}];",
+                dot_escape(&shown),
+                if shown.chars().count() < 12 { 25 } else { 18 },
+                if n.end { 7 } else { 3 }
+            );
+        }
+        out.push_str("  }\n");
+    }
+    // `parent -> context` with dir=back: the arrow is drawn from the context token towards the
+    // token it precedes, and the activating token ranks rightmost under rankdir=RL.
+    for &(ctx, parent) in &d.edges {
+        let _ = writeln!(out, "  n{parent} -> n{ctx};");
+    }
+    out.push_str("}\n");
+    out
+}
+
+const FONT_PX: f32 = 14.0;
+const CHAR_PX: f32 = 8.6; // monospace advance at 14px, slightly generous
+const NODE_H: f32 = 32.0;
+const V_GAP: f32 = 14.0;
+const H_GAP: f32 = 70.0;
+const MARGIN: f32 = 20.0;
+const TITLE_H: f32 = 30.0;
+const MAX_CHARS: usize = 40;
+
+/// SVG with a layered layout: one column per depth (activating tokens rightmost), nodes in a
+/// column ordered by the mean row of the nodes they precede (fewer crossings), then by label.
+pub fn to_svg(g: &NeuronGraph) -> String {
+    let d = dag(g);
+    let max_depth = d.nodes.iter().map(|n| n.depth).max().unwrap_or(0);
+    let shown: Vec<String> = d
+        .nodes
+        .iter()
+        .map(|n| {
+            let v = visible(&n.label);
+            if v.chars().count() > MAX_CHARS {
+                v.chars().take(MAX_CHARS - 1).chain(std::iter::once('…')).collect()
+            } else {
+                v
+            }
+        })
+        .collect();
+    let width_of = |i: usize| (shown[i].chars().count() as f32 * CHAR_PX + 20.0).max(40.0);
+    let mut parents: Vec<Vec<usize>> = vec![Vec::new(); d.nodes.len()];
+    for &(c, p) in &d.edges {
+        parents[c].push(p);
+    }
+    // Row order per column.
+    let mut row = vec![0usize; d.nodes.len()];
+    let mut columns: Vec<Vec<usize>> = vec![Vec::new(); max_depth + 1];
+    for depth in 0..=max_depth {
+        let mut col: Vec<(f32, usize)> = (0..d.nodes.len())
+            .filter(|&i| d.nodes[i].depth == depth)
+            .map(|i| {
+                let ps = &parents[i];
+                let bary = if ps.is_empty() { 0.0 } else { ps.iter().map(|&p| row[p] as f32).sum::<f32>() / ps.len() as f32 };
+                (bary, i)
+            })
+            .collect();
+        // Stable sort keeps label order (node indices are label-sorted) among equal barycentres.
+        col.sort_by(|a, b| a.0.total_cmp(&b.0));
+        for (r, &(_, i)) in col.iter().enumerate() {
+            row[i] = r;
+        }
+        columns[depth] = col.into_iter().map(|(_, i)| i).collect();
+    }
+    let col_w: Vec<f32> = columns.iter().map(|c| c.iter().map(|&i| width_of(i)).fold(40.0, f32::max)).collect();
+    let tallest = columns.iter().map(|c| c.len()).max().unwrap_or(0) as f32;
+    let body_h = (tallest * (NODE_H + V_GAP) - V_GAP).max(NODE_H);
+    // x of each column's left edge, deepest column leftmost.
+    let mut col_x = vec![0.0f32; max_depth + 1];
+    let mut x = MARGIN;
+    for depth in (0..=max_depth).rev() {
+        col_x[depth] = x;
+        x += col_w[depth] + H_GAP;
+    }
+    let total_w = (x - H_GAP + MARGIN).max(title(g).chars().count() as f32 * CHAR_PX + 2.0 * MARGIN);
+    let total_h = MARGIN + TITLE_H + body_h + MARGIN;
+    let pos = |i: usize| {
+        let depth = d.nodes[i].depth;
+        let n_col = columns[depth].len() as f32;
+        let col_h = n_col * (NODE_H + V_GAP) - V_GAP;
+        let y0 = MARGIN + TITLE_H + (body_h - col_h) / 2.0;
+        let w = width_of(i);
+        (col_x[depth] + (col_w[depth] - w) / 2.0, y0 + row[i] as f32 * (NODE_H + V_GAP), w)
+    };
+
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{total_w:.0}\" height=\"{total_h:.0}\" viewBox=\"0 0 {total_w:.0} {total_h:.0}\" \
+         font-family=\"DejaVu Sans Mono, Menlo, Consolas, monospace\" font-size=\"{FONT_PX}\">"
+    );
+    let _ = writeln!(out, "<title>{}</title>", xml_escape(&title(g)));
+    out.push_str(
+        "<defs><marker id=\"arrow\" viewBox=\"0 0 10 10\" refX=\"10\" refY=\"5\" markerWidth=\"7\" markerHeight=\"7\" orient=\"auto\">\
+         <path d=\"M0,0 L10,5 L0,10 z\" fill=\"#444\"/></marker></defs>\n",
+    );
+    let _ = writeln!(out, "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>");
+    let _ = writeln!(
+        out,
+        "<text x=\"{MARGIN}\" y=\"{:.1}\" font-size=\"16\" font-weight=\"bold\">{}</text>",
+        MARGIN + 16.0,
+        xml_escape(&title(g))
+    );
+    out.push_str("<g class=\"edges\" fill=\"none\" stroke=\"#444\" stroke-width=\"2\">\n");
+    for &(c, p) in &d.edges {
+        let (cx, cy, cw) = pos(c);
+        let (px, py, _) = pos(p);
+        let (x1, y1, x2, y2) = (cx + cw, cy + NODE_H / 2.0, px, py + NODE_H / 2.0);
+        let mid = (x1 + x2) / 2.0;
+        let _ = writeln!(out, "<path d=\"M{x1:.1},{y1:.1} C{mid:.1},{y1:.1} {mid:.1},{y2:.1} {x2:.1},{y2:.1}\" marker-end=\"url(#arrow)\"/>");
+    }
+    out.push_str("</g>\n<g class=\"nodes\">\n");
+    for depth in 0..=max_depth {
+        for &i in &columns[depth] {
+            let n = &d.nodes[i];
+            let (x, y, w) = pos(i);
+            let (fill, font) = colours(n);
+            let role = if n.depth == 0 { "activation" } else { "importance" };
+            let _ = writeln!(
+                out,
+                "<g class=\"node{}\"><title>{} (depth {}, {role} {:.3}{})</title>\
+                 <rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{w:.1}\" height=\"{NODE_H}\" rx=\"4\" fill=\"{fill}\" stroke=\"black\" stroke-width=\"{}\"/>\
+                 <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"{font}\">{}</text></g>",
+                if n.end { " end" } else { "" },
+                xml_escape(&visible(&n.label)),
+                n.depth,
+                n.value,
+                if n.end { ", END" } else { "" },
+                if n.end { 4 } else { 1 },
+                x + w / 2.0,
+                y + NODE_H / 2.0 + FONT_PX * 0.35,
+                xml_escape(&shown[i])
+            );
+        }
+    }
+    out.push_str("</g>\n</svg>\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trie::tests::{ctx, graph, tok};
+
+    fn sample() -> NeuronGraph {
+        let mut g = graph();
+        g.add_path(&tok(" <b>&\"", &[1], 0.9), &[ctx("x y", &[2], 0.9), None, ctx("\n", &[3], 0.8)], 0.9).unwrap();
+        g.add_path(&tok("a", &[4], 0.6), &[ctx("x y", &[2], 0.9)], 0.6).unwrap();
+        g.add_path(&tok("a", &[4], 0.6), &[None, ctx("\t", &[5], 0.8)], 0.5).unwrap();
+        g.finalize();
+        g
+    }
+
+    #[test]
+    fn dag_drops_ignore_and_merges_per_depth() {
+        let d = dag(&sample());
+        let names: Vec<(usize, &str, bool)> = d.nodes.iter().map(|n| (n.depth, n.label.as_str(), n.end)).collect();
+        // "x y" at depth 1 under both roots is one node; IGNORE is gone, so "\n" and "\t"
+        // sit at depth 1 and 2.
+        assert_eq!(names, vec![(0, " <b>&\"", false), (0, "a", false), (1, "\t", true), (1, "x y", true), (2, "\n", true)]);
+        assert_eq!(d.edges.len(), 4);
+    }
+
+    #[test]
+    fn dot_and_svg_are_escaped_and_show_whitespace() {
+        let g = sample();
+        let dot = to_dot(&g);
+        assert!(dot.contains("rankdir=RL"));
+        assert!(dot.contains("label=\"·<b>&\\\"\""), "{dot}");
+        assert!(dot.contains("label=\"x·y\"") && dot.contains("label=\"⏎\"") && dot.contains("label=\"⇥\""));
+        assert!(dot.contains("penwidth=7"));
+        assert!(!dot.contains("IGNORE"));
+        let svg = to_svg(&g);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains("·&lt;b&gt;&amp;&quot;"));
+        assert!(!svg.contains("<b>"));
+        assert_eq!(svg.matches("<g class=\"node").count(), 5);
+        assert_eq!(svg.matches("marker-end").count(), 4);
+    }
+
+    #[test]
+    fn empty_graph_renders() {
+        let g = graph();
+        assert!(to_dot(&g).contains("digraph"));
+        assert!(to_svg(&g).contains("</svg>"));
+    }
+}

@@ -1,0 +1,110 @@
+"""Typed configs with the paper's defaults (n2g-method.md).
+
+Every config is a frozen dataclass with ``to_dict()`` / ``from_dict()`` so that a build can store
+the exact settings it used next to its results and read them back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, TypeVar
+
+T = TypeVar("T", bound="_Config")
+
+
+class _Config:
+    """Shared (de)serialisation for the frozen config dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_dict(cls: type[T], data: Mapping[str, Any] | None) -> T:
+        """Builds a config from a mapping; missing keys take the defaults, unknown keys are an error."""
+        data = dict(data or {})
+        names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+        kwargs = {}
+        for k, v in data.items():
+            if isinstance(names[k].default, tuple) and v is not None:
+                v = tuple(v)
+            kwargs[k] = v
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class ScanConfig(_Config):
+    """Dataset scan (section 1): top-k windows and a_max per neuron."""
+
+    k: int = 20
+    window_tokens: int = 64
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError("ScanConfig.k must be >= 1")
+        if self.window_tokens < 2:
+            raise ValueError("ScanConfig.window_tokens must be >= 2 (BOS + at least one token)")
+        if self.batch_size < 1:
+            raise ValueError("ScanConfig.batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class FitConfig(_Config):
+    """Pruning, saliency, augmentation and path building (sections 2 to 5)."""
+
+    # pruning (section 2)
+    prune_threshold: float = 0.5  # truncated pivot activation >= this x original
+    max_prune_starts: int = 30  # at most this many candidate starts
+    prune_batch: int = 4  # candidates per round (per example)
+    post_context: int = 5  # tokens kept after the pivot
+    # the reference tries every length first, then only every 5th
+    prune_dense: int = 10  # lengths 1..prune_dense are all tried
+    prune_stride: int = 5  # then every prune_stride-th length
+    # graph building (section 5)
+    importance_threshold: float = 0.75
+    activation_threshold: float = 0.5
+    # augmentation (section 4)
+    augment_importance: float = 0.8
+    n_substitutes: int = 5  # per proposer and important position
+    augment_positive: float = 0.5  # positive if pivot act >= this x original
+    proposers: tuple[str, ...] = ("model", "embedding")
+    mlm_name: str | None = None  # Hugging Face fill-mask model (adds the "mlm" proposer)
+    # saliency (section 3): "pad" (the reference), "bos", "eos", "unk", "id:<int>" or a text that
+    # encodes to exactly one token (e.g. " the")
+    mask_token: str = "pad"
+    # forward passes: most tokens (rows x padded length) per batch
+    batch_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        unknown = set(self.proposers) - {"model", "embedding", "mlm"}
+        if unknown:
+            raise ValueError(f"FitConfig.proposers: unknown {sorted(unknown)}; use model, embedding, mlm")
+        if self.max_prune_starts < 1 or self.prune_batch < 1:
+            raise ValueError("FitConfig: max_prune_starts and prune_batch must be >= 1")
+        if self.post_context < 0 or self.n_substitutes < 0:
+            raise ValueError("FitConfig: post_context and n_substitutes must be >= 0")
+        if self.prune_stride < 1 or self.prune_dense < 1:
+            raise ValueError("FitConfig: prune_dense and prune_stride must be >= 1")
+        if self.batch_tokens < 64:
+            raise ValueError("FitConfig.batch_tokens must be >= 64")
+
+
+@dataclass(frozen=True)
+class EvalConfig(_Config):
+    """Evaluation protocol (section 8)."""
+
+    n_train: int = 10
+    seed: int = 0
+    fire_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.n_train < 1:
+            raise ValueError("EvalConfig.n_train must be >= 1")

@@ -1,0 +1,189 @@
+"""Background build jobs for the server: one worker thread, a FIFO of job ids, progress fan-out.
+
+Jobs live in the workspace's `jobs` table, so they outlive the process: on start the server calls
+`resume_pending()`, which puts every job still `queued` or `running` (a server that was killed
+mid-build) back in the queue; `jobs.run_build` skips the neurons already committed, so a resumed
+job loses and duplicates nothing.
+
+The worker holds the model lock only while it computes (corpus windows, the dataset scan, one
+neuron group at a time), so requests that need the model interleave with a build between groups,
+and requests that need no model never wait for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .workspace import JobRecord, Workspace
+
+log = logging.getLogger("n2g.jobs")
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+@dataclass
+class JobUpdate:
+    """What a watcher receives: a progress step and the job right after it."""
+    job: JobRecord
+    stage: str
+    done: int
+    total: int
+    message: str = ""
+    layer: int | None = None
+    neuron: int | None = None
+    elapsed_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> bool:
+        return self.job.state in TERMINAL
+
+
+class JobQueue:
+    """Runs build jobs one at a time in a daemon thread."""
+
+    def __init__(self, ws: Workspace, get_model: Callable[[], Any], model_lock: threading.Lock,
+                 *, on_commit: Callable[..., None] = lambda urgent=False: None):
+        self.ws = ws
+        self._get_model = get_model
+        self._model_lock = model_lock
+        self._on_commit = on_commit
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._cancel: dict[str, threading.Event] = {}
+        self._subs: dict[str, list[queue.Queue]] = defaultdict(list)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.current: str | None = None
+
+    # -- life cycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._worker, name="n2g-build-worker", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stops after the current neuron group; the running job stays `running` in the table and
+        resumes on the next start."""
+        for ev in list(self._cancel.values()):
+            ev.set()
+        self._stopping = True
+        self._queue.put(None)
+
+    _stopping = False
+
+    def resume_pending(self) -> list[str]:
+        ids = [j.id for j in self.ws.list_jobs() if j.state in ("queued", "running")]
+        for job_id in ids:
+            log.info("resuming job %s", job_id)
+            self._queue.put(job_id)
+        return ids
+
+    # -- requests -------------------------------------------------------------------------------
+    def submit(self, job_id: str, request: dict[str, Any]) -> JobRecord:
+        job = self.ws.create_job(job_id, request, total=0)
+        self._queue.put(job_id)
+        log.info("job %s queued: %s", job_id, request.get("layers"))
+        return job
+
+    def cancel(self, job_id: str) -> JobRecord:
+        with self._lock:
+            self._cancel.setdefault(job_id, threading.Event()).set()
+        job = self.ws.get_job(job_id)
+        if job is not None and job.state == "queued" and self.current != job_id:
+            self.ws.update_job(job_id, state="cancelled")
+            self._publish(job_id, "cancelled", 0, 0, "cancelled before it started")
+        return self.ws.get_job(job_id)
+
+    def subscribe(self, job_id: str) -> "queue.Queue[JobUpdate]":
+        q: queue.Queue[JobUpdate] = queue.Queue()
+        with self._lock:
+            self._subs[job_id].append(q)
+        return q
+
+    def unsubscribe(self, job_id: str, q: queue.Queue) -> None:
+        with self._lock:
+            subs = self._subs.get(job_id, [])
+            if q in subs:
+                subs.remove(q)
+            if not subs:
+                self._subs.pop(job_id, None)
+
+    # -- worker ---------------------------------------------------------------------------------
+    def _publish(self, job_id: str, stage: str, done: int, total: int, message: str = "",
+                 layer: int | None = None, neuron: int | None = None, elapsed_s: float = 0.0) -> None:
+        with self._lock:
+            subs = list(self._subs.get(job_id, ()))
+        if not subs:
+            return
+        job = self.ws.get_job(job_id)
+        update = JobUpdate(job, stage, done, total, message, layer, neuron, elapsed_s)
+        for q in subs:
+            q.put(update)
+
+    def _worker(self) -> None:
+        while True:
+            job_id = self._queue.get()
+            if job_id is None or self._stopping:
+                return
+            try:
+                self._run(job_id)
+            except Exception:  # noqa: BLE001 - the worker must survive anything
+                log.exception("job %s: unexpected error in the job runner", job_id)
+            finally:
+                self.current = None
+
+    def _run(self, job_id: str) -> None:
+        from .jobs import BuildCancelled, BuildRequest, run_build
+
+        job = self.ws.get_job(job_id)
+        if job is None or job.state not in ("queued", "running"):
+            return
+        with self._lock:
+            cancel = self._cancel.setdefault(job_id, threading.Event())
+        if cancel.is_set():
+            self.ws.update_job(job_id, state="cancelled")
+            self._publish(job_id, "cancelled", job.done, job.total, "cancelled before it started")
+            return
+        self.current = job_id
+        self.ws.update_job(job_id, state="running")
+        self._publish(job_id, "state", job.done, job.total, "running")
+        t0 = time.perf_counter()
+
+        def progress(ev) -> None:
+            if ev.stage == "fit" and ev.neuron is not None:
+                self._on_commit()
+            if ev.stage == "done":  # the final event is sent below, once the state is stored
+                return
+            self._publish(job_id, ev.stage, ev.done, ev.total, ev.message, ev.layer, ev.neuron,
+                          time.perf_counter() - t0)
+
+        try:
+            req = BuildRequest.from_dict(job.request)
+            run_build(self.ws, self._get_model(), req, job_id=job_id, progress=progress, cancel=cancel,
+                      model_lock=self._model_lock)
+        except BuildCancelled:
+            self._on_commit(urgent=True)
+            if self._stopping:  # server shutting down: leave it `running`, it resumes on restart
+                return
+            self.ws.update_job(job_id, state="cancelled")
+            j = self.ws.get_job(job_id)
+            log.info("job %s cancelled after %d/%d neurons", job_id, j.done, j.total)
+            self._publish(job_id, "cancelled", j.done, j.total, "cancelled", elapsed_s=time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - a failed job is recorded, the server goes on
+            log.exception("job %s failed", job_id)
+            self.ws.update_job(job_id, state="failed", error=f"{type(e).__name__}: {e}")
+            j = self.ws.get_job(job_id)
+            self._publish(job_id, "failed", j.done, j.total, f"{type(e).__name__}: {e}",
+                          elapsed_s=time.perf_counter() - t0)
+        else:
+            self.ws.update_job(job_id, state="succeeded")
+            self._on_commit(urgent=True)
+            j = self.ws.get_job(job_id)
+            log.info("job %s succeeded: %d neurons in %.1f s", job_id, j.total, time.perf_counter() - t0)
+            self._publish(job_id, "done", j.done, j.total, "build finished", elapsed_s=time.perf_counter() - t0)

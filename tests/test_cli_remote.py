@@ -1,0 +1,103 @@
+"""The `n2g` command line: every operation against a server (`--server`) prints the same as on the
+workspace itself (`--workspace`), and errors are one clear line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from n2g.cli import main
+from n2g_servers import native_workspace
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from n2g_service.server import serve
+
+    ws = native_workspace(tmp_path_factory, "cli")
+    running = serve(ws, no_model=True, port=0, block=False)
+    try:
+        yield ws, f"127.0.0.1:{running.port}"
+    finally:
+        running.stop(0)
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def both(capsys, setup, *argv) -> str:
+    """Runs a command remotely and locally; asserts the same output; returns it."""
+    ws, addr = setup
+    c1, remote, err1 = run(capsys, *argv, "--server", addr)
+    c2, local, err2 = run(capsys, *argv, "--workspace", str(ws))
+    assert c1 == 0 and c2 == 0, (err1, err2)
+    assert remote == local
+    return remote
+
+
+def test_same_answers_remote_and_local(capsys, setup):
+    ws, _ = setup
+    info = json.loads(both(capsys, setup, "info", "--json"))
+    assert info["neurons_built"] > 0 and info["model"] == "native:0"
+    graphs = json.loads(both(capsys, setup, "graph", "--json"))
+    key = graphs[0]["key"]
+    label = graphs[0]["activating"][0]
+    doc = json.loads(both(capsys, setup, "graph", str(key[0]), str(key[1]), "--json"))
+    assert doc["schema"] == "n2g.graph/v1" and (doc["layer"], doc["neuron"]) == tuple(key)
+    other = graphs[1]["key"]
+    pred = json.loads(both(capsys, setup, "predict", "--neurons", f"{key[0]}:{key[1]}", f"{other[0]}:{other[1]}",
+                           "--tokens", "1 5 7", "--tokens", "1,9", "--json"))
+    assert [len(s["activations"]) for s in pred["sequences"]] == [2, 2]
+    found = json.loads(both(capsys, setup, "search", "--activating", label, "--json"))
+    assert key in found["neurons"]
+    both(capsys, setup, "search", "--in-context", "--json")
+    both(capsys, setup, "similar", str(key[0]), str(key[1]), "--threshold", "0.5", "--json")
+    both(capsys, setup, "similar", "--all", "--kind", "subset", "--threshold", "0.5", "--json")
+    summary = json.loads(both(capsys, setup, "eval", "--json"))
+    assert set(summary) == {str(l) for l in {g["key"][0] for g in graphs}}
+    both(capsys, setup, "jobs", "--json")
+
+
+def test_human_readable_output(capsys, setup):
+    ws, addr = setup
+    text = both(capsys, setup, "eval")
+    assert "model native:0" in text and "N2G (all paths, max)" in text
+    text = both(capsys, setup, "graph")
+    assert text.splitlines()[0].split()[:3] == ["neuron", "a_max", "nodes"]
+    code, out, _ = run(capsys, "info", "--server", addr)
+    assert code == 0 and "not loaded" in out and "layer" in out
+
+
+def test_export_and_svg(capsys, setup, tmp_path):
+    ws, addr = setup
+    assert run(capsys, "export", "--out", str(tmp_path / "r"), "--server", addr)[0] == 0
+    assert run(capsys, "export", "--out", str(tmp_path / "l"), "--workspace", str(ws))[0] == 0
+    files = sorted(p.relative_to(tmp_path / "r") for p in (tmp_path / "r").rglob("*.json"))
+    assert files and files == sorted(p.relative_to(tmp_path / "l") for p in (tmp_path / "l").rglob("*.json"))
+    for f in files:
+        assert (tmp_path / "r" / f).read_text() == (tmp_path / "l" / f).read_text()
+    from n2g_service.workspace import Workspace
+
+    layer, neuron = Workspace(ws).built_keys()[0]
+    code, out, err = run(capsys, "graph", str(layer), str(neuron), "--svg", str(tmp_path / "g.svg"), "--server", addr)
+    assert code == 0 and (tmp_path / "g.svg").read_text().lstrip().startswith("<")
+
+
+def test_errors_are_one_line(capsys, setup):
+    ws, addr = setup
+    code, out, err = run(capsys, "graph", "0", "127", "--server", addr)
+    assert code == 1 and err.startswith("error: NOT_FOUND: no graph built") and "Traceback" not in err
+    code, out, err = run(capsys, "graph", "0", "127", "--workspace", str(ws))
+    assert code == 1 and err.startswith("error: NOT_FOUND")
+    code, out, err = run(capsys, "graph", "0")
+    assert code == 2 and "both LAYER and NEURON" in err
+    code, out, err = run(capsys, "predict", "--neurons", "0-1", "--tokens", "1", "--server", addr)
+    assert code == 2 and "LAYER:NEURON" in err
+    code, out, err = run(capsys, "tokenize", "the cat", "--server", addr)
+    assert code == 1 and "FAILED_PRECONDITION" in err
+    code, out, err = run(capsys, "eval", "--workspace", str(ws / "missing"))
+    assert code == 2 and "no workspace" in err

@@ -1,0 +1,149 @@
+"""Models (loading, hooks, tokens, labels) and corpus (texts, windows)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from n2g_service.config import EvalConfig, FitConfig, ScanConfig
+from n2g_service.corpus import load_texts, make_windows
+from n2g_service.models import normalise_token
+
+
+# ---- configs -----------------------------------------------------------------------------------
+def test_config_defaults_and_round_trip():
+    assert (ScanConfig().k, ScanConfig().window_tokens, ScanConfig().batch_size) == (20, 64, 16)
+    f = FitConfig()
+    assert (f.prune_threshold, f.max_prune_starts, f.prune_batch, f.post_context) == (0.5, 30, 4, 5)
+    assert (f.importance_threshold, f.activation_threshold, f.augment_importance) == (0.75, 0.5, 0.8)
+    assert (f.n_substitutes, f.augment_positive, f.proposers, f.mlm_name, f.mask_token) == (
+        5, 0.5, ("model", "embedding"), None, "pad")
+    assert (EvalConfig().n_train, EvalConfig().seed, EvalConfig().fire_threshold) == (10, 0, 0.5)
+    for cfg in (ScanConfig(k=3), FitConfig(proposers=("embedding",), mask_token=" the"), EvalConfig(seed=4)):
+        d = json.loads(json.dumps(cfg.to_dict()))
+        assert type(cfg).from_dict(d) == cfg
+    with pytest.raises(ValueError, match="unknown field"):
+        FitConfig.from_dict({"nope": 1})
+    with pytest.raises(ValueError):
+        FitConfig(proposers=("bert",))
+
+
+# ---- labels ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "token,label",
+    [(" The", "the"), ("The", "the"), (" the", "the"), ("the", "the"), (" HTML", "HTML"),
+     ("A", "A"), (" A", "a"), (" .", " ."), (".", "."), ("\n", "\n"), (" ", " "), (" 42", " 42"),
+     ("’s", "’s"), (" don't", "don't")],
+)
+def test_normalise_token(token, label):
+    assert normalise_token(token) == label
+
+
+# ---- native model ------------------------------------------------------------------------------
+def test_native_model_facts(native_model):
+    m = native_model
+    assert (m.n_layers, m.d_mlp) == (2, 128)
+    assert m.d_vocab == len(m.tokenizer) == m.bridge.cfg.d_vocab
+    assert m.hook == "mlp.hook_post" and m.hook_name(1) == "blocks.1.mlp.hook_post"
+    with pytest.raises(ValueError):
+        m.hook_name(2)
+    ids = m.encode("The cat sat on the mat.\nA dog")
+    assert m.bos_id not in ids
+    assert m.decode_tokens(ids) == ["the", " cat", " sat", " on", " the", " mat", ".", "\n", "a", " dog"]
+    labels = m.token_labels()
+    assert len(labels) == m.d_vocab
+    the_ids = m.label_token_ids("the")
+    assert len(the_ids) == 3 and all(labels[i] == "the" for i in the_ids)
+    assert {m.decode_tokens([i])[0] for i in the_ids} == {"the", " the", " The"}
+    assert m.label_token_ids("no such label") == []
+    assert m.token_id_for("pad") == m.pad_id and m.token_id_for("bos") == m.bos_id
+    assert m.token_id_for(" the") == m.encode(" the")[0] and m.token_id_for("id:7") == 7
+    with pytest.raises(ValueError):
+        m.token_id_for(" the cat")
+    assert m.pad_id in m.special_ids() and m.bos_id in m.special_ids()
+
+
+def test_native_solu_reads_hook_mid():
+    from n2g_service.activations import layer_activations
+    from n2g_service.models import native_random_model
+
+    m = native_random_model(act_fn="solu_ln", seed=1)
+    assert m.hook == "mlp.hook_mid" and m.hook_name(0) == "blocks.0.mlp.ln.hook_in"
+    toks = torch.tensor([[m.bos_id] + m.encode("the cat sat on the mat")])
+    mid = layer_activations(m, toks, [0])[0]
+    # SoLU = x * softmax(x) over neurons, before the LayerNorm that hook_post would see
+    pre = {}
+    m.bridge.run_with_hooks(toks, fwd_hooks=[("blocks.0.mlp.hook_pre", lambda x, hook: pre.setdefault("x", x))])
+    x = pre["x"]
+    assert torch.allclose(mid, x * torch.softmax(x, dim=-1), atol=1e-5)
+    post = native_random_model(act_fn="solu_ln", seed=1, hook="mlp.hook_post")
+    assert not torch.allclose(layer_activations(post, toks, [0])[0], mid)
+
+
+# ---- corpus ------------------------------------------------------------------------------------
+def test_fortunes_corpus():
+    texts = load_texts("fortunes")
+    assert len(texts) > 10_000
+    assert all(t.strip() and t == t.strip() for t in texts[:2000])
+    assert not any(line.strip() == "%" for t in texts[:2000] for line in t.splitlines())
+    assert load_texts()[:50] == texts[:50]  # the default, deterministic
+
+
+def test_corpus_paths(tmp_path):
+    (tmp_path / "a.txt").write_text("first text")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.jsonl").write_text('{"text": "second"}\n"third"\n\n')
+    (tmp_path / "ignored.csv").write_text("x")
+    assert load_texts(str(tmp_path)) == ["first text", "second", "third"]
+    assert load_texts(str(tmp_path / "a.txt")) == ["first text"]
+    (tmp_path / "bad.jsonl").write_text('{"body": 1}\n')
+    with pytest.raises(ValueError, match="text"):
+        load_texts(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(FileNotFoundError):
+        load_texts(str(tmp_path / "missing"))
+
+
+def test_make_windows(native_model):
+    m = native_model
+    texts = ["the cat sat on the mat.", "a dog", "the man said no " * 5]
+    w = make_windows(m, texts, window_tokens=8)
+    assert w.dtype == np.int64 and w.shape[1] == 8
+    assert (w[:, 0] == m.bos_id).all()
+    sep = m.encode("\n\n")
+    stream = m.encode(texts[0]) + sep + m.encode(texts[1]) + sep + m.encode(texts[2])
+    assert w.shape[0] == len(stream) // 7
+    assert w[:, 1:].ravel().tolist() == stream[: w.shape[0] * 7]
+    assert make_windows(m, texts, window_tokens=8, max_windows=2).shape == (2, 8)
+    assert make_windows(m, ["the"], window_tokens=8).shape == (0, 8)
+
+
+# ---- real default model ------------------------------------------------------------------------
+@pytest.mark.real_model
+def test_real_model_facts(real_model):
+    from n2g_service.activations import next_token_logits
+    from n2g_service.models import DEFAULT_MODEL
+
+    m = real_model
+    assert m.name == DEFAULT_MODEL
+    assert (m.n_layers, m.d_mlp, m.d_vocab) == (30, 1536, 49152)
+    assert (m.bos_id, m.pad_id) == (1, 2)
+    assert m.hook_name(29) == "blocks.29.mlp.hook_post"
+    ids = m.encode("The capital of France is")
+    assert ids[0] != m.bos_id
+    assert m.decode_tokens(ids) == ["The", " capital", " of", " France", " is"]
+    logits, acts = next_token_logits(m, torch.tensor([[m.bos_id] + ids]), layer=3)
+    assert m.decode_tokens([int(logits[0, -1].argmax())]) == [" Paris"]
+    assert acts.shape == (1, 6, 1536)
+    # labels: " The", "The", " the", "the" share one node
+    labels = m.token_labels()
+    the = m.label_token_ids("the")
+    assert {m.decode_tokens([i])[0] for i in the} >= {" The", "The", " the", "the"}
+    assert all(labels[i] == "the" for i in the)
+    # byte-level pieces print readably and stay distinct
+    strings = m.token_strings()
+    assert strings[111] == "\\xa1"  # the lone byte 0xA1 (piece "¡")
+    assert [i for i, t in enumerate(strings) if "\ufffd" in t] == [24211]  # the U+FFFD token itself
+    assert m.decode_tokens(m.encode(" naïve “quote”")) and "".join(m.decode_tokens(m.encode(" naïve"))) == " naïve"

@@ -1,0 +1,388 @@
+"""The static HTML report (issue 5), checked in a real browser.
+
+A workspace of a few hand-made neurons (graphs built with n2g_fast.NeuronGraph, tokens full of
+special characters) is written as a report, then the index and a neuron page are opened in
+headless Chromium (Debian's `chromium`), driven over the Chrome DevTools Protocol with the
+`websocket-client` package: the test fails on any console error, uncaught exception, failed load
+or JavaScript dialog, on any request whose URL is not file://, when the graph SVG or a plot is
+missing or has no rendered size, and when a special character is not escaped and shown visibly.
+Screenshots go to tests/artifacts/report/ (or $N2G_ARTIFACTS); their paths are printed.
+
+Set N2G_SKIP_BROWSER=1 to skip the browser part on a machine without Chromium.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+import n2g_fast
+from n2g_service.report import write_report
+from n2g_service.report.tokens import visible_segments, visible_text
+from n2g_service.workspace import NeuronRecord, Workspace
+
+ARTIFACTS = Path(os.environ.get("N2G_ARTIFACTS", Path(__file__).parent / "artifacts" / "report"))
+
+# id -> token string; the hard cases of issue 5.
+VOCAB = [
+    "<|endoftext|>", " the", "<script>alert(1)</script>", "\"quoted\" & 'single'", "\n", "\t", " ", "  ",
+    "naïve", "日本語", "\x07", "\x00", "\u200b", "\ufffd", "cat", " dog", ".", "</span><b>x</b>",
+    "{{ jinja }}", "Ġbyte", "\r\n", "a\tb c",
+]
+ID = {s: i for i, s in enumerate(VOCAB)}
+MODEL = "test/hand-made"
+HOOK = "blocks.{l}.mlp.hook_post"
+
+
+def _graph(layer: int, neuron: int, paths) -> n2g_fast.NeuronGraph:
+    g = n2g_fast.NeuronGraph(MODEL, layer, neuron, HOOK.format(l=layer), 2.5)
+    for act, ctx, end in paths:
+        g.add_path((act, [ID[act]], end), [None if c is None else (c, [ID[c]], 0.9) for c in ctx], end)
+    g.finalize()
+    return g
+
+
+def _example(ids: list[int], g: n2g_fast.NeuronGraph, with_tokens: bool) -> dict:
+    acts = [round(float(x), 4) for x in g.predict([ids])[0]]
+    acts = [min(1.0, a * 0.9 + 0.05 * (i % 3)) for i, a in enumerate(acts)]  # "true" differs a little
+    ex = {"token_ids": ids, "activations": acts}
+    if with_tokens:
+        ex["tokens"] = [VOCAB[i] for i in ids]
+    return ex
+
+
+def _metrics(f1: float) -> dict:
+    return {m: {"precision": min(1.0, f1 + d), "recall": max(0.0, f1 - d), "f1": max(0.0, f1 - 2 * d), "tp": 3, "fp": 1, "fn": 2}
+            for m, d in (("n2g_all_paths_max", 0.0), ("n2g_greedy_deepest", 0.02), ("token_lookup", 0.1), ("ngram_lookup", 0.2))}
+
+
+NEURONS = {
+    (0, 3): [("<script>alert(1)</script>", ["\"quoted\" & 'single'", None, "\t"], 0.9), ("\n", [" "], 0.7)],
+    (0, 7): [("naïve", ["日本語", "\x07"], 1.0), ("\x00", [], 0.6), ("\u200b", ["\ufffd"], 0.8)],
+    (1, 2): [("</span><b>x</b>", ["{{ jinja }}", "Ġbyte"], 0.85), ("  ", ["\r\n"], 0.55), ("naïve", ["日本語"], 0.7)],
+    (1, 5): [("cat", [" the"], 0.95), (" dog", [" the", None, "."], 0.75), ("a\tb c", [], 0.5), ("\n", [" "], 0.6)],
+}
+SEQUENCES = [
+    [ID[" the"], ID["cat"], ID["."], ID["\n"], ID[" "], ID["\n"], ID["\"quoted\" & 'single'"], ID["\t"], ID["<|endoftext|>"],
+     ID["\"quoted\" & 'single'"], ID["<script>alert(1)</script>"]],
+    [ID["日本語"], ID["\x07"], ID["naïve"], ID["\x00"], ID["\ufffd"], ID["\u200b"], ID[" dog"], ID[" the"], ID["."], ID[" dog"]],
+    [ID["Ġbyte"], ID["{{ jinja }}"], ID["</span><b>x</b>"], ID["\r\n"], ID["  "], ID["a\tb c"], ID["cat"], ID[" the"], ID["cat"]],
+]
+
+
+def make_workspace(path: Path) -> Workspace:
+    ws = Workspace(path, create=True, model=MODEL, corpus="hand-made <corpus> & \"quotes\"", hook=HOOK)
+    # A stored vocabulary serves the neurons whose examples carry no token strings.
+    ws.set_meta("token_strings", json.dumps(VOCAB))
+    ws.create_job("job1", {"layers": [0, 1], "sample": 2, "eval": {"n_train": 10, "seed": 0}, "scan": {"k": 20}}, 4)
+    ws.update_job("job1", state="succeeded")
+    for i, ((layer, neuron), paths) in enumerate(sorted(NEURONS.items())):
+        g = _graph(layer, neuron, paths)
+        exs = [_example(s, g, with_tokens=(i % 2 == 0)) for s in SEQUENCES]
+        # as the fit writes them: per example [[context tokens kept, normalised pivot activation], ...]
+        traj = [[[k, min(1.0, 0.15 + 0.12 * k / (1 + layer))] for k in range(0, 8 + 4 * layer, 2)] for _ in range(3)]
+        ws.put_neuron(NeuronRecord(
+            layer, neuron, 2.5, g.to_bytes(), {"train": exs[:2], "test": exs[2:]},
+            {"n_train_examples": 2, "n_paths": g.n_paths, "prune_seconds": 0.01, "trajectories": traj},
+            _metrics(0.5 + 0.1 * i)))
+    return ws
+
+
+# -- unit checks on the token display ----------------------------------------------------------
+def test_visible_tokens():
+    assert visible_text(" the") == "·the"
+    assert visible_text("\n") == "⏎" and visible_text("\t") == "⇥" and visible_text("\r\n") == "␍⏎"
+    assert visible_text("\x07") == "\\x07" and visible_text("\x00") == "\\x00"
+    assert visible_text("\u200b") == "U+200B" and visible_text("\u00a0") == "\\xa0"
+    assert visible_text("naïve 日本語") == "naïve·日本語"
+    assert visible_text("") == "∅"
+    assert [k for k, _ in visible_segments("a\tb")] == ["", "ws", ""]
+
+
+def test_trajectory_formats():
+    from n2g_service.report.plots import mean_trajectory, neuron_trajectories
+
+    pairs = neuron_trajectories({"trajectories": [[[0, 0.1], [2, 0.5], [4, 0.9]], [[0, 0.3], [1, 0.7]], []]})
+    assert len(pairs) == 2 and pairs[0][0].tolist() == [0, 2, 4]
+    dicts = neuron_trajectories({"trajectories": [{"context_tokens": [0, 2], "activations": [0.2, 0.4]}]})
+    assert dicts[0][1].tolist() == [0.2, 0.4]
+    assert neuron_trajectories({"trajectory": [0.1, 0.2, 0.3]})[0][0].tolist() == [0, 1, 2]
+    xs, ys, n = mean_trajectory(pairs, min_cover=0.5)
+    assert n == 2 and xs.tolist() == [0, 1, 2, 3, 4]
+    assert ys[0] == pytest.approx(0.2) and ys[1] == pytest.approx((0.3 + 0.7) / 2)
+
+
+def test_report_files_and_escaping(tmp_path):
+    make_workspace(tmp_path / "ws")
+    index = write_report(tmp_path / "ws", tmp_path / "out", use_model_tokenizer=False)
+    assert index == tmp_path / "out" / "index.html" and index.exists()
+    out = index.parent
+    pages = sorted(p.name for p in (out / "neurons").glob("*.html"))
+    assert pages == ["0_3.html", "0_7.html", "1_2.html", "1_5.html"]
+    for name in ("f1_per_layer", "f1_distribution", "trajectory_per_layer"):
+        ET.parse(out / "plots" / f"{name}.svg")  # well-formed SVG
+    for svg in (out / "graphs").glob("*.svg"):
+        text = svg.read_text(encoding="utf-8")
+        ET.fromstring(text)  # well-formed: no raw control characters, markup escaped
+        assert "<script" not in text
+    g03 = (out / "graphs" / "0_3.svg").read_text(encoding="utf-8")
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in g03 and "⏎" in g03 and "⇥" in g03
+    g07 = (out / "graphs" / "0_7.svg").read_text(encoding="utf-8")
+    assert "naïve" in g07 and "日本語" in g07 and "\x07" not in g07 and "\x00" not in g07
+    assert ("\\x07" in g07 or "␇" in g07) and ("\\x00" in g07 or "␀" in g07)  # either convention is visible
+    html = (out / "neurons" / "0_3.html").read_text(encoding="utf-8")
+    assert "<script>alert" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert '&#34;quoted&#34;<span class="ws">·</span>&amp;<span class="ws">·</span>&#39;single&#39;' in html
+    html = (out / "neurons" / "1_2.html").read_text(encoding="utf-8")
+    assert "</span><b>x</b>" not in html and "&lt;/span&gt;&lt;b&gt;x&lt;/b&gt;" in html
+    assert '{{<span class="ws">·</span>jinja<span class="ws">·</span>}}' in html
+    idx = index.read_text(encoding="utf-8")
+    assert "hand-made &lt;corpus&gt; &amp; &#34;quotes&#34;" in idx
+    assert "http://" not in idx and "https://" not in idx
+    # A second write into the same folder replaces the report.
+    assert write_report(tmp_path / "ws", tmp_path / "out", use_model_tokenizer=False) == index
+
+
+# Characters that draw nothing (or reorder text) and U+FFFE / U+FFFF, which XML forbids.
+INVISIBLE = ["\u200b", "\u00a0", "\u202e", "\ufeff", "\u0085", "\u2028", "\ufffe", "\uffff", "\x7f"]
+
+
+def test_graph_svg_shows_invisible_characters():
+    """The graph SVG (n2g_fast's renderer when present) is well-formed XML and shows every
+    invisible character as something visible, never raw."""
+    from n2g_service.report.graph_svg import graph_svg
+
+    g = n2g_fast.NeuronGraph(MODEL, 0, 0, HOOK, 1.0)
+    for i, ch in enumerate(INVISIBLE):
+        g.add_path((f"a{ch}b", [i], 0.9), [(f"{ch}", [100 + i], 0.9)], 0.9)
+    svg, renderer = graph_svg(g, json.loads(g.to_json()))
+    ET.fromstring(svg)
+    for ch in INVISIBLE:
+        assert ch not in svg, f"{renderer} leaves {ch!r} raw in the SVG"
+
+
+def test_report_without_strings_shows_ids(tmp_path):
+    ws = make_workspace(tmp_path / "ws")
+    ws.set_meta("token_strings", "")  # no vocabulary: neurons without stored strings show ids
+    index = write_report(tmp_path / "ws", tmp_path / "out", use_model_tokenizer=False)
+    html = (index.parent / "neurons" / "0_7.html").read_text(encoding="utf-8")  # stored without strings
+    assert f"#{ID['naïve']}" in html and "showing token ids" in html
+
+
+def test_empty_workspace(tmp_path):
+    Workspace(tmp_path / "ws", create=True, model=MODEL, corpus="c", hook=HOOK)
+    index = write_report(tmp_path / "ws", tmp_path / "out", use_model_tokenizer=False)
+    assert "no evaluated neurons" in index.read_text(encoding="utf-8")
+
+
+# -- the browser ---------------------------------------------------------------------------------
+class Chromium:
+    """Headless Chromium over the DevTools protocol (one browser websocket, flattened sessions)."""
+
+    def __init__(self, profile: Path):
+        import websocket  # websocket-client
+
+        exe = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+        if exe is None:
+            pytest.fail("Chromium not found: install Debian's `chromium` (make setup does) or set N2G_SKIP_BROWSER=1")
+        self.log = open(profile.parent / "chromium.log", "wb")
+        self.proc = subprocess.Popen(
+            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--remote-debugging-port=0", f"--user-data-dir={profile}", "--no-first-run",
+             "--no-default-browser-check", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--disable-extensions", "--hide-scrollbars", "--mute-audio", "about:blank"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 60
+        while not (port_file.exists() and len(port_file.read_text().splitlines()) >= 2):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                pytest.fail(f"Chromium did not start; see {profile.parent / 'chromium.log'}")
+            time.sleep(0.1)
+        port, path = port_file.read_text().splitlines()[:2]
+        self.ws = websocket.create_connection(f"ws://127.0.0.1:{port}{path}", timeout=60, suppress_origin=True)
+        self.next_id = 0
+        self.events: list[dict] = []
+        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            self.send(f"{domain}.enable", session=True)
+        self.send("Emulation.setDeviceMetricsOverride",
+                  {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False}, session=True)
+
+    def send(self, method: str, params: dict | None = None, *, session: bool = False) -> dict:
+        self.next_id += 1
+        msg = {"id": self.next_id, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = self.session
+        self.ws.send(json.dumps(msg))
+        while True:
+            reply = json.loads(self.ws.recv())
+            if reply.get("id") == self.next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply.get("result", {})
+            self.events.append(reply)
+
+    def wait_event(self, method: str, timeout: float = 30.0) -> dict:
+        for ev in self.events:  # it may have come in while a command's reply was awaited
+            if ev.get("method") == method:
+                return ev
+        self.ws.settimeout(timeout)
+        while True:
+            ev = json.loads(self.ws.recv())
+            self.events.append(ev)
+            if ev.get("method") == method:
+                return ev
+
+    def open(self, url: str) -> None:
+        self.events.clear()
+        self.send("Page.navigate", {"url": url}, session=True)
+        self.wait_event("Page.loadEventFired")
+        self.eval("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+
+    def eval(self, expr: str):
+        r = self.send("Runtime.evaluate", {"expression": expr, "returnByValue": True, "awaitPromise": True},
+                      session=True)
+        if "exceptionDetails" in r:
+            raise AssertionError(f"{expr!r} raised {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+    def problems(self) -> tuple[list[str], list[str]]:
+        """(errors, URLs requested that are not file://) since the last open()."""
+        errors, remote = [], []
+        for ev in self.events:
+            m, p = ev.get("method"), ev.get("params", {})
+            if m == "Runtime.exceptionThrown":
+                errors.append(f"exception: {p['exceptionDetails'].get('text')} {p['exceptionDetails'].get('exception', {}).get('description', '')}")
+            elif m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert", "warning"):
+                errors.append(f"console.{p['type']}: {[a.get('value', a.get('description')) for a in p.get('args', [])]}")
+            elif m == "Log.entryAdded" and p["entry"]["level"] in ("error", "warning"):
+                errors.append(f"log {p['entry']['level']}: {p['entry'].get('text')} {p['entry'].get('url', '')}")
+            elif m == "Network.loadingFailed":
+                errors.append(f"load failed: {p.get('errorText')}")
+            elif m == "Page.javascriptDialogOpening":
+                errors.append(f"dialog opened: {p.get('message')}")
+            elif m == "Network.requestWillBeSent":
+                url = p["request"]["url"]
+                if not url.startswith("file://"):
+                    remote.append(url)
+        return errors, remote
+
+    def screenshot(self, path: Path, max_height: int = 5000) -> Path:
+        h = self.send("Page.getLayoutMetrics", session=True)["cssContentSize"]["height"]
+        shot = self.send("Page.captureScreenshot", {
+            "format": "png", "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": 1280, "height": min(int(h) + 1, max_height), "scale": 1}}, session=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(shot["data"]))
+        return path
+
+    def close(self) -> None:
+        try:
+            if getattr(self, "ws", None) is not None:
+                try:
+                    self.send("Browser.close")
+                except Exception:
+                    pass
+                self.ws.close()
+        finally:
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.log.close()
+
+
+@pytest.fixture
+def browser():
+    if os.environ.get("N2G_SKIP_BROWSER") == "1":
+        pytest.skip("N2G_SKIP_BROWSER=1")
+    tmp = Path(tempfile.mkdtemp(prefix="n2g-chromium-"))
+    b = Chromium(tmp / "profile")
+    try:
+        yield b
+    finally:
+        b.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+SIZE = "(e => { const r = e.getBoundingClientRect(); return [r.width, r.height, e.complete === undefined ? true : e.complete, e.naturalWidth === undefined ? 1 : e.naturalWidth]; })"
+
+
+def test_report_in_chromium(tmp_path, browser):
+    make_workspace(tmp_path / "ws")
+    index = write_report(tmp_path / "ws", tmp_path / "out", use_model_tokenizer=False)
+    shots = []
+
+    # -- index -------------------------------------------------------------------------------
+    browser.open(index.as_uri())
+    errors, remote = browser.problems()
+    assert errors == [], errors
+    assert remote == [], f"requests leaving file://: {remote}"
+    requested = [ev["params"]["request"]["url"] for ev in browser.events if ev.get("method") == "Network.requestWillBeSent"]
+    assert any(u.endswith("report.css") for u in requested) and any(u.endswith("report.js") for u in requested)
+    plots = browser.eval(f"Array.from(document.querySelectorAll('img.plot')).map({SIZE})")
+    assert len(plots) == 3
+    for w, h, complete, natural in plots:
+        assert complete and natural > 0 and w > 100 and h > 50, plots
+    assert browser.eval("document.querySelectorAll('#neurons tbody tr').length") == 4
+    assert browser.eval("document.querySelectorAll('#layer-table tbody tr').length") == 2
+    assert browser.eval("document.querySelectorAll('script').length") == 1
+    top = browser.eval("document.querySelector('#neurons tbody tr td:last-child').textContent")
+    assert "<script>alert(1)</script>" in top and "⏎" in top  # shown as text, visibly
+    shots.append(browser.screenshot(ARTIFACTS / "index.png"))
+    # sort by F1 (descending on the second click), then filter
+    browser.eval("document.querySelectorAll('#neurons thead th')[2].click()")
+    browser.eval("document.querySelectorAll('#neurons thead th')[2].click()")
+    f1 = browser.eval("Array.from(document.querySelectorAll('#neurons tbody tr')).map(r => parseFloat(r.cells[2].textContent))")
+    assert f1 == sorted(f1, reverse=True) and f1[0] > f1[-1]
+    browser.eval("(() => { const q = document.getElementById('q'); q.value = 'U+200b'; q.dispatchEvent(new Event('input')); })()")
+    visible = browser.eval("Array.from(document.querySelectorAll('#neurons tbody tr')).filter(r => !r.hidden).map(r => r.dataset.search)")
+    assert len(visible) == 1 and visible[0].startswith("0.7 ")
+    assert browser.eval("document.getElementById('count').textContent") == "1 of 4 neurons"
+    browser.eval("(() => { const q = document.getElementById('q'); q.value = ''; q.dispatchEvent(new Event('input'));"
+                 " const s = document.getElementById('layer-filter'); s.value = '1'; s.dispatchEvent(new Event('change')); })()")
+    assert browser.eval("Array.from(document.querySelectorAll('#neurons tbody tr')).filter(r => !r.hidden).length") == 2
+    assert browser.problems()[0] == []
+
+    # -- a neuron page -------------------------------------------------------------------------
+    for page in ("0_3", "0_7"):
+        browser.open((index.parent / "neurons" / f"{page}.html").as_uri())
+        errors, remote = browser.problems()
+        assert errors == [], errors
+        assert remote == [], remote
+        w, h, complete, natural = browser.eval(f"{SIZE}(document.getElementById('graph'))")
+        assert complete and natural > 0 and w > 50 and h > 20, (page, w, h, complete, natural)
+        assert browser.eval("document.querySelectorAll('script').length") == 1
+        assert browser.eval("document.querySelectorAll('.ex').length") == 3
+        assert browser.eval("document.querySelectorAll('.ex .t').length") == sum(map(len, SEQUENCES))
+        assert browser.eval("document.querySelectorAll('svg.spark polyline').length") == 3
+        assert browser.eval("document.querySelectorAll('ol.neigh a').length") >= 1
+        text = browser.eval("Array.from(document.querySelectorAll('.ex')).map(e => e.textContent).join('|')")
+        for shown in ("<script>alert(1)</script>", "\"quoted\"·&·'single'", "⏎", "⇥", "·the", "naïve", "日本語",
+                      "\\x07", "\\x00", "U+200B", "\ufffd", "␍⏎", "a⇥b·c", "</span><b>x</b>", "{{·jinja·}}"):
+            assert shown in text, shown
+        for raw in ("\x07", "\x00", "\u200b", "\t"):
+            assert raw not in text, repr(raw)
+        shots.append(browser.screenshot(ARTIFACTS / f"neuron_{page}.png"))
+    # the graph SVG alone (its labels are escaped and visible in the rendered image too)
+    browser.open((index.parent / "graphs" / "0_3.svg").as_uri())
+    assert browser.problems() == ([], [])
+    labels = browser.eval("document.documentElement.textContent")
+    assert "<script>alert(1)</script>" in labels and "⏎" in labels
+    assert browser.eval("document.querySelectorAll('script').length") == 0
+    shots.append(browser.screenshot(ARTIFACTS / "graph_0_3.png", max_height=900))
+    for s in shots:
+        assert s.stat().st_size > 5000
+        print(f"screenshot: {s}")
