@@ -57,6 +57,7 @@ $(STAMPS)/pth: $(STAMPS)/pydeps
 demo: setup
 	$(VENV)/bin/n2g build --workspace $(DEMO_WORKSPACE) $(DEMO_ARGS)
 	$(VENV)/bin/n2g eval --workspace $(DEMO_WORKSPACE)
+	$(VENV)/bin/n2g report --workspace $(DEMO_WORKSPACE) --out $(DEMO_WORKSPACE)/report
 
 test: setup test-rust test-python
 

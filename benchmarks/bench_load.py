@@ -51,9 +51,11 @@ def _native_workspace(root: Path) -> Path:
     ws = root / "ws"
     corpus = write_corpus(root / "corpus.jsonl")
     print("building a native workspace (16 neurons) ...", file=sys.stderr)
-    subprocess.run([sys.executable, "-m", "n2g.cli", "build", "--workspace", str(ws), "--model", "native:0",
-                    "--corpus", str(corpus), "--layers", "0", "1", "--sample", "8", "--window-tokens", "32",
-                    "--device", "cpu"], check=True, env=_env(), stdout=subprocess.DEVNULL)
+    p = subprocess.run([sys.executable, "-m", "n2g.cli", "build", "--workspace", str(ws), "--model", "native:0",
+                        "--corpus", str(corpus), "--layers", "0", "1", "--sample", "8", "--window-tokens", "32",
+                        "--device", "cpu"], env=_env(), capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"building the benchmark workspace failed:\n{p.stdout}\n{p.stderr}")
     return ws
 
 

@@ -14,11 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+for _sub in ("service", "python_client"):  # as an installed checkout's .pth does
+    if str(ROOT / _sub) not in sys.path:
+        sys.path.insert(0, str(ROOT / _sub))
 
 
 def make_workspace(path: Path, n_neurons: int, n_layers: int, seed: int = 0, window: int = 64,
@@ -89,13 +95,13 @@ def main() -> None:
         make_workspace(tmp / "ws", args.neurons, args.layers)
         t_ws = time.perf_counter() - t0
         out = args.keep or (tmp / "report")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         index = write_report(tmp / "ws", out, use_model_tokenizer=False)
-        t_report = time.perf_counter() - t0
+        t_report, c_report = time.perf_counter() - t0, time.process_time() - c0
         files = [p for p in out.rglob("*") if p.is_file()]
         size = sum(p.stat().st_size for p in files)
         print(f"synthetic workspace: {args.neurons} neurons in {args.layers} layers, made in {t_ws:.1f} s")
-        print(f"write_report: {t_report:.2f} s for {args.neurons} neurons "
+        print(f"write_report: {t_report:.2f} s wall ({c_report:.2f} s CPU) for {args.neurons} neurons "
               f"({1000 * t_report / max(args.neurons, 1):.2f} ms a neuron); "
               f"{len(files)} files, {size / 2**20:.1f} MiB; index {index}")
     finally:

@@ -101,3 +101,17 @@ def test_errors_are_one_line(capsys, setup):
     assert code == 1 and "FAILED_PRECONDITION" in err
     code, out, err = run(capsys, "eval", "--workspace", str(ws / "missing"))
     assert code == 2 and "no workspace" in err
+
+
+def test_report_remote_equals_local(capsys, setup, tmp_path):
+    ws, addr = setup
+    code, out, err = run(capsys, "report", "--out", str(tmp_path / "r"), "--zip", str(tmp_path / "r.zip"),
+                         "--server", addr)
+    assert code == 0, err
+    assert run(capsys, "report", "--out", str(tmp_path / "l"), "--workspace", str(ws))[0] == 0
+    remote = sorted(p.relative_to(tmp_path / "r") for p in (tmp_path / "r").rglob("*") if p.is_file())
+    local = sorted(p.relative_to(tmp_path / "l") for p in (tmp_path / "l").rglob("*") if p.is_file())
+    assert remote == local and any(p.name == "index.html" for p in remote)
+    import zipfile
+
+    assert sorted(zipfile.ZipFile(tmp_path / "r.zip").namelist()) == sorted(p.as_posix() for p in remote)

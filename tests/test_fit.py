@@ -188,7 +188,9 @@ def test_fit_neurons_native(native_model, native_windows, native_scan):
             ex = r.details["examples"][a["example"]]
             piv = ex["pivot"]
             true = _acts(m, 1, n, a["tokens"])
-            assert a["positive"] == (true[piv] >= 0.5 * ex["acts"][piv])
+            thr = 0.5 * ex["acts"][piv]
+            if abs(true[piv] - thr) > 1e-4:  # batch composition moves activations by ~1e-5
+                assert a["positive"] == (true[piv] >= thr)
             assert a["tokens"][a["position"]] == a["substitute"] != ex["tokens"][a["position"]]
             n_aug += 1
         # every training pivot that fires is predicted to fire on its own pruned prompt
@@ -215,15 +217,16 @@ def real_fit(real_model, real_windows, real_scan0):
 @pytest.mark.real_model
 def test_real_pruning_keeps_pivot(real_model, real_fit):
     neurons, train, amax, res = real_fit
-    for n in neurons:
-        for x, ex in zip(train[n], res[n].details["examples"]):
-            a = _acts(real_model, 0, n, x)
-            e = find_pivot(a)
-            assert ex["original_pivot_act"] == pytest.approx(a[e], rel=1e-4, abs=1e-5)
-            kept = _acts(real_model, 0, n, ex["tokens"][: ex["pivot"] + 1])
-            assert kept[-1] >= 0.5 * a[e] - 1e-4
-            assert int(np.argmax(kept[1:])) + 1 == ex["pivot"]
-            assert ex["tokens"][ex["pivot"]] == x[e]
+    pairs = [(n, x, ex) for n in neurons for x, ex in zip(train[n], res[n].details["examples"])]
+    run = ActivationRunner(real_model, 0).run  # checked against plain hooked passes in test_scan
+    full = run([x for _, x, _ in pairs], [n for n, _, _ in pairs])
+    kept = run([ex["tokens"][: ex["pivot"] + 1] for _, _, ex in pairs], [n for n, _, _ in pairs])
+    for (n, x, ex), a, k in zip(pairs, full, kept):
+        e = find_pivot(a)
+        assert ex["original_pivot_act"] == pytest.approx(a[e], rel=1e-4, abs=1e-5)
+        assert ex["tokens"][ex["pivot"]] == x[e]
+        assert k[-1] >= 0.5 * a[e] - 1e-4  # keeps >= 0.5 x the pivot activation
+        assert int(np.argmax(k[1:])) + 1 == ex["pivot"]  # and the argmax
 
 
 @pytest.mark.real_model
@@ -250,21 +253,24 @@ def test_real_saliency_matches_definition(real_model, real_fit):
 def test_real_augmentation_and_graph(real_model, real_fit):
     neurons, train, amax, res = real_fit
     n_aug = n_pos = 0
+    run = ActivationRunner(real_model, 0).run
     for n in neurons:
         r = res[n]
-        for a in r.details["augmented"]:
+        trues = run([a["tokens"] for a in r.details["augmented"]], [n] * len(r.details["augmented"]))
+        for a, true in zip(r.details["augmented"], trues):
             ex = r.details["examples"][a["example"]]
             piv = ex["pivot"]
-            true = _acts(real_model, 0, n, a["tokens"])
-            assert a["positive"] == (true[piv] >= 0.5 * ex["acts"][piv] - 1e-6)
+            thr = 0.5 * ex["acts"][piv]
+            if abs(true[piv] - thr) > 1e-4:  # batch composition moves activations by ~1e-5
+                assert a["positive"] == (true[piv] >= thr)
             assert a["position"] in ex["important"]
             n_aug += 1
             n_pos += a["positive"]
         assert r.stats["n_augmented_positive"] + r.stats["n_augmented_negative"] == len(r.details["augmented"])
         # the graph predicts its own training pivots (on the unpruned windows) to fire
         preds = r.graph.predict([np.asarray(x) for x in train[n]], semantics="all_paths_max")
-        for x, ex, p in zip(train[n], r.details["examples"], preds):
+        full = ActivationRunner(real_model, 0).run(train[n], [n] * len(train[n]))
+        for a, ex, p in zip(full, r.details["examples"], preds):
             if ex["original_pivot_act"] / amax[n] > 0.5:
-                e = find_pivot(_acts(real_model, 0, n, x))
-                assert p[e] >= 0.5
+                assert p[find_pivot(a)] >= 0.5
     assert n_aug > 0 and n_pos > 0

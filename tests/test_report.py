@@ -121,6 +121,40 @@ def test_trajectory_formats():
     assert ys[0] == pytest.approx(0.2) and ys[1] == pytest.approx((0.3 + 0.7) / 2)
 
 
+def test_fallback_neighbours_equal_brute_force_and_graph_store():
+    import random
+
+    from n2g_service.report.similarity import python_neighbours, rust_neighbours
+
+    rng = random.Random(1)
+    words, ctx_words = "abcdefghij", "klmnopqrst"
+    graphs, labels = {}, {}
+    for i in range(60):
+        act = rng.sample(words, rng.randint(1, 3))
+        ctx = rng.sample(ctx_words, rng.randint(0, 3))
+        g = n2g_fast.NeuronGraph(MODEL, 0, i, HOOK, 1.0)
+        for j, a in enumerate(act):
+            g.add_path((a, [ord(a)], 0.9), [(c, [ord(c)], 0.9) for c in ctx[j:j + 1]] if j < len(ctx) else [], 0.9)
+        g.finalize()
+        graphs[(0, i)] = g
+        labels[(0, i)] = (frozenset(g.activating_labels()), frozenset(g.context_labels()))
+
+    def ov(a, b):
+        return len(a & b) / max(len(a), len(b), 1)
+
+    got = python_neighbours(labels, 5)
+    for key, (a, c) in labels.items():
+        brute = sorted((-(ov(a, oa) + ov(c, oc)) / 2, o) for o, (oa, oc) in labels.items()
+                       if o != key and ov(a, oa) + ov(c, oc) > 0)[:5]
+        assert [o for _, o in brute] == [n[0] for n in got[key]]
+        assert [-s for s, _ in brute] == pytest.approx([n[1] for n in got[key]])
+    rust = rust_neighbours(list(graphs), [g.to_bytes() for g in graphs.values()], 5)
+    if rust is not None:  # n2g_fast with GraphStore: the fallback gives the same answer
+        for key in labels:
+            assert [n[0] for n in rust[key]] == [n[0] for n in got[key]], key
+            assert [n[1] for n in rust[key]] == pytest.approx([n[1] for n in got[key]], abs=1e-6)
+
+
 def test_report_files_and_escaping(tmp_path):
     make_workspace(tmp_path / "ws")
     index = write_report(tmp_path / "ws", tmp_path / "out", use_model_tokenizer=False)
@@ -141,10 +175,10 @@ def test_report_files_and_escaping(tmp_path):
     assert ("\\x07" in g07 or "␇" in g07) and ("\\x00" in g07 or "␀" in g07)  # either convention is visible
     html = (out / "neurons" / "0_3.html").read_text(encoding="utf-8")
     assert "<script>alert" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
-    assert '&#34;quoted&#34;<span class="ws">·</span>&amp;<span class="ws">·</span>&#39;single&#39;' in html
+    assert '&#34;quoted&#34;<i>·</i>&amp;<i>·</i>&#39;single&#39;' in html
     html = (out / "neurons" / "1_2.html").read_text(encoding="utf-8")
     assert "</span><b>x</b>" not in html and "&lt;/span&gt;&lt;b&gt;x&lt;/b&gt;" in html
-    assert '{{<span class="ws">·</span>jinja<span class="ws">·</span>}}' in html
+    assert '{{<i>·</i>jinja<i>·</i>}}' in html
     idx = index.read_text(encoding="utf-8")
     assert "hand-made &lt;corpus&gt; &amp; &#34;quotes&#34;" in idx
     assert "http://" not in idx and "https://" not in idx
@@ -156,18 +190,26 @@ def test_report_files_and_escaping(tmp_path):
 INVISIBLE = ["\u200b", "\u00a0", "\u202e", "\ufeff", "\u0085", "\u2028", "\ufffe", "\uffff", "\x7f"]
 
 
-def test_graph_svg_shows_invisible_characters():
-    """The graph SVG (n2g_fast's renderer when present) is well-formed XML and shows every
-    invisible character as something visible, never raw."""
-    from n2g_service.report.graph_svg import graph_svg
+def test_fallback_svg_shows_invisible_characters():
+    from n2g_service.report.graph_svg import render_svg
 
     g = n2g_fast.NeuronGraph(MODEL, 0, 0, HOOK, 1.0)
     for i, ch in enumerate(INVISIBLE):
         g.add_path((f"a{ch}b", [i], 0.9), [(f"{ch}", [100 + i], 0.9)], 0.9)
-    svg, renderer = graph_svg(g, json.loads(g.to_json()))
+    svg = render_svg(json.loads(g.to_json()))
     ET.fromstring(svg)
-    for ch in INVISIBLE:
-        assert ch not in svg, f"{renderer} leaves {ch!r} raw in the SVG"
+    assert [ch for ch in INVISIBLE if ch in svg] == []
+
+
+def test_n2g_fast_svg_shows_invisible_characters():
+    """n2g_fast's renderer (issue 5: special characters shown visibly in SVGs too): well-formed
+    XML, and no invisible character left raw in a label."""
+    g = n2g_fast.NeuronGraph(MODEL, 0, 0, HOOK, 1.0)
+    for i, ch in enumerate(INVISIBLE):
+        g.add_path((f"a{ch}b", [i], 0.9), [(f"{ch}", [100 + i], 0.9)], 0.9)
+    svg = g.to_svg()
+    ET.fromstring(svg)
+    assert [ch for ch in INVISIBLE if ch in svg] == [], "n2g_fast.NeuronGraph.to_svg leaves these raw"
 
 
 def test_report_without_strings_shows_ids(tmp_path):

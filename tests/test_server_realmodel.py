@@ -19,7 +19,7 @@ from n2g_servers import ServerProcess
 pytestmark = pytest.mark.real_model
 
 FORTUNES = Path("/usr/share/games/fortunes")
-N_NEURONS = 3
+N_NEURONS = 4
 
 
 def _fortunes_corpus(path: Path, n: int = 300) -> Path:
@@ -126,7 +126,7 @@ def test_kill_resume_then_rpc_equals_local(tmp_path):
             got = [(p.a, p.b) for p in client2.pairs(kind, threshold=0.5)]
             assert got == [(tuple(a), tuple(b)) for a, b, *_ in fn(0.5)]
         sim = client2.similar(*keys[0], k=5)
-        assert [n.key for n in sim.neighbours] == [tuple(o) for o, _ in store.neighbours(keys[0], 5)]
+        assert [n.key for n in sim.neighbours] == [tuple(o) for o, *_ in store.neighbours(keys[0], 5)]
         g = client2.graph(*keys[0], svg=True, dot=True, json=True)
         assert g.svg == graphs[keys[0]].to_svg() and g.json == graphs[keys[0]].to_json()
         assert g.dot == graphs[keys[0]].to_dot()

@@ -155,7 +155,8 @@ def test_search_and_similarity_equal_local(client, ws):
         assert got.total == len(got.neurons)
     assert (sorted(graphs)[0]) in client.search([(label, "activating")]).neurons
     assert client.search([(label, "activating")], limit=1).neurons == client.search([(label, "activating")]).neurons[:1]
-    assert client.in_context_neurons().neurons == sorted(tuple(k) for k in store.in_context_neurons())
+    got = [(n.key, n.shared, round(n.fraction, 6)) for n in client.in_context_neurons().neurons]
+    assert got == [(tuple(k), list(sh), round(f, 6)) for k, sh, f in store.in_context_neurons()]
     for kind, fn in (("similar", store.similar_pairs), ("subset", store.subset_pairs)):
         for t in (0.9, 0.3):
             got = [(p.a, p.b, round(p.activating_overlap, 6), round(p.context_overlap, 6))
@@ -166,8 +167,8 @@ def test_search_and_similarity_equal_local(client, ws):
     sim = client.similar(*key, threshold=0.3, k=3)
     assert [(p.a, p.b) for p in sim.similar] == [(tuple(a), tuple(b)) for a, b, *_ in store.similar_pairs(0.3)
                                                  if key in (tuple(a), tuple(b))]
-    assert [(n.key, round(n.score, 6)) for n in sim.neighbours] == [
-        (tuple(o), round(s, 6)) for o, s in store.neighbours(key, 3)]
+    assert [(n.key, round(n.score, 6), round(n.activating_overlap, 6)) for n in sim.neighbours] == [
+        (tuple(o), round(s, 6), round(ao, 6)) for o, s, ao, _ in store.neighbours(key, 3)]
 
 
 def test_evaluate_equals_stored_metrics(client, ws):
@@ -231,7 +232,7 @@ def test_build_watch_and_model_free_rpcs_during_build(client, ws):
     fits = [e for e in events if e.stage == "fit" and e.last_neuron is not None]
     assert [e.last_neuron for e in fits] == [(0, n) for n in todo]  # one commit per group of 1
     assert "running" in during, "no model-free call landed while the build ran"
-    assert max(latencies) < 2.0, f"model-free predict stalled during the build: {max(latencies):.2f} s"
+    assert max(latencies) < 2.5, f"model-free predict stalled during the build: {max(latencies):.2f} s"
     # the new graphs are served at once
     pred = client.predict([(0, n) for n in todo], token_ids=[[1, 5, 7, 9]])
     assert len(pred.neurons) == len(todo)
@@ -241,7 +242,7 @@ def test_build_watch_and_model_free_rpcs_during_build(client, ws):
 
 def test_cancel_and_idempotent_start(client, ws):
     built = set(ws.built_keys())
-    todo = [n for n in range(128) if (1, n) not in built][:40]
+    todo = [n for n in range(128) if (1, n) not in built]  # all the rest: long enough to cancel midway
     job = client.start_build([1], todo, group_size=1, job_id="cancel-me")
     again = client.start_build([1], todo, group_size=1, job_id="cancel-me")
     assert again.id == job.id and sum(j.id == "cancel-me" for j in client.list_jobs()) == 1

@@ -258,6 +258,9 @@ impl<'a> Reader<'a> {
     pub(crate) fn u32(&mut self, field: &str) -> Result<u32> {
         Ok(u32::from_le_bytes(self.array(field)?))
     }
+    pub(crate) fn u64(&mut self, field: &str) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array(field)?))
+    }
     fn f32(&mut self, field: &str) -> Result<f32> {
         Ok(f32::from_le_bytes(self.array(field)?))
     }

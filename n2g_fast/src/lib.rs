@@ -7,6 +7,9 @@ pub mod format;
 pub mod parallel;
 pub mod predict;
 pub mod render;
+pub mod search;
+pub mod similarity;
+pub mod store;
 pub mod topk;
 pub mod trie;
 
@@ -23,5 +26,6 @@ fn n2g_fast(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("N2GError", m.py().get_type::<bindings::error::N2GError>())?;
     m.add_class::<bindings::topk::PyTopK>()?;
     m.add_class::<bindings::graph::PyNeuronGraph>()?;
+    m.add_class::<bindings::store::PyGraphStore>()?;
     Ok(())
 }

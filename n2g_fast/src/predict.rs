@@ -107,12 +107,22 @@ impl CompiledTrie {
         (self.edge_start[node as usize] as usize, self.edge_start[node as usize + 1] as usize)
     }
 
+    /// Activating entries `(token id, node)`, sorted by token then label order.
+    pub fn roots(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        self.root_token.iter().copied().zip(self.root_node.iter().copied())
+    }
+
     fn greedy(&self, seq: &[u32], i: usize) -> f32 {
         let (lo, hi) = Self::equal_range(&self.root_token, seq[i]);
         if lo == hi {
             return 0.0;
         }
-        let mut node = self.root_node[lo];
+        self.greedy_from(self.root_node[lo], seq, i)
+    }
+
+    /// The greedy walk for position i from activating node `root` (whose ids hold seq[i]).
+    pub fn greedy_from(&self, root: u32, seq: &[u32], i: usize) -> f32 {
+        let mut node = root;
         let mut best = 0.0;
         let mut j = i;
         loop {
@@ -139,11 +149,17 @@ impl CompiledTrie {
 
     fn all_paths(&self, seq: &[u32], i: usize, stack: &mut Vec<(u32, u32)>) -> f32 {
         let (lo, hi) = Self::equal_range(&self.root_token, seq[i]);
-        if lo == hi {
+        self.all_paths_from(&self.root_node[lo..hi], seq, i, stack)
+    }
+
+    /// Every matching path for position i from the activating nodes `roots` (all holding
+    /// seq[i]); the max END value, 0 if none.
+    pub fn all_paths_from(&self, roots: &[u32], seq: &[u32], i: usize, stack: &mut Vec<(u32, u32)>) -> f32 {
+        if roots.is_empty() {
             return 0.0;
         }
         stack.clear();
-        stack.extend(self.root_node[lo..hi].iter().map(|&r| (r, i as u32)));
+        stack.extend(roots.iter().map(|&r| (r, i as u32)));
         let mut best = f32::NEG_INFINITY;
         while let Some((node, j)) = stack.pop() {
             let e = self.end[node as usize];

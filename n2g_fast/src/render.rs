@@ -316,7 +316,7 @@ mod tests {
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("·&lt;b&gt;&amp;&quot;"));
         assert!(!svg.contains("<b>"));
-        assert_eq!(svg.matches("<g class=\"node").count(), 5);
+        assert_eq!(svg.matches("<rect x=").count(), 5);
         assert_eq!(svg.matches("marker-end").count(), 4);
     }
 

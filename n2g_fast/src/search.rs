@@ -129,12 +129,14 @@ fn union(a: &[u32], b: &[u32]) -> Vec<u32> {
 }
 
 impl StoreIndex {
-    /// Builds the index over `graphs` (sorted by key). Per-graph extraction runs in parallel.
+    /// Builds the index over `graphs` (keys unique). Per-graph extraction runs in parallel.
     pub fn build<'a>(graphs: impl Iterator<Item = (Key, &'a NeuronGraph)>) -> StoreIndex {
-        let (keys, gs): (Vec<Key>, Vec<&NeuronGraph>) = graphs.unzip();
+        let mut all: Vec<(Key, &NeuronGraph)> = graphs.collect();
+        all.sort_by_key(|x| x.0);
+        let (keys, gs): (Vec<Key>, Vec<&NeuronGraph>) = all.into_iter().unzip();
         let extracted: Vec<Extract> = parallel::install(|| gs.par_iter().map(|g| extract(g)).collect());
         let mut ix = StoreIndex { keys, ..Default::default() };
-        let mut label_id = |ix: &mut StoreIndex, s: &Arc<str>| -> u32 {
+        let label_id = |ix: &mut StoreIndex, s: &Arc<str>| -> u32 {
             if let Some(&id) = ix.label_ids.get(s) {
                 return id;
             }

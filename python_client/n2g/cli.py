@@ -173,10 +173,22 @@ def _cmd_serve(args) -> int:
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     limits = ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
     token = args.token or os.environ.get("N2G_TOKEN") or None
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise CliError("TLS needs both --tls-cert and --tls-key")
+    for path in (args.tls_cert, args.tls_key):
+        if path is not None and not path.is_file():
+            raise CliError(f"no such file: {path}")
+    try:
+        _serve(serve, args, limits, token)
+    except OSError as e:
+        raise CliError(str(e)) from None
+    return 0
+
+
+def _serve(serve, args, limits, token) -> None:
     serve(args.workspace, args.model, no_model=args.no_model, corpus=args.corpus, host=args.host, port=args.port,
           device=args.device, hook=args.hook, token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
           limits=limits, max_workers=args.max_workers, resume=not args.no_resume, block=True)
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,6 +535,14 @@ def _cmd_search(args) -> int:
             if clauses:
                 raise CliError("--in-context takes no token clauses")
             res = c.in_context_neurons(limit=args.limit)
+            if args.json:
+                _print_json(res)
+            else:
+                print(f"{res.total} in-context neuron(s)")
+                if res.neurons:
+                    print(_table([(_key(n.key), len(n.shared), n.fraction, _short(n.shared)) for n in res.neurons],
+                                 ["neuron", "shared", "fraction", "labels"]))
+            return 0
         else:
             if not clauses:
                 raise CliError("give at least one of --activating, --context, --either (or --in-context)")
@@ -566,7 +586,8 @@ def _cmd_similar(args) -> int:
         print(_table(_pair_rows(pairs), ["a", "b", "kind", "activating", "context"]))
     if res.neighbours:
         print("nearest neighbours:")
-        print(_table([(_key(n.key), n.score) for n in res.neighbours], ["neuron", "score"]))
+        print(_table([(_key(n.key), n.score, n.activating_overlap, n.context_overlap) for n in res.neighbours],
+                     ["neuron", "score", "activating", "context"]))
     return 0
 
 

@@ -27,7 +27,7 @@ import random
 import time
 import uuid
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Sequence
 
@@ -41,6 +41,7 @@ __all__ = [
     "N2GClient", "AsyncN2GClient", "N2GError", "ModelInfo", "Limits", "LayerStatus", "TokenizedText", "Job",
     "JobEvent", "GraphSummary", "GraphNode", "Graph", "Activations", "MethodScore", "NeuronEvaluation",
     "LayerEvaluation", "Evaluation", "SearchResult", "Pair", "Neighbour", "Similar", "ExportedNeuron",
+    "InContextNeuron", "InContextResult",
     "parse_neuron", "DEFAULT_TARGET",
 ]
 
@@ -257,7 +258,22 @@ class Pair:
 @dataclass(frozen=True)
 class Neighbour:
     key: Key
-    score: float
+    score: float  # mean of the two overlaps
+    activating_overlap: float
+    context_overlap: float
+
+
+@dataclass(frozen=True)
+class InContextNeuron:
+    key: Key
+    shared: list[str]  # labels among both its activating and its context tokens
+    fraction: float    # shared / activating labels
+
+
+@dataclass(frozen=True)
+class InContextResult:
+    neurons: list[InContextNeuron]  # ranked: most shared labels first
+    total: int
 
 
 @dataclass(frozen=True)
@@ -470,7 +486,12 @@ class _Conv:
     @staticmethod
     def similar(r) -> Similar:
         return Similar([_Conv.pair(p) for p in r.similar], [_Conv.pair(p) for p in r.subset],
-                       [Neighbour(_key(n.key), n.score) for n in r.neighbours])
+                       [Neighbour(_key(n.key), n.score, n.activating_overlap, n.context_overlap)
+                        for n in r.neighbours])
+
+    @staticmethod
+    def in_context(r) -> InContextResult:
+        return InContextResult([InContextNeuron(_key(n.key), list(n.shared), n.fraction) for n in r.neurons], r.total)
 
     @staticmethod
     def exported(r) -> ExportedNeuron:
@@ -713,8 +734,10 @@ class N2GClient:
         activating | context | either."""
         return _Conv.search(self._unary("Search", _Req.search(clauses, limit), timeout))
 
-    def in_context_neurons(self, *, limit: int = 0, timeout: float | None = None) -> SearchResult:
-        return _Conv.search(self._unary("ListInContextNeurons", _pb.ListInContextNeuronsRequest(limit=limit), timeout))
+    def in_context_neurons(self, *, limit: int = 0, timeout: float | None = None) -> InContextResult:
+        """Neurons with a token among both their activating and context tokens (ranked)."""
+        return _Conv.in_context(self._unary("ListInContextNeurons", _pb.ListInContextNeuronsRequest(limit=limit),
+                                            timeout))
 
     def similar(self, layer: int, neuron: int, *, threshold: float | None = None, k: int | None = None,
                 timeout: float | None = None) -> Similar:
@@ -945,9 +968,9 @@ class AsyncN2GClient:
                      timeout: float | None = None) -> SearchResult:
         return _Conv.search(await self._unary("Search", _Req.search(clauses, limit), timeout))
 
-    async def in_context_neurons(self, *, limit: int = 0, timeout: float | None = None) -> SearchResult:
+    async def in_context_neurons(self, *, limit: int = 0, timeout: float | None = None) -> InContextResult:
         req = _pb.ListInContextNeuronsRequest(limit=limit)
-        return _Conv.search(await self._unary("ListInContextNeurons", req, timeout))
+        return _Conv.in_context(await self._unary("ListInContextNeurons", req, timeout))
 
     async def similar(self, layer: int, neuron: int, *, threshold: float | None = None, k: int | None = None,
                       timeout: float | None = None) -> Similar:

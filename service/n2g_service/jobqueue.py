@@ -95,9 +95,11 @@ class JobQueue:
         with self._lock:
             self._cancel.setdefault(job_id, threading.Event()).set()
         job = self.ws.get_job(job_id)
-        if job is not None and job.state == "queued" and self.current != job_id:
+        if job is not None and job.state in ("queued", "running") and self.current != job_id:
+            # not running here: queued, left `running` by a crash, or running in another process
+            # (whose runner sees the state at its next neuron group and stops)
             self.ws.update_job(job_id, state="cancelled")
-            self._publish(job_id, "cancelled", 0, 0, "cancelled before it started")
+            self._publish(job_id, "cancelled", job.done, job.total, "cancelled")
         return self.ws.get_job(job_id)
 
     def subscribe(self, job_id: str) -> "queue.Queue[JobUpdate]":
@@ -158,6 +160,8 @@ class JobQueue:
         def progress(ev) -> None:
             if ev.stage == "fit" and ev.neuron is not None:
                 self._on_commit()
+                if self.ws.get_job(job_id).state == "cancelled":  # cancelled from another process
+                    cancel.set()
             if ev.stage == "done":  # the final event is sent below, once the state is stored
                 return
             self._publish(job_id, ev.stage, ev.done, ev.total, ev.message, ev.layer, ev.neuron,

@@ -132,15 +132,30 @@ def record_model_meta(ws: Workspace, model) -> None:
 
 class ModelHost:
     """The one model instance. `lock` serialises every use of the model's forward pass (hooks must
-    not interleave); `tokenizer_lock` guards the tokenizer (fast tokenizers are not re-entrant)."""
+    not interleave). Requests tokenise with their own copy of the tokenizer (`tokenizer()`, used
+    under `tokenizer_lock`: fast tokenizers are not re-entrant), so they never touch the one a
+    build is using and never wait for a build group."""
 
     def __init__(self, name: str | None, loader: Callable[[], Any] | None):
         self.name = name
         self._loader = loader
         self._model = None
+        self._rpc_model = None
         self.lock = threading.Lock()
         self.tokenizer_lock = threading.Lock()
         self._load_lock = threading.Lock()
+
+    def tokenizer(self):
+        """The model with a private copy of its tokenizer, for encoding and decoding in requests
+        (call under `tokenizer_lock`)."""
+        if self._rpc_model is None:
+            import copy
+            import dataclasses
+
+            model = self.get()
+            model.token_strings()  # fill the cache before copying it along
+            self._rpc_model = dataclasses.replace(model, tokenizer=copy.deepcopy(model.tokenizer))
+        return self._rpc_model
 
     @property
     def enabled(self) -> bool:
@@ -317,17 +332,24 @@ class N2GServicer:
         self.graphs = graphs or GraphIndex(ws)
         self.jobs = JobQueue(ws, host.get, host.lock, on_commit=self.graphs.invalidate)
         self._report_lock = threading.Lock()
+        self._shape: tuple[int, int, int] | None = None
 
     # -- shape and validation helpers ---------------------------------------------------------
     def shape(self) -> tuple[int | None, int | None, int | None]:
-        """(n_layers, d_mlp, d_vocab): from the loaded model, else as recorded in the workspace."""
+        """(n_layers, d_mlp, d_vocab): from the loaded model, else as recorded in the workspace
+        (cached once known: a workspace belongs to one model)."""
+        if self._shape is not None:
+            return self._shape
         if self.host.loaded:
             m = self.host.get()
-            return m.n_layers, m.d_mlp, m.d_vocab
+            self._shape = (m.n_layers, m.d_mlp, m.d_vocab)
+            return self._shape
         vals = []
         for k in ("n_layers", "d_mlp", "d_vocab"):
             v = self.ws.get_meta(k)
             vals.append(int(v) if v is not None else None)
+        if None not in vals:
+            self._shape = tuple(vals)  # type: ignore[assignment]
         return tuple(vals)  # type: ignore[return-value]
 
     def record_shape(self) -> None:
@@ -378,8 +400,9 @@ class N2GServicer:
         return float(t)
 
     def _encode(self, texts: Sequence[str], skip_bos: bool) -> tuple[list[list[int]], list[list[str]]]:
-        model = self.host.get()
+        self.host.get()
         with self.host.tokenizer_lock:
+            model = self.host.tokenizer()
             ids = model.encode_batch(list(texts))
             prefix = [] if skip_bos else [int(model.bos_id)]
             ids = [prefix + list(map(int, x)) for x in ids]
@@ -389,8 +412,9 @@ class N2GServicer:
     def _labels(self, seqs: Sequence[Sequence[int]]) -> list[list[str]]:
         if not self.host.enabled:
             return [[] for _ in seqs]
-        model = self.host.get()
+        self.host.get()
         with self.host.tokenizer_lock:
+            model = self.host.tokenizer()
             return [model.decode_tokens(s) for s in seqs]
 
     def _inputs(self, texts: Sequence[str], token_ids: Sequence[pb.TokenIds], skip_bos: bool,
@@ -566,16 +590,24 @@ class N2GServicer:
                 return
             import queue as _queue
 
+            last_done = job.done
             while context.is_active():
                 try:
                     up = q.get(timeout=0.5)
                 except _queue.Empty:
+                    # no event from this process's runner: the job may run in another process
+                    # (a local build) or may have ended; follow it in the table
                     now = self.ws.get_job(job.id)
-                    if now.state in ("succeeded", "failed", "cancelled"):  # ended without us seeing it
+                    if now.state in ("succeeded", "failed", "cancelled"):
                         yield pb.JobEvent(job=_job_pb(now), stage="done" if now.state == "succeeded" else now.state,
                                           done=now.done, total=now.total, message=now.error or now.state)
                         return
+                    if now.done != last_done:
+                        last_done = now.done
+                        yield pb.JobEvent(job=_job_pb(now), stage="fit", done=now.done, total=now.total,
+                                          message=f"{now.done}/{now.total} neurons committed")
                     continue
+                last_done = up.job.done
                 ev = pb.JobEvent(job=_job_pb(up.job), stage=up.stage, done=up.done, total=up.total,
                                  message=up.message, elapsed_s=up.elapsed_s)
                 if up.layer is not None and up.neuron is not None:
@@ -638,8 +670,7 @@ class N2GServicer:
         seqs, labels = self._inputs(request.texts, request.token_ids, request.skip_bos, labels=self.host.enabled)
         self._cost(len(keys), seqs)
         _check_deadline(context)
-        arr = self.graphs.predict(keys, seqs, semantics)  # [neuron, sequence, position]
-        values = [arr[:, i, : len(s)] for i, s in enumerate(seqs)]
+        values = self.graphs.predict(keys, seqs, semantics)
         amax = self.graphs.max_activations(keys)
         return self._response(keys, seqs, labels, values, normalised=True, amax=amax, semantics=semantics)
 
@@ -717,9 +748,15 @@ class N2GServicer:
                 raise invalid(f"eval_config_json: {e}") from None
         rows = []
         resp = pb.EvaluateResponse()
+        wanted = set(keys)
+        if len(keys) <= 16:
+            recs = {k: self.ws.get_neuron(*k) for k in keys}
+        else:  # one pass over the table; examples only when recomputing
+            recs = {(r.layer, r.neuron): r for r in self.ws.iter_neurons(with_examples=cfg is not None)
+                    if (r.layer, r.neuron) in wanted}
         for layer, neuron in keys:
             _check_deadline(context)
-            rec = self.ws.get_neuron(layer, neuron)
+            rec = recs[(layer, neuron)]
             metrics = rec.metrics
             if cfg is not None:
                 metrics = ev.evaluate_neuron(rec.graph(), _pairs(rec.examples["train"]),
@@ -778,7 +815,9 @@ class N2GServicer:
             raise invalid(f"limit must be positive (0 = all), got {request.limit}")
         found = self.graphs.in_context_neurons()
         shown = found[: request.limit] if request.limit else found
-        return pb.SearchResponse(neurons=[_key_pb(k) for k in shown], total=len(found))
+        return pb.ListInContextNeuronsResponse(
+            neurons=[pb.InContextNeuron(key=_key_pb(x.key), shared=x.shared, fraction=x.fraction) for x in shown],
+            total=len(found))
 
     @staticmethod
     def _pair_pb(p) -> pb.Pair:
@@ -796,7 +835,8 @@ class N2GServicer:
         resp = pb.FindSimilarResponse()
         for kind, field in (("similar", resp.similar), ("subset", resp.subset)):
             field.extend(self._pair_pb(p) for p in self.graphs.pairs(kind, threshold) if key in (p.a, p.b))
-        resp.neighbours.extend(pb.Neighbour(key=_key_pb(o), score=s) for o, s in self.graphs.neighbours(key, k))
+        resp.neighbours.extend(pb.Neighbour(key=_key_pb(n.key), score=n.score, activating_overlap=n.activating_overlap,
+                                            context_overlap=n.context_overlap) for n in self.graphs.neighbours(key, k))
         return resp
 
     def StreamPairs(self, request, context):
@@ -955,15 +995,18 @@ def serve(workspace: str | Path, model: str | None = None, *, no_model: bool = F
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
     address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
-    if tls_cert or tls_key:
-        if not (tls_cert and tls_key):
-            raise ValueError("TLS needs both --tls-cert and --tls-key")
-        creds = grpc.ssl_server_credentials([(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])
-        bound = server.add_secure_port(address, creds)
-    else:
-        bound = server.add_insecure_port(address)
+    try:
+        if tls_cert or tls_key:
+            if not (tls_cert and tls_key):
+                raise ValueError("TLS needs both --tls-cert and --tls-key")
+            creds = grpc.ssl_server_credentials([(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])
+            bound = server.add_secure_port(address, creds)
+        else:
+            bound = server.add_insecure_port(address)
+    except RuntimeError as e:  # grpc reports a failed bind this way
+        raise OSError(f"could not listen on {address} ({e}); is the port in use?") from None
     if not bound:
-        raise OSError(f"could not bind {address}")
+        raise OSError(f"could not listen on {address}; is the port in use?")
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -106,8 +106,9 @@ class Workspace:
             self.path.mkdir(parents=True, exist_ok=True)
         self._db_path = db
         self._local = threading.local()
+        # executescript commits any open transaction first, so the (idempotent) schema runs alone
+        self._conn().executescript(_SCHEMA)
         with self.transaction() as c:
-            c.executescript(_SCHEMA)
             c.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         found = int(self.get_meta("schema_version"))
         if found != SCHEMA_VERSION:

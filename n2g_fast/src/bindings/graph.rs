@@ -3,11 +3,13 @@
 use super::error::bad_input;
 use super::input::{index_u32, token_ids, token_sequences};
 use crate::format;
+use crate::parallel;
 use crate::predict::{CompiledTrie, Semantics};
 use crate::render;
 use crate::trie::{Element, NeuronGraph};
 use numpy::PyArray1;
 use pyo3::prelude::*;
+use rayon::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 use std::sync::Arc;
@@ -25,7 +27,7 @@ impl PyNeuronGraph {
     }
 
     /// The finalized trie (finalizing on first use after a change).
-    fn finalized(&mut self) -> &NeuronGraph {
+    pub(crate) fn finalized(&mut self) -> &NeuronGraph {
         if !self.inner.is_finalized() {
             self.inner.finalize();
             self.compiled = None;
@@ -139,15 +141,17 @@ impl PyNeuronGraph {
         // graph while this one predicts without the GIL.
         let ct = slf.borrow_mut().compiled();
         let outs: Vec<Vec<f32>> = py.detach(|| {
-            let mut stack = Vec::new();
-            (0..seqs.len())
-                .map(|s| {
-                    let seq = seqs.get(s);
-                    let mut out = vec![0.0f32; seq.len()];
-                    ct.predict_into(seq, &mut out, sem, &mut stack);
-                    out
-                })
-                .collect()
+            parallel::install(|| {
+                (0..seqs.len())
+                    .into_par_iter()
+                    .map_init(Vec::new, |stack, s| {
+                        let seq = seqs.get(s);
+                        let mut out = vec![0.0f32; seq.len()];
+                        ct.predict_into(seq, &mut out, sem, stack);
+                        out
+                    })
+                    .collect()
+            })
         });
         PyList::new(py, outs.into_iter().map(|v| PyArray1::from_vec(py, v)))
     }

@@ -3,7 +3,7 @@
 
 use super::error::bad_input;
 use crate::format::token_id;
-use numpy::{PyArray1, PyArray2, PyArrayDescrMethods, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyArrayDescrMethods, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 
@@ -180,9 +180,4 @@ pub fn token_ids(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u32>> {
 /// A non-negative integer that fits u32 (layer, neuron).
 pub fn index_u32(v: i64, name: &str) -> PyResult<u32> {
     u32::try_from(v).map_err(|_| bad_input(format!("{name} must be between 0 and {}, got {v}", u32::MAX)))
-}
-
-/// A float32 2-D numpy array `[rows, cols]` from row-major data.
-pub fn array2_f32<'py>(py: Python<'py>, data: Vec<f32>, rows: usize, cols: usize) -> PyResult<Bound<'py, PyArray2<f32>>> {
-    PyArray1::from_vec(py, data).reshape([rows, cols])
 }

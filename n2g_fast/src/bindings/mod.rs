@@ -4,4 +4,5 @@
 pub mod error;
 pub mod graph;
 pub mod input;
+pub mod store;
 pub mod topk;

@@ -30,7 +30,7 @@ from ..workspace import Workspace
 from . import plots
 from .cells import example_cells
 from .graph_svg import graph_svg
-from .similarity import FALLBACK_SCORE, python_neighbours, rust_neighbours
+from .similarity import SCORE, python_neighbours, rust_neighbours
 from .tokens import TokenTexts, example_tokens, visible_html, visible_text
 
 __all__ = ["write_report", "METHODS"]
@@ -177,7 +177,7 @@ def write_report(workspace_path: str | Path, out_dir: str | Path, *, use_model_t
     # -- pass 1: graphs, metrics, stats (no examples) -------------------------------------------
     rows: list[dict[str, Any]] = []
     labels: dict[tuple[int, int], tuple[frozenset, frozenset]] = {}
-    graphs: dict[tuple[int, int], Any] = {}
+    blobs: list[bytes] = []
     per_layer: dict[int, dict[str, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
     f1s: dict[str, list[float]] = defaultdict(list)
     traj_by_layer: dict[int, list] = defaultdict(list)
@@ -188,7 +188,7 @@ def write_report(workspace_path: str | Path, out_dir: str | Path, *, use_model_t
         doc = json.loads(g.to_json())
         act, ctx = g.activating_labels(), g.context_labels()
         labels[key] = (frozenset(act), frozenset(ctx))
-        graphs[key] = g
+        blobs.append(rec.graph_bytes)
         svg, renderer = graph_svg(g, doc)
         renderers.add(renderer)
         (out / "graphs" / f"{_page_name(*key)}.svg").write_text(svg, encoding="utf-8")
@@ -221,14 +221,14 @@ def write_report(workspace_path: str | Path, out_dir: str | Path, *, use_model_t
     # -- most similar neurons ------------------------------------------------------------------
     failure = ""
     try:
-        neigh = rust_neighbours(graphs, neighbours_k)
-        similarity_note = "n2g_fast.GraphStore.neighbours"
+        neigh = rust_neighbours([(r["layer"], r["neuron"]) for r in rows], blobs, neighbours_k)
+        similarity_note = f"n2g_fast.GraphStore.neighbours: {SCORE}"
     except Exception as e:  # an early or broken GraphStore: the fallback below still answers
         neigh, failure = None, f"; n2g_fast.GraphStore failed: {type(e).__name__}: {e}"
     if neigh is None:
         neigh = python_neighbours(labels, neighbours_k)
-        similarity_note = f"computed by the report (fallback{failure or ', no n2g_fast.GraphStore'}): {FALLBACK_SCORE}"
-    graphs.clear()
+        similarity_note = f"computed by the report (fallback{failure or ', no n2g_fast.GraphStore'}): {SCORE}"
+    blobs.clear()
 
     # -- pass 2: one page per neuron -------------------------------------------------------------
     page_tpl = env.get_template("neuron.html.j2")
@@ -265,8 +265,9 @@ def write_report(workspace_path: str | Path, out_dir: str | Path, *, use_model_t
             methods=METHODS, metrics=rec.metrics or {},
             stats=_scalar_stats(rec.stats or {}), splits=splits, semantics=semantics,
             act_labels=sorted(labels[key][0]), ctx_labels=sorted(labels[key][1]),
-            neighbours=[{"layer": l, "neuron": n, "score": s, "page": _page_name(l, n) if (l, n) in known else None}
-                        for (l, n), s in neigh.get(key, [])],
+            neighbours=[{"layer": l, "neuron": n, "score": s, "act": oa, "ctx": oc,
+                         "page": _page_name(l, n) if (l, n) in known else None}
+                        for (l, n), s, oa, oc in neigh.get(key, [])],
             similarity_note=similarity_note,
             trajectory=_sparkline(plots.neuron_trajectories(rec.stats or {})),
             token_note=texts.note,

@@ -7,6 +7,7 @@ END-bearing nodes with a bold outline, edges from context towards the activating
 from __future__ import annotations
 
 from typing import Any
+from xml.etree import ElementTree
 from xml.sax.saxutils import escape
 
 from .tokens import visible_text
@@ -108,11 +109,14 @@ def render_svg(doc: dict[str, Any]) -> str:
 
 
 def graph_svg(graph, doc: dict[str, Any]) -> tuple[str, str]:
-    """(svg text, renderer name): n2g_fast's own renderer when it has one, else the fallback."""
+    """(svg text, renderer name): n2g_fast's own renderer when it has one and its output is
+    well-formed XML (a browser shows a broken image otherwise), else the fallback here."""
     to_svg = getattr(graph, "to_svg", None)
     if to_svg is not None:
         try:
-            return to_svg(), "n2g_fast"
-        except Exception:  # an n2g_fast without rendering yet raises; the fallback draws it
+            svg = to_svg()
+            ElementTree.fromstring(svg)
+            return svg, "n2g_fast"
+        except Exception:  # no renderer yet, or a label it does not escape: the fallback draws it
             pass
     return render_svg(doc), "report fallback"

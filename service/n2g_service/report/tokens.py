@@ -53,11 +53,14 @@ def visible_text(text: str) -> str:
 
 @lru_cache(maxsize=1 << 16)
 def visible_html(text: str) -> Markup:
-    """The token as escaped HTML with the substituted characters marked up (Jinja filter `tok`)."""
+    """The token as escaped HTML with the substituted characters marked up (Jinja filter `tok`):
+    whitespace glyphs as <i>, codes of invisible characters as <i class="x">."""
     parts = []
     for kind, shown in visible_segments(text):
-        if kind:
-            parts.append(f'<span class="{kind}">{escape(shown)}</span>')
+        if kind == "ws":  # short markup: a report holds a million tokens
+            parts.append(f"<i>{escape(shown)}</i>")
+        elif kind:
+            parts.append(f'<i class="x">{escape(shown)}</i>')
         else:
             parts.append(str(escape(shown)))
     return Markup("".join(parts))

@@ -1,0 +1,279 @@
+//! Graph similarity (n2g-method.md section 9) over node-label sets, IGNORE excluded.
+//!
+//! For graphs i and j with activating-label sets A and context-label sets C:
+//! - similar pair: |A_i n A_j| / max(|A_i|, |A_j|) >= t and the same for C;
+//! - subset pair: |A_i n A_j| / min(|A_i|, |A_j|) >= t and the same for C, and not similar. The
+//!   subset side is the graph with fewer labels in total (|A| + |C|), ties by smaller key;
+//! - denominators are at least 1 (the reference's max(size, 1)), so an empty set overlaps
+//!   nothing and graphs without context tokens are never similar nor subsets.
+//!
+//! All pairs without a quadratic scan (a prefix-filtered set-similarity join): a pair can only
+//! qualify if |A_i n A_j| >= m = ceil(t * s) where s = the smaller activating set size, and then
+//! the smaller set must share a label with the other among its first s - m + 1 labels when its
+//! labels are ordered rarest first. So each graph probes the inverted index with that prefix
+//! only, against graphs at least as large (size, then index), and candidates are verified
+//! exactly. Graphs are processed in parallel. Similar pairs are a subset of the candidates
+//! (max >= min), so one pass yields both lists.
+
+use crate::error::{invalid, Result};
+use crate::parallel;
+use crate::search::{intersection_len, Key, StoreIndex};
+use rayon::prelude::*;
+
+/// One pair with its two overlaps (by max for similar pairs, by min for subset pairs).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pair {
+    pub a: Key,
+    pub b: Key,
+    pub activating: f32,
+    pub context: f32,
+}
+
+pub fn check_threshold(t: f64) -> Result<f32> {
+    if t > 0.0 && t <= 1.0 {
+        Ok(t as f32)
+    } else {
+        Err(invalid!("threshold must be in (0, 1], got {t}"))
+    }
+}
+
+/// |A n B| / max(|A|, |B|, 1).
+pub fn overlap_max(inter: usize, a: usize, b: usize) -> f32 {
+    inter as f32 / a.max(b).max(1) as f32
+}
+
+/// |A n B| / max(min(|A|, |B|), 1).
+pub fn overlap_min(inter: usize, a: usize, b: usize) -> f32 {
+    inter as f32 / a.min(b).max(1) as f32
+}
+
+/// Smallest m with m / s >= t, computed with the same f32 arithmetic as the check.
+fn min_overlap(s: usize, t: f32) -> usize {
+    let mut m = ((t * s as f32).ceil() as usize).min(s);
+    while m > 0 && overlap_min(m - 1, s, s) >= t {
+        m -= 1;
+    }
+    while m <= s && overlap_min(m, s, s) < t {
+        m += 1;
+    }
+    m
+}
+
+/// Classifies a pair: Some((similar, act overlap, ctx overlap)) if it is similar or subset.
+fn classify(ix: &StoreIndex, i: usize, j: usize, t: f32) -> Option<(bool, f32, f32)> {
+    let (ai, aj, ci, cj) = (&ix.act_sets[i], &ix.act_sets[j], &ix.ctx_sets[i], &ix.ctx_sets[j]);
+    let ia = intersection_len(ai, aj);
+    if overlap_min(ia, ai.len(), aj.len()) < t {
+        return None;
+    }
+    let ic = intersection_len(ci, cj);
+    if overlap_min(ic, ci.len(), cj.len()) < t {
+        return None;
+    }
+    let (ma, mc) = (overlap_max(ia, ai.len(), aj.len()), overlap_max(ic, ci.len(), cj.len()));
+    if ma >= t && mc >= t {
+        Some((true, ma, mc))
+    } else {
+        Some((false, overlap_min(ia, ai.len(), aj.len()), overlap_min(ic, ci.len(), cj.len())))
+    }
+}
+
+fn subset_order(ix: &StoreIndex, i: usize, j: usize) -> (usize, usize) {
+    let size = |g: usize| ix.act_sets[g].len() + ix.ctx_sets[g].len();
+    if (size(i), ix.keys[i]) <= (size(j), ix.keys[j]) {
+        (i, j)
+    } else {
+        (j, i)
+    }
+}
+
+/// (similar pairs, subset pairs), each sorted by (a, b); similar pairs have a < b.
+pub fn all_pairs(ix: &StoreIndex, t: f32) -> (Vec<Pair>, Vec<Pair>) {
+    let n = ix.len();
+    // Label frequency among activating sets, for the rarest-first prefix order.
+    let freq: Vec<u32> = ix.act_by_label.iter().map(|p| p.len() as u32).collect();
+    let order = |g: usize| (ix.act_sets[g].len(), g);
+    let found: Vec<(bool, Pair)> = parallel::install(|| {
+        (0..n)
+            .into_par_iter()
+            .map_init(
+                || (vec![u32::MAX; n], Vec::new()),
+                |(seen, prefix), i| {
+                    let mut out = Vec::new();
+                    let s = ix.act_sets[i].len();
+                    if s == 0 || ix.ctx_sets[i].is_empty() {
+                        return out;
+                    }
+                    prefix.clear();
+                    prefix.extend_from_slice(&ix.act_sets[i]);
+                    prefix.sort_unstable_by_key(|&l| (freq[l as usize], l));
+                    let m = min_overlap(s, t);
+                    if m == 0 || m > s {
+                        return out;
+                    }
+                    for &l in &prefix[..s - m + 1] {
+                        for &j in &ix.act_by_label[l as usize] {
+                            let j = j as usize;
+                            if order(j) <= order(i) || seen[j] == i as u32 || ix.ctx_sets[j].is_empty() {
+                                continue;
+                            }
+                            seen[j] = i as u32;
+                            if let Some((similar, pa, pc)) = classify(ix, i, j, t) {
+                                let (a, b) = if similar {
+                                    if ix.keys[i] < ix.keys[j] {
+                                        (i, j)
+                                    } else {
+                                        (j, i)
+                                    }
+                                } else {
+                                    subset_order(ix, i, j)
+                                };
+                                out.push((similar, Pair { a: ix.keys[a], b: ix.keys[b], activating: pa, context: pc }));
+                            }
+                        }
+                    }
+                    out
+                },
+            )
+            .flatten_iter()
+            .collect()
+    });
+    let (mut sim, mut sub): (Vec<_>, Vec<_>) = found.into_iter().partition(|(s, _)| *s);
+    sim.sort_by(|x, y| (x.1.a, x.1.b).cmp(&(y.1.a, y.1.b)));
+    sub.sort_by(|x, y| (x.1.a, x.1.b).cmp(&(y.1.a, y.1.b)));
+    (sim.into_iter().map(|x| x.1).collect(), sub.into_iter().map(|x| x.1).collect())
+}
+
+/// Neighbours of graph `g`: every graph sharing at least one label (activating or context),
+/// scored by the mean of the two max-normalised overlaps, (|A n A'| / max + |C n C'| / max) / 2,
+/// which is 1 for identical label sets. Best first (ties by key), score > 0, at most `k`.
+/// Returns (key, score, activating overlap, context overlap).
+pub fn neighbours(ix: &StoreIndex, g: usize, k: usize) -> Vec<(Key, f32, f32, f32)> {
+    let mut cand: Vec<u32> = Vec::new();
+    for &l in &ix.act_sets[g] {
+        cand.extend_from_slice(&ix.act_by_label[l as usize]);
+    }
+    for &l in &ix.ctx_sets[g] {
+        cand.extend_from_slice(&ix.ctx_by_label[l as usize]);
+    }
+    cand.sort_unstable();
+    cand.dedup();
+    let mut out: Vec<(Key, f32, f32, f32)> = cand
+        .into_iter()
+        .map(|j| j as usize)
+        .filter(|&j| j != g)
+        .filter_map(|j| {
+            let (a, b) = (&ix.act_sets[g], &ix.act_sets[j]);
+            let (c, d) = (&ix.ctx_sets[g], &ix.ctx_sets[j]);
+            let pa = overlap_max(intersection_len(a, b), a.len(), b.len());
+            let pc = overlap_max(intersection_len(c, d), c.len(), d.len());
+            let score = (pa + pc) / 2.0;
+            (score > 0.0).then_some((ix.keys[j], score, pa, pc))
+        })
+        .collect();
+    out.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
+    out.truncate(k);
+    out
+}
+
+/// The quadratic reference (tests and benchmarks): every pair, the definitions verbatim.
+pub fn all_pairs_brute(ix: &StoreIndex, t: f32) -> (Vec<Pair>, Vec<Pair>) {
+    let (mut sim, mut sub) = (Vec::new(), Vec::new());
+    for i in 0..ix.len() {
+        for j in i + 1..ix.len() {
+            let (a, b, c, d) = (&ix.act_sets[i], &ix.act_sets[j], &ix.ctx_sets[i], &ix.ctx_sets[j]);
+            let (ia, ic) = (intersection_len(a, b), intersection_len(c, d));
+            let (ma, mc) = (overlap_max(ia, a.len(), b.len()), overlap_max(ic, c.len(), d.len()));
+            if ma >= t && mc >= t {
+                let (x, y) = if ix.keys[i] < ix.keys[j] { (i, j) } else { (j, i) };
+                sim.push(Pair { a: ix.keys[x], b: ix.keys[y], activating: ma, context: mc });
+                continue;
+            }
+            let (na, nc) = (overlap_min(ia, a.len(), b.len()), overlap_min(ic, c.len(), d.len()));
+            if na >= t && nc >= t {
+                let (x, y) = subset_order(ix, i, j);
+                sub.push(Pair { a: ix.keys[x], b: ix.keys[y], activating: na, context: nc });
+            }
+        }
+    }
+    sim.sort_by(|x, y| (x.a, x.b).cmp(&(y.a, y.b)));
+    sub.sort_by(|x, y| (x.a, x.b).cmp(&(y.a, y.b)));
+    (sim, sub)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::search::tests::arb_graphs;
+    use crate::trie::tests::tok;
+    use crate::trie::NeuronGraph;
+    use proptest::prelude::*;
+
+    fn graph(neuron: u32, act: &[&str], ctx: &[&str]) -> NeuronGraph {
+        let mut g = NeuronGraph::new("m".into(), 0, neuron, "h".into(), 1.0).unwrap();
+        for a in act {
+            for c in ctx {
+                g.add_path(&tok(a, &[1], 0.9), &[Some(tok(c, &[2], 0.9))], 0.8).unwrap();
+            }
+            if ctx.is_empty() {
+                g.add_path(&tok(a, &[1], 0.9), &[], 0.8).unwrap();
+            }
+        }
+        g.finalize();
+        g
+    }
+
+    #[test]
+    fn similar_subset_and_empty_context() {
+        let gs = [
+            graph(0, &["a"], &["x", "y"]),
+            graph(1, &["a"], &["x", "y"]),                 // identical to 0: similar
+            graph(2, &["a"], &["x", "y", "z", "w", "v"]),  // superset of 0 and 1 by context
+            graph(3, &["a"], &[]),                         // no context: never paired
+            graph(4, &["a"], &[]),
+        ];
+        let ix = StoreIndex::build(gs.iter().map(|g| (g.key(), g)));
+        let (sim, sub) = all_pairs(&ix, 0.9);
+        assert_eq!(sim, vec![Pair { a: (0, 0), b: (0, 1), activating: 1.0, context: 1.0 }]);
+        assert_eq!(sub.iter().map(|p| (p.a, p.b)).collect::<Vec<_>>(), vec![((0, 0), (0, 2)), ((0, 1), (0, 2))]);
+        assert_eq!((sim.clone(), sub.clone()), all_pairs_brute(&ix, 0.9));
+        let nb = neighbours(&ix, 0, 10);
+        assert_eq!(nb[0], ((0, 1), 1.0, 1.0, 1.0));
+        assert_eq!(nb.len(), 4);
+        assert!(check_threshold(0.0).is_err() && check_threshold(1.5).is_err() && check_threshold(f64::NAN).is_err());
+    }
+
+    #[test]
+    fn min_overlap_is_exact() {
+        for s in 1..50 {
+            for t in [0.1f32, 0.5, 0.8, 0.9, 0.95, 1.0] {
+                let m = min_overlap(s, t);
+                assert!(overlap_min(m, s, s) >= t && (m == 0 || overlap_min(m - 1, s, s) < t));
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn pairs_equal_brute_force(gs in arb_graphs(), t in prop_oneof![Just(0.9f32), Just(0.5), Just(1.0), 0.05f32..1.0]) {
+            let ix = StoreIndex::build(gs.iter().map(|g| (g.key(), g)));
+            prop_assert_eq!(all_pairs(&ix, t), all_pairs_brute(&ix, t));
+        }
+
+        #[test]
+        fn neighbours_equal_brute_force(gs in arb_graphs(), k in 1usize..6) {
+            let ix = StoreIndex::build(gs.iter().map(|g| (g.key(), g)));
+            for g in 0..ix.len() {
+                let mut want: Vec<(Key, f32, f32, f32)> = (0..ix.len()).filter(|&j| j != g).map(|j| {
+                    let (a, b, c, d) = (&ix.act_sets[g], &ix.act_sets[j], &ix.ctx_sets[g], &ix.ctx_sets[j]);
+                    let pa = overlap_max(intersection_len(a, b), a.len(), b.len());
+                    let pc = overlap_max(intersection_len(c, d), c.len(), d.len());
+                    (ix.keys[j], (pa + pc) / 2.0, pa, pc)
+                }).filter(|x| x.1 > 0.0).collect();
+                want.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
+                want.truncate(k);
+                prop_assert_eq!(neighbours(&ix, g, k), want);
+            }
+        }
+    }
+}
