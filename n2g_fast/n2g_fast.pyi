@@ -11,6 +11,7 @@ own thread pool (size: RAYON_NUM_THREADS, else the CPU count); a fork handler gi
 safe.
 """
 
+import os
 from typing import Literal, Sequence
 
 import numpy as np
@@ -117,7 +118,9 @@ class NeuronGraph:
     def to_dot(self) -> str:
         """Graphviz DOT (n2g-method.md section 7): IGNORE dropped, same label at the same depth
         merged into one node, activating tokens red by activation, context tokens blue by
-        importance, END nodes bold, rankdir RL, whitespace shown as '·' '⏎' '⇥'."""
+        importance, END nodes bold, rankdir RL, edges drawn from context towards activating.
+        Labels shown as the report shows tokens: space '·', newline '⏎', CR '␍', tab '⇥', other
+        invisible characters (Unicode Cc Cf Cs Co Cn Zl Zp Zs) as \\xNN / U+XXXX, empty as '∅'."""
     def to_svg(self) -> str:
         """The same drawing as standalone SVG, laid out in Rust (no Graphviz needed): one column
         per depth, activating tokens rightmost."""
@@ -125,3 +128,79 @@ class NeuronGraph:
         """Same metadata and the same finalized trie."""
     def __reduce__(self) -> tuple[object, tuple[bytes]]:
         """Pickles through to_bytes, so graphs cross process boundaries."""
+
+Key = tuple[int, int]  # (layer, neuron)
+PairResult = tuple[Key, Key, float, float]  # (a, b, activating_overlap, context_overlap)
+
+class GraphStore:
+    """Many neuron graphs keyed by (layer, neuron) (issue 3): batched prediction, search,
+    similarity and a versioned, checksummed store file.
+
+    Thread-safe: queries share a read lock and run without the GIL (several threads can query at
+    once); add/remove take the write lock, also without the GIL. Graphs go in and out as copies.
+    The search index and the last all-pairs result are built on first use and dropped by any
+    change."""
+
+    def __init__(self) -> None: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, key: Key) -> bool: ...
+    def keys(self) -> list[Key]:
+        """Sorted."""
+    def add(self, graph: NeuronGraph) -> None:
+        """Adds a finalized copy under (graph.layer, graph.neuron), replacing any graph there."""
+    def add_bytes(self, blobs: Sequence[bytes]) -> None:
+        """Adds graphs given as NeuronGraph.to_bytes() blobs (what the workspace stores),
+        decoded in parallel without the GIL. All or nothing: a bad blob raises N2GError naming
+        its index and adds none."""
+    @staticmethod
+    def from_bytes_list(blobs: Sequence[bytes]) -> GraphStore: ...
+    def remove(self, key: Key) -> None:
+        """N2GError for an unknown key."""
+    def get(self, key: Key) -> NeuronGraph:
+        """A copy; N2GError for an unknown key."""
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Writes the store file atomically (temporary file + rename). Format: magic "N2GSTORE",
+        format version, graph count, payload length, CRC-32 over header and payload, then each
+        graph's to_bytes() blob (each with its own checksum), sorted by key."""
+    @staticmethod
+    def load(path: str | os.PathLike[str]) -> GraphStore:
+        """Refuses a missing, truncated, corrupt or newer-version file with N2GError."""
+    def to_bytes(self) -> bytes:
+        """The store file's content."""
+    @staticmethod
+    def from_bytes(data: bytes) -> GraphStore: ...
+    def predict(
+        self,
+        keys: Sequence[Key],
+        token_id_sequences: Sequence[Sequence[int]] | Sequence[npt.NDArray[np.integer]] | npt.NDArray[np.integer],
+        semantics: Semantics = "all_paths_max",
+        *,
+        vocab_size: int | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """[len(keys), n_sequences, n_tokens] float32 predictions (same semantics as
+        NeuronGraph.predict). Sequences must be rectangular: a 2-D integer array, or lists / 1-D
+        arrays of one length; ragged input raises N2GError (pad on the right: a prediction at
+        position i reads tokens 0..i only, so right padding never changes real positions). Empty
+        keys or sequences, unknown keys, negative / too large / (with vocab_size)
+        out-of-vocabulary ids raise N2GError. A key may repeat. Runs on all cores without the
+        GIL, looking each token up once in the activating tokens of all requested graphs."""
+    def search(self, clauses: Sequence[tuple[int | str, Role]]) -> list[Key]:
+        """Keys of graphs matching every clause, sorted. An int matches nodes whose token-id set
+        holds it, a str matches node labels exactly. "activating" = depth-0 nodes, "context" =
+        context nodes (IGNORE never matches), "either" = both. No clause: N2GError."""
+    def in_context_neurons(self, limit: int | None = None) -> list[tuple[Key, list[str], float]]:
+        """Graphs with an activating label that is also one of their context labels (the paper's
+        in-context / repeated-token neurons): (key, shared labels sorted, fraction = shared /
+        activating labels), ranked by number of shared labels, then fraction, then key."""
+    def similar_pairs(self, threshold: float = 0.9) -> list[PairResult]:
+        """Pairs with |A n A'| / max(|A|, |A'|) >= threshold and the same for context-label sets
+        (node labels, IGNORE excluded; denominators at least 1, so graphs without context tokens
+        never pair). (a, b) with a < b; overlaps as defined. threshold in (0, 1]."""
+    def subset_pairs(self, threshold: float = 0.9) -> list[PairResult]:
+        """Pairs with |A n A'| / min(|A|, |A'|) >= threshold for both sets that are not similar
+        pairs: (subset_key, superset_key, activating_overlap, context_overlap) with overlaps by
+        min; the subset side is the graph with fewer labels (|A| + |C|), ties by key."""
+    def neighbours(self, key: Key, k: int = 10) -> list[tuple[Key, float, float, float]]:
+        """Up to k graphs sharing at least one label with `key`'s graph: (key, score,
+        activating_overlap, context_overlap), overlaps by max as in similar_pairs and score =
+        their mean (1.0 = identical label sets); best first, ties by key; score > 0 only."""

@@ -164,6 +164,9 @@ def test_proposers_native(native_model):
     alpha = np.zeros((4, 4))
     alpha[1, 3], alpha[2, 3] = 0.8, 0.79
     assert important_positions(alpha, 3, 0.8) == [1]
+    alpha[3, 3] = 0.95
+    assert important_positions(alpha, 3, 0.8) == [1]  # the pivot only with augment_pivot
+    assert important_positions(alpha, 3, 0.8, include_pivot=True) == [1, 3]
 
 
 # ---- the whole fit on the native model ---------------------------------------------------------

@@ -92,3 +92,14 @@ def test_scan_pads_when_few_windows(native_model, native_windows):
     s = scan_layers(native_model, native_windows[:3], [1], ScanConfig(k=5, batch_size=2), progress=False)[1]
     assert (s.top_window_ids[:, 3:] == -1).all() and np.isneginf(s.top_scores[:, 3:]).all()
     assert set(s.top_window_ids[:, :3].ravel().tolist()) <= {0, 1, 2}
+
+
+def test_logits_at_matches_full_logits(native_model, native_windows):
+    from n2g_service.activations import logits_at, next_token_logits
+
+    toks = torch.as_tensor(native_windows[:3, :10])
+    full, acts = next_token_logits(native_model, toks, layer=1)
+    assert full.shape == (3, 10, native_model.d_vocab) and acts.shape == (3, 10, 128)
+    got = logits_at(native_model, toks, [0, 2, 2], [9, 0, 4])
+    for j, (r, p) in enumerate([(0, 9), (2, 0), (2, 4)]):
+        torch.testing.assert_close(got[j], full[r, p], atol=1e-5, rtol=1e-5)

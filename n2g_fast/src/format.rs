@@ -27,10 +27,10 @@
 //! Breadth-first order with child counts rebuilds the exact arena, so a round trip is exact.
 
 use crate::error::{corrupt, invalid, N2GError, Result};
-use crate::trie::{sorted_unique, Label, NeuronGraph, Node, NodeId, IGNORE_LABEL, MAX_PATH_NODES, ROOT};
+use crate::trie::{sorted_unique, Children, Ids, Label, NeuronGraph, Node, NodeId, IGNORE_LABEL, MAX_PATH_NODES, ROOT};
+use smol_str::SmolStr;
 use serde::Deserialize;
 use std::collections::HashMap;
-use std::sync::Arc;
 
 pub const GRAPH_SCHEMA: &str = "n2g.graph/v1";
 pub const GRAPH_MAGIC: &[u8; 4] = b"N2GG";
@@ -72,7 +72,7 @@ pub fn graph_to_json(g: &NeuronGraph) -> String {
         out.push_str("{\"label\":");
         json_value(&mut out, n.label.as_str());
         out.push_str(",\"token_ids\":");
-        json_value(&mut out, &n.token_ids);
+        json_value(&mut out, n.token_ids.as_slice());
         out.push_str(&format!(",\"ignore\":{},\"importance\":", n.label.is_ignore()));
         json_value(&mut out, &if is_root { 1.0 } else { n.value });
         out.push_str(",\"activation\":");
@@ -155,7 +155,7 @@ pub fn graph_from_json(text: &str) -> Result<NeuronGraph> {
     if doc.schema != GRAPH_SCHEMA {
         return Err(corrupt!("graph JSON has schema '{}', expected '{GRAPH_SCHEMA}'", doc.schema));
     }
-    let mut nodes = vec![Node { label: Label::Token(Arc::from("")), token_ids: Vec::new(), value: 0.0, end: None, children: Vec::new() }];
+    let mut nodes = vec![Node::root()];
     // (doc, parent, path for messages); children docs are moved out so dropping stays shallow.
     let mut stack: Vec<(NodeDoc, NodeId, String)> = Vec::new();
     for (i, r) in doc.roots.into_iter().enumerate().rev() {
@@ -173,7 +173,7 @@ pub fn graph_from_json(text: &str) -> Result<NeuronGraph> {
             }
             Label::Ignore
         } else {
-            Label::Token(Arc::from(d.label.as_str()))
+            Label::Token(SmolStr::new(&d.label))
         };
         let value = if is_root {
             d.activation.ok_or_else(|| bad("an activating token (root) needs a numeric activation"))?
@@ -184,7 +184,7 @@ pub fn graph_from_json(text: &str) -> Result<NeuronGraph> {
             d.importance
         };
         let id = nodes.len() as NodeId;
-        nodes.push(Node { label, token_ids: sorted_unique(std::mem::take(&mut d.token_ids)), value, end: d.end, children: Vec::new() });
+        nodes.push(Node::new(label, sorted_unique(&d.token_ids), value, d.end));
         nodes[parent as usize].children.push(id);
         for (i, c) in std::mem::take(&mut d.children).into_iter().enumerate().rev() {
             stack.push((c, id, format!("{path}.children[{i}]")));
@@ -193,7 +193,7 @@ pub fn graph_from_json(text: &str) -> Result<NeuronGraph> {
     // Children may come in any order: sort them the trie's way, then let validation catch
     // repeated labels and the rest.
     for i in 0..nodes.len() {
-        let mut ch = std::mem::take(&mut nodes[i].children);
+        let mut ch: Children = std::mem::take(&mut nodes[i].children);
         ch.sort_by(|&a, &b| nodes[a as usize].label.cmp(&nodes[b as usize].label));
         nodes[i].children = ch;
     }
@@ -268,6 +268,13 @@ impl<'a> Reader<'a> {
         Ok(f64::from_le_bytes(self.array(field)?))
     }
     fn varint(&mut self, field: &str) -> Result<u64> {
+        // Fast path: most counts, indices and ids gaps fit one byte.
+        if let Some(&b) = self.buf.get(self.pos) {
+            if b < 0x80 {
+                self.pos += 1;
+                return Ok(b as u64);
+            }
+        }
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
             let b = self.u8(field)?;
@@ -413,62 +420,97 @@ fn decode_body(body: &[u8], finalized: bool) -> Result<NeuronGraph> {
     let hook = r.str("hook")?.to_owned();
     let max_activation = r.f64("max_activation")?;
     let n_labels = r.count("label count")?;
-    let mut labels: Vec<Arc<str>> = Vec::with_capacity(n_labels);
+    let mut labels: Vec<SmolStr> = Vec::with_capacity(n_labels);
     for _ in 0..n_labels {
-        labels.push(Arc::from(r.str("label")?));
+        labels.push(SmolStr::new(r.str("label")?));
     }
     let n_nodes = r.count("node count")?;
     let n_roots = r.varint("root count")?;
     let mut nodes: Vec<Node> = Vec::with_capacity(n_nodes + 1);
-    nodes.push(Node { label: Label::Token(Arc::from("")), token_ids: Vec::new(), value: 0.0, end: None, children: Vec::new() });
-    // Breadth-first: each node's children are the next `n_children` nodes not yet placed.
-    let mut expected: Vec<u64> = vec![n_roots];
+    nodes.push(Node::root());
+    // Breadth-first: each node's children are the next `n_children` nodes not yet placed, so
+    // the shape is a tree by construction; the other invariants of `NeuronGraph::validate` are
+    // checked inline (this is the store's load path). Per node: (expected children, depth).
+    let mut expected: Vec<(u64, u32)> = Vec::with_capacity(n_nodes + 1);
+    expected.push((n_roots, 0));
     let mut parent = 0usize;
+    let bad = |what: &str| corrupt!("graph bytes are corrupt: {what}");
     for _ in 0..n_nodes {
-        while parent < expected.len() && expected[parent] as usize == nodes[parent].children.len() {
+        while parent < expected.len() && expected[parent].0 as usize == nodes[parent].children.len() {
             parent += 1;
         }
         if parent >= expected.len() {
-            return Err(corrupt!("graph bytes are corrupt: more nodes than the child counts place"));
+            return Err(bad("more nodes than the child counts place"));
         }
         let kind = r.u8("node kind")?;
         if kind > 3 {
-            return Err(corrupt!("graph bytes are corrupt: unknown node kind {kind}"));
+            return Err(bad(&format!("unknown node kind {kind}")));
         }
         let label = if kind & 1 != 0 {
+            if parent == 0 {
+                return Err(bad("an activating token cannot be IGNORE"));
+            }
             Label::Ignore
         } else {
             let i = r.varint("label index")? as usize;
-            Label::Token(labels.get(i).cloned().ok_or_else(|| corrupt!("graph bytes are corrupt: label index {i} out of range"))?)
+            Label::Token(labels.get(i).cloned().ok_or_else(|| bad(&format!("label index {i} out of range")))?)
         };
+        if let Some(&prev) = nodes[parent].children.last() {
+            if nodes[prev as usize].label >= label {
+                return Err(bad("children are not sorted or repeat a label"));
+            }
+        }
         let value = r.f32("node value")?;
         let end = if kind & 2 != 0 { Some(r.f32("end value")?) } else { None };
+        if !value.is_finite() || end.is_some_and(|e| !e.is_finite()) {
+            return Err(bad("a node has a non-finite value"));
+        }
         let n_ids = r.count("token id count")?;
-        let mut ids = Vec::with_capacity(n_ids);
-        let mut prev: Option<u32> = None;
-        for _ in 0..n_ids {
+        if label.is_ignore() && (n_ids != 0 || end.is_some()) {
+            return Err(bad("an IGNORE node has token ids or an END"));
+        }
+        let mut ids = Ids::with_capacity(n_ids);
+        let mut prev = 0u32;
+        for k in 0..n_ids {
             let v = r.varint_u32("token id")?;
-            let t = match prev {
-                None => Some(v),
-                Some(p) => p.checked_add(v).and_then(|x| x.checked_add(1)),
-            }
-            .ok_or_else(|| corrupt!("graph bytes are corrupt: token id overflow"))?;
+            // Gaps are stored minus one, so ids come out strictly increasing.
+            let t = if k == 0 { Some(v) } else { prev.checked_add(v).and_then(|x| x.checked_add(1)) }.ok_or_else(|| bad("token id overflow"))?;
             ids.push(t);
-            prev = Some(t);
+            prev = t;
         }
         let n_children = r.varint("child count")?;
+        let depth = expected[parent].1 + 1;
+        if depth as usize > MAX_PATH_NODES {
+            return Err(bad(&format!("path deeper than {MAX_PATH_NODES} nodes")));
+        }
         let id = nodes.len() as NodeId;
         nodes[parent].children.push(id);
-        nodes.push(Node { label, token_ids: ids, value, end, children: Vec::with_capacity(n_children.min(64) as usize) });
-        expected.push(n_children);
+        nodes.push(Node::new(label, ids, value, end));
+        expected.push((n_children, depth));
     }
-    if expected.iter().zip(&nodes).any(|(&e, n)| e as usize != n.children.len()) {
-        return Err(corrupt!("graph bytes are corrupt: child counts do not match the node count"));
+    for (i, (&(e, _), n)) in expected.iter().zip(&nodes).enumerate() {
+        if e as usize != n.children.len() {
+            return Err(bad("child counts do not match the node count"));
+        }
+        if i > 0 && e == 0 && n.end.is_none() {
+            return Err(bad("a leaf node has no END (every path must end with END)"));
+        }
     }
     if r.remaining() != 0 {
-        return Err(corrupt!("graph bytes are corrupt: {} unread bytes after the nodes", r.remaining()));
+        return Err(bad(&format!("{} unread bytes after the nodes", r.remaining())));
     }
-    NeuronGraph::from_nodes(model, layer, neuron, hook, max_activation, nodes, finalized).map_err(|e| corrupt!("graph bytes are corrupt: {e}"))
+    check_finite_meta(max_activation)?;
+    let g = NeuronGraph::from_checked_nodes(model, layer, neuron, hook, max_activation, nodes, finalized);
+    debug_assert!(g.validate().is_ok());
+    Ok(g)
+}
+
+fn check_finite_meta(max_activation: f64) -> Result<()> {
+    if max_activation.is_finite() {
+        Ok(())
+    } else {
+        Err(corrupt!("graph bytes are corrupt: max_activation is not finite"))
+    }
 }
 
 /// Raises `InvalidInput` for an id that does not fit the core's u32 ids.

@@ -135,8 +135,9 @@ impl CompiledTrie {
             }
             j -= 1;
             let (s, t) = self.edges(node);
-            let (lo, hi) = Self::equal_range(&self.edge_token[s..t], seq[j]);
-            node = if lo < hi {
+            let edges = &self.edge_token[s..t];
+            let lo = edges.partition_point(|&x| x < seq[j]);
+            node = if lo < edges.len() && edges[lo] == seq[j] {
                 self.edge_child[s + lo]
             } else {
                 match self.ignore_child[node as usize] {

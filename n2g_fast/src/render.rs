@@ -8,8 +8,8 @@
 //! 0.2` (0.3 for activations, 0.55 for importances with the default thresholds 0.5 and 0.75) and
 //! is full at 1. END-bearing nodes get a bold outline. Edges run from a context token towards
 //! the token it precedes; activating tokens sit rightmost (rankdir RL), as text reads.
-//! Whitespace in labels is made visible (space '·', newline '⏎', tab '⇥', carriage return '␍',
-//! other control characters as their Unicode control pictures) and everything is escaped.
+//! Labels are made visible as in the report (see [`visible`]: '·' '⏎' '␍' '⇥', invisible and
+//! unprintable characters as their codes) and everything is escaped for DOT / XML.
 
 use crate::trie::{Label, NeuronGraph, ROOT};
 use std::collections::{BTreeMap, BTreeSet};
@@ -34,11 +34,14 @@ pub struct Dag {
     pub edges: Vec<(usize, usize)>,
 }
 
+/// A drawn node's identity: (depth, label).
+type DagKey<'a> = (usize, &'a str);
+
 pub fn dag(g: &NeuronGraph) -> Dag {
-    let mut merged: BTreeMap<(usize, &str), (f32, bool)> = BTreeMap::new();
-    let mut edges: BTreeSet<((usize, &str), (usize, &str))> = BTreeSet::new();
+    let mut merged: BTreeMap<DagKey, (f32, bool)> = BTreeMap::new();
+    let mut edges: BTreeSet<(DagKey, DagKey)> = BTreeSet::new();
     // (trie node, key of nearest drawn ancestor, depth this node would get if drawn)
-    let mut stack: Vec<(u32, Option<(usize, &str)>, usize)> = g.roots().iter().map(|&r| (r, None, 0)).collect();
+    let mut stack: Vec<(u32, Option<DagKey>, usize)> = g.roots().iter().map(|&r| (r, None, 0)).collect();
     while let Some((id, above, depth)) = stack.pop() {
         let n = g.node(id);
         let (here, next_depth) = match &n.label {
@@ -57,30 +60,47 @@ pub fn dag(g: &NeuronGraph) -> Dag {
         stack.extend(n.children.iter().map(|&c| (c, here, next_depth)));
     }
     debug_assert!(g.node(ROOT).label != Label::Ignore);
-    let index: BTreeMap<(usize, &str), usize> = merged.keys().enumerate().map(|(i, k)| (*k, i)).collect();
+    let index: BTreeMap<DagKey, usize> = merged.keys().enumerate().map(|(i, k)| (*k, i)).collect();
     Dag {
         nodes: merged.iter().map(|(&(depth, label), &(value, end))| DagNode { depth, label: label.to_owned(), value, end }).collect(),
         edges: edges.iter().map(|(a, b)| (index[a], index[b])).collect(),
     }
 }
 
-/// The label with whitespace and control characters made visible.
+/// The label made visible, as the report's token display does it (one convention for the
+/// project): space '·', newline '⏎', carriage return '␍', tab '⇥'; every other character of
+/// Unicode category Cc, Cf, Cs, Co, Cn, Zl, Zp or Zs (controls, zero-width and direction marks,
+/// BOM, non-characters, other spaces and separators) as its code, `\xNN` below U+0100 and
+/// `U+XXXX` above; the empty label as '∅'.
 pub fn visible(label: &str) -> String {
+    use unicode_general_category::{get_general_category, GeneralCategory as C};
     if label.is_empty() {
         return "∅".to_owned();
     }
-    label
-        .chars()
-        .map(|c| match c {
-            ' ' => '·',
-            '\n' => '⏎',
-            '\t' => '⇥',
-            '\r' => '␍',
-            c if (c as u32) < 0x20 => char::from_u32(0x2400 + c as u32).unwrap_or('?'),
-            '\u{7f}' => '␡',
-            c => c,
-        })
-        .collect()
+    let mut out = String::with_capacity(label.len());
+    for c in label.chars() {
+        match c {
+            ' ' => out.push('·'),
+            '\n' => out.push('⏎'),
+            '\r' => out.push('␍'),
+            '\t' => out.push('⇥'),
+            c => match get_general_category(c) {
+                C::Control
+                | C::Format
+                | C::Surrogate
+                | C::PrivateUse
+                | C::Unassigned
+                | C::LineSeparator
+                | C::ParagraphSeparator
+                | C::SpaceSeparator => {
+                    let cp = c as u32;
+                    let _ = if cp < 0x100 { write!(out, "\\x{cp:02x}") } else { write!(out, "U+{cp:04X}") };
+                }
+                _ => out.push(c),
+            },
+        }
+    }
+    out
 }
 
 fn dot_escape(s: &str) -> String {
@@ -96,6 +116,8 @@ fn xml_escape(s: &str) -> String {
             '>' => out.push_str("&gt;"),
             '"' => out.push_str("&quot;"),
             '\'' => out.push_str("&apos;"),
+            // Not allowed in XML 1.0 at all (possible in a model or hook name): replacement char.
+            c if ((c as u32) < 0x20 && !matches!(c, '\t' | '\n' | '\r')) || matches!(c as u32, 0xFFFE | 0xFFFF) => out.push('\u{FFFD}'),
             c => out.push(c),
         }
     }
@@ -163,8 +185,8 @@ const MARGIN: f32 = 20.0;
 const TITLE_H: f32 = 30.0;
 const MAX_CHARS: usize = 40;
 
-/// SVG with a layered layout: one column per depth (activating tokens rightmost), nodes in a
-/// column ordered by the mean row of the nodes they precede (fewer crossings), then by label.
+/// SVG with a layered layout: one column per depth (activating tokens rightmost); see the
+/// placement comment inside.
 pub fn to_svg(g: &NeuronGraph) -> String {
     let d = dag(g);
     let max_depth = d.nodes.iter().map(|n| n.depth).max().unwrap_or(0);
@@ -185,28 +207,32 @@ pub fn to_svg(g: &NeuronGraph) -> String {
     for &(c, p) in &d.edges {
         parents[c].push(p);
     }
-    // Row order per column.
-    let mut row = vec![0usize; d.nodes.len()];
+    // Columns top to bottom: activating tokens by label; each deeper node as close as it can
+    // get to the mean height of the nodes it precedes (its parents), in that order, pushed down
+    // just enough to keep a gap. Fewer crossings, short edges.
+    let step = NODE_H + V_GAP;
+    let mut y = vec![0.0f32; d.nodes.len()];
     let mut columns: Vec<Vec<usize>> = vec![Vec::new(); max_depth + 1];
-    for depth in 0..=max_depth {
+    for (depth, column) in columns.iter_mut().enumerate() {
         let mut col: Vec<(f32, usize)> = (0..d.nodes.len())
             .filter(|&i| d.nodes[i].depth == depth)
             .map(|i| {
                 let ps = &parents[i];
-                let bary = if ps.is_empty() { 0.0 } else { ps.iter().map(|&p| row[p] as f32).sum::<f32>() / ps.len() as f32 };
-                (bary, i)
+                let want = if ps.is_empty() { 0.0 } else { ps.iter().map(|&p| y[p]).sum::<f32>() / ps.len() as f32 };
+                (want, i)
             })
             .collect();
-        // Stable sort keeps label order (node indices are label-sorted) among equal barycentres.
+        // Stable sort keeps label order (node indices are label-sorted) among equal targets.
         col.sort_by(|a, b| a.0.total_cmp(&b.0));
-        for (r, &(_, i)) in col.iter().enumerate() {
-            row[i] = r;
+        let mut next = 0.0f32;
+        for &(want, i) in &col {
+            y[i] = want.max(next);
+            next = y[i] + step;
         }
-        columns[depth] = col.into_iter().map(|(_, i)| i).collect();
+        *column = col.into_iter().map(|(_, i)| i).collect();
     }
     let col_w: Vec<f32> = columns.iter().map(|c| c.iter().map(|&i| width_of(i)).fold(40.0, f32::max)).collect();
-    let tallest = columns.iter().map(|c| c.len()).max().unwrap_or(0) as f32;
-    let body_h = (tallest * (NODE_H + V_GAP) - V_GAP).max(NODE_H);
+    let body_h = y.iter().fold(0.0f32, |m, &v| m.max(v)) + NODE_H;
     // x of each column's left edge, deepest column leftmost.
     let mut col_x = vec![0.0f32; max_depth + 1];
     let mut x = MARGIN;
@@ -218,11 +244,8 @@ pub fn to_svg(g: &NeuronGraph) -> String {
     let total_h = MARGIN + TITLE_H + body_h + MARGIN;
     let pos = |i: usize| {
         let depth = d.nodes[i].depth;
-        let n_col = columns[depth].len() as f32;
-        let col_h = n_col * (NODE_H + V_GAP) - V_GAP;
-        let y0 = MARGIN + TITLE_H + (body_h - col_h) / 2.0;
         let w = width_of(i);
-        (col_x[depth] + (col_w[depth] - w) / 2.0, y0 + row[i] as f32 * (NODE_H + V_GAP), w)
+        (col_x[depth] + (col_w[depth] - w) / 2.0, MARGIN + TITLE_H + y[i], w)
     };
 
     let mut out = String::new();
@@ -252,8 +275,8 @@ pub fn to_svg(g: &NeuronGraph) -> String {
         let _ = writeln!(out, "<path d=\"M{x1:.1},{y1:.1} C{mid:.1},{y1:.1} {mid:.1},{y2:.1} {x2:.1},{y2:.1}\" marker-end=\"url(#arrow)\"/>");
     }
     out.push_str("</g>\n<g class=\"nodes\">\n");
-    for depth in 0..=max_depth {
-        for &i in &columns[depth] {
+    for column in &columns {
+        for &i in column {
             let n = &d.nodes[i];
             let (x, y, w) = pos(i);
             let (fill, font) = colours(n);
@@ -318,6 +341,14 @@ mod tests {
         assert!(!svg.contains("<b>"));
         assert_eq!(svg.matches("<rect x=").count(), 5);
         assert_eq!(svg.matches("marker-end").count(), 4);
+    }
+
+    #[test]
+    fn invisible_characters_become_codes() {
+        assert_eq!(visible("a b\n\r\t"), "a·b⏎␍⇥");
+        assert_eq!(visible("\u{200b}\u{a0}\u{202e}\u{feff}\u{85}\u{2028}\u{fffe}\u{ffff}\u{7f}\u{0}"), "U+200B\\xa0U+202EU+FEFF\\x85U+2028U+FFFEU+FFFF\\x7f\\x00");
+        assert_eq!(visible("é日"), "é日");
+        assert_eq!(visible(""), "∅");
     }
 
     #[test]

@@ -9,9 +9,9 @@ use crate::error::{invalid, Result};
 use crate::parallel;
 use crate::trie::{Label, NeuronGraph};
 use rayon::prelude::*;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::str::FromStr;
-use std::sync::Arc;
+use smol_str::SmolStr;
 
 pub type Key = (u32, u32);
 
@@ -44,38 +44,94 @@ pub enum Term {
 #[derive(Debug, Default)]
 pub struct StoreIndex {
     pub keys: Vec<Key>,
-    pub label_ids: HashMap<Arc<str>, u32>,
-    pub label_names: Vec<Arc<str>>,
+    pub label_ids: FxHashMap<SmolStr, u32>,
+    pub label_names: Vec<SmolStr>,
     /// Per graph: sorted label ids of its activating / context tokens.
     pub act_sets: Vec<Vec<u32>>,
     pub ctx_sets: Vec<Vec<u32>>,
     /// Per label id: sorted graph indices holding it as activating / context token.
     pub act_by_label: Vec<Vec<u32>>,
     pub ctx_by_label: Vec<Vec<u32>>,
-    act_by_token: HashMap<u32, Vec<u32>>,
-    ctx_by_token: HashMap<u32, Vec<u32>>,
+    act_by_token: TokenPostings,
+    ctx_by_token: TokenPostings,
 }
 
-struct Extract {
-    act_labels: Vec<Arc<str>>,
-    ctx_labels: Vec<Arc<str>>,
+/// token id -> sorted graph indices, in CSR form (one sort instead of a hash map of vectors).
+#[derive(Debug, Default)]
+struct TokenPostings {
+    tokens: Vec<u32>,
+    start: Vec<u32>,
+    graphs: Vec<u32>,
+}
+
+impl TokenPostings {
+    /// From (token, graph) pairs.
+    /// `pairs` come in graph order without repeats, so a stable counting sort by token keeps
+    /// each posting list sorted; ids too large for a counting array fall back to a sort.
+    fn new(mut pairs: Vec<(u32, u32)>) -> Self {
+        let max = pairs.iter().map(|p| p.0).max().unwrap_or(0);
+        if max < (1 << 24) {
+            let mut count = vec![0u32; max as usize + 2];
+            for p in &pairs {
+                count[p.0 as usize + 1] += 1;
+            }
+            for i in 0..count.len() - 1 {
+                count[i + 1] += count[i];
+            }
+            let mut sorted = vec![(0u32, 0u32); pairs.len()];
+            for &p in &pairs {
+                sorted[count[p.0 as usize] as usize] = p;
+                count[p.0 as usize] += 1;
+            }
+            pairs = sorted;
+        } else {
+            pairs.sort_unstable();
+        }
+        let mut p = TokenPostings { start: vec![0], ..Default::default() };
+        for (i, &(t, g)) in pairs.iter().enumerate() {
+            if i > 0 && pairs[i - 1].0 != t {
+                p.start.push(p.graphs.len() as u32);
+            }
+            if i == 0 || pairs[i - 1].0 != t {
+                p.tokens.push(t);
+            }
+            p.graphs.push(g);
+        }
+        p.start.push(p.graphs.len() as u32);
+        if p.tokens.is_empty() {
+            p.start = vec![0];
+        }
+        p
+    }
+    fn get(&self, t: u32) -> &[u32] {
+        match self.tokens.binary_search(&t) {
+            Ok(k) => &self.graphs[self.start[k] as usize..self.start[k + 1] as usize],
+            Err(_) => &[],
+        }
+    }
+}
+
+struct Extract<'a> {
+    act_labels: Vec<&'a SmolStr>,
+    ctx_labels: Vec<&'a SmolStr>,
     act_tokens: Vec<u32>,
     ctx_tokens: Vec<u32>,
 }
 
-fn extract(g: &NeuronGraph) -> Extract {
+/// Labels (borrowed, repeats allowed: they are deduplicated as ids) and sorted unique token ids.
+fn extract(g: &NeuronGraph) -> Extract<'_> {
     let roots = g.roots();
     let mut e = Extract { act_labels: Vec::new(), ctx_labels: Vec::new(), act_tokens: Vec::new(), ctx_tokens: Vec::new() };
     for &r in roots {
         let n = g.node(r);
         if let Label::Token(s) = &n.label {
-            e.act_labels.push(s.clone());
+            e.act_labels.push(s);
         }
         e.act_tokens.extend_from_slice(&n.token_ids);
     }
     for n in g.context_nodes() {
         if let Label::Token(s) = &n.label {
-            e.ctx_labels.push(s.clone());
+            e.ctx_labels.push(s);
             e.ctx_tokens.extend_from_slice(&n.token_ids);
         }
     }
@@ -83,8 +139,6 @@ fn extract(g: &NeuronGraph) -> Extract {
         v.sort_unstable();
         v.dedup();
     }
-    e.ctx_labels.sort_unstable();
-    e.ctx_labels.dedup();
     e
 }
 
@@ -136,8 +190,9 @@ impl StoreIndex {
         let (keys, gs): (Vec<Key>, Vec<&NeuronGraph>) = all.into_iter().unzip();
         let extracted: Vec<Extract> = parallel::install(|| gs.par_iter().map(|g| extract(g)).collect());
         let mut ix = StoreIndex { keys, ..Default::default() };
-        let label_id = |ix: &mut StoreIndex, s: &Arc<str>| -> u32 {
-            if let Some(&id) = ix.label_ids.get(s) {
+        let (mut act_tok, mut ctx_tok) = (Vec::new(), Vec::new());
+        let label_id = |ix: &mut StoreIndex, s: &SmolStr| -> u32 {
+            if let Some(&id) = ix.label_ids.get(s.as_str()) {
                 return id;
             }
             let id = ix.label_names.len() as u32;
@@ -162,15 +217,13 @@ impl StoreIndex {
             for &l in &ctx {
                 ix.ctx_by_label[l as usize].push(g);
             }
-            for &t in &e.act_tokens {
-                ix.act_by_token.entry(t).or_default().push(g);
-            }
-            for &t in &e.ctx_tokens {
-                ix.ctx_by_token.entry(t).or_default().push(g);
-            }
+            act_tok.extend(e.act_tokens.iter().map(|&t| (t, g)));
+            ctx_tok.extend(e.ctx_tokens.iter().map(|&t| (t, g)));
             ix.act_sets.push(act);
             ix.ctx_sets.push(ctx);
         }
+        ix.act_by_token = TokenPostings::new(act_tok);
+        ix.ctx_by_token = TokenPostings::new(ctx_tok);
         ix
     }
 
@@ -183,10 +236,7 @@ impl StoreIndex {
 
     fn postings(&self, term: &Term, role: Role) -> Vec<u32> {
         let (act, ctx): (&[u32], &[u32]) = match term {
-            Term::Token(t) => (
-                self.act_by_token.get(t).map_or(&[], |v| v),
-                self.ctx_by_token.get(t).map_or(&[], |v| v),
-            ),
+            Term::Token(t) => (self.act_by_token.get(*t), self.ctx_by_token.get(*t)),
             Term::Label(s) => match self.label_ids.get(s.as_str()) {
                 Some(&l) => (&self.act_by_label[l as usize], &self.ctx_by_label[l as usize]),
                 None => (&[], &[]),

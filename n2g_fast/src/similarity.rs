@@ -8,12 +8,15 @@
 //!   nothing and graphs without context tokens are never similar nor subsets.
 //!
 //! All pairs without a quadratic scan (a prefix-filtered set-similarity join): a pair can only
-//! qualify if |A_i n A_j| >= m = ceil(t * s) where s = the smaller activating set size, and then
-//! the smaller set must share a label with the other among its first s - m + 1 labels when its
-//! labels are ordered rarest first. So each graph probes the inverted index with that prefix
-//! only, against graphs at least as large (size, then index), and candidates are verified
-//! exactly. Graphs are processed in parallel. Similar pairs are a subset of the candidates
-//! (max >= min), so one pass yields both lists.
+//! qualify if |S_i n S_j| >= m = ceil(t * s), s = the smaller set's size, for S = A and for
+//! S = C alike; then the smaller set must share a label with the other among its first
+//! s - m + 1 labels when labels are ordered rarest first. So each graph probes the inverted index
+//! with that prefix only, against graphs with a set at least as large (size, then index), and
+//! candidates are verified exactly (activating sets first, the cheap test). Either family (A or
+//! C) gives every qualifying pair exactly once; the join uses the one whose prefixes touch fewer
+//! postings in total (with common activating tokens, context sets are usually far more
+//! selective, and vice versa). Graphs are processed in parallel. Similar pairs are a subset of
+//! the candidates (max >= min), so one pass yields both lists.
 
 use crate::error::{invalid, Result};
 use crate::parallel;
@@ -87,37 +90,117 @@ fn subset_order(ix: &StoreIndex, i: usize, j: usize) -> (usize, usize) {
     }
 }
 
+/// Per-graph summary in one cache line: Bloom-style signatures of both label sets (64 bits for
+/// activating sets, 256 for the larger context sets) and their sizes. Most candidate pairs are
+/// rejected from these alone, before the label sets themselves are read.
+#[derive(Clone, Copy, Default)]
+struct Sig {
+    act: [u64; 1],
+    ctx: [u64; 4],
+    n_act: u32,
+    n_ctx: u32,
+}
+
+impl Sig {
+    /// (word, mask) of label `l` in a signature of `bits` bits.
+    #[inline]
+    fn bit(l: u32, bits: u32) -> (usize, u64) {
+        let h = ((l as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as u32 % bits;
+        ((h / 64) as usize, 1u64 << (h % 64))
+    }
+    fn new(act: &[u32], ctx: &[u32]) -> Self {
+        let mut s = Sig { n_act: act.len() as u32, n_ctx: ctx.len() as u32, ..Default::default() };
+        for &l in act {
+            let (w, m) = Sig::bit(l, 64);
+            s.act[w] |= m;
+        }
+        for &l in ctx {
+            let (w, m) = Sig::bit(l, 256);
+            s.ctx[w] |= m;
+        }
+        s
+    }
+}
+
+/// Rarest-first prefix of `set` that any qualifying partner must meet.
+fn prefix<'a>(set: &[u32], freq: &[u32], t: f32, buf: &'a mut Vec<u32>) -> &'a [u32] {
+    buf.clear();
+    buf.extend_from_slice(set);
+    buf.sort_unstable_by_key(|&l| (freq[l as usize], l));
+    let s = set.len();
+    let m = min_overlap(s, t);
+    let len = if s == 0 || m == 0 || m > s { 0 } else { s - m + 1 };
+    &buf[..len]
+}
+
 /// (similar pairs, subset pairs), each sorted by (a, b); similar pairs have a < b.
 pub fn all_pairs(ix: &StoreIndex, t: f32) -> (Vec<Pair>, Vec<Pair>) {
+    all_pairs_by(ix, t, None)
+}
+
+/// `family`: Some(0) = activating-set prefixes, Some(1) = context-set prefixes, None = the
+/// cheaper (tests force each).
+fn all_pairs_by(ix: &StoreIndex, t: f32, family: Option<usize>) -> (Vec<Pair>, Vec<Pair>) {
     let n = ix.len();
-    // Label frequency among activating sets, for the rarest-first prefix order.
-    let freq: Vec<u32> = ix.act_by_label.iter().map(|p| p.len() as u32).collect();
-    let order = |g: usize| (ix.act_sets[g].len(), g);
+    let usable = |g: usize| !ix.act_sets[g].is_empty() && !ix.ctx_sets[g].is_empty();
+    // Pick the family (activating or context sets) whose prefixes touch fewer postings.
+    let families = [(&ix.act_sets, &ix.act_by_label), (&ix.ctx_sets, &ix.ctx_by_label)];
+    let costs: Vec<u64> = families
+        .iter()
+        .map(|(sets, by_label)| {
+            let freq: Vec<u32> = by_label.iter().map(|p| p.len() as u32).collect();
+            parallel::install(|| {
+                (0..n)
+                    .into_par_iter()
+                    .filter(|&g| usable(g))
+                    .map_init(Vec::new, |buf, g| prefix(&sets[g], &freq, t, buf).iter().map(|&l| by_label[l as usize].len() as u64).sum::<u64>())
+                    .sum()
+            })
+        })
+        .collect();
+    let fam = family.unwrap_or(if costs[1] < costs[0] { 1 } else { 0 });
+    let (sets, by_label) = families[fam];
+    let freq: Vec<u32> = by_label.iter().map(|p| p.len() as u32).collect();
+    let sigs: Vec<Sig> = parallel::install(|| (0..n).into_par_iter().map(|g| Sig::new(&ix.act_sets[g], &ix.ctx_sets[g])).collect());
+    let max_size = sigs.iter().map(|s| s.n_act.max(s.n_ctx) as usize).max().unwrap_or(0);
+    // need[s] = least intersection that reaches t against a smaller set of size s.
+    let need: Vec<u32> = (0..=max_size).map(|s| if s == 0 { u32::MAX } else { min_overlap(s, t) as u32 }).collect();
+    let by_act = fam == 0;
+    let size = |sig: &Sig| if by_act { sig.n_act } else { sig.n_ctx };
     let found: Vec<(bool, Pair)> = parallel::install(|| {
         (0..n)
             .into_par_iter()
             .map_init(
-                || (vec![u32::MAX; n], Vec::new()),
-                |(seen, prefix), i| {
+                || (vec![u32::MAX; n], Vec::new(), Vec::new(), Vec::new()),
+                |(seen, buf, act_bits, ctx_bits), i| {
                     let mut out = Vec::new();
-                    let s = ix.act_sets[i].len();
-                    if s == 0 || ix.ctx_sets[i].is_empty() {
+                    let si = sigs[i];
+                    if si.n_act == 0 || si.n_ctx == 0 {
                         return out;
                     }
-                    prefix.clear();
-                    prefix.extend_from_slice(&ix.act_sets[i]);
-                    prefix.sort_unstable_by_key(|&l| (freq[l as usize], l));
-                    let m = min_overlap(s, t);
-                    if m == 0 || m > s {
-                        return out;
-                    }
-                    for &l in &prefix[..s - m + 1] {
-                        for &j in &ix.act_by_label[l as usize] {
+                    act_bits.clear();
+                    act_bits.extend(ix.act_sets[i].iter().map(|&l| Sig::bit(l, 64)));
+                    ctx_bits.clear();
+                    ctx_bits.extend(ix.ctx_sets[i].iter().map(|&l| Sig::bit(l, 256)));
+                    let order_i = (size(&si), i);
+                    for &l in prefix(&sets[i], &freq, t, buf) {
+                        for &j in &by_label[l as usize] {
                             let j = j as usize;
-                            if order(j) <= order(i) || seen[j] == i as u32 || ix.ctx_sets[j].is_empty() {
+                            let sj = &sigs[j];
+                            if (size(sj), j) <= order_i || seen[j] == i as u32 || sj.n_act == 0 || sj.n_ctx == 0 {
                                 continue;
                             }
                             seen[j] = i as u32;
+                            // Signature test: labels of i whose bit is absent from j's signature
+                            // are surely not in j, so the bit count bounds the intersection.
+                            let act_present = act_bits.iter().filter(|&&(w, m)| sj.act[w] & m != 0).count() as u32;
+                            if act_present < need[si.n_act.min(sj.n_act) as usize] {
+                                continue;
+                            }
+                            let ctx_present = ctx_bits.iter().filter(|&&(w, m)| sj.ctx[w] & m != 0).count() as u32;
+                            if ctx_present < need[si.n_ctx.min(sj.n_ctx) as usize] {
+                                continue;
+                            }
                             if let Some((similar, pa, pc)) = classify(ix, i, j, t) {
                                 let (a, b) = if similar {
                                     if ix.keys[i] < ix.keys[j] {
@@ -139,8 +222,8 @@ pub fn all_pairs(ix: &StoreIndex, t: f32) -> (Vec<Pair>, Vec<Pair>) {
             .collect()
     });
     let (mut sim, mut sub): (Vec<_>, Vec<_>) = found.into_iter().partition(|(s, _)| *s);
-    sim.sort_by(|x, y| (x.1.a, x.1.b).cmp(&(y.1.a, y.1.b)));
-    sub.sort_by(|x, y| (x.1.a, x.1.b).cmp(&(y.1.a, y.1.b)));
+    sim.sort_by_key(|x| (x.1.a, x.1.b));
+    sub.sort_by_key(|x| (x.1.a, x.1.b));
     (sim.into_iter().map(|x| x.1).collect(), sub.into_iter().map(|x| x.1).collect())
 }
 
@@ -196,8 +279,8 @@ pub fn all_pairs_brute(ix: &StoreIndex, t: f32) -> (Vec<Pair>, Vec<Pair>) {
             }
         }
     }
-    sim.sort_by(|x, y| (x.a, x.b).cmp(&(y.a, y.b)));
-    sub.sort_by(|x, y| (x.a, x.b).cmp(&(y.a, y.b)));
+    sim.sort_by_key(|x| (x.a, x.b));
+    sub.sort_by_key(|x| (x.a, x.b));
     (sim, sub)
 }
 
@@ -257,7 +340,9 @@ mod tests {
         #[test]
         fn pairs_equal_brute_force(gs in arb_graphs(), t in prop_oneof![Just(0.9f32), Just(0.5), Just(1.0), 0.05f32..1.0]) {
             let ix = StoreIndex::build(gs.iter().map(|g| (g.key(), g)));
-            prop_assert_eq!(all_pairs(&ix, t), all_pairs_brute(&ix, t));
+            let want = all_pairs_brute(&ix, t);
+            prop_assert_eq!(all_pairs_by(&ix, t, Some(0)), want.clone());
+            prop_assert_eq!(all_pairs_by(&ix, t, Some(1)), want);
         }
 
         #[test]

@@ -21,11 +21,14 @@ use crate::trie::NeuronGraph;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 
 pub const STORE_MAGIC: &[u8; 8] = b"N2GSTORE";
 pub const STORE_FORMAT_VERSION: u32 = 1;
 const STORE_HEADER_LEN: usize = 40;
+
+/// (similar pairs, subset pairs).
+pub type PairLists = (Vec<Pair>, Vec<Pair>);
 
 /// A stored graph (always finalized) with its flat trie, compiled on first prediction.
 #[derive(Debug)]
@@ -50,6 +53,9 @@ pub struct GraphStore {
     /// Search and similarity index over the current graphs; built on first use, dropped by
     /// every change.
     index: OnceLock<StoreIndex>,
+    /// Last all-pairs result (threshold bits, (similar, subset)): similar_pairs and
+    /// subset_pairs come from one join, so asking for both costs one.
+    pairs_cache: Mutex<Option<(u32, Arc<PairLists>)>>,
 }
 
 impl GraphStore {
@@ -74,13 +80,19 @@ impl GraphStore {
     }
 
     /// Adds (or replaces) the graph under its own (layer, neuron); it is finalized.
-    pub fn insert(&mut self, graph: NeuronGraph) {
+    /// Drops everything derived from the set of graphs.
+    fn changed(&mut self) {
         self.index = OnceLock::new();
+        *self.pairs_cache.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    pub fn insert(&mut self, graph: NeuronGraph) {
+        self.changed();
         self.graphs.insert(graph.key(), StoredGraph::new(graph));
     }
 
     pub fn extend(&mut self, graphs: Vec<NeuronGraph>) {
-        self.index = OnceLock::new();
+        self.changed();
         for g in graphs {
             self.graphs.insert(g.key(), StoredGraph::new(g));
         }
@@ -88,7 +100,7 @@ impl GraphStore {
 
     pub fn remove(&mut self, key: Key) -> Result<NeuronGraph> {
         let g = self.graphs.remove(&key).ok_or(N2GError::UnknownKey { layer: key.0, neuron: key.1 })?;
-        self.index = OnceLock::new();
+        self.changed();
         Ok(g.graph)
     }
 
@@ -252,7 +264,7 @@ impl GraphStore {
                 })
                 .collect()
         });
-        // 2. Bucket by graph (counting sort), walk in parallel.
+        // 2. Bucket by graph (counting sort), then walk graph by graph in parallel.
         let mut start = vec![0u32; graphs.len() + 1];
         for m in &matches {
             start[m.slot as usize + 1] += 1;
@@ -266,38 +278,38 @@ impl GraphStore {
             by_graph[fill[m.slot as usize] as usize] = m;
             fill[m.slot as usize] += 1;
         }
-        let hits: Vec<(usize, f32)> = parallel::install(|| {
-            by_graph
-                .par_chunks(2048)
-                .flat_map_iter(|chunk| {
-                    let (mut stack, mut roots) = (Vec::new(), Vec::new());
-                    chunk
-                        .iter()
-                        .filter_map(|m| {
-                            let (s, i) = (m.seq as usize, m.pos as usize);
-                            let seq = &ids[s * tokens..(s + 1) * tokens];
-                            let ct = graphs[m.slot as usize];
-                            let (_, end) = table.range(seq[i]);
-                            roots.clear();
-                            let mut e = m.entry as usize;
-                            while e < end && table.slot[e] == m.slot {
-                                roots.push(table.node[e]);
-                                e += 1;
+        // Each graph's output block [n_seq, tokens] is written by the task walking that graph's
+        // matches, so first touches of the (lazily zeroed) output pages are spread over cores.
+        let block = n_seq * tokens;
+        parallel::install(|| {
+            out.par_chunks_mut(block).enumerate().for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(stack, roots), (slot, o)| {
+                    let ct = graphs[slot];
+                    for m in &by_graph[start[slot] as usize..start[slot + 1] as usize] {
+                        let (s, i) = (m.seq as usize, m.pos as usize);
+                        let seq = &ids[s * tokens..(s + 1) * tokens];
+                        let v = match sem {
+                            // Greedy starts from the graph's first matching root only.
+                            Semantics::GreedyDeepest => ct.greedy_from(table.node[m.entry as usize], seq, i),
+                            Semantics::AllPathsMax => {
+                                let (_, end) = table.range(seq[i]);
+                                roots.clear();
+                                let mut e = m.entry as usize;
+                                while e < end && table.slot[e] == m.slot {
+                                    roots.push(table.node[e]);
+                                    e += 1;
+                                }
+                                ct.all_paths_from(roots, seq, i, stack)
                             }
-                            let v = match sem {
-                                Semantics::GreedyDeepest => ct.greedy_from(roots[0], seq, i),
-                                Semantics::AllPathsMax => ct.all_paths_from(&roots, seq, i, &mut stack),
-                            };
-                            (v != 0.0).then(|| ((m.slot as usize * n_seq + s) * tokens + i, v))
-                        })
-                        .collect::<Vec<_>>()
-                })
-                .collect()
+                        };
+                        if v != 0.0 {
+                            o[s * tokens + i] = v;
+                        }
+                    }
+                },
+            )
         });
-        // 3. Scatter.
-        for (at, v) in hits {
-            out[at] = v;
-        }
         Ok(())
     }
 
@@ -315,10 +327,18 @@ impl GraphStore {
         self.index().in_context()
     }
 
-    /// (similar pairs, subset pairs); see `similarity`.
-    pub fn pairs(&self, threshold: f64) -> Result<(Vec<Pair>, Vec<Pair>)> {
+    /// (similar pairs, subset pairs); see `similarity`. The last result is cached.
+    pub fn pairs(&self, threshold: f64) -> Result<Arc<PairLists>> {
         let t = similarity::check_threshold(threshold)?;
-        Ok(similarity::all_pairs(self.index(), t))
+        if let Some((bits, res)) = self.pairs_cache.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            if *bits == t.to_bits() {
+                return Ok(res.clone());
+            }
+        }
+        // Computed outside the lock: concurrent callers may both compute, none waits.
+        let res = Arc::new(similarity::all_pairs(self.index(), t));
+        *self.pairs_cache.lock().unwrap_or_else(|e| e.into_inner()) = Some((t.to_bits(), res.clone()));
+        Ok(res)
     }
 
     pub fn neighbours(&self, key: Key, k: usize) -> Result<Vec<(Key, f32, f32, f32)>> {

@@ -190,7 +190,9 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn brute(n: usize, k: usize, batches: &[(Vec<f32>, usize, usize, Vec<i64>, Option<Vec<bool>>)]) -> (Vec<i64>, Vec<f32>, Vec<f32>) {
+    type TestBatch = (Vec<f32>, usize, usize, Vec<i64>, Option<Vec<bool>>);
+
+    fn brute(n: usize, k: usize, batches: &[TestBatch]) -> (Vec<i64>, Vec<f32>, Vec<f32>) {
         let mut ids = Vec::new();
         let mut scores = Vec::new();
         let mut amax = vec![f32::NEG_INFINITY; n];
@@ -199,7 +201,7 @@ mod tests {
             for (acts, b, t, wid, mask) in batches {
                 for w in 0..*b {
                     let vals: Vec<f32> = (0..*t)
-                        .filter(|&tok| mask.as_ref().map_or(true, |m| m[w * t + tok]))
+                        .filter(|&tok| mask.as_ref().is_none_or(|m| m[w * t + tok]))
                         .map(|tok| acts[(w * t + tok) * n + j])
                         .collect();
                     if let Some(m) = vals.iter().copied().reduce(f32::max) {

@@ -11,7 +11,8 @@
 //! a deep path cannot overflow the stack.
 
 use crate::error::{invalid, Result};
-use std::sync::Arc;
+use smallvec::SmallVec;
+use smol_str::SmolStr;
 
 /// Label of IGNORE nodes in exports (JSON, DOT). An IGNORE node is told apart by
 /// [`Label::Ignore`], never by this string, so a real token spelled `<IGNORE>` stays distinct.
@@ -23,14 +24,20 @@ pub const IGNORE_LABEL: &str = "<IGNORE>";
 pub const MAX_PATH_NODES: usize = 2048;
 
 pub type NodeId = u32;
+/// Token-id set of a node: inline up to 4 ids (a label rarely has more), so nodes need no
+/// allocation of their own; graphs of a 46k-neuron store decode without millions of mallocs.
+pub type Ids = SmallVec<[u32; 4]>;
+/// Children of a node, inline up to 4.
+pub type Children = SmallVec<[NodeId; 4]>;
 pub const ROOT: NodeId = 0;
 
 /// A node's key among its siblings. The derived order (every token before IGNORE, tokens by
 /// label) is the order children are kept in, so exports and predictions are deterministic.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Label {
-    /// Shared string: decoders hand one allocation per distinct label to every node using it.
-    Token(Arc<str>),
+    /// Inline up to 23 bytes (nearly every token), so building and decoding tries does not
+    /// allocate per label.
+    Token(SmolStr),
     Ignore,
 }
 
@@ -51,19 +58,23 @@ impl Label {
 pub struct Node {
     pub label: Label,
     /// Every vocabulary id whose normalised label is `label`; sorted, unique. Empty for IGNORE.
-    pub token_ids: Vec<u32>,
+    pub token_ids: Ids,
     /// Activation for activating nodes (depth 0), importance for context nodes, 0 for IGNORE.
     /// The maximum of every value inserted at this node.
     pub value: f32,
     /// END value (max of those inserted) when a path closes at this node.
     pub end: Option<f32>,
     /// Sorted by `label`, labels unique.
-    pub children: Vec<NodeId>,
+    pub children: Children,
 }
 
 impl Node {
-    fn new(label: Label, token_ids: Vec<u32>, value: f32, end: Option<f32>) -> Self {
-        Node { label, token_ids, value, end, children: Vec::new() }
+    pub(crate) fn new(label: Label, token_ids: Ids, value: f32, end: Option<f32>) -> Self {
+        Node { label, token_ids, value, end, children: Children::new() }
+    }
+    /// The node the arena keeps at index 0.
+    pub(crate) fn root() -> Self {
+        Node::new(Label::Token(SmolStr::default()), Ids::new(), 0.0, None)
     }
 }
 
@@ -97,8 +108,8 @@ fn check_finite(what: &str, v: f64) -> Result<()> {
 }
 
 /// Sorted union of two sorted unique id lists.
-fn union_sorted(a: &[u32], b: &[u32]) -> Vec<u32> {
-    let mut out = Vec::with_capacity(a.len() + b.len());
+fn union_sorted(a: &[u32], b: &[u32]) -> Ids {
+    let mut out = Ids::with_capacity(a.len() + b.len());
     let (mut i, mut j) = (0, 0);
     while i < a.len() && j < b.len() {
         match a[i].cmp(&b[j]) {
@@ -122,7 +133,8 @@ fn union_sorted(a: &[u32], b: &[u32]) -> Vec<u32> {
     out
 }
 
-pub(crate) fn sorted_unique(mut ids: Vec<u32>) -> Vec<u32> {
+pub(crate) fn sorted_unique(ids: &[u32]) -> Ids {
+    let mut ids = Ids::from_slice(ids);
     ids.sort_unstable();
     ids.dedup();
     ids
@@ -145,7 +157,7 @@ impl NeuronGraph {
             neuron,
             hook,
             max_activation,
-            nodes: vec![Node::new(Label::Token(Arc::from("")), Vec::new(), 0.0, None)],
+            nodes: vec![Node::root()],
             finalized: true,
         })
     }
@@ -165,6 +177,19 @@ impl NeuronGraph {
         let g = NeuronGraph { model, layer, neuron, hook, max_activation, nodes, finalized };
         g.validate()?;
         Ok(g)
+    }
+
+    /// For decoders that checked every invariant of [`NeuronGraph::validate`] themselves.
+    pub(crate) fn from_checked_nodes(
+        model: String,
+        layer: u32,
+        neuron: u32,
+        hook: String,
+        max_activation: f64,
+        nodes: Vec<Node>,
+        finalized: bool,
+    ) -> Self {
+        NeuronGraph { model, layer, neuron, hook, max_activation, nodes, finalized }
     }
 
     pub fn key(&self) -> (u32, u32) {
@@ -236,7 +261,7 @@ impl NeuronGraph {
             }
             Err(pos) => {
                 let id = self.nodes.len() as NodeId;
-                self.nodes.push(Node::new(label.clone(), ids.to_vec(), value, end));
+                self.nodes.push(Node::new(label.clone(), Ids::from_slice(ids), value, end));
                 self.nodes[parent as usize].children.insert(pos, id);
                 id
             }
@@ -262,13 +287,13 @@ impl NeuronGraph {
             }
         }
         self.finalized = false;
-        let ids = sorted_unique(activating.token_ids.clone());
-        let mut cur = self.upsert_child(ROOT, &Label::Token(Arc::from(activating.label.as_str())), &ids, activating.value, None);
+        let ids = sorted_unique(&activating.token_ids);
+        let mut cur = self.upsert_child(ROOT, &Label::Token(SmolStr::new(&activating.label)), &ids, activating.value, None);
         for e in &context[..kept] {
             cur = match e {
                 Some(e) => {
-                    let ids = sorted_unique(e.token_ids.clone());
-                    self.upsert_child(cur, &Label::Token(Arc::from(e.label.as_str())), &ids, e.value, None)
+                    let ids = sorted_unique(&e.token_ids);
+                    self.upsert_child(cur, &Label::Token(SmolStr::new(&e.label)), &ids, e.value, None)
                 }
                 None => self.upsert_child(cur, &Label::Ignore, &[], 0.0, None),
             };
@@ -299,6 +324,7 @@ impl NeuronGraph {
     ///    G's children (C's own END is not copied: G means "any token", C's END needs C);
     /// 2. each such C that holds no END is dropped (its sub-paths now live under G, and IGNORE
     ///    matches C's token too); C with an END is kept, subtree and all.
+    ///
     /// Then the children of N (G included, with what was merged in) are visited in turn. The
     /// arena is compacted afterwards. The result is a fixed point (finalizing again changes
     /// nothing: property-tested), and a flag makes a repeated call free.
@@ -308,7 +334,7 @@ impl NeuronGraph {
         }
         let mut stack = vec![ROOT];
         while let Some(n) = stack.pop() {
-            let children = self.nodes[n as usize].children.clone();
+            let children: Vec<NodeId> = self.nodes[n as usize].children.to_vec();
             if let Some(&g) = children.last().filter(|&&c| self.nodes[c as usize].label.is_ignore()) {
                 for &c in &children[..children.len() - 1] {
                     for i in 0..self.nodes[c as usize].children.len() {
@@ -317,8 +343,8 @@ impl NeuronGraph {
                     }
                 }
                 let nodes = &self.nodes;
-                let mut kept = children.clone();
-                kept.retain(|&c| c == g || nodes[c as usize].end.is_some());
+                let mut kept: Children = children.iter().copied().collect();
+                kept.retain(|c| *c == g || nodes[*c as usize].end.is_some());
                 self.nodes[n as usize].children = kept;
             }
             stack.extend(self.nodes[n as usize].children.iter().copied());
@@ -473,9 +499,9 @@ pub(crate) mod tests {
         g.add_path(&tok("the", &[5], 0.7), &[ctx("of", &[7], 0.95)], 0.5).unwrap();
         assert_eq!(g.n_nodes(), 2);
         let r = g.node(g.roots()[0]);
-        assert_eq!((r.token_ids.clone(), r.value), (vec![5, 9], 0.9));
+        assert_eq!((r.token_ids.to_vec(), r.value), (vec![5, 9], 0.9));
         let c = g.node(r.children[0]);
-        assert_eq!((c.token_ids.clone(), c.value, c.end), (vec![7, 8], 0.95, Some(0.9)));
+        assert_eq!((c.token_ids.to_vec(), c.value, c.end), (vec![7, 8], 0.95, Some(0.9)));
     }
 
     #[test]
@@ -510,7 +536,7 @@ pub(crate) mod tests {
         );
         let ig = g.node(g.node(g.roots()[0]).children[1]);
         let y = g.node(ig.children[1]);
-        assert_eq!((y.token_ids.clone(), y.value), (vec![3, 6], 0.8));
+        assert_eq!((y.token_ids.to_vec(), y.value), (vec![3, 6], 0.8));
         let before = g.clone();
         g.finalized = false;
         g.finalize();

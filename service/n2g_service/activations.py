@@ -99,6 +99,36 @@ def next_token_logits(
     return logits.float(), store.get("acts")
 
 
+def logits_at(
+    model: LoadedModel,
+    tokens: torch.Tensor | np.ndarray,
+    rows: Sequence[int],
+    positions: Sequence[int],
+) -> torch.Tensor:
+    """Logits ``[len(rows), d_vocab]`` at (rows[j], positions[j]) only.
+
+    The forward pass stops at the final norm's output; the unembedding runs on the rows asked
+    alone (the full ``[batch, tokens, d_vocab]`` logits are never built).
+    """
+    toks = _as_tokens(model, tokens)
+    store: dict[str, torch.Tensor] = {}
+
+    def hook_fn(act: torch.Tensor, hook=None) -> None:
+        store["h"] = act.detach()
+        raise _StopForward
+
+    with torch.no_grad():
+        try:
+            model.bridge.run_with_hooks(toks, fwd_hooks=[("ln_final.hook_out", hook_fn)], return_type=None)
+        except _StopForward:
+            pass
+        r = torch.as_tensor(list(rows), dtype=torch.long, device=toks.device)
+        p = torch.as_tensor(list(positions), dtype=torch.long, device=toks.device)
+        if "h" not in store:  # no final-norm hook: full logits
+            return model.bridge(toks)[r, p].float()
+        return model.bridge.unembed(store["h"][r, p]).float()
+
+
 class ActivationRunner:
     """Runs many (token sequence, neuron) jobs of one layer in few, full forward passes.
 

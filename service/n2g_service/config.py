@@ -75,6 +75,9 @@ class FitConfig(_Config):
     augment_importance: float = 0.8
     n_substitutes: int = 5  # per proposer and important position
     augment_positive: float = 0.5  # positive if pivot act >= this x original
+    # also substitute the pivot itself when alpha[e, e] >= augment_importance (the method doc
+    # augments context positions k < e only; this is an option, off by default)
+    augment_pivot: bool = False
     proposers: tuple[str, ...] = ("model", "embedding")
     mlm_name: str | None = None  # Hugging Face fill-mask model (adds the "mlm" proposer)
     # saliency (section 3): "pad" (the reference), "bos", "eos", "unk", "id:<int>" or a text that

@@ -53,6 +53,8 @@ fn element(obj: &Bound<'_, PyAny>, what: &str, value_name: &str) -> PyResult<Ele
     Ok(Element { label, token_ids: ids, value: value as f32 })
 }
 
+// `to_*` take `&mut self`: reading the trie finalizes it first (the documented contract).
+#[allow(clippy::wrong_self_convention)]
 #[pymethods]
 impl PyNeuronGraph {
     #[new]

@@ -52,8 +52,8 @@ fn keys(obj: &Bound<'_, PyAny>) -> PyResult<Vec<Key>> {
 
 type PairOut = ((u32, u32), (u32, u32), f32, f32);
 
-fn pairs_out(p: Vec<Pair>) -> Vec<PairOut> {
-    p.into_iter().map(|p| (p.a, p.b, p.activating, p.context)).collect()
+fn pairs_out(p: &[Pair]) -> Vec<PairOut> {
+    p.iter().map(|p| (p.a, p.b, p.activating, p.context)).collect()
 }
 
 fn blobs(obj: &Bound<'_, PyAny>) -> PyResult<Vec<PyBackedBytes>> {
@@ -228,14 +228,14 @@ impl PyGraphStore {
     /// `[(key_a, key_b, activating_overlap, context_overlap)]`, key_a < key_b, overlaps by max.
     #[pyo3(signature = (threshold = 0.9))]
     fn similar_pairs(&self, py: Python<'_>, threshold: f64) -> PyResult<Vec<PairOut>> {
-        Ok(pairs_out(py.detach(|| self.read().pairs(threshold))?.0))
+        Ok(pairs_out(&py.detach(|| self.read().pairs(threshold))?.0))
     }
 
     /// `[(subset_key, superset_key, activating_overlap, context_overlap)]`, overlaps by min;
     /// pairs that are similar are not repeated here.
     #[pyo3(signature = (threshold = 0.9))]
     fn subset_pairs(&self, py: Python<'_>, threshold: f64) -> PyResult<Vec<PairOut>> {
-        Ok(pairs_out(py.detach(|| self.read().pairs(threshold))?.1))
+        Ok(pairs_out(&py.detach(|| self.read().pairs(threshold))?.1))
     }
 
     /// Up to k graphs sharing a label with `key`'s graph: `[(key, score, activating_overlap,

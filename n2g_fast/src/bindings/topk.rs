@@ -7,6 +7,9 @@ use numpy::{PyArray1, PyArray2, PyArray3, PyArrayMethods, PyUntypedArray, PyUnty
 use pyo3::prelude::*;
 use std::borrow::Cow;
 
+/// (window ids, scores), both [n_neurons, k].
+type TopArrays<'py> = (Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<f32>>);
+
 #[pyclass(name = "TopK", module = "n2g_fast")]
 pub struct PyTopK {
     inner: TopK,
@@ -96,7 +99,7 @@ impl PyTopK {
     }
 
     /// `(window_ids [n_neurons, k] int64, scores [n_neurons, k] float32)`, best first.
-    fn top<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<f32>>)> {
+    fn top<'py>(&self, py: Python<'py>) -> PyResult<TopArrays<'py>> {
         let (ids, scores) = self.inner.top();
         let shape = [self.inner.n_neurons(), self.inner.k()];
         Ok((PyArray1::from_slice(py, ids).reshape(shape)?, PyArray1::from_slice(py, scores).reshape(shape)?))

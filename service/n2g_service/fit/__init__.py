@@ -23,6 +23,9 @@ Decisions (where the method leaves room):
   their pivot activation with the pruned prompt's;
 - negatives go to graph building like positives (method doc): only their tokens still above the
   activation threshold make paths, so in practice they add paths only for other firing tokens;
+- in an augmented prompt, the tokens before the substituted position are the parent's (causal
+  model: same activations, same saliency), so their paths would only repeat the parent's; paths
+  (and the saliency they need) are made for the firing tokens from the substituted position on;
 - an example whose scaled pivot does not fire (a weak top-k window) makes no paths and is not
   augmented; an example with no positive activation is not pruned;
 - ``stats["seconds"]`` is the wall time of the call divided by the number of neurons (work is
@@ -161,7 +164,9 @@ def fit_neurons(
         e.alpha = alpha
         piv_fires = e.acts[e.pruned.pivot] / a_max[e.neuron] * e.pruned.scale > cfg.activation_threshold
         if piv_fires:
-            e.important = important_positions(alpha, e.pruned.pivot, cfg.augment_importance)
+            e.important = important_positions(
+                alpha, e.pruned.pivot, cfg.augment_importance, cfg.augment_pivot
+            )
     bar.update()
 
     # 4. augmentation --------------------------------------------------------------------------
@@ -171,7 +176,7 @@ def fit_neurons(
     if requests and n_sub > 0:
         req_tokens = [(examples[ei].pruned.tokens, k) for ei, k in requests]
         if "model" in cfg.proposers:
-            proposals["model"] = propose_model(model, req_tokens, n_sub, min(cfg.batch_tokens, 512))
+            proposals["model"] = propose_model(model, req_tokens, n_sub, cfg.batch_tokens)
         if "embedding" in cfg.proposers:
             originals_ids = [examples[ei].pruned.tokens[k] for ei, k in requests]
             proposals["embedding"] = propose_embedding(model, originals_ids, n_sub)
@@ -205,7 +210,9 @@ def fit_neurons(
     for ai, a in enumerate(augmented):
         parent = examples[a.parent]
         norm = a.acts / a_max[a.neuron] * parent.pruned.scale
-        fire = firing_positions(norm, cfg.activation_threshold)
+        # tokens before the substituted position are the parent's, with the parent's activations
+        # and saliency: their paths would repeat the parent's, so only positions >= it count
+        fire = [i for i in firing_positions(norm, cfg.activation_threshold) if i >= a.position]
         if fire:
             sal_items.append((a.tokens, a.neuron, a.acts, max(fire)))
             sal_owner.append(ai)
@@ -238,7 +245,7 @@ def fit_neurons(
             for activating, context, end in build_paths(
                 model, a.tokens, norm, a.alpha, cfg,
                 inherited_alpha=parent.alpha, inherited_positions=parent.important,
-                pivot=parent.pruned.pivot,
+                pivot=parent.pruned.pivot, start=a.position,
             ):
                 graph.add_path(activating, context, end)
                 n_added += 1

@@ -25,13 +25,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..activations import next_token_logits
+from ..activations import logits_at
 from ..models import LoadedModel
 
 
-def important_positions(alpha: np.ndarray, pivot: int, threshold: float = 0.8) -> list[int]:
-    """Positions k in 1..pivot-1 with alpha[k, pivot] >= threshold."""
-    return [k for k in range(1, pivot) if float(alpha[k, pivot]) >= threshold]
+def important_positions(
+    alpha: np.ndarray, pivot: int, threshold: float = 0.8, include_pivot: bool = False
+) -> list[int]:
+    """Positions k in 1..pivot-1 (1..pivot with ``include_pivot``) with alpha[k, pivot] >= threshold."""
+    last = pivot + 1 if include_pivot else pivot
+    return [k for k in range(1, last) if float(alpha[k, pivot]) >= threshold]
 
 
 def _excluded(model: LoadedModel, original: int) -> set[int]:
@@ -56,42 +59,49 @@ def propose_model(
     model: LoadedModel,
     requests: Sequence[tuple[Sequence[int], int]],
     n: int,
-    batch_tokens: int = 512,
+    batch_tokens: int = 4096,
 ) -> list[list[int]]:
-    """For each (prompt, position k): up to n tokens the model predicts at k from prompt[:k]."""
+    """For each (prompt, position k): up to n tokens the model predicts at k from prompt[:k].
+
+    The logits at k-1 depend on prompt[:k] only, so each distinct prompt runs once, cut after its
+    last position asked, and only the rows asked are unembedded (:func:`logits_at`).
+    """
     if not requests or n <= 0:
         return [[] for _ in requests]
-    # one forward per distinct prompt; gather the rows asked of it
-    prompts: dict[tuple[int, ...], int] = {}
-    plist: list[tuple[int, ...]] = []
-    for toks, _ in requests:
+    prefixes: dict[tuple[int, ...], int] = {}  # prompt -> longest prefix needed
+    for toks, k in requests:
         key = tuple(int(t) for t in toks)
-        if key not in prompts:
-            prompts[key] = len(plist)
-            plist.append(key)
+        prefixes[key] = max(prefixes.get(key, 0), int(k))
+    plist = sorted(prefixes, key=lambda key: prefixes[key])
     extra = n + 8 + len(model.special_ids())
-    ranked: dict[tuple[int, int], list[int]] = {}
-    order = sorted(range(len(plist)), key=lambda i: len(plist[i]))
+    ranked: dict[tuple[tuple[int, ...], int], list[int]] = {}
+    asked: dict[tuple[int, ...], set[int]] = {}
+    for toks, k in requests:
+        asked.setdefault(tuple(int(t) for t in toks), set()).add(int(k) - 1)
     i = 0
-    while i < len(order):
+    while i < len(plist):
         j = i + 1
-        while j < len(order) and (j + 1 - i) * len(plist[order[j]]) <= batch_tokens:
+        while j < len(plist) and (j + 1 - i) * prefixes[plist[j]] <= batch_tokens:
             j += 1
-        chunk = order[i:j]
-        t_max = len(plist[chunk[-1]])
+        chunk = plist[i:j]
+        t_max = prefixes[chunk[-1]]
         batch = np.full((len(chunk), t_max), model.pad_id, dtype=np.int64)
-        for r, p in enumerate(chunk):
-            batch[r, : len(plist[p])] = plist[p]
-        logits, _ = next_token_logits(model, torch.from_numpy(batch))
+        rows, positions, keys = [], [], []
+        for r, key in enumerate(chunk):
+            batch[r, : prefixes[key]] = key[: prefixes[key]]
+            for pos in sorted(asked[key]):
+                rows.append(r)
+                positions.append(pos)
+                keys.append((key, pos))
+        logits = logits_at(model, torch.from_numpy(batch), rows, positions)
         top = torch.topk(logits, k=min(extra + 64, logits.shape[-1]), dim=-1).indices.cpu().numpy()
-        for r, p in enumerate(chunk):
-            for pos in range(len(plist[p])):
-                ranked[(p, pos)] = top[r, pos].tolist()
+        for key_pos, row in zip(keys, top):
+            ranked[key_pos] = row.tolist()
         i = j
     out = []
     for toks, k in requests:
-        p = prompts[tuple(int(t) for t in toks)]
-        out.append(_take(ranked[(p, int(k) - 1)], _excluded(model, int(toks[k])), n))
+        key = tuple(int(t) for t in toks)
+        out.append(_take(ranked[(key, int(k) - 1)], _excluded(model, int(toks[k])), n))
     return out
 
 

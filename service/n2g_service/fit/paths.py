@@ -42,13 +42,17 @@ def build_paths(
     inherited_alpha: np.ndarray | None = None,
     inherited_positions: Sequence[int] = (),
     pivot: int | None = None,
+    start: int = 1,
 ) -> list[Path]:
-    """The paths of one example (``norm_acts`` = activation / a_max x scale)."""
+    """The paths of one example (``norm_acts`` = activation / a_max x scale), for the firing tokens
+    at positions >= ``start``."""
     labels = model.token_labels()
     tau = cfg.importance_threshold
     inherited = set(int(p) for p in inherited_positions)
     paths: list[Path] = []
     for i in firing_positions(norm_acts, cfg.activation_threshold):
+        if i < start:
+            continue
         elems: list = []
         last_ctx = -1
         for j in range(i - 1, 0, -1):
