@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import pick_neurons
-from n2g_service.activations import ActivationRunner, layer_activations, neuron_activations
+from n2g_service.activations import ActivationRunner, neuron_activations
 from n2g_service.config import FitConfig, ScanConfig
 from n2g_service.fit import fit_neurons
 from n2g_service.fit.augment import important_positions, propose_embedding, propose_model

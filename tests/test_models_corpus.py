@@ -20,7 +20,7 @@ def test_config_defaults_and_round_trip():
     assert (f.prune_threshold, f.max_prune_starts, f.prune_batch, f.post_context) == (0.5, 30, 4, 5)
     assert (f.importance_threshold, f.activation_threshold, f.augment_importance) == (0.75, 0.5, 0.8)
     assert (f.n_substitutes, f.augment_positive, f.proposers, f.mlm_name, f.mask_token) == (
-        5, 0.5, ("model", "embedding"), None, "pad")
+        5, 0.5, ("model", "embedding"), None, "auto")
     assert (EvalConfig().n_train, EvalConfig().seed, EvalConfig().fire_threshold) == (10, 0, 0.5)
     for cfg in (ScanConfig(k=3), FitConfig(proposers=("embedding",), mask_token=" the"), EvalConfig(seed=4)):
         d = json.loads(json.dumps(cfg.to_dict()))
@@ -61,6 +61,8 @@ def test_native_model_facts(native_model):
     assert m.label_token_ids("no such label") == []
     assert m.token_id_for("pad") == m.pad_id and m.token_id_for("bos") == m.bos_id
     assert m.token_id_for(" the") == m.encode(" the")[0] and m.token_id_for("id:7") == 7
+    # "auto" picks the plain token " the" when it is a single token of the vocabulary
+    assert m.token_id_for("auto") == m.encode(" the")[0] != m.pad_id
     with pytest.raises(ValueError):
         m.token_id_for(" the cat")
     assert m.pad_id in m.special_ids() and m.bos_id in m.special_ids()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from n2g_service.activations import ActivationRunner, layer_activations, neuron_activations

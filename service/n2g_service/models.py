@@ -138,9 +138,14 @@ class LoadedModel:
         return self._special_ids
 
     def token_id_for(self, spec: str) -> int:
-        """Resolves a token spec: "pad", "bos", "eos", "unk", "id:<n>", or a text that encodes to
+        """Resolves a token spec: "auto" (" the" if it is one plain token, else "pad"), "pad", "bos", "eos", "unk", "id:<n>", or a text that encodes to
         exactly one token (e.g. " the")."""
         tok = self.tokenizer
+        if spec == "auto":
+            ids = self.encode(" the")
+            if len(ids) == 1 and ids[0] not in self.special_ids():
+                return ids[0]
+            spec = "pad"
         named = {
             "pad": self.pad_id,
             "bos": self.bos_id,

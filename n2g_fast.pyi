@@ -1,0 +1,1 @@
+n2g_fast/n2g_fast.pyi
