@@ -41,7 +41,7 @@ $(STAMPS)/pydeps: pyproject.toml | $(VPY) $(STAMPS)
 	touch $@
 
 $(STAMPS)/rust: $(RUST_SRC) $(STAMPS)/pydeps
-	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release --skip-install -q
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release -q
 	touch $@
 
 $(STAMPS)/proto: $(PROTO_SRC) $(STAMPS)/pydeps
