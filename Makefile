@@ -12,7 +12,7 @@ PROTO_SRC := $(wildcard proto/n2g/v1/*.proto)
 DEB_PACKAGES := fortunes chromium
 
 DEMO_WORKSPACE ?= workspaces/demo
-DEMO_ARGS ?= --layers 0 1 --sample 6
+DEMO_ARGS ?= --layers 0 1 3 --sample 16
 
 .PHONY: setup demo test test-rust test-python bench clean proto
 
