@@ -12,14 +12,16 @@ and requests that need no model never wait for it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
+from .jobs import BuildEvent
 from .workspace import JobRecord, Workspace
 
 log = logging.getLogger("n2g.jobs")
@@ -29,16 +31,9 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 @dataclass
 class JobUpdate:
-    """What a watcher receives: a progress step and the job right after it."""
+    """What a watcher receives: a progress event of the build and the job right after it."""
     job: JobRecord
-    stage: str
-    done: int
-    total: int
-    message: str = ""
-    layer: int | None = None
-    neuron: int | None = None
-    elapsed_s: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    event: BuildEvent
 
     @property
     def final(self) -> bool:
@@ -99,7 +94,7 @@ class JobQueue:
             # not running here: queued, left `running` by a crash, or running in another process
             # (whose runner sees the state at its next neuron group and stops)
             self.ws.update_job(job_id, state="cancelled")
-            self._publish(job_id, "cancelled", job.done, job.total, "cancelled")
+            self._publish(job_id, BuildEvent("cancelled", job.done, job.total, "cancelled"))
         return self.ws.get_job(job_id)
 
     def subscribe(self, job_id: str) -> "queue.Queue[JobUpdate]":
@@ -117,14 +112,13 @@ class JobQueue:
                 self._subs.pop(job_id, None)
 
     # -- worker ---------------------------------------------------------------------------------
-    def _publish(self, job_id: str, stage: str, done: int, total: int, message: str = "",
-                 layer: int | None = None, neuron: int | None = None, elapsed_s: float = 0.0) -> None:
+    def _publish(self, job_id: str, event: BuildEvent) -> None:
         with self._lock:
             subs = list(self._subs.get(job_id, ()))
         if not subs:
             return
         job = self.ws.get_job(job_id)
-        update = JobUpdate(job, stage, done, total, message, layer, neuron, elapsed_s)
+        update = JobUpdate(job, event)
         for q in subs:
             q.put(update)
 
@@ -150,11 +144,11 @@ class JobQueue:
             cancel = self._cancel.setdefault(job_id, threading.Event())
         if cancel.is_set():
             self.ws.update_job(job_id, state="cancelled")
-            self._publish(job_id, "cancelled", job.done, job.total, "cancelled before it started")
+            self._publish(job_id, BuildEvent("cancelled", job.done, job.total, "cancelled before it started"))
             return
         self.current = job_id
         self.ws.update_job(job_id, state="running")
-        self._publish(job_id, "state", job.done, job.total, "running")
+        self._publish(job_id, BuildEvent("state", job.done, job.total, "running"))
         t0 = time.perf_counter()
 
         def progress(ev) -> None:
@@ -164,8 +158,7 @@ class JobQueue:
                     cancel.set()
             if ev.stage == "done":  # the final event is sent below, once the state is stored
                 return
-            self._publish(job_id, ev.stage, ev.done, ev.total, ev.message, ev.layer, ev.neuron,
-                          time.perf_counter() - t0)
+            self._publish(job_id, dataclasses.replace(ev, elapsed_s=time.perf_counter() - t0))
 
         try:
             req = BuildRequest.from_dict(job.request)
@@ -178,16 +171,18 @@ class JobQueue:
             self.ws.update_job(job_id, state="cancelled")
             j = self.ws.get_job(job_id)
             log.info("job %s cancelled after %d/%d neurons", job_id, j.done, j.total)
-            self._publish(job_id, "cancelled", j.done, j.total, "cancelled", elapsed_s=time.perf_counter() - t0)
+            self._publish(job_id, BuildEvent("cancelled", j.done, j.total, "cancelled",
+                                             elapsed_s=time.perf_counter() - t0))
         except Exception as e:  # noqa: BLE001 - a failed job is recorded, the server goes on
             log.exception("job %s failed", job_id)
             self.ws.update_job(job_id, state="failed", error=f"{type(e).__name__}: {e}")
             j = self.ws.get_job(job_id)
-            self._publish(job_id, "failed", j.done, j.total, f"{type(e).__name__}: {e}",
-                          elapsed_s=time.perf_counter() - t0)
+            self._publish(job_id, BuildEvent("failed", j.done, j.total, f"{type(e).__name__}: {e}",
+                                             elapsed_s=time.perf_counter() - t0))
         else:
             self.ws.update_job(job_id, state="succeeded")
             self._on_commit(urgent=True)
             j = self.ws.get_job(job_id)
             log.info("job %s succeeded: %d neurons in %.1f s", job_id, j.total, time.perf_counter() - t0)
-            self._publish(job_id, "done", j.done, j.total, "build finished", elapsed_s=time.perf_counter() - t0)
+            self._publish(job_id, BuildEvent("done", j.done, j.total, "build finished",
+                                             elapsed_s=time.perf_counter() - t0))

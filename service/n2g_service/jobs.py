@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ContextManager
 
 import numpy as np
-import torch
 
 from .config import EvalConfig, FitConfig, ScanConfig
 from .workspace import NeuronRecord, Workspace
@@ -149,6 +148,8 @@ def _examples(tokens: np.ndarray, acts: np.ndarray) -> list[dict[str, Any]]:
 def build_group(ws: Workspace, model, layer: int, neurons: list[int], windows: np.ndarray,
                 scan: dict[str, Any], req: BuildRequest, job_id: str | None) -> list[NeuronRecord]:
     """Fits and evaluates a group of neurons of one layer, committing each as it is done."""
+    import torch
+
     from .activations import neuron_activations
     from .evaluate import evaluate_neuron, split_train_test
     from .fit import fit_neurons

@@ -608,10 +608,11 @@ class N2GServicer:
                                           message=f"{now.done}/{now.total} neurons committed")
                     continue
                 last_done = up.job.done
-                ev = pb.JobEvent(job=_job_pb(up.job), stage=up.stage, done=up.done, total=up.total,
-                                 message=up.message, elapsed_s=up.elapsed_s)
-                if up.layer is not None and up.neuron is not None:
-                    ev.last_neuron.CopyFrom(pb.NeuronKey(layer=up.layer, neuron=up.neuron))
+                b = up.event
+                ev = pb.JobEvent(job=_job_pb(up.job), stage=b.stage, done=b.done, total=b.total,
+                                 message=b.message, elapsed_s=b.elapsed_s)
+                if b.layer is not None and b.neuron is not None:
+                    ev.last_neuron.CopyFrom(pb.NeuronKey(layer=b.layer, neuron=b.neuron))
                 yield ev
                 if up.final:
                     return
