@@ -327,7 +327,7 @@ def _build_local(args, config) -> int:
                    corpus=args.corpus or (None if ws_model else DEFAULT_CORPUS), hook=model.hook)
     if ws.corpus is None:
         ws.set_meta("corpus", args.corpus or DEFAULT_CORPUS)
-    from n2g_service.server import record_model_meta
+    from n2g_service.jobs import record_model_meta
 
     record_model_meta(ws, model)
     config = config or {}

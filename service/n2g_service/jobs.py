@@ -9,6 +9,7 @@ built twice. Neurons of one layer are fitted in groups so their forward passes a
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 import uuid
@@ -103,6 +104,16 @@ def plan_neurons(req: BuildRequest, max_activation: dict[int, np.ndarray]) -> li
         chosen = rng.choice(live, size=min(req.sample, live.size), replace=False)
         keys.extend((layer, int(n)) for n in sorted(chosen))
     return keys
+
+
+def record_model_meta(ws: Workspace, model) -> None:
+    """Stores what model-free readers (the report, a server without a model) need: n_layers,
+    d_mlp, d_vocab and (once) the vocabulary's token strings."""
+    for k, v in (("n_layers", model.n_layers), ("d_mlp", model.d_mlp), ("d_vocab", model.d_vocab)):
+        if ws.get_meta(k) != str(v):
+            ws.set_meta(k, str(v))
+    if ws.get_meta("token_strings") is None:
+        ws.set_meta("token_strings", json.dumps(model.token_strings()))
 
 
 def ensure_windows(ws: Workspace, model, cfg: ScanConfig, progress: Callable[[BuildEvent], None]) -> np.ndarray:

@@ -40,6 +40,7 @@ from grpc_reflection.v1alpha import reflection
 from n2g.v1 import n2g_pb2 as pb
 
 from .graphs import DEFAULT_SEMANTICS, SEMANTICS, GraphIndex, Key
+from .jobs import record_model_meta
 from .workspace import JobRecord, Workspace, WorkspaceError
 
 log = logging.getLogger("n2g.server")
@@ -116,15 +117,6 @@ def load_named_model(name: str, device: str | None = None, hook: str | None = No
             kw["d_mlp"] = nums[2]
         return models.native_random_model(device=device or "cpu", hook=hook, **kw)
     return models.load_model(name, device=device, hook=hook)
-
-
-def record_model_meta(ws: Workspace, model) -> None:
-    """Stores n_layers, d_mlp, d_vocab and (once) the vocabulary's token strings in the workspace."""
-    for k, v in (("n_layers", model.n_layers), ("d_mlp", model.d_mlp), ("d_vocab", model.d_vocab)):
-        if ws.get_meta(k) != str(v):
-            ws.set_meta(k, str(v))
-    if ws.get_meta("token_strings") is None:
-        ws.set_meta("token_strings", json.dumps(model.token_strings()))
 
 
 # ---------------------------------------------------------------------------------------------
