@@ -550,11 +550,11 @@ def _delays(retries: int, backoff: float, max_backoff: float) -> Iterator[float]
 # ---------------------------------------------------------------------------------------------
 # The blocking client
 
-class N2GClient:
-    """Blocking client. `target` is host:port; `token` sends `authorization: Bearer <token>`
-    (default: $N2G_TOKEN); `tls=True` or `root_certificates` (PEM bytes or a path) use TLS;
-    `timeout` is the default deadline of a unary call in seconds; `retries`/`backoff` govern
-    retrying while the server is UNAVAILABLE."""
+class _ClientBase:
+    """Settings and channel shared by the blocking and the asyncio client. `target` is host:port;
+    `token` sends `authorization: Bearer <token>` (default: $N2G_TOKEN); `tls=True` or
+    `root_certificates` (PEM bytes or a path) use TLS; `timeout` is the default deadline of a
+    unary call in seconds; `retries`/`backoff` govern retrying while the server is UNAVAILABLE."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None, tls: bool = False,
                  root_certificates: bytes | str | os.PathLike | None = None, tls_server_name: str | None = None,
@@ -567,15 +567,21 @@ class N2GClient:
         self.max_backoff = max_backoff
         token = token if token is not None else os.environ.get("N2G_TOKEN") or None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = self._open(target, tls, root_certificates, tls_server_name, max_message_bytes)
-        self._stub = _pbg.N2GStub(self._channel) if self._channel is not None else None
+        creds = _credentials(tls, root_certificates)
+        opts = _channel_args(max_message_bytes, tls_server_name)
+        channels = self._channels()
+        self._channel = (channels.insecure_channel(target, options=opts) if creds is None
+                         else channels.secure_channel(target, creds, options=opts))
+        self._stub = _pbg.N2GStub(self._channel)
 
-    def _open(self, target, tls, roots, server_name, max_bytes):
-        creds = _credentials(tls, roots)
-        opts = _channel_args(max_bytes, server_name)
-        if creds is None:
-            return grpc.insecure_channel(target, options=opts)
-        return grpc.secure_channel(target, creds, options=opts)
+    @staticmethod
+    def _channels():
+        """The module that opens this client's channels (grpc or grpc.aio)."""
+        return grpc
+
+
+class N2GClient(_ClientBase):
+    """Blocking client (see `_ClientBase` for the connection options)."""
 
     # -- plumbing -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -800,26 +806,13 @@ def _unzip(data: bytes, out_dir) -> Path:
 # ---------------------------------------------------------------------------------------------
 # The asyncio client
 
-class AsyncN2GClient:
+class AsyncN2GClient(_ClientBase):
     """asyncio client with the same methods as `N2GClient` (coroutines; streams are async
     iterators). Create and use it inside a running event loop."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None, tls: bool = False,
-                 root_certificates: bytes | str | os.PathLike | None = None, tls_server_name: str | None = None,
-                 timeout: float = 60.0, retries: int = 5, backoff: float = 0.1, max_backoff: float = 2.0,
-                 max_message_bytes: int = 64 << 20):
-        self.target = target
-        self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-        token = token if token is not None else os.environ.get("N2G_TOKEN") or None
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        creds = _credentials(tls, root_certificates)
-        opts = _channel_args(max_message_bytes, tls_server_name)
-        self._channel = (grpc.aio.insecure_channel(target, options=opts) if creds is None
-                         else grpc.aio.secure_channel(target, creds, options=opts))
-        self._stub = _pbg.N2GStub(self._channel)
+    @staticmethod
+    def _channels():
+        return grpc.aio
 
     async def close(self) -> None:
         await self._channel.close()
