@@ -174,7 +174,7 @@ impl NeuronGraph {
         finalized: bool,
     ) -> Result<Self> {
         check_finite("max_activation", max_activation)?;
-        let g = NeuronGraph { model, layer, neuron, hook, max_activation, nodes, finalized };
+        let g = Self::from_checked_nodes(model, layer, neuron, hook, max_activation, nodes, finalized);
         g.validate()?;
         Ok(g)
     }
