@@ -4,6 +4,7 @@ model (`native:0`) and copied for each test module."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import random
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -155,6 +157,16 @@ class ServerProcess:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"n2g serve not ready after {timeout} s:\n{self.log()[-4000:]}")
                 time.sleep(0.2)
+
+    @contextlib.contextmanager
+    def running(self, **ready_kw) -> Iterator["ServerProcess"]:
+        """Starts the server, waits until it is SERVING, and stops it on the way out."""
+        self.start()
+        try:
+            self.wait_ready(**ready_kw)
+            yield self
+        finally:
+            self.stop()
 
     def log(self) -> str:
         try:

@@ -23,12 +23,8 @@ LIMITS = ["--max-texts", "8", "--max-tokens-per-sequence", "64", "--max-total-to
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ws = native_workspace(tmp_path_factory, "errors")
-    srv = ServerProcess(ws, "--model", NATIVE_MODEL, "--device", "cpu", *LIMITS).start()
-    try:
-        srv.wait_ready()
+    with ServerProcess(ws, "--model", NATIVE_MODEL, "--device", "cpu", *LIMITS).running() as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -194,13 +190,10 @@ def test_unknown_job_through_client(server):
 def secure_server(tmp_path_factory):
     ws = native_workspace(tmp_path_factory, "secure")
     cert, key = self_signed_cert(ws.parent)
-    srv = ServerProcess(ws, "--no-model", "--token", "s3cret", "--tls-cert", str(cert), "--tls-key", str(key)).start()
-    try:
-        srv.wait_ready(root_certificates=cert, tls_server_name="localhost")
+    srv = ServerProcess(ws, "--no-model", "--token", "s3cret", "--tls-cert", str(cert), "--tls-key", str(key))
+    with srv.running(root_certificates=cert, tls_server_name="localhost"):
         srv.cert = cert
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_auth_and_tls(secure_server):

@@ -21,12 +21,8 @@ import grpc
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ws = native_workspace(tmp_path_factory, "rpc")
-    srv = ServerProcess(ws, "--model", NATIVE_MODEL, "--device", "cpu").start()
-    try:
-        srv.wait_ready()
+    with ServerProcess(ws, "--model", NATIVE_MODEL, "--device", "cpu").running() as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
