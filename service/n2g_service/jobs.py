@@ -159,25 +159,23 @@ def _examples(tokens: np.ndarray, acts: np.ndarray) -> list[dict[str, Any]]:
 def build_group(ws: Workspace, model, layer: int, neurons: list[int], windows: np.ndarray,
                 scan: dict[str, Any], req: BuildRequest, job_id: str | None) -> list[NeuronRecord]:
     """Fits and evaluates a group of neurons of one layer, committing each as it is done."""
-    import torch
-
-    from .activations import neuron_activations
+    from .activations import ActivationRunner
     from .evaluate import evaluate_neuron, split_train_test
     from .fit import fit_neurons
 
     t0 = time.perf_counter()
     amax = {n: float(scan["max_activation"][n]) for n in neurons}
     ex_tokens: dict[int, np.ndarray] = {}
-    ex_acts: dict[int, np.ndarray] = {}
     for n in neurons:
         ids = scan["top_window_ids"][n]
-        ids = ids[ids >= 0][: req.scan.k]
-        toks = windows[ids]
-        with torch.no_grad():
-            acts = neuron_activations(model, layer, torch.as_tensor(toks, device=model.device),
-                                      torch.full((len(ids),), n, dtype=torch.long, device=model.device))
-        ex_tokens[n] = toks
-        ex_acts[n] = acts.float().cpu().numpy() / amax[n]
+        ex_tokens[n] = windows[ids[ids >= 0][: req.scan.k]]
+    # True activations of every neuron on its examples: one runner for the group, so windows that
+    # several neurons share run once and the passes are full.
+    seqs = [t for n in neurons for t in ex_tokens[n]]
+    owners = [n for n in neurons for _ in ex_tokens[n]]
+    acts = iter(ActivationRunner(model, layer, req.fit.batch_tokens).run(seqs, owners))
+    ex_acts = {n: np.array([next(acts) for _ in ex_tokens[n]], dtype=np.float32).reshape(ex_tokens[n].shape) / amax[n]
+               for n in neurons}
     splits = {n: split_train_test(len(ex_tokens[n]), req.eval.n_train, req.eval.seed, layer, n) for n in neurons}
     train = {n: [ex_tokens[n][i] for i in splits[n][0]] for n in neurons}
     fitted = fit_neurons(model, layer, neurons, train, amax, req.fit)
