@@ -8,7 +8,8 @@ All functions run under ``torch.no_grad()`` on the model's device and take token
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import contextlib
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -38,23 +39,40 @@ def layer_activations(
 
     One forward pass; it stops inside the hook of the deepest layer asked.
     """
+    return layer_reductions(model, tokens, layers, lambda act: act.detach().float())
+
+
+def layer_reductions(
+    model: LoadedModel,
+    tokens: torch.Tensor | np.ndarray,
+    layers: Iterable[int],
+    reduce: Callable[[torch.Tensor], Any],
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[int, Any]:
+    """``{layer: reduce(activations)}`` for each layer asked, from one forward pass that stops
+    inside the hook of the deepest layer. ``reduce`` runs in the hook, on the model's device, so
+    only what it returns outlives the pass (the scan keeps ``[batch, d_mlp]`` window maxima
+    instead of ``[batch, tokens, d_mlp]``). ``autocast_dtype`` (bf16/fp16) runs the pass under
+    ``torch.autocast``."""
     layers = sorted({int(l) for l in layers})
     if not layers:
         return {}
     toks = _as_tokens(model, tokens)
     deepest = layers[-1]
-    store: dict[int, torch.Tensor] = {}
+    store: dict[int, Any] = {}
 
     def make_hook(layer: int):
         def hook_fn(act: torch.Tensor, hook=None) -> None:
-            store[layer] = act.detach().float()
+            store[layer] = reduce(act)
             if layer == deepest:
                 raise _StopForward
 
         return hook_fn
 
     fwd_hooks = [(model.hook_name(l), make_hook(l)) for l in layers]
-    with torch.no_grad():
+    autocast = (torch.autocast(device_type=toks.device.type, dtype=autocast_dtype)
+                if autocast_dtype is not None else contextlib.nullcontext())
+    with torch.no_grad(), autocast:
         try:
             model.bridge.run_with_hooks(toks, fwd_hooks=fwd_hooks, return_type=None)
         except _StopForward:
@@ -63,6 +81,12 @@ def layer_activations(
     if missing:
         raise RuntimeError(f"hooks of layers {missing} were not called ({model.hook})")
     return store
+
+
+def forward_to_layer(model: LoadedModel, tokens: torch.Tensor | np.ndarray, layer: int) -> None:
+    """A bare forward pass that stops at ``layer``'s neurons and keeps nothing: the throughput
+    limit the scan is measured against."""
+    layer_reductions(model, tokens, [layer], lambda act: None)
 
 
 def neuron_activations(

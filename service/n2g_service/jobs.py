@@ -1,14 +1,21 @@
 """The build runner: corpus -> dataset scan -> per-neuron fit and evaluation -> workspace.
 
-A build is described by a `BuildRequest`. `run_build` is resumable by construction: it skips
-every neuron already committed to the workspace, and commits each neuron as soon as it is built,
-so re-running the same request after a crash (or a SIGKILL) finishes the job with nothing lost or
-built twice. Neurons of one layer are fitted in groups so their forward passes are shared.
+A build is described by a `BuildRequest` and runs as a persisted plan of work units
+(`build.plan`): scan shards (a range of corpus windows, every layer still to scan in one forward
+pass stopping at the deepest) and fit groups (neurons of one layer, fitted together so their
+forward passes are shared). Each unit's result is committed with its `done` mark in one
+transaction, so rerunning the same request after a crash or a SIGKILL runs only the units not
+done: nothing is lost and nothing is built twice. Shard results are partial top-k per layer,
+merged exactly into the layer's scan once every shard is in.
+
+Units run on an executor (`build.executors`): in this process (default) or on Ray actors; the
+driver (this module) is the only writer to the workspace.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import threading
 import time
@@ -18,8 +25,15 @@ from typing import Any, Callable, ContextManager
 
 import numpy as np
 
+from .build.plan import FitGroup, ScanShard, digest, fit_groups, parse_layers, scan_key, shard_ranges
 from .config import EvalConfig, FitConfig, ScanConfig
-from .workspace import NeuronRecord, Workspace
+from .workspace import BuildStore, NeuronRecord, Workspace
+
+EXECUTORS = ("inprocess", "ray")
+PRECISIONS = ("float32", "bfloat16", "float16")
+# fit sizes on a GPU: many more neurons a group and tokens a forward pass than on a CPU
+GPU_GROUP_SIZE = 64
+GPU_BATCH_TOKENS = 65536
 
 
 class BuildCancelled(Exception):
@@ -28,36 +42,56 @@ class BuildCancelled(Exception):
 
 @dataclass
 class BuildRequest:
-    layers: list[int]
+    layers: list[int] | str  # layer ids, or a spec: "all", "0-5", "0,2,4-6" (resolved per model)
     neurons: list[int] | None = None  # the same neuron indices in every layer asked
     sample: int | None = None  # or a seeded random sample of live neurons per layer
     seed: int = 0
-    group_size: int = 8  # neurons fitted together (shared forward passes)
+    group_size: int = 8  # neurons fitted together (shared forward passes); 0 = sized to the device
     scan: ScanConfig = field(default_factory=ScanConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # how the plan runs (none of these change a result)
+    executor: str = "inprocess"  # inprocess | ray
+    ray_address: str | None = None  # None: start a local Ray cluster
+    workers: int = 0  # Ray actors (0: one per GPU, else 1); ignored in-process
+    worker_threads: int = 0  # torch threads per CPU actor (0: the CPU count / workers)
+    shard_windows: int = 1024  # corpus windows per scan shard
+    precision: str = "float32"  # scan forward passes: float32 | bfloat16 | float16 (for GPUs)
+
+    _RUN_DEFAULTS = {"executor": "inprocess", "ray_address": None, "workers": 0, "worker_threads": 0,
+                     "shard_windows": 1024, "precision": "float32"}
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "layers": list(self.layers), "neurons": self.neurons, "sample": self.sample, "seed": self.seed,
+        d = {
+            "layers": self.layers if isinstance(self.layers, str) else list(self.layers),
+            "neurons": self.neurons, "sample": self.sample, "seed": self.seed,
             "group_size": self.group_size, "scan": self.scan.to_dict(), "fit": self.fit.to_dict(),
             "eval": self.eval.to_dict(),
         }
+        # written only when set, so a request stored before these existed compares equal
+        for k, default in self._RUN_DEFAULTS.items():
+            if getattr(self, k) != default:
+                d[k] = getattr(self, k)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BuildRequest":
+        layers = d["layers"]
         return cls(
-            layers=list(d["layers"]), neurons=d.get("neurons"), sample=d.get("sample"), seed=d.get("seed", 0),
+            layers=layers if isinstance(layers, str) else list(layers), neurons=d.get("neurons"),
+            sample=d.get("sample"), seed=d.get("seed", 0),
             group_size=d.get("group_size", 8), scan=ScanConfig.from_dict(d.get("scan", {})),
             fit=FitConfig.from_dict(d.get("fit", {})), eval=EvalConfig.from_dict(d.get("eval", {})),
+            **{k: d.get(k, default) for k, default in cls._RUN_DEFAULTS.items()},
         )
 
+    def resolved_layers(self, n_layers: int) -> list[int]:
+        return parse_layers(self.layers, n_layers)
+
     def validate(self, n_layers: int, d_mlp: int) -> None:
-        if not self.layers:
+        if isinstance(self.layers, (list, tuple)) and not self.layers:
             raise ValueError("no layers asked: give at least one layer")
-        for layer in self.layers:
-            if not 0 <= layer < n_layers:
-                raise ValueError(f"layer {layer} out of range: the model has layers 0..{n_layers - 1}")
+        self.resolved_layers(n_layers)
         if (self.neurons is None) == (self.sample is None):
             raise ValueError("give either neurons (explicit indices) or sample (a count per layer), not both or neither")
         if self.neurons is not None:
@@ -68,13 +102,23 @@ class BuildRequest:
                     raise ValueError(f"neuron {n} out of range: layers have neurons 0..{d_mlp - 1}")
         if self.sample is not None and not 1 <= self.sample <= d_mlp:
             raise ValueError(f"sample must be between 1 and {d_mlp}, got {self.sample}")
-        if self.group_size < 1:
-            raise ValueError("group_size must be at least 1")
+        if self.group_size < 0:
+            raise ValueError("group_size must be at least 1 (or 0: sized to the device)")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"unknown executor {self.executor!r}; use one of {list(EXECUTORS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; use one of {list(PRECISIONS)}")
+        if self.shard_windows < 1:
+            raise ValueError("shard_windows must be at least 1")
+        if self.workers < 0 or self.worker_threads < 0:
+            raise ValueError("workers and worker_threads must be >= 0 (0 = automatic)")
 
 
 @dataclass
 class BuildEvent:
-    """One progress event; `stage` is corpus | scan | fit | done."""
+    """One progress event; `stage` is corpus | scan | merge | fit | done. `done`/`total` count
+    the stage's items (windows for the scan, neurons for the fit); `eta_s` is the stage's
+    remaining time at this run's rate (None until measurable)."""
     stage: str
     done: int
     total: int
@@ -82,6 +126,7 @@ class BuildEvent:
     layer: int | None = None
     neuron: int | None = None
     elapsed_s: float = 0.0
+    eta_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,7 +140,7 @@ def plan_neurons(req: BuildRequest, max_activation: dict[int, np.ndarray]) -> li
     """The (layer, neuron) keys a request covers. A sample draws among live neurons only
     (a_max > 0): a neuron that never fires on the corpus has nothing for a graph to explain."""
     keys: list[tuple[int, int]] = []
-    for layer in sorted(set(req.layers)):
+    for layer in sorted(max_activation):
         if req.neurons is not None:
             keys.extend((layer, n) for n in sorted(set(req.neurons)))
             continue
@@ -116,7 +161,8 @@ def record_model_meta(ws: Workspace, model) -> None:
         ws.set_meta("token_strings", json.dumps(model.token_strings()))
 
 
-def ensure_windows(ws: Workspace, model, cfg: ScanConfig, progress: Callable[[BuildEvent], None]) -> np.ndarray:
+def make_corpus_windows(ws: Workspace, model, cfg: ScanConfig) -> np.ndarray:
+    """The workspace's windows, or (without writing them) the corpus tokenised into windows."""
     from .corpus import load_texts, make_windows
 
     windows = ws.load_windows()
@@ -126,48 +172,54 @@ def ensure_windows(ws: Workspace, model, cfg: ScanConfig, progress: Callable[[Bu
                 f"workspace {ws.path} holds windows of {windows.shape[1]} tokens, the request asks for "
                 f"{cfg.window_tokens}; use another workspace")
         return windows
-    progress(BuildEvent("corpus", 0, 1, f"tokenising corpus {ws.corpus!r}"))
-    windows = make_windows(model, load_texts(ws.corpus), cfg.window_tokens)
-    ws.save_windows(windows)
-    progress(BuildEvent("corpus", 1, 1, f"{windows.shape[0]} windows of {windows.shape[1]} tokens"))
+    return make_windows(model, load_texts(ws.corpus), cfg.window_tokens)
+
+
+def ensure_windows(ws: Workspace, model, cfg: ScanConfig, progress: Callable[[BuildEvent], None]) -> np.ndarray:
+    if ws.load_windows() is None:
+        progress(BuildEvent("corpus", 0, 1, f"tokenising corpus {ws.corpus!r}"))
+    windows = make_corpus_windows(ws, model, cfg)
+    if ws.load_windows() is None:
+        ws.save_windows(windows)
+        progress(BuildEvent("corpus", 1, 1, f"{windows.shape[0]} windows of {windows.shape[1]} tokens"))
     return windows
 
 
-def ensure_scans(ws: Workspace, model, windows: np.ndarray, layers: list[int], cfg: ScanConfig,
-                 progress: Callable[[BuildEvent], None]) -> dict[int, dict[str, Any]]:
-    from .scan import scan_layers
+def heldout_window_ids(ws: Workspace, req: BuildRequest) -> np.ndarray:
+    """Window ids the scan leaves out of every top-k: the evaluation's held-out ordinary text
+    (fixed for the workspace at its first use)."""
+    try:
+        from .evaluate import heldout_window_ids as held
+    except ImportError:  # an evaluation without held-out text
+        return np.zeros(0, np.int64)
+    return np.unique(np.asarray(held(ws, req.eval), dtype=np.int64))
 
-    scans = {l: ws.load_layer_scan(l) for l in layers}
-    stale = [l for l, s in scans.items() if s is not None and s["top_window_ids"].shape[1] < cfg.k]
-    missing = sorted(l for l, s in scans.items() if s is None) + stale
-    if missing:
-        progress(BuildEvent("scan", 0, len(missing), f"scanning {windows.shape[0]} windows for layers {missing}"))
-        t0 = time.perf_counter()
-        result = scan_layers(model, windows, missing, cfg)
-        seconds = time.perf_counter() - t0
-        for layer, s in result.items():
-            ws.save_layer_scan(layer, s.max_activation, s.top_window_ids, s.top_scores, seconds)
-            scans[layer] = ws.load_layer_scan(layer)
-        progress(BuildEvent("scan", len(missing), len(missing), f"scan took {seconds:.1f} s"))
-    return scans
+
+def resolve_fit_sizes(req: BuildRequest, device: str) -> tuple[int, int]:
+    """(neurons a fit group, tokens a forward pass): the request's on a CPU; on a GPU a group of
+    0 (auto) becomes GPU_GROUP_SIZE and the fit's batches grow to GPU_BATCH_TOKENS."""
+    if device.startswith("cuda"):
+        return req.group_size or GPU_GROUP_SIZE, max(req.fit.batch_tokens, GPU_BATCH_TOKENS)
+    return req.group_size or 8, req.fit.batch_tokens
 
 
 def _examples(tokens: np.ndarray, acts: np.ndarray) -> list[dict[str, Any]]:
     return [{"token_ids": t.tolist(), "activations": [round(float(x), 6) for x in a]} for t, a in zip(tokens, acts)]
 
 
-def build_group(ws: Workspace, model, layer: int, neurons: list[int], windows: np.ndarray,
-                scan: dict[str, Any], req: BuildRequest, job_id: str | None) -> list[NeuronRecord]:
-    """Fits and evaluates a group of neurons of one layer, committing each as it is done."""
+def compute_group(model, layer: int, neurons: list[int], windows: np.ndarray, max_activation: list[float],
+                  top_window_ids: list[list[int]], req: BuildRequest, job_id: str | None) -> list[NeuronRecord]:
+    """Fits and evaluates a group of neurons of one layer from their scan rows (a_max and top
+    window ids, one per neuron); returns the records without committing them."""
     from .activations import ActivationRunner
     from .evaluate import evaluate_neuron, split_train_test
     from .fit import fit_neurons
 
     t0 = time.perf_counter()
-    amax = {n: float(scan["max_activation"][n]) for n in neurons}
+    amax = {n: float(a) for n, a in zip(neurons, max_activation)}
     ex_tokens: dict[int, np.ndarray] = {}
-    for n in neurons:
-        ids = scan["top_window_ids"][n]
+    for n, ids in zip(neurons, top_window_ids):
+        ids = np.asarray(ids, dtype=np.int64)
         ex_tokens[n] = windows[ids[ids >= 0][: req.scan.k]]
     # True activations of every neuron on its examples: one runner for the group, so windows that
     # several neurons share run once and the passes are full.
@@ -194,45 +246,176 @@ def build_group(ws: Workspace, model, layer: int, neurons: list[int], windows: n
             "train": _examples(ex_tokens[n][tr], ex_acts[n][tr]),
             "test": _examples(ex_tokens[n][te], ex_acts[n][te]),
         }
-        rec = NeuronRecord(layer, n, amax[n], result.graph.to_bytes(), examples, stats, metrics, job_id)
-        ws.put_neuron(rec)
-        records.append(rec)
+        records.append(NeuronRecord(layer, n, amax[n], result.graph.to_bytes(), examples, stats, metrics, job_id))
     return records
+
+
+def build_group(ws: Workspace, model, layer: int, neurons: list[int], windows: np.ndarray,
+                scan: dict[str, Any], req: BuildRequest, job_id: str | None) -> list[NeuronRecord]:
+    """Fits, evaluates and commits a group of neurons of one layer (outside any plan)."""
+    records = compute_group(model, layer, neurons, windows, [float(scan["max_activation"][n]) for n in neurons],
+                            [scan["top_window_ids"][n].tolist() for n in neurons], req, job_id)
+    for rec in records:
+        ws.put_neuron(rec)
+    return records
+
+
+class _Rate:
+    """Items a second in this run, for a stage's ETA."""
+
+    def __init__(self, done: int) -> None:
+        self.t0, self.done0 = time.perf_counter(), done
+
+    def eta(self, done: int, total: int) -> float | None:
+        dt, dn = time.perf_counter() - self.t0, done - self.done0
+        return None if dn <= 0 or dt <= 0 else (total - done) * dt / dn
+
+
+def make_executor(req: BuildRequest, model, model_lock: ContextManager | None = None):
+    from .build.executors import InProcessExecutor, RayExecutor, model_spec
+
+    if req.executor == "ray":
+        return RayExecutor(model_spec(model), address=req.ray_address, workers=req.workers,
+                           threads=req.worker_threads)
+    return InProcessExecutor(model, model_lock)
+
+
+def _scan_identity(req: BuildRequest, windows: np.ndarray, excluded: np.ndarray) -> str:
+    return scan_key(windows.shape[0], windows.shape[1], req.scan.k, excluded)
+
+
+def _layers_to_scan(ws: Workspace, layers: list[int], k: int, key: str) -> list[int]:
+    """Layers with no stored scan, a scan with fewer than k windows a neuron, or one made with
+    other excluded windows."""
+    keys = ws.get_meta_json("scan_keys", {}) or {}
+    out = []
+    for l in layers:
+        s = ws.load_layer_scan(l)
+        if s is None or s["top_window_ids"].shape[1] < k or keys.get(str(l), key) != key:
+            out.append(l)
+    return out
 
 
 def run_build(ws: Workspace, model, req: BuildRequest, *, job_id: str | None = None,
               progress: Callable[[BuildEvent], None] | None = None,
               cancel: threading.Event | None = None,
-              model_lock: ContextManager | None = None) -> list[tuple[int, int]]:
+              model_lock: ContextManager | None = None,
+              executor=None) -> list[tuple[int, int]]:
     """Runs (or resumes) a build; returns the keys it covers. Raises BuildCancelled if cancelled.
 
-    `model_lock` (e.g. the server's model lock) is held around each piece of model work (corpus
-    windows, the scan, one neuron group) and released between groups, so other users of the model
-    interleave with a long build."""
+    `model_lock` (e.g. the server's model lock) is held around each piece of in-process model
+    work (corpus windows, one scan shard, one neuron group) and released between them, so other
+    users of the model interleave with a long build. `executor` overrides the request's (an
+    executor passed in is left open, so several builds can share one Ray cluster)."""
+    from .build.executors import Unit
+    from .scan import LayerScan, merge_partials
+
     progress = progress or (lambda e: None)
     lock = model_lock if model_lock is not None else contextlib.nullcontext()
     req.validate(model.n_layers, model.d_mlp)
+    layers = req.resolved_layers(model.n_layers)
     start = time.perf_counter()
     with lock:
         windows = ensure_windows(ws, model, req.scan, progress)
-    with lock:
-        scans = ensure_scans(ws, model, windows, sorted(set(req.layers)), req.scan, progress)
-    keys = plan_neurons(req, {l: s["max_activation"] for l, s in scans.items()})
-    todo = [k for k in keys if not ws.has_neuron(*k)]
-    done = len(keys) - len(todo)
-    if job_id is not None:
-        ws.update_job(job_id, state="running", total=len(keys), done=done)
-    progress(BuildEvent("fit", done, len(keys), f"{len(todo)} neurons to build", elapsed_s=time.perf_counter() - start))
-    for layer in sorted({l for l, _ in todo}):
-        layer_todo = [n for l, n in todo if l == layer]
-        for i in range(0, len(layer_todo), req.group_size):
-            if cancel is not None and cancel.is_set():
-                raise BuildCancelled()
-            group = layer_todo[i: i + req.group_size]
-            with lock:
-                build_group(ws, model, layer, group, windows, scans[layer], req, job_id)
-            done += len(group)
-            progress(BuildEvent("fit", done, len(keys), f"layer {layer}: built {group}", layer, group[-1],
+    excluded = heldout_window_ids(ws, req)
+    store = BuildStore(ws)
+    key = _scan_identity(req, windows, excluded)
+    plan_id = digest({"request": {k: v for k, v in req.to_dict().items() if k in ("neurons", "sample", "seed", "group_size")},
+                      "layers": layers, "shard_windows": req.shard_windows, "scan": key})
+    store.ensure_plan(plan_id, req.to_dict(), key)
+    own_executor = executor is None
+    ex = None
+
+    def get_executor():
+        nonlocal ex
+        if ex is None:
+            ex = executor if executor is not None else make_executor(req, model, model_lock)
+        return ex
+
+    def on_start(unit: Unit, worker: str) -> None:
+        store.mark_started(plan_id, unit.unit_id, worker)
+
+    try:
+        # -- scan shards ------------------------------------------------------------------------
+        missing = _layers_to_scan(ws, layers, req.scan.k, key)
+        ranges = shard_ranges(windows.shape[0], req.shard_windows)
+        if missing:
+            have = {l: store.partial_ranges(key, l) for l in missing}
+            shards = [ScanShard(a, b, tuple(l for l in missing if (a, b) not in have[l])) for a, b in ranges]
+            store.add_units(plan_id, "scan", [(s.unit_id, s.to_dict()) for s in shards])
+            todo = [s for s in shards if s.layers]
+            total_w = windows.shape[0]
+            done_w = total_w - sum(s.stop - s.start for s in todo)
+            rate = _Rate(done_w)
+            progress(BuildEvent("scan", done_w, total_w, f"{len(todo)} of {len(shards)} shards to scan for layers "
+                                f"{missing[0]}..{missing[-1]}", elapsed_s=time.perf_counter() - start))
+            units = [Unit(s.unit_id, "scan", {"start": s.start, "stop": s.stop, "layers": list(s.layers),
+                                              "scan": req.scan.to_dict(), "precision": req.precision,
+                                              "exclude": excluded[(excluded >= s.start) & (excluded < s.stop)]})
+                     for s in todo]
+            if units:
+                for r in get_executor().run(units, windows, cancel=cancel, on_start=on_start):
+                    p = r.unit.payload
+                    store.commit_scan_unit(plan_id, r.unit.unit_id, key, p["start"], p["stop"], r.value,
+                                           r.seconds, r.worker)
+                    done_w += p["stop"] - p["start"]
+                    progress(BuildEvent("scan", done_w, total_w, f"shard {r.unit.unit_id}",
+                                        elapsed_s=time.perf_counter() - start, eta_s=rate.eta(done_w, total_w)))
+            for l in missing:  # every shard of the layer is in: merge it into the layer's scan
+                parts = {(p["start"], p["stop"]): p for p in store.load_partials(key, l)}
+                lost = [r for r in ranges if r not in parts]
+                if lost:
+                    raise RuntimeError(f"layer {l}: scan shards {lost[:3]} have no stored result")
+                merged = merge_partials([LayerScan(l, parts[r]["max_activation"], parts[r]["top_window_ids"],
+                                                   parts[r]["top_scores"], parts[r]["seconds"]) for r in ranges], req.scan.k)
+                ws.save_layer_scan(l, merged.max_activation, merged.top_window_ids, merged.top_scores, merged.seconds)
+                keys = ws.get_meta_json("scan_keys", {}) or {}
+                keys[str(l)] = key
+                ws.set_meta_json("scan_keys", keys)
+                store.delete_partials(key, l)
+            progress(BuildEvent("merge", len(missing), len(missing), f"layers {missing} scanned",
                                 elapsed_s=time.perf_counter() - start))
+        scans = {l: ws.load_layer_scan(l) for l in layers}
+
+        # -- fit groups -------------------------------------------------------------------------
+        keys = plan_neurons(req, {l: s["max_activation"] for l, s in scans.items()})
+        device = getattr(get_executor(), "device", None) if req.executor == "ray" else str(model.device)
+        group_size, batch_tokens = resolve_fit_sizes(req, device or "cpu")
+        fit_req = dataclasses.replace(req, fit=dataclasses.replace(req.fit, batch_tokens=batch_tokens))
+        if not store.fit_planned(plan_id):
+            built = set(ws.built_keys())
+            groups = fit_groups([k for k in keys if k not in built], group_size)
+            store.add_units(plan_id, "fit", [(g.unit_id, g.to_dict()) for g in groups], fit_planned=True)
+        fit_units = [u for u in store.units(plan_id, "fit") if u.state != "done"]
+        done = store.count_built(keys)
+        if job_id is not None:
+            ws.update_job(job_id, state="running", total=len(keys), done=done)
+        rate = _Rate(done)
+        progress(BuildEvent("fit", done, len(keys), f"{len(keys) - done} neurons to build in {len(fit_units)} groups",
+                            elapsed_s=time.perf_counter() - start))
+        built = set(ws.built_keys())
+        units = []
+        for u in fit_units:
+            g = FitGroup.from_dict(u.spec)
+            neurons = [n for n in g.neurons if (g.layer, n) not in built]  # built since by another job
+            if not neurons:
+                store.mark_done(plan_id, u.unit_id)
+                continue
+            s = scans[g.layer]
+            units.append(Unit(u.unit_id, "fit", {
+                "layer": g.layer, "neurons": neurons, "request": fit_req.to_dict(), "job_id": job_id,
+                "max_activation": [float(s["max_activation"][n]) for n in neurons],
+                "top_window_ids": [s["top_window_ids"][n].tolist() for n in neurons]}))
+        if units:
+            for r in get_executor().run(units, windows, cancel=cancel, on_start=on_start):
+                store.commit_fit_unit(plan_id, r.unit.unit_id, r.value, r.seconds, r.worker)
+                done = store.count_built(keys)
+                p = r.unit.payload
+                progress(BuildEvent("fit", done, len(keys), f"layer {p['layer']}: built {p['neurons']}", p["layer"],
+                                    p["neurons"][-1], elapsed_s=time.perf_counter() - start,
+                                    eta_s=rate.eta(done, len(keys))))
+    finally:
+        if own_executor and ex is not None:
+            ex.close()
     progress(BuildEvent("done", done, len(keys), "build finished", elapsed_s=time.perf_counter() - start))
     return keys

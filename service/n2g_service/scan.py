@@ -1,32 +1,47 @@
 """Dataset scan (n2g-method.md section 1): top-k windows and a_max for every neuron of the layers
 asked, with one forward pass per batch of windows (stopping after the deepest layer asked).
 
-The per-neuron top-k accumulation runs in Rust (``n2g_fast.TopK``), fed one float32
-``[batch, tokens, d_mlp]`` array per layer per batch. The BOS position of every window is masked
-out: it is not text, and in many models every neuron takes an outlying value there.
+A window's score for a neuron is its maximum activation over the window's tokens, the BOS
+position left out (it is not text, and in many models every neuron takes an outlying value
+there). That maximum is taken on the model's device inside the layer's hook, so only a
+``[batch, d_mlp]`` array per layer leaves the device (not ``[batch, tokens, d_mlp]``); the
+per-neuron top-k over windows runs in Rust (``n2g_fast.TopK``), which keeps ties in window order.
+
+A scan can cover a subset of the corpus (``window_ids``: a shard of a whole-model build) and leave
+windows out (``exclude``: the held-out text of the evaluation): partial results of disjoint shards
+merge exactly into the single-pass result (:func:`merge_partials`).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from .activations import layer_activations
+from .activations import layer_reductions
 from .config import ScanConfig
 from .models import LoadedModel
+
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
 class LayerScan:
-    """Result of the scan for one layer."""
+    """Result of the scan for one layer (also a shard's partial result)."""
 
     layer: int
     max_activation: np.ndarray  # float32 [d_mlp]; -inf for a neuron that saw no token
     top_window_ids: np.ndarray  # int64 [d_mlp, k]; best first; -1 pads
     top_scores: np.ndarray  # float32 [d_mlp, k]; a window's score = its max activation; -inf pads
+    seconds: float = 0.0
+
+
+def _window_max(act: torch.Tensor) -> torch.Tensor:
+    # [batch, tokens, d_mlp] -> [batch, d_mlp], BOS left out; float32 for the exact top-k
+    return act.detach()[:, 1:, :].amax(dim=1).float()
 
 
 def scan_layers(
@@ -35,33 +50,50 @@ def scan_layers(
     layers: Iterable[int],
     cfg: ScanConfig = ScanConfig(),
     progress: bool = True,
+    *,
+    window_ids: Sequence[int] | np.ndarray | None = None,
+    exclude: Iterable[int] | np.ndarray | None = None,
+    precision: str = "float32",
 ) -> dict[int, LayerScan]:
-    """Scans ``windows`` (int64 [n, T], each starting with BOS) for every neuron of ``layers``."""
+    """Scans ``windows`` (int64 [n, T], each starting with BOS) for every neuron of ``layers``.
+
+    ``window_ids`` (default ``0..n-1``) are the ids the windows go by in the result (a shard
+    passes its own rows with their corpus ids); windows whose id is in ``exclude`` are not run
+    and never appear in the top-k nor in a_max. ``precision`` ("float32", "bfloat16",
+    "float16") runs the forward pass under autocast; scores are compared in float32.
+    """
     import n2g_fast
     from tqdm.auto import tqdm
 
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {sorted(PRECISIONS)}")
     layers = sorted({int(l) for l in layers})
     for l in layers:
         model.hook_name(l)  # validates the range
     windows = np.asarray(windows, dtype=np.int64)
-    if windows.ndim != 2:
-        raise ValueError("windows must be a 2-D int64 array [n_windows, tokens]")
-    n, t = windows.shape
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise ValueError("windows must be a 2-D int64 array [n_windows, tokens >= 2]")
+    ids = np.arange(windows.shape[0], dtype=np.int64) if window_ids is None else np.asarray(window_ids, np.int64)
+    if ids.shape != (windows.shape[0],):
+        raise ValueError(f"window_ids must give one id per window ({windows.shape[0]}), got shape {ids.shape}")
+    if exclude is not None:
+        keep = ~np.isin(ids, np.asarray(list(exclude) if not isinstance(exclude, np.ndarray) else exclude, np.int64))
+        windows, ids = windows[keep], ids[keep]
+    n = windows.shape[0]
     acc = {l: n2g_fast.TopK(model.d_mlp, cfg.k) for l in layers}
-    mask_full = np.ones((cfg.batch_size, t), dtype=bool)
-    mask_full[:, 0] = False  # BOS
+    t0 = time.perf_counter()
     bar = tqdm(total=n, desc=f"scan layers {layers[0]}..{layers[-1]}" if layers else "scan",
                unit="win", disable=not progress or not layers)
     for start in range(0, n if layers else 0, cfg.batch_size):
-        batch = windows[start : start + cfg.batch_size]
-        b = batch.shape[0]
-        acts = layer_activations(model, torch.from_numpy(batch), layers)
-        ids = np.arange(start, start + b, dtype=np.int64)
+        batch = windows[start: start + cfg.batch_size]
+        scores = layer_reductions(model, torch.from_numpy(batch), layers, _window_max, PRECISIONS[precision])
+        batch_ids = np.ascontiguousarray(ids[start: start + batch.shape[0]])
         for l in layers:
-            a = np.ascontiguousarray(acts[l].cpu().numpy(), dtype=np.float32)
-            acc[l].update(a, ids, np.ascontiguousarray(mask_full[:b]))
-        bar.update(b)
+            s = scores[l].cpu().numpy()[:, None, :]  # one "token" per window: its max
+            acc[l].update(np.ascontiguousarray(s, dtype=np.float32), batch_ids)
+        bar.update(batch.shape[0])
     bar.close()
+    seconds = time.perf_counter() - t0
     out = {}
     for l in layers:
         top_ids, top_scores = acc[l].top()
@@ -70,5 +102,28 @@ def scan_layers(
             max_activation=np.asarray(acc[l].max_activation(), dtype=np.float32),
             top_window_ids=np.asarray(top_ids, dtype=np.int64),
             top_scores=np.asarray(top_scores, dtype=np.float32),
+            seconds=seconds,
         )
     return out
+
+
+def merge_partials(parts: Sequence[LayerScan], k: int) -> LayerScan:
+    """Merges the scans of disjoint sets of windows of one layer into the scan of their union,
+    exactly as one pass over all of them would give it (ties to the lower window id)."""
+    from .build.plan import PartialTopK, merge_topk_reference
+
+    if not parts:
+        raise ValueError("nothing to merge")
+    layer = parts[0].layer
+    rust = _rust_merge(parts, k)
+    if rust is not None:
+        amax, ids, scores = rust
+    else:
+        m = merge_topk_reference([PartialTopK(p.max_activation, p.top_window_ids, p.top_scores) for p in parts], k)
+        amax, ids, scores = m.max_activation, m.top_window_ids, m.top_scores
+    return LayerScan(layer, amax, ids, scores, sum(p.seconds for p in parts))
+
+
+def _rust_merge(parts: Sequence[LayerScan], k: int):
+    """``n2g_fast.TopK.merge`` where the installed extension has it, else None."""
+    return None

@@ -1,0 +1,240 @@
+"""Executors run a build's work units: in this process (the default) or on Ray actors.
+
+Both take the same units and return the same results; the driver (``jobs.run_build``) is the only
+writer to the workspace. A unit is a pure function of the model and its payload
+(:func:`execute_unit`), so where it runs never changes what it gives.
+
+Ray: each actor loads its own model from a *model spec* (:func:`model_spec`; the model object
+itself is never shipped), one actor per GPU when the cluster has GPUs, else ``workers`` actors of
+``threads`` torch threads each. A unit whose actor dies is retried on another actor (a replacement
+is started), up to ``max_attempts`` times; an error raised by the unit's own code is not retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator, Sequence
+
+import numpy as np
+
+_SERVICE_DIR = str(Path(__file__).resolve().parents[2])  # holds the n2g_service package
+
+
+@dataclass
+class Unit:
+    unit_id: str
+    kind: str  # scan | fit
+    payload: dict[str, Any]
+
+
+@dataclass
+class UnitResult:
+    unit: Unit
+    value: Any
+    seconds: float
+    worker: str
+
+
+# ---- model specs -----------------------------------------------------------------------------
+
+def model_spec(model) -> dict[str, Any]:
+    """What a worker needs to load the same model: a native random model's constructor
+    parameters (its weights follow from its seed), or a model name."""
+    cfg = model.bridge.cfg
+    if model.name.startswith("native-"):
+        return {"native": {"n_layers": int(cfg.n_layers), "d_model": int(cfg.d_model), "d_mlp": int(cfg.d_mlp),
+                           "seed": int(cfg.seed), "n_heads": int(cfg.n_heads), "n_ctx": int(cfg.n_ctx),
+                           "act_fn": str(cfg.act_fn)},
+                "hook": model.hook}
+    return {"name": model.name, "hook": model.hook}
+
+
+def load_model_from_spec(spec: dict[str, Any], device: str | None = None):
+    from .. import models
+
+    if "native" in spec:
+        return models.native_random_model(device=device or "cpu", hook=spec.get("hook"), **spec["native"])
+    return models.load_model(spec["name"], device=device, hook=spec.get("hook"))
+
+
+# ---- what a unit computes --------------------------------------------------------------------
+
+def execute_unit(model, unit: Unit, windows) -> Any:
+    """Runs one unit on ``model``; ``windows`` is the corpus (int64 [n, T]).
+
+    scan -> ``{layer: LayerScan}`` of windows [start, stop) less the excluded ones;
+    fit -> the group's ``NeuronRecord`` list (not committed: the driver commits)."""
+    from ..config import ScanConfig
+    from ..scan import scan_layers
+
+    p = unit.payload
+    if unit.kind == "scan":
+        a, b = p["start"], p["stop"]
+        return scan_layers(model, windows[a:b], p["layers"], ScanConfig.from_dict(p["scan"]), progress=False,
+                           window_ids=np.arange(a, b), exclude=p.get("exclude"),
+                           precision=p.get("precision", "float32"))
+    if unit.kind == "fit":
+        from ..jobs import BuildRequest, compute_group
+
+        req = BuildRequest.from_dict(p["request"])
+        return compute_group(model, p["layer"], p["neurons"], windows, p["max_activation"], p["top_window_ids"],
+                             req, p.get("job_id"))
+    raise ValueError(f"unknown unit kind {unit.kind!r}")
+
+
+# ---- in-process ------------------------------------------------------------------------------
+
+class InProcessExecutor:
+    """Runs units one after another on the driver's model, holding ``model_lock`` around each so
+    other users of the model (the server's RPCs) interleave with a long build."""
+
+    name = "inprocess"
+
+    def __init__(self, model, model_lock: ContextManager | None = None) -> None:
+        self.model = model
+        self.lock = model_lock if model_lock is not None else contextlib.nullcontext()
+
+    def run(self, units: Sequence[Unit], windows, *, cancel=None,
+            on_start: Callable[[Unit, str], None] | None = None) -> Iterator[UnitResult]:
+        from ..jobs import BuildCancelled
+
+        for unit in units:
+            if cancel is not None and cancel.is_set():
+                raise BuildCancelled()
+            if on_start is not None:
+                on_start(unit, "inprocess")
+            t0 = time.perf_counter()
+            with self.lock:
+                value = execute_unit(self.model, unit, windows)
+            yield UnitResult(unit, value, time.perf_counter() - t0, "inprocess")
+
+    def close(self) -> None:
+        pass
+
+
+# ---- Ray -------------------------------------------------------------------------------------
+
+class _Worker:
+    """A Ray actor holding one model."""
+
+    def __init__(self, spec: dict[str, Any], device: str, threads: int) -> None:
+        import torch
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.model = load_model_from_spec(spec, device)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, unit: Unit, windows) -> tuple[Any, float]:
+        t0 = time.perf_counter()
+        value = execute_unit(self.model, unit, windows)
+        return value, time.perf_counter() - t0
+
+
+class RayExecutor:
+    """Runs units on Ray actors. With no ``address`` a local Ray cluster is started (and shut
+    down by :meth:`close`); with one, ``ray.init(address=...)`` joins that cluster."""
+
+    name = "ray"
+
+    def __init__(self, spec: dict[str, Any], *, address: str | None = None, workers: int = 0, threads: int = 0,
+                 max_attempts: int = 3, on_submit: Callable[[Unit, int], None] | None = None) -> None:
+        import ray
+
+        self.ray = ray
+        self.spec = spec
+        self.max_attempts = max_attempts
+        self.on_submit = on_submit
+        self._owns_ray = False
+        env = {"PYTHONPATH": os.pathsep.join([_SERVICE_DIR, *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])}
+        if not ray.is_initialized():
+            kw: dict[str, Any] = {"runtime_env": {"env_vars": env}, "include_dashboard": False,
+                                  "logging_level": "warning", "log_to_driver": False}
+            if address is None:
+                kw["num_cpus"] = max(workers, 1)
+            ray.init(address=address, **kw)
+            self._owns_ray = address is None
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        self.device = "cuda" if gpus else "cpu"
+        self.n_workers = gpus if gpus else max(workers, 1)
+        cpus = os.cpu_count() or 1
+        self.threads = threads if threads > 0 else max(1, cpus // self.n_workers)
+        opts = {"num_gpus": 1, "num_cpus": 0} if gpus else {"num_cpus": 1}
+        self._actor_cls = ray.remote(max_restarts=0, max_task_retries=0, **opts)(_Worker)
+        self.actors: list[Any] = []
+        self.pids: dict[Any, int] = {}
+        self.started = 0
+        for _ in range(self.n_workers):
+            self._spawn()
+        ray.get([a.pid.remote() for a in self.actors])
+
+    def _spawn(self) -> Any:
+        actor = self._actor_cls.remote(self.spec, self.device, self.threads)
+        self.actors.append(actor)
+        self.started += 1
+        return actor
+
+    def _pid(self, actor) -> int:
+        if actor not in self.pids:
+            self.pids[actor] = self.ray.get(actor.pid.remote())
+        return self.pids[actor]
+
+    def run(self, units: Sequence[Unit], windows, *, cancel=None,
+            on_start: Callable[[Unit, str], None] | None = None) -> Iterator[UnitResult]:
+        from ray.exceptions import RayActorError
+
+        from ..jobs import BuildCancelled
+
+        ray = self.ray
+        windows_ref = ray.put(windows)  # once; each actor reads it zero-copy
+        queue: deque[Unit] = deque(units)
+        attempts: dict[str, int] = {}
+        free = list(self.actors)
+        pending: dict[Any, tuple[Unit, Any]] = {}
+        while queue or pending:
+            if cancel is not None and cancel.is_set():
+                raise BuildCancelled()
+            while queue and free:
+                unit = queue.popleft()
+                actor = free.pop(0)
+                attempts[unit.unit_id] = attempts.get(unit.unit_id, 0) + 1
+                pid = self._pid(actor)
+                if on_start is not None:
+                    on_start(unit, f"ray:{pid}")
+                ref = actor.run.remote(unit, windows_ref)
+                pending[ref] = (unit, actor)
+                if self.on_submit is not None:
+                    self.on_submit(unit, pid)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            for ref in ready:
+                unit, actor = pending.pop(ref)
+                try:
+                    value, seconds = ray.get(ref)
+                except RayActorError:
+                    # the worker died (killed, out of memory, node lost): retry the unit elsewhere
+                    if actor in self.actors:
+                        self.actors.remove(actor)
+                    if attempts[unit.unit_id] >= self.max_attempts:
+                        raise RuntimeError(f"unit {unit.unit_id} failed on {attempts[unit.unit_id]} workers") from None
+                    queue.appendleft(unit)
+                    free.append(self._spawn())
+                    continue
+                free.append(actor)
+                yield UnitResult(unit, value, seconds, f"ray:{self.pids.get(actor)}")
+
+    def close(self) -> None:
+        for a in self.actors:
+            with contextlib.suppress(Exception):
+                self.ray.kill(a)
+        self.actors.clear()
+        if self._owns_ray:
+            self.ray.shutdown()
+            self._owns_ray = False
