@@ -304,3 +304,160 @@ class Workspace:
             "SELECT id, state, request, total, done, error, created_at, updated_at FROM jobs ORDER BY created_at"
         ).fetchall()
         return [JobRecord(r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows]
+
+
+# ==== build plans (whole-model builds: service/n2g_service/build/) ===========================
+# Owned by the build runner. Tables: the persisted plan of work units, and each scan shard's
+# partial top-k per layer until every shard of the layer is in and they are merged into
+# layer_scans. A unit's result and its `done` state are committed in one transaction.
+
+_BUILD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS build_plans (
+    plan_id TEXT PRIMARY KEY, request TEXT NOT NULL, scan_key TEXT NOT NULL,
+    fit_planned INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS build_units (
+    plan_id TEXT NOT NULL, unit_id TEXT NOT NULL, kind TEXT NOT NULL, seq INTEGER NOT NULL,
+    spec TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'todo', attempts INTEGER NOT NULL DEFAULT 0,
+    seconds REAL, worker TEXT, finished_at REAL,
+    PRIMARY KEY (plan_id, unit_id)
+);
+CREATE TABLE IF NOT EXISTS scan_partials (
+    scan_key TEXT NOT NULL, layer INTEGER NOT NULL, start INTEGER NOT NULL, stop INTEGER NOT NULL,
+    k INTEGER NOT NULL, d_mlp INTEGER NOT NULL,
+    max_activation BLOB NOT NULL, top_window_ids BLOB NOT NULL, top_scores BLOB NOT NULL,
+    seconds REAL NOT NULL,
+    PRIMARY KEY (scan_key, layer, start, stop)
+);
+"""
+
+
+@dataclass
+class UnitRecord:
+    plan_id: str
+    unit_id: str
+    kind: str  # scan | fit
+    seq: int
+    spec: dict[str, Any]
+    state: str  # todo | done
+    attempts: int
+    seconds: float | None
+    worker: str | None
+    finished_at: float | None
+
+
+class BuildStore:
+    """Plans, units and scan partials of whole-model builds, in the workspace's database."""
+
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
+        ws._conn().executescript(_BUILD_SCHEMA)
+
+    # -- plans and units ------------------------------------------------------------------------
+    def ensure_plan(self, plan_id: str, request: dict[str, Any], scan_key: str) -> bool:
+        """Creates the plan if new; returns True if it already existed."""
+        with self.ws.transaction() as c:
+            row = c.execute("SELECT 1 FROM build_plans WHERE plan_id = ?", (plan_id,)).fetchone()
+            if row is None:
+                c.execute("INSERT INTO build_plans VALUES (?, ?, ?, 0, ?)",
+                          (plan_id, json.dumps(request, sort_keys=True), scan_key, time.time()))
+        return row is not None
+
+    def add_units(self, plan_id: str, kind: str, units: list[tuple[str, dict[str, Any]]],
+                  *, fit_planned: bool = False) -> None:
+        """Adds units (unit_id, spec) to a plan (ignoring ids already there), in one transaction;
+        with ``fit_planned`` also records that the plan's fit groups are now all planned."""
+        with self.ws.transaction() as c:
+            base = c.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM build_units WHERE plan_id = ?",
+                             (plan_id,)).fetchone()[0]
+            c.executemany(
+                "INSERT OR IGNORE INTO build_units (plan_id, unit_id, kind, seq, spec) VALUES (?, ?, ?, ?, ?)",
+                [(plan_id, uid, kind, base + i, json.dumps(spec, sort_keys=True)) for i, (uid, spec) in enumerate(units)])
+            if fit_planned:
+                c.execute("UPDATE build_plans SET fit_planned = 1 WHERE plan_id = ?", (plan_id,))
+
+    def fit_planned(self, plan_id: str) -> bool:
+        row = self.ws._conn().execute("SELECT fit_planned FROM build_plans WHERE plan_id = ?", (plan_id,)).fetchone()
+        return bool(row and row[0])
+
+    def units(self, plan_id: str, kind: str | None = None) -> list[UnitRecord]:
+        sql = ("SELECT plan_id, unit_id, kind, seq, spec, state, attempts, seconds, worker, finished_at "
+               "FROM build_units WHERE plan_id = ?")
+        args: list[Any] = [plan_id]
+        if kind is not None:
+            sql += " AND kind = ?"
+            args.append(kind)
+        rows = self.ws._conn().execute(sql + " ORDER BY seq", args).fetchall()
+        return [UnitRecord(r[0], r[1], r[2], r[3], json.loads(r[4]), *r[5:]) for r in rows]
+
+    def mark_started(self, plan_id: str, unit_id: str, worker: str) -> None:
+        with self.ws.transaction() as c:
+            c.execute("UPDATE build_units SET attempts = attempts + 1, worker = ? WHERE plan_id = ? AND unit_id = ?",
+                      (worker, plan_id, unit_id))
+
+    @staticmethod
+    def _finish(c: sqlite3.Connection, plan_id: str, unit_id: str, seconds: float, worker: str | None) -> None:
+        c.execute("UPDATE build_units SET state = 'done', seconds = ?, worker = COALESCE(?, worker), finished_at = ? "
+                  "WHERE plan_id = ? AND unit_id = ?", (seconds, worker, time.time(), plan_id, unit_id))
+
+    def mark_done(self, plan_id: str, unit_id: str, seconds: float = 0.0, worker: str | None = None) -> None:
+        with self.ws.transaction() as c:
+            self._finish(c, plan_id, unit_id, seconds, worker)
+
+    # -- scan shards ----------------------------------------------------------------------------
+    def commit_scan_unit(self, plan_id: str, unit_id: str, key: str, start: int, stop: int,
+                         partials: dict[int, Any], seconds: float, worker: str | None = None) -> None:
+        """Stores a shard's partial top-k of every layer (objects with max_activation,
+        top_window_ids, top_scores) and marks the unit done, in one transaction."""
+        with self.ws.transaction() as c:
+            for layer, p in partials.items():
+                ids = np.asarray(p.top_window_ids, dtype=np.int64)
+                c.execute("INSERT OR REPLACE INTO scan_partials VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                          (key, int(layer), int(start), int(stop), ids.shape[1], ids.shape[0],
+                           _blob(np.asarray(p.max_activation, np.float32)), _blob(ids),
+                           _blob(np.asarray(p.top_scores, np.float32)), float(seconds)))
+            self._finish(c, plan_id, unit_id, seconds, worker)
+
+    def partial_ranges(self, key: str, layer: int) -> set[tuple[int, int]]:
+        rows = self.ws._conn().execute(
+            "SELECT start, stop FROM scan_partials WHERE scan_key = ? AND layer = ?", (key, layer)).fetchall()
+        return {(int(a), int(b)) for a, b in rows}
+
+    def load_partials(self, key: str, layer: int) -> list[dict[str, Any]]:
+        rows = self.ws._conn().execute(
+            "SELECT start, stop, k, d_mlp, max_activation, top_window_ids, top_scores, seconds FROM scan_partials "
+            "WHERE scan_key = ? AND layer = ? ORDER BY start", (key, layer)).fetchall()
+        return [{"start": a, "stop": b,
+                 "max_activation": np.frombuffer(amax, np.float32).copy(),
+                 "top_window_ids": np.frombuffer(ids, np.int64).reshape(d, k).copy(),
+                 "top_scores": np.frombuffer(sc, np.float32).reshape(d, k).copy(), "seconds": s}
+                for a, b, k, d, amax, ids, sc, s in rows]
+
+    def delete_partials(self, key: str, layer: int) -> None:
+        with self.ws.transaction() as c:
+            c.execute("DELETE FROM scan_partials WHERE scan_key = ? AND layer = ?", (key, layer))
+
+    # -- fit groups -----------------------------------------------------------------------------
+    def commit_fit_unit(self, plan_id: str, unit_id: str, records: list[NeuronRecord], seconds: float,
+                        worker: str | None = None) -> None:
+        """Commits every neuron of a fit group and marks the unit done, in one transaction (the
+        group is built whole or not at all); counts the neurons into their job's `done`."""
+        with self.ws.transaction() as c:
+            for rec in records:
+                c.execute(
+                    "INSERT OR REPLACE INTO neurons (layer, neuron, max_activation, graph, examples, stats, metrics, "
+                    "job_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (rec.layer, rec.neuron, rec.max_activation, rec.graph_bytes, json.dumps(rec.examples),
+                     json.dumps(rec.stats), json.dumps(rec.metrics), rec.job_id, rec.created_at))
+            jobs: dict[str, int] = {}
+            for rec in records:
+                if rec.job_id is not None:
+                    jobs[rec.job_id] = jobs.get(rec.job_id, 0) + 1
+            for job_id, n in jobs.items():
+                c.execute("UPDATE jobs SET done = done + ?, updated_at = ? WHERE id = ?", (n, time.time(), job_id))
+            self._finish(c, plan_id, unit_id, seconds, worker)
+
+    def count_built(self, keys: list[tuple[int, int]]) -> int:
+        """How many of ``keys`` have a committed neuron."""
+        have = set(self.ws.built_keys())
+        return sum(1 for k in keys if k in have)
