@@ -260,7 +260,7 @@ def test_internal_error_keeps_server_up(tmp_path_factory):
         def boom(clauses):
             raise RuntimeError("simulated bug")
 
-        running.servicer.graphs.search = boom
+        running.app.graphs.search = boom
         with N2GClient(f"127.0.0.1:{running.port}") as c:
             with pytest.raises(N2GError) as e:
                 c.search([("cat", "either")])
@@ -272,19 +272,14 @@ def test_internal_error_keeps_server_up(tmp_path_factory):
 
 
 def test_model_lock_honours_deadline():
-    from n2g_service.server import Fail, ModelHost
+    from n2g_service.app import Deadline, ModelHost
 
     host = ModelHost("m", lambda: object())
-
-    class Ctx:
-        def time_remaining(self):
-            return 0.2
-
     host.lock.acquire()
     try:
         t0 = time.perf_counter()
-        with pytest.raises(Fail) as e:
-            with host.forward(Ctx()):
+        with pytest.raises(N2GError) as e:
+            with host.forward(Deadline.after(0.2)):
                 pass
         assert e.value.code == C.DEADLINE_EXCEEDED and time.perf_counter() - t0 < 1.0
     finally:

@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # same as n2g_service.models.DEFAULT_MODEL
-DEFAULT_CORPUS = "fortunes"
+from . import vocab
+from .vocab import DEFAULT_CORPUS, DEFAULT_MODEL
 
 
 class CliError(Exception):
@@ -95,7 +95,9 @@ def _add_conn(p: argparse.ArgumentParser, *, workspace_required: bool = False) -
     p.add_argument("--json", action="store_true", help="machine-readable JSON output")
 
 
-def _client(args, *, needs_model: bool = True):
+def _client(args, *, needs_model: bool = True, create: bool = False):
+    """The client every command uses: over the network (--server) or on a local workspace
+    (--workspace), the same API and the same application layer below either."""
     if args.workspace is not None and args.server:
         if os.environ.get("N2G_SERVER") == args.server:
             args.server = None  # an explicit --workspace wins over the environment
@@ -104,14 +106,18 @@ def _client(args, *, needs_model: bool = True):
     if args.server:
         from .client import N2GClient
 
-        return N2GClient(args.server, token=args.token, tls=args.tls, root_certificates=args.tls_ca,
-                         tls_server_name=args.tls_server_name, timeout=args.timeout)
+        try:
+            return N2GClient(args.server, token=args.token, tls=args.tls, root_certificates=args.tls_ca,
+                             tls_server_name=args.tls_server_name, timeout=args.timeout)
+        except (ValueError, OSError) as e:
+            raise CliError(str(e)) from None
     if args.workspace is None:
         raise CliError("give --server HOST:PORT (or set N2G_SERVER) or --workspace DIR")
     from .local import LocalN2GClient
 
-    return LocalN2GClient(args.workspace, no_model=not needs_model,
-                          device=getattr(args, "device", None), timeout=args.timeout)
+    return LocalN2GClient(args.workspace, model=getattr(args, "model", None), corpus=getattr(args, "corpus", None),
+                          no_model=not needs_model, create=create, device=getattr(args, "device", None),
+                          timeout=args.timeout)
 
 
 def _neurons(specs: Sequence[str]) -> list[tuple[int, int]]:
@@ -152,43 +158,46 @@ def _add_serve(sub) -> None:
                    help="require 'authorization: Bearer TOKEN' on every RPC but health (default $N2G_TOKEN; off)")
     p.add_argument("--tls-cert", type=Path, default=None, help="server certificate (PEM) to serve TLS")
     p.add_argument("--tls-key", type=Path, default=None, help="private key (PEM) of --tls-cert")
+    p.add_argument("--allow-remote-without-token", action="store_true",
+                   help="allow --host beyond loopback with no --token (only on a trusted network)")
     p.add_argument("--max-workers", type=int, default=32, help="concurrent RPC threads (default 32)")
+    p.add_argument("--max-streams", type=int, default=None,
+                   help="open streams (watch, pairs, export, report) at once (default max-workers / 4)")
     p.add_argument("--no-resume", action="store_true", help="do not resume unfinished jobs at start")
+    from .types import Limits
+
     lim = p.add_argument_group("request limits (0 = none)")
-    from_defaults = {
-        "max_texts": 1024, "max_tokens_per_sequence": 4096, "max_total_tokens": 262_144, "max_neurons": 65_536,
-        "max_neuron_tokens": 8_000_000, "max_message_bytes": 64 << 20, "max_build_neurons": 100_000,
-    }
-    for name, default in from_defaults.items():
-        lim.add_argument("--" + name.replace("_", "-"), type=int, default=default, help=f"default {default}")
+    for f in dataclasses.fields(Limits):
+        lim.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default, help=f"default {f.default}")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
 def _cmd_serve(args) -> int:
     import logging
 
-    from n2g_service.server import ServerLimits, serve
+    from n2g_service.server import serve
+
+    from .types import Limits
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    limits = ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
-    token = args.token or os.environ.get("N2G_TOKEN") or None
+    limits = Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
+    token = args.token if args.token is not None else os.environ.get("N2G_TOKEN")
+    if token is not None and not token.strip():
+        raise CliError("an empty --token (or N2G_TOKEN) would switch auth off: give a real token or none")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise CliError("TLS needs both --tls-cert and --tls-key")
     for path in (args.tls_cert, args.tls_key):
         if path is not None and not path.is_file():
             raise CliError(f"no such file: {path}")
     try:
-        _serve(serve, args, limits, token)
-    except OSError as e:
+        serve(args.workspace, args.model, no_model=args.no_model, corpus=args.corpus, host=args.host, port=args.port,
+              device=args.device, hook=args.hook, token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
+              limits=limits, max_workers=args.max_workers, max_streams=args.max_streams, resume=not args.no_resume,
+              allow_remote_without_token=args.allow_remote_without_token, block=True)
+    except (OSError, ValueError) as e:
         raise CliError(str(e)) from None
     return 0
-
-
-def _serve(serve, args, limits, token) -> None:
-    serve(args.workspace, args.model, no_model=args.no_model, corpus=args.corpus, host=args.host, port=args.port,
-          device=args.device, hook=args.hook, token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
-          limits=limits, max_workers=args.max_workers, resume=not args.no_resume, block=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,12 +246,14 @@ def _add_build(sub) -> None:
     g.add_argument("--neurons", type=int, nargs="+", help="neuron indices (in every layer asked)")
     g.add_argument("--sample", type=int, help="a seeded random sample of this many live neurons per layer")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--group-size", type=int, default=8, help="neurons fitted together (shared forward passes)")
+    p.add_argument("--group-size", type=int, default=vocab.DEFAULT_GROUP_SIZE,
+                   help="neurons fitted together (shared forward passes)")
     p.add_argument("--device", default=None, help="local: cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--k", type=int, default=None, help="top-k examples per neuron (default 20)")
     p.add_argument("--window-tokens", type=int, default=None, help="tokens per corpus window (default 64)")
     p.add_argument("--config", default=None, help='JSON config overrides, e.g. \'{"fit": {"n_substitutes": 3}}\'')
     p.add_argument("--detach", action="store_true", help="remote: start the job and print its id, do not watch")
+    p.add_argument("--job-id", default=None, help="name the job (default: a new random id)")
 
 
 def _progress_printer(json_mode: bool):
@@ -276,23 +287,13 @@ def _progress_printer(json_mode: bool):
 
 
 def _cmd_build(args) -> int:
-    config = None
-    if args.config:
-        try:
-            config = json.loads(args.config)
-        except json.JSONDecodeError as e:
-            raise CliError(f"--config is not valid JSON: {e}") from None
-    if args.server and args.workspace is None:
-        return _build_remote(args, config)
-    if args.workspace is None:
-        raise CliError("give --server HOST:PORT or --workspace DIR")
-    return _build_local(args, config)
-
-
-def _build_remote(args, config) -> int:
-    with _client(args) as c:
+    """Local (--workspace) and remote (--server) builds are the same calls: start the job, watch it."""
+    if args.detach and args.server is None:
+        raise CliError("--detach needs --server: a local build runs in this process")
+    with _client(args, create=True) as c:
         job = c.start_build(args.layers, args.neurons, sample=args.sample, seed=args.seed,
-                            group_size=args.group_size, k=args.k, window_tokens=args.window_tokens, config=config)
+                            group_size=args.group_size, k=args.k, window_tokens=args.window_tokens,
+                            config=_config(args.config), job_id=args.job_id)
         if args.detach:
             _print_json(job) if args.json else print(job.id)
             return 0
@@ -305,74 +306,30 @@ def _build_remote(args, config) -> int:
     if job.state != "succeeded":
         print(f"error: job {job.id} {job.state}: {job.error}", file=sys.stderr)
         return 1
-    if not args.json:
-        print(f"job {job.id}: built {job.total} neurons")
+    if args.json:
+        _print_json(job)
+    else:
+        print(f"job {job.id}: built {job.total} neurons in {args.workspace or args.server}")
     return 0
 
 
-def _build_local(args, config) -> int:
-    from tqdm import tqdm
-
-    from n2g_service.config import EvalConfig, FitConfig, ScanConfig
-    from n2g_service.jobs import BuildRequest, run_build
-    from n2g_service.server import load_named_model
-    from n2g_service.workspace import Workspace
-
-    ws_model = None
-    if (args.workspace / "n2g.sqlite").exists():
-        ws_model = Workspace(args.workspace).model_name
-    model_name = args.model or ws_model or DEFAULT_MODEL
-    model = load_named_model(model_name, device=args.device)
-    ws = Workspace(args.workspace, create=True, model=model_name,
-                   corpus=args.corpus or (None if ws_model else DEFAULT_CORPUS), hook=model.hook)
-    if ws.corpus is None:
-        ws.set_meta("corpus", args.corpus or DEFAULT_CORPUS)
-    from n2g_service.jobs import record_model_meta
-
-    record_model_meta(ws, model)
-    config = config or {}
-    scan_kw = dict(config.get("scan") or {})
-    if args.k is not None:
-        scan_kw["k"] = args.k
-    if args.window_tokens is not None:
-        scan_kw["window_tokens"] = args.window_tokens
+def _config(text: str | None) -> dict[str, Any] | None:
+    if not text:
+        return None
     try:
-        req = BuildRequest(layers=args.layers, neurons=args.neurons, sample=args.sample, seed=args.seed,
-                           group_size=args.group_size, scan=ScanConfig(**scan_kw),
-                           fit=FitConfig.from_dict(config.get("fit")), eval=EvalConfig.from_dict(config.get("eval")))
-    except (TypeError, ValueError) as e:
-        raise CliError(str(e)) from None
-    bar = None
-
-    def progress(ev):
-        nonlocal bar
-        if ev.stage == "fit":
-            if bar is None:
-                bar = tqdm(total=ev.total, initial=ev.done, desc="building neurons", unit="neuron")
-            bar.n = ev.done
-            bar.set_postfix_str(ev.message[-40:])
-            bar.refresh()
-        elif ev.stage != "done":
-            print(f"[{ev.stage}] {ev.message}", file=sys.stderr)
-
-    try:
-        keys = run_build(ws, model, req, progress=progress)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if bar is not None:
-            bar.close()
-    print(f"built {len(keys)} neurons in {args.workspace}")
-    return 0
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CliError(f"--config is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise CliError('--config must be a JSON object, e.g. \'{"fit": {"n_substitutes": 3}}\'')
+    return config
 
 
 def _add_jobs(sub) -> None:
     p = sub.add_parser("jobs", help="list, show, watch or cancel build jobs")
     p.add_argument("action", nargs="?", default="list", choices=["list", "show", "watch", "cancel"])
     p.add_argument("job_id", nargs="?", help="job id (show, watch, cancel)")
-    p.add_argument("--state", nargs="+", default=None,
-                   choices=["queued", "running", "succeeded", "failed", "cancelled"], help="list: only these states")
+    p.add_argument("--state", nargs="+", default=None, choices=vocab.JOB_STATES, help="list: only these states")
     _add_conn(p)
 
 
@@ -570,7 +527,7 @@ def _cmd_similar(args) -> int:
             if args.json:
                 _print_json(pairs)
             else:
-                print(f"{len(pairs)} {args.kind} pair(s) at threshold {args.threshold or 0.9}")
+                print(f"{len(pairs)} {args.kind} pair(s) at threshold {args.threshold or vocab.DEFAULT_SIMILARITY_THRESHOLD}")
                 if pairs:
                     print(_table(_pair_rows(pairs), ["a", "b", "kind", "activating", "context"]))
             return 0
@@ -607,7 +564,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .client import _write_export
+    from .client import _ExportWriter
 
     with _client(args, needs_model=False) as c:
         items = c.export(args.layers, examples=True)
@@ -615,7 +572,10 @@ def _cmd_export(args) -> int:
             from tqdm import tqdm
 
             items = tqdm(items, desc="exporting", unit="neuron", file=sys.stderr)
-        n = _write_export(items, args.out)
+        writer = _ExportWriter(args.out)
+        for e in items:
+            writer.write(e)
+        n = writer.count
     if args.json:
         _print_json({"exported": n, "out": str(args.out)})
     else:
@@ -624,22 +584,13 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    if args.server and args.workspace is None:
-        with _client(args, needs_model=False) as c:
-            data = c.report()
-        if args.zip is not None:
-            args.zip.write_bytes(data)
-        from .client import _unzip
+    from .client import _unzip
 
-        index = _unzip(data, args.out)
-    else:
-        if args.workspace is None:
-            raise CliError("give --workspace DIR (or --server HOST:PORT)")
-        from n2g_service.report import write_report
-        from n2g_service.workspace import Workspace
-
-        Workspace(args.workspace)  # a clear error for a missing workspace
-        index = write_report(args.workspace, args.out)
+    with _client(args, needs_model=False) as c:
+        data = c.report()
+    if args.zip is not None:
+        args.zip.write_bytes(data)
+    index = _unzip(data, args.out)
     if args.json:
         _print_json({"index": str(index)})
     else:
@@ -661,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_graph(sub)
     p = sub.add_parser("predict", help="predicted activations of built neurons (from their graphs)")
     _add_inputs(p)
-    p.add_argument("--semantics", choices=["all_paths_max", "greedy_deepest"], default=None)
+    p.add_argument("--semantics", choices=vocab.SEMANTICS, default=None)
     _add_conn(p)
     p = sub.add_parser("activations", help="the model's true activations")
     _add_inputs(p)
@@ -685,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("layer", type=int, nargs="?")
     p.add_argument("neuron", type=int, nargs="?")
     p.add_argument("--all", action="store_true", help="every pair of the workspace")
-    p.add_argument("--kind", choices=["similar", "subset"], default="similar", help="--all: which pairs")
+    p.add_argument("--kind", choices=vocab.PAIR_KINDS, default=vocab.DEFAULT_PAIR_KIND, help="--all: which pairs")
     p.add_argument("--threshold", type=float, default=None, help="overlap threshold (default 0.9)")
     p.add_argument("--k", type=int, default=None, help="nearest neighbours to show (default 10)")
     _add_conn(p)
@@ -699,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_conn(p)
     p = sub.add_parser("report", help="write the workspace's HTML report")
     p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--zip", type=Path, default=None, help="remote: also keep the zip archive here")
+    p.add_argument("--zip", type=Path, default=None, help="also keep the zip archive here")
     _add_conn(p)
     return parser
 
@@ -727,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e.code.name}: {e.message}", file=sys.stderr)
             return 1
         if type(e).__name__ == "WorkspaceError":
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, ValueError):  # a bad argument caught before any call
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise

@@ -1,7 +1,7 @@
 """Python client of the n2g service: `N2GClient` (blocking) and `AsyncN2GClient` (asyncio).
 
 Needs only grpcio, protobuf and numpy (no torch, nothing from the server package). Results are
-dataclasses, activations numpy arrays; the generated protobuf types stay inside this module.
+the dataclasses of `n2g.types`, activations numpy arrays; the wire format stays in `n2g.convert`.
 
     from n2g.client import N2GClient
     with N2GClient("localhost:50051") as c:
@@ -12,6 +12,10 @@ dataclasses, activations numpy arrays; the generated protobuf types stay inside 
         pred.values[0]          # [2 neurons, n tokens] for the first text
         c.search([("cat", "activating")]).neurons
 
+Every method is written once (`_Api`): it checks and normalises its arguments and hands them to
+the transport - the network (`N2GClient`, `AsyncN2GClient`, whose methods are then coroutines)
+or the application layer in this process (`n2g.local.LocalN2GClient`).
+
 Errors are `N2GError` with `.code` (a `grpc.StatusCode`) and `.message`. Calls are retried with
 exponential backoff while the server is UNAVAILABLE (starting or restarting), within the call's
 deadline; `start_build` sends a client-chosen job id, so its retries never start a job twice.
@@ -20,287 +24,36 @@ deadline; `start_build` sends a client-chosen job id, so its retries never start
 from __future__ import annotations
 
 import asyncio
-import io
-import json
+import json as _json
 import os
 import random
 import time
 import uuid
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
 
-from .v1 import n2g_pb2 as _pb
+from . import vocab
+from .convert import OPS
+from .types import (Activations, Evaluation, ExportedNeuron, Graph, GraphSummary, InContextResult, Job, JobEvent,
+                    Key, ModelInfo, N2GError, Pair, SearchResult, Similar, TokenizedText)
+from .types import *  # noqa: F401,F403 - the result types are part of the client's API
 from .v1 import n2g_pb2_grpc as _pbg
+from .vocab import DEFAULT_TARGET, JOB_FINAL  # noqa: F401 - re-exported
 
 __all__ = [
     "N2GClient", "AsyncN2GClient", "N2GError", "ModelInfo", "Limits", "LayerStatus", "TokenizedText", "Job",
     "JobEvent", "GraphSummary", "GraphNode", "Graph", "Activations", "MethodScore", "NeuronEvaluation",
     "LayerEvaluation", "Evaluation", "SearchResult", "Pair", "Neighbour", "Similar", "ExportedNeuron",
-    "InContextNeuron", "InContextResult",
-    "parse_neuron", "DEFAULT_TARGET",
+    "InContextNeuron", "InContextResult", "parse_neuron", "DEFAULT_TARGET",
 ]
 
-DEFAULT_TARGET = "localhost:50051"
-Key = tuple[int, int]
-JOB_FINAL = ("succeeded", "failed", "cancelled")
-
-
-class N2GError(Exception):
-    """A failed call: `code` is the gRPC status code, `message` the server's explanation."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(f"{code.name}: {message}")
-        self.code = code
-        self.message = message
-
-    @property
-    def code_name(self) -> str:
-        return self.code.name
-
-
-def _error(e: grpc.RpcError) -> N2GError:
-    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
-    details = e.details() if hasattr(e, "details") else str(e)
-    return N2GError(code or grpc.StatusCode.UNKNOWN, details or "")
-
-
-# ---------------------------------------------------------------------------------------------
-# Results
-
-@dataclass(frozen=True)
-class Limits:
-    max_texts: int
-    max_tokens_per_sequence: int
-    max_total_tokens: int
-    max_neurons: int
-    max_neuron_tokens: int
-    max_message_bytes: int
-    max_build_neurons: int
-
-
-@dataclass(frozen=True)
-class LayerStatus:
-    layer: int
-    scanned: bool
-    neurons_built: int
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    model: str
-    loaded: bool
-    n_layers: int
-    d_mlp: int
-    d_vocab: int
-    hook: str
-    device: str
-    workspace: str
-    corpus: str
-    layers: list[LayerStatus]
-    neurons_built: int
-    limits: Limits
-    server_version: str
-    semantics: list[str]
-    default_semantics: str
-
-
-@dataclass(frozen=True)
-class TokenizedText:
-    token_ids: np.ndarray  # int64 [n_tokens]
-    tokens: list[str]
-
-
-@dataclass(frozen=True)
-class Job:
-    id: str
-    state: str  # queued | running | succeeded | failed | cancelled
-    total: int
-    done: int
-    error: str
-    created_at: float
-    updated_at: float
-    request: dict[str, Any]
-
-    @property
-    def finished(self) -> bool:
-        return self.state in JOB_FINAL
-
-
-@dataclass(frozen=True)
-class JobEvent:
-    job: Job
-    stage: str  # state | corpus | scan | fit | done | failed | cancelled
-    done: int
-    total: int
-    message: str
-    last_neuron: Key | None
-    elapsed_s: float
-
-
-@dataclass(frozen=True)
-class MethodScore:
-    method: str
-    precision: float
-    recall: float
-    f1: float
-
-
-@dataclass(frozen=True)
-class GraphSummary:
-    key: Key
-    max_activation: float
-    n_nodes: int
-    n_paths: int
-    activating: list[str]
-    context: list[str]
-    job_id: str
-    created_at: float
-    scores: list[MethodScore]
-
-
-@dataclass(frozen=True)
-class GraphNode:
-    label: str
-    token_ids: list[int]
-    ignore: bool
-    importance: float
-    activation: float | None
-    end: float | None
-    children: list["GraphNode"]
-
-
-@dataclass(frozen=True)
-class Graph:
-    summary: GraphSummary
-    model: str
-    hook: str
-    roots: list[GraphNode]
-    dot: str
-    svg: str
-    json: str
-    stats: dict[str, Any]
-    metrics: dict[str, Any]
-    examples: dict[str, Any] | None
-
-    @property
-    def key(self) -> Key:
-        return self.summary.key
-
-
-@dataclass(frozen=True)
-class Activations:
-    """Activations of `neurons` on each input sequence: `values[s]` is float32
-    [len(neurons), len(token_ids[s])]."""
-    neurons: list[Key]
-    token_ids: list[np.ndarray]
-    tokens: list[list[str]]
-    values: list[np.ndarray]
-    normalised: bool
-    max_activation: np.ndarray
-    semantics: str = ""
-
-    def padded(self, fill: float = 0.0) -> np.ndarray:
-        """[neuron, sequence, position], `fill` past each sequence's end."""
-        t = max((len(s) for s in self.token_ids), default=0)
-        out = np.full((len(self.neurons), len(self.values), t), fill, dtype=np.float32)
-        for i, v in enumerate(self.values):
-            out[:, i, : v.shape[1]] = v
-        return out
-
-    def of(self, layer: int, neuron: int) -> list[np.ndarray]:
-        """One neuron's activations, one array per sequence."""
-        r = self.neurons.index((layer, neuron))
-        return [v[r] for v in self.values]
-
-
-@dataclass(frozen=True)
-class NeuronEvaluation:
-    key: Key
-    scores: list[MethodScore]
-    metrics: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class LayerEvaluation:
-    layer: int
-    n_neurons: int
-    scores: list[MethodScore]
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    neurons: list[NeuronEvaluation]
-    layers: list[LayerEvaluation]
-    table: str
-    summary: Any
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    neurons: list[Key]
-    total: int
-
-
-@dataclass(frozen=True)
-class Pair:
-    a: Key  # for a subset pair: the neuron with the smaller sets
-    b: Key
-    kind: str  # similar | subset
-    activating_overlap: float
-    context_overlap: float
-
-
-@dataclass(frozen=True)
-class Neighbour:
-    key: Key
-    score: float  # mean of the two overlaps
-    activating_overlap: float
-    context_overlap: float
-
-
-@dataclass(frozen=True)
-class InContextNeuron:
-    key: Key
-    shared: list[str]  # labels among both its activating and its context tokens
-    fraction: float    # shared / activating labels
-
-
-@dataclass(frozen=True)
-class InContextResult:
-    neurons: list[InContextNeuron]  # ranked: most shared labels first
-    total: int
-
-
-@dataclass(frozen=True)
-class Similar:
-    similar: list[Pair]
-    subset: list[Pair]
-    neighbours: list[Neighbour]
-
-
-@dataclass(frozen=True)
-class ExportedNeuron:
-    key: Key
-    graph_json: str
-    examples_json: str
-
-
-# ---------------------------------------------------------------------------------------------
-# Requests and conversions (shared by both clients and the command line's local mode)
-
-_STATE = {_pb.JOB_STATE_QUEUED: "queued", _pb.JOB_STATE_RUNNING: "running", _pb.JOB_STATE_SUCCEEDED: "succeeded",
-          _pb.JOB_STATE_FAILED: "failed", _pb.JOB_STATE_CANCELLED: "cancelled"}
-_STATE_PB = {v: k for k, v in _STATE.items()}
-_SEMANTICS = {None: _pb.SEMANTICS_UNSPECIFIED, "": _pb.SEMANTICS_UNSPECIFIED,
-              "all_paths_max": _pb.SEMANTICS_ALL_PATHS_MAX, "greedy_deepest": _pb.SEMANTICS_GREEDY_DEEPEST}
-_ROLE = {"activating": _pb.ROLE_ACTIVATING, "context": _pb.ROLE_CONTEXT, "either": _pb.ROLE_EITHER}
-_KIND = {"similar": _pb.PAIR_KIND_SIMILAR, "subset": _pb.PAIR_KIND_SUBSET}
-_KIND_NAME = {_pb.PAIR_KIND_SIMILAR: "similar", _pb.PAIR_KIND_SUBSET: "subset", _pb.PAIR_KIND_UNSPECIFIED: "similar"}
+# A report archive is refused past these (a hostile server could send an endless stream or a zip bomb).
+MAX_REPORT_BYTES = 1 << 30
+MAX_REPORT_UNPACKED_BYTES = 4 << 30
 
 
 def parse_neuron(spec: str | Sequence[int]) -> Key:
@@ -309,193 +62,33 @@ def parse_neuron(spec: str | Sequence[int]) -> Key:
         for sep in (":", "/", ","):
             if sep in spec:
                 a, b = spec.split(sep, 1)
-                return int(a), int(b)
+                try:
+                    return int(a), int(b)
+                except ValueError:
+                    break
         raise ValueError(f"bad neuron {spec!r}: write LAYER:NEURON, e.g. 0:17")
     layer, neuron = spec
     return int(layer), int(neuron)
 
 
-def _keys_pb(neurons: Iterable[str | Sequence[int]]) -> list[_pb.NeuronKey]:
-    return [_pb.NeuronKey(layer=l, neuron=n) for l, n in map(parse_neuron, neurons)]
+def _keys(neurons: Iterable[str | Sequence[int]] | None) -> list[Key]:
+    return [parse_neuron(n) for n in neurons or ()]
 
 
-def _key(k: _pb.NeuronKey) -> Key:
-    return (k.layer, k.neuron)
+def _seqs(token_ids) -> list[list[int]]:
+    return [[int(x) for x in np.asarray(s).ravel()] for s in (token_ids or [])]
 
 
-def _token_ids_pb(token_ids) -> list[_pb.TokenIds]:
-    return [_pb.TokenIds(ids=[int(x) for x in np.asarray(s).ravel()]) for s in (token_ids or [])]
+def _choice(value: str | None, names: Sequence[str], what: str) -> str | None:
+    if value is None or value == "" or value in names:
+        return value or None
+    raise ValueError(f"unknown {what} {value!r}: use one of {', '.join(names)}")
 
 
-def _enum(mapping: dict, value, what: str):
-    if value in mapping:
-        return mapping[value]
-    if isinstance(value, int):  # raw enum numbers pass through (the server validates them)
-        return value
-    raise ValueError(f"unknown {what} {value!r}: use one of {sorted(k for k in mapping if k)}")
-
-
-class _Req:
-    """Request builders."""
-
-    @staticmethod
-    def tokenize(texts, token_ids, skip_bos):
-        return _pb.TokenizeRequest(texts=list(texts or []), token_ids=_token_ids_pb(token_ids), skip_bos=skip_bos)
-
-    @staticmethod
-    def start_build(layers, neurons, sample, seed, group_size, k, window_tokens, config, job_id):
-        return _pb.StartBuildRequest(
-            layers=list(layers), neurons=list(neurons or []), sample=sample or 0, seed=seed,
-            group_size=group_size or 0, k=k or 0, window_tokens=window_tokens or 0,
-            config_json=json.dumps(config) if config else "", job_id=job_id or uuid.uuid4().hex[:12])
-
-    @staticmethod
-    def graph(layer, neuron, structure, dot, svg, json_, examples):
-        return _pb.GetGraphRequest(neuron=_pb.NeuronKey(layer=layer, neuron=neuron), include_structure=structure,
-                                   include_dot=dot, include_svg=svg, include_json=json_, include_examples=examples)
-
-    @staticmethod
-    def predict(neurons, texts, token_ids, semantics, skip_bos):
-        return _pb.PredictRequest(neurons=_keys_pb(neurons), texts=list(texts or []),
-                                  token_ids=_token_ids_pb(token_ids),
-                                  semantics=_enum(_SEMANTICS, semantics, "semantics"), skip_bos=skip_bos)
-
-    @staticmethod
-    def activations(neurons, texts, token_ids, normalise, skip_bos):
-        return _pb.GetActivationsRequest(neurons=_keys_pb(neurons), texts=list(texts or []),
-                                         token_ids=_token_ids_pb(token_ids), normalise=normalise, skip_bos=skip_bos)
-
-    @staticmethod
-    def evaluate(neurons, layers, eval_config):
-        return _pb.EvaluateRequest(neurons=_keys_pb(neurons or []), layers=list(layers or []),
-                                   eval_config_json=json.dumps(eval_config) if eval_config else "")
-
-    @staticmethod
-    def search(clauses, limit):
-        out = []
-        for tok, role in clauses:
-            c = _pb.SearchClause(role=_enum(_ROLE, role, "role"))
-            if isinstance(tok, (int, np.integer)):
-                c.token_id = int(tok)
-            else:
-                c.label = str(tok)
-            out.append(c)
-        return _pb.SearchRequest(clauses=out, limit=limit)
-
-    @staticmethod
-    def similar(layer, neuron, threshold, k):
-        return _pb.FindSimilarRequest(neuron=_pb.NeuronKey(layer=layer, neuron=neuron), threshold=threshold or 0.0,
-                                      k=k or 0)
-
-    @staticmethod
-    def pairs(kind, threshold, batch_size):
-        return _pb.StreamPairsRequest(kind=_enum(_KIND, kind, "pair kind"), threshold=threshold or 0.0,
-                                      batch_size=batch_size or 0)
-
-    @staticmethod
-    def list_jobs(states):
-        return _pb.ListJobsRequest(states=[_enum(_STATE_PB, s, "job state") for s in (states or [])])
-
-
-class _Conv:
-    """Response converters (protobuf -> dataclasses)."""
-
-    @staticmethod
-    def model_info(r) -> ModelInfo:
-        lim = r.limits
-        return ModelInfo(
-            model=r.model, loaded=r.loaded, n_layers=r.n_layers, d_mlp=r.d_mlp, d_vocab=r.d_vocab, hook=r.hook,
-            device=r.device, workspace=r.workspace, corpus=r.corpus,
-            layers=[LayerStatus(x.layer, x.scanned, x.neurons_built) for x in r.layers],
-            neurons_built=r.neurons_built,
-            limits=Limits(lim.max_texts, lim.max_tokens_per_sequence, lim.max_total_tokens, lim.max_neurons,
-                          lim.max_neuron_tokens, lim.max_message_bytes, lim.max_build_neurons),
-            server_version=r.server_version, semantics=list(r.semantics), default_semantics=r.default_semantics)
-
-    @staticmethod
-    def tokenize(r) -> list[TokenizedText]:
-        return [TokenizedText(np.asarray(s.token_ids, dtype=np.int64), list(s.tokens)) for s in r.sequences]
-
-    @staticmethod
-    def job(r) -> Job:
-        return Job(r.id, _STATE.get(r.state, "unknown"), r.total, r.done, r.error, r.created_at, r.updated_at,
-                   json.loads(r.request_json) if r.request_json else {})
-
-    @staticmethod
-    def jobs(r) -> list[Job]:
-        return [_Conv.job(j) for j in r.jobs]
-
-    @staticmethod
-    def job_event(r) -> JobEvent:
-        return JobEvent(_Conv.job(r.job), r.stage, r.done, r.total, r.message,
-                        _key(r.last_neuron) if r.HasField("last_neuron") else None, r.elapsed_s)
-
-    @staticmethod
-    def scores(rs) -> list[MethodScore]:
-        return [MethodScore(s.method, s.precision, s.recall, s.f1) for s in rs]
-
-    @staticmethod
-    def summary(s) -> GraphSummary:
-        return GraphSummary(_key(s.key), s.max_activation, s.n_nodes, s.n_paths, list(s.activating),
-                            list(s.context), s.job_id, s.created_at, _Conv.scores(s.scores))
-
-    @staticmethod
-    def summaries(r) -> list[GraphSummary]:
-        return [_Conv.summary(s) for s in r.graphs]
-
-    @staticmethod
-    def node(n) -> GraphNode:
-        return GraphNode(n.label, list(n.token_ids), n.ignore, n.importance,
-                         n.activation if n.HasField("activation") else None, n.end if n.HasField("end") else None,
-                         [_Conv.node(c) for c in n.children])
-
-    @staticmethod
-    def graph(r) -> Graph:
-        return Graph(_Conv.summary(r.summary), r.model, r.hook, [_Conv.node(n) for n in r.roots], r.dot, r.svg,
-                     r.json, json.loads(r.stats_json or "{}"), json.loads(r.metrics_json or "{}"),
-                     json.loads(r.examples_json) if r.examples_json else None)
-
-    @staticmethod
-    def activations(r) -> Activations:
-        n = len(r.neurons)
-        ids, toks, vals = [], [], []
-        for s in r.sequences:
-            t = np.asarray(s.token_ids, dtype=np.int64)
-            ids.append(t)
-            toks.append(list(s.tokens))
-            vals.append(np.asarray(s.activations, dtype=np.float32).reshape(n, len(t)))
-        return Activations([_key(k) for k in r.neurons], ids, toks, vals, r.normalised,
-                           np.asarray(r.max_activation, dtype=np.float32), r.semantics)
-
-    @staticmethod
-    def evaluation(r) -> Evaluation:
-        return Evaluation(
-            [NeuronEvaluation(_key(n.key), _Conv.scores(n.scores), json.loads(n.metrics_json or "{}"))
-             for n in r.neurons],
-            [LayerEvaluation(l.layer, l.n_neurons, _Conv.scores(l.scores)) for l in r.layers],
-            r.table, json.loads(r.summary_json) if r.summary_json else None)
-
-    @staticmethod
-    def search(r) -> SearchResult:
-        return SearchResult([_key(k) for k in r.neurons], r.total)
-
-    @staticmethod
-    def pair(p) -> Pair:
-        return Pair(_key(p.a), _key(p.b), _KIND_NAME.get(p.kind, "similar"), p.activating_overlap, p.context_overlap)
-
-    @staticmethod
-    def similar(r) -> Similar:
-        return Similar([_Conv.pair(p) for p in r.similar], [_Conv.pair(p) for p in r.subset],
-                       [Neighbour(_key(n.key), n.score, n.activating_overlap, n.context_overlap)
-                        for n in r.neighbours])
-
-    @staticmethod
-    def in_context(r) -> InContextResult:
-        return InContextResult([InContextNeuron(_key(n.key), list(n.shared), n.fraction) for n in r.neurons], r.total)
-
-    @staticmethod
-    def exported(r) -> ExportedNeuron:
-        return ExportedNeuron(_key(r.key), r.graph_json, r.examples_json)
+def _error(e: grpc.RpcError) -> N2GError:
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    details = e.details() if hasattr(e, "details") else str(e)
+    return N2GError(code or grpc.StatusCode.UNKNOWN, details or "")
 
 
 # grpc.health.v1 by hand (two one-field messages), so the client needs no grpcio-health-checking.
@@ -548,7 +141,224 @@ def _delays(retries: int, backoff: float, max_backoff: float) -> Iterator[float]
 
 
 # ---------------------------------------------------------------------------------------------
-# The blocking client
+# The API, written once
+
+class _Api:
+    """Every n2g call. Subclasses supply the transport: `_call(name, args, timeout)` returns the
+    result of the operation `name` (n2g.convert.OPS), `_stream_call` an iterator of its items."""
+
+    timeout: float | None
+
+    def _call(self, name: str, args: dict[str, Any], timeout: float | None):
+        raise NotImplementedError
+
+    def _stream_call(self, name: str, args: dict[str, Any], timeout: float | None):
+        raise NotImplementedError
+
+    # -- model ----------------------------------------------------------------------------------
+    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        return self._call("model_info", {}, timeout)
+
+    def tokenize(self, texts: Sequence[str] | None = None, *, token_ids=None, skip_bos: bool = False,
+                 timeout: float | None = None) -> list[TokenizedText]:
+        return self._call("tokenize", dict(texts=list(texts or []), token_ids=_seqs(token_ids), skip_bos=skip_bos),
+                          timeout)
+
+    # -- jobs -----------------------------------------------------------------------------------
+    def start_build(self, layers: Sequence[int], neurons: Sequence[int] | None = None, *, sample: int | None = None,
+                    seed: int = 0, group_size: int | None = None, k: int | None = None,
+                    window_tokens: int | None = None, config: dict[str, Any] | None = None,
+                    job_id: str | None = None, timeout: float | None = None) -> Job:
+        """Queues a build of `neurons` (or a seeded `sample` of live neurons) in each of `layers`.
+        `config` overrides the scan/fit/eval settings ({"fit": {"n_substitutes": 3}, ...})."""
+        return self._call("start_build", dict(
+            layers=[int(l) for l in layers], neurons=[int(n) for n in neurons] if neurons else None,
+            sample=sample, seed=int(seed), group_size=group_size, k=k, window_tokens=window_tokens,
+            config_json=_json.dumps(config) if config else None, job_id=job_id or uuid.uuid4().hex[:12]), timeout)
+
+    def get_job(self, job_id: str, *, timeout: float | None = None) -> Job:
+        return self._call("get_job", dict(job_id=job_id), timeout)
+
+    def cancel_job(self, job_id: str, *, timeout: float | None = None) -> Job:
+        return self._call("cancel_job", dict(job_id=job_id), timeout)
+
+    def list_jobs(self, states: Sequence[str] | None = None, *, timeout: float | None = None) -> list[Job]:
+        for s in states or ():
+            _choice(s, vocab.JOB_STATES, "job state")
+        return self._call("list_jobs", dict(states=list(states) if states else None), timeout)
+
+    def watch_job(self, job_id: str, *, timeout: float | None = None) -> Iterator[JobEvent]:
+        """Progress events of a job, ending with the event that finishes it."""
+        return self._stream_call("watch_job", dict(job_id=job_id), timeout)
+
+    def wait_job(self, job_id: str, progress: Callable[[JobEvent], None] | None = None, *,
+                 timeout: float | None = None, reconnect: bool = True) -> Job:
+        """Watches a job until it finishes and returns it. With `reconnect`, a server that goes
+        away (restart) is waited for and watched again, within `timeout` (None: no limit)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                left = None if deadline is None else max(1e-3, deadline - time.monotonic())
+                last = None
+                for ev in self.watch_job(job_id, timeout=left):
+                    last = ev
+                    if progress is not None:
+                        progress(ev)
+                if last is not None and last.job.finished:
+                    return last.job
+            except N2GError as e:
+                if not reconnect or e.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                    raise
+            if deadline is not None and time.monotonic() >= deadline:
+                raise N2GError(grpc.StatusCode.DEADLINE_EXCEEDED, f"job {job_id} not finished after {timeout} s")
+            time.sleep(0.2)
+
+    # -- graphs ---------------------------------------------------------------------------------
+    def list_graphs(self, layers: Sequence[int] | None = None, *, limit: int = 0,
+                    timeout: float | None = None) -> list[GraphSummary]:
+        return self._call("list_graphs", dict(layers=list(layers) if layers else None, limit=limit), timeout)
+
+    def graph(self, layer: int, neuron: int, *, structure: bool = False, dot: bool = False, svg: bool = False,
+              json: bool = False, examples: bool = False, timeout: float | None = None) -> Graph:
+        """One graph; `structure`, `dot`, `svg`, `json` and `examples` add those parts."""
+        return self._call("graph", dict(layer=int(layer), neuron=int(neuron), structure=structure, dot=dot, svg=svg,
+                                        json=json, examples=examples), timeout)
+
+    # -- activations ----------------------------------------------------------------------------
+    def predict(self, neurons: Sequence, texts: Sequence[str] | None = None, *, token_ids=None,
+                semantics: str | None = None, skip_bos: bool = False, timeout: float | None = None) -> Activations:
+        """Predicted normalised activations of built neurons (from their graphs)."""
+        return self._call("predict", dict(neurons=_keys(neurons), texts=list(texts or []), token_ids=_seqs(token_ids),
+                                          semantics=_choice(semantics, vocab.SEMANTICS, "semantics"),
+                                          skip_bos=skip_bos), timeout)
+
+    def activations(self, neurons: Sequence, texts: Sequence[str] | None = None, *, token_ids=None,
+                    normalise: bool = True, skip_bos: bool = False, timeout: float | None = None) -> Activations:
+        """The model's true activations (normalised by a_max unless `normalise=False`)."""
+        return self._call("activations", dict(neurons=_keys(neurons), texts=list(texts or []),
+                                              token_ids=_seqs(token_ids), normalise=normalise, skip_bos=skip_bos),
+                          timeout)
+
+    # -- evaluation, search, similarity ---------------------------------------------------------
+    def evaluate(self, neurons: Sequence | None = None, *, layers: Sequence[int] | None = None,
+                 eval_config: dict[str, Any] | None = None, timeout: float | None = None) -> Evaluation:
+        return self._call("evaluate", dict(neurons=_keys(neurons) or None, layers=list(layers) if layers else None,
+                                           eval_config_json=_json.dumps(eval_config) if eval_config else None),
+                          timeout)
+
+    def search(self, clauses: Sequence[tuple[str | int, str]], *, limit: int = 0,
+               timeout: float | None = None) -> SearchResult:
+        """Neurons matching every (token, role) clause; token is a label or a token id, role
+        activating | context | either."""
+        out = [(int(t) if isinstance(t, (int, np.integer)) else str(t), _choice(r, vocab.ROLES, "role"))
+               for t, r in clauses]
+        return self._call("search", dict(clauses=out, limit=limit), timeout)
+
+    def in_context_neurons(self, *, limit: int = 0, timeout: float | None = None) -> InContextResult:
+        """Neurons with a token among both their activating and context tokens (ranked)."""
+        return self._call("in_context_neurons", dict(limit=limit), timeout)
+
+    def similar(self, layer: int, neuron: int, *, threshold: float | None = None, k: int | None = None,
+                timeout: float | None = None) -> Similar:
+        return self._call("similar", dict(layer=int(layer), neuron=int(neuron), threshold=threshold or None,
+                                          k=k or None), timeout)
+
+    def pairs(self, kind: str = vocab.DEFAULT_PAIR_KIND, *, threshold: float | None = None,
+              batch_size: int | None = None, timeout: float | None = None) -> Iterator[Pair]:
+        """Every similar (or subset) pair of built graphs, streamed."""
+        return self._stream_call("pairs", dict(kind=_choice(kind, vocab.PAIR_KINDS, "pair kind"),
+                                               threshold=threshold or None, batch_size=batch_size or None), timeout)
+
+    # -- export and report ----------------------------------------------------------------------
+    def export(self, layers: Sequence[int] | None = None, *, examples: bool = True,
+               timeout: float | None = None) -> Iterator[ExportedNeuron]:
+        return self._stream_call("export", dict(layers=list(layers) if layers else None, examples=examples), timeout)
+
+    def export_to(self, out_dir: str | os.PathLike, layers: Sequence[int] | None = None, *,
+                  timeout: float | None = None) -> int:
+        """Writes out_dir/graphs/L_N.json and out_dir/examples/L_N.json; returns the count."""
+        writer = _ExportWriter(out_dir)
+        for e in self.export(layers, examples=True, timeout=timeout):
+            writer.write(e)
+        return writer.count
+
+    def report(self, *, timeout: float | None = None) -> bytes:
+        """The workspace's report as zip bytes (at most MAX_REPORT_BYTES)."""
+        sink = _ReportSink()
+        for chunk in self._stream_call("report", {}, timeout):
+            sink.add(chunk.data)
+        return sink.bytes()
+
+    def report_to(self, out_dir: str | os.PathLike, *, timeout: float | None = None) -> Path:
+        """Fetches the report and unpacks it into out_dir; returns out_dir/index.html."""
+        return _unzip(self.report(timeout=timeout), out_dir)
+
+
+class _ExportWriter:
+    def __init__(self, out_dir) -> None:
+        self.out = Path(out_dir)
+        (self.out / "graphs").mkdir(parents=True, exist_ok=True)
+        (self.out / "examples").mkdir(parents=True, exist_ok=True)
+        self.count = 0
+
+    def write(self, e: ExportedNeuron) -> None:
+        name = f"{int(e.key[0])}_{int(e.key[1])}.json"
+        (self.out / "graphs" / name).write_text(e.graph_json)
+        if e.examples_json:
+            (self.out / "examples" / name).write_text(e.examples_json)
+        self.count += 1
+
+
+class _ReportSink:
+    """Collects a streamed report, refusing one past MAX_REPORT_BYTES as it arrives."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._n = 0
+
+    def add(self, data: bytes) -> None:
+        self._n += len(data)
+        if self._n > MAX_REPORT_BYTES:
+            raise N2GError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"the report archive passed {MAX_REPORT_BYTES} bytes; refusing the rest")
+        self._parts.append(data)
+
+    def bytes(self) -> bytes:
+        return b"".join(self._parts)
+
+
+def _unzip(data: bytes, out_dir) -> Path:
+    """Unpacks a report archive into out_dir, refusing paths outside it and archives that unpack
+    past MAX_REPORT_UNPACKED_BYTES (sizes are checked as bytes are written, not trusted from the
+    archive's directory)."""
+    import io
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    root = out.resolve()
+    written = 0
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        infos = zf.infolist()
+        for info in infos:
+            if not (root / info.filename).resolve().is_relative_to(root):
+                raise ValueError(f"unsafe path in report archive: {info.filename}")
+        for info in infos:
+            target = (root / info.filename).resolve()
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as dst:
+                while block := src.read(1 << 20):
+                    written += len(block)
+                    if written > MAX_REPORT_UNPACKED_BYTES:
+                        raise ValueError(f"report archive unpacks past {MAX_REPORT_UNPACKED_BYTES} bytes; refused")
+                    dst.write(block)
+    return out / "index.html"
+
+
+# ---------------------------------------------------------------------------------------------
+# Network transports
 
 class _ClientBase:
     """Settings and channel shared by the blocking and the asyncio client. `target` is host:port;
@@ -565,7 +375,10 @@ class _ClientBase:
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
-        token = token if token is not None else os.environ.get("N2G_TOKEN") or None
+        if token is None:
+            token = os.environ.get("N2G_TOKEN")
+        if token is not None and not token.strip():
+            raise ValueError("an empty auth token was given: pass a real token or none at all")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         creds = _credentials(tls, root_certificates)
         opts = _channel_args(max_message_bytes, tls_server_name)
@@ -580,10 +393,9 @@ class _ClientBase:
         return grpc
 
 
-class N2GClient(_ClientBase):
+class N2GClient(_ClientBase, _Api):
     """Blocking client (see `_ClientBase` for the connection options)."""
 
-    # -- plumbing -------------------------------------------------------------------------------
     def close(self) -> None:
         if self._channel is not None:
             self._channel.close()
@@ -593,6 +405,19 @@ class N2GClient(_ClientBase):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _call(self, name: str, args: dict[str, Any], timeout: float | None):
+        op = OPS[name]
+        return op.result(self._unary(op.rpc, op.request(**args), timeout))
+
+    def _stream_call(self, name: str, args: dict[str, Any], timeout: float | None) -> Iterator:
+        op = OPS[name]
+        for msg in self._stream(op.rpc, op.request(**args), timeout):
+            item = op.result(msg)
+            if isinstance(item, list):
+                yield from item
+            else:
+                yield item
 
     def _unary(self, method: str, request, timeout: float | None = None):
         budget = self.timeout if timeout is None else timeout
@@ -631,7 +456,6 @@ class N2GClient(_ClientBase):
             finally:
                 call.cancel()
 
-    # -- health ---------------------------------------------------------------------------------
     def health(self, service: str = "", timeout: float = 5.0) -> str:
         """grpc.health.v1 status of `service` ("" = the server): SERVING, NOT_SERVING, ..."""
         fn = self._channel.unary_unary(_HEALTH_METHOD, request_serializer=None, response_deserializer=None)
@@ -653,160 +477,8 @@ class N2GClient(_ClientBase):
                 raise N2GError(grpc.StatusCode.UNAVAILABLE, f"server at {self.target} not ready after {timeout} s")
             time.sleep(0.1)
 
-    # -- model ----------------------------------------------------------------------------------
-    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        return _Conv.model_info(self._unary("GetModelInfo", _pb.GetModelInfoRequest(), timeout))
 
-    def tokenize(self, texts: Sequence[str] | None = None, *, token_ids=None, skip_bos: bool = False,
-                 timeout: float | None = None) -> list[TokenizedText]:
-        return _Conv.tokenize(self._unary("Tokenize", _Req.tokenize(texts, token_ids, skip_bos), timeout))
-
-    # -- jobs -----------------------------------------------------------------------------------
-    def start_build(self, layers: Sequence[int], neurons: Sequence[int] | None = None, *, sample: int | None = None,
-                    seed: int = 0, group_size: int | None = None, k: int | None = None,
-                    window_tokens: int | None = None, config: dict[str, Any] | None = None,
-                    job_id: str | None = None, timeout: float | None = None) -> Job:
-        req = _Req.start_build(layers, neurons, sample, seed, group_size, k, window_tokens, config, job_id)
-        return _Conv.job(self._unary("StartBuild", req, timeout))
-
-    def get_job(self, job_id: str, *, timeout: float | None = None) -> Job:
-        return _Conv.job(self._unary("GetJob", _pb.GetJobRequest(job_id=job_id), timeout))
-
-    def cancel_job(self, job_id: str, *, timeout: float | None = None) -> Job:
-        return _Conv.job(self._unary("CancelJob", _pb.CancelJobRequest(job_id=job_id), timeout))
-
-    def list_jobs(self, states: Sequence[str] | None = None, *, timeout: float | None = None) -> list[Job]:
-        return _Conv.jobs(self._unary("ListJobs", _Req.list_jobs(states), timeout))
-
-    def watch_job(self, job_id: str, *, timeout: float | None = None) -> Iterator[JobEvent]:
-        """Progress events of a job, ending with the event that finishes it."""
-        for ev in self._stream("WatchJob", _pb.WatchJobRequest(job_id=job_id), timeout):
-            yield _Conv.job_event(ev)
-
-    def wait_job(self, job_id: str, progress: Callable[[JobEvent], None] | None = None, *,
-                 timeout: float | None = None, reconnect: bool = True) -> Job:
-        """Watches a job until it finishes and returns it. With `reconnect`, a server that goes
-        away (restart) is waited for and watched again, within `timeout` (None: no limit)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                left = None if deadline is None else max(1e-3, deadline - time.monotonic())
-                last = None
-                for ev in self.watch_job(job_id, timeout=left):
-                    last = ev
-                    if progress is not None:
-                        progress(ev)
-                if last is not None and last.job.finished:
-                    return last.job
-            except N2GError as e:
-                if not reconnect or e.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-                    raise
-            if deadline is not None and time.monotonic() >= deadline:
-                raise N2GError(grpc.StatusCode.DEADLINE_EXCEEDED, f"job {job_id} not finished after {timeout} s")
-            time.sleep(0.2)
-
-    # -- graphs ---------------------------------------------------------------------------------
-    def list_graphs(self, layers: Sequence[int] | None = None, *, limit: int = 0,
-                    timeout: float | None = None) -> list[GraphSummary]:
-        return _Conv.summaries(self._unary("ListGraphs", _pb.ListGraphsRequest(layers=list(layers or []), limit=limit),
-                                           timeout))
-
-    def graph(self, layer: int, neuron: int, *, structure: bool = False, dot: bool = False, svg: bool = False,
-              json: bool = False, examples: bool = False, timeout: float | None = None) -> Graph:
-        req = _Req.graph(layer, neuron, structure, dot, svg, json, examples)
-        return _Conv.graph(self._unary("GetGraph", req, timeout))
-
-    # -- activations ----------------------------------------------------------------------------
-    def predict(self, neurons: Sequence, texts: Sequence[str] | None = None, *, token_ids=None,
-                semantics: str | None = None, skip_bos: bool = False, timeout: float | None = None) -> Activations:
-        """Predicted normalised activations of built neurons (from their graphs)."""
-        req = _Req.predict(neurons, texts, token_ids, semantics, skip_bos)
-        return _Conv.activations(self._unary("Predict", req, timeout))
-
-    def activations(self, neurons: Sequence, texts: Sequence[str] | None = None, *, token_ids=None,
-                    normalise: bool = True, skip_bos: bool = False, timeout: float | None = None) -> Activations:
-        """The model's true activations (normalised by a_max unless `normalise=False`)."""
-        req = _Req.activations(neurons, texts, token_ids, normalise, skip_bos)
-        return _Conv.activations(self._unary("GetActivations", req, timeout))
-
-    # -- evaluation, search, similarity ---------------------------------------------------------
-    def evaluate(self, neurons: Sequence | None = None, *, layers: Sequence[int] | None = None,
-                 eval_config: dict[str, Any] | None = None, timeout: float | None = None) -> Evaluation:
-        return _Conv.evaluation(self._unary("Evaluate", _Req.evaluate(neurons, layers, eval_config), timeout))
-
-    def search(self, clauses: Sequence[tuple[str | int, str]], *, limit: int = 0,
-               timeout: float | None = None) -> SearchResult:
-        """Neurons matching every (token, role) clause; token is a label or a token id, role
-        activating | context | either."""
-        return _Conv.search(self._unary("Search", _Req.search(clauses, limit), timeout))
-
-    def in_context_neurons(self, *, limit: int = 0, timeout: float | None = None) -> InContextResult:
-        """Neurons with a token among both their activating and context tokens (ranked)."""
-        return _Conv.in_context(self._unary("ListInContextNeurons", _pb.ListInContextNeuronsRequest(limit=limit),
-                                            timeout))
-
-    def similar(self, layer: int, neuron: int, *, threshold: float | None = None, k: int | None = None,
-                timeout: float | None = None) -> Similar:
-        return _Conv.similar(self._unary("FindSimilar", _Req.similar(layer, neuron, threshold, k), timeout))
-
-    def pairs(self, kind: str = "similar", *, threshold: float | None = None, batch_size: int | None = None,
-              timeout: float | None = None) -> Iterator[Pair]:
-        """Every similar (or subset) pair of built graphs, streamed."""
-        for batch in self._stream("StreamPairs", _Req.pairs(kind, threshold, batch_size), timeout):
-            for p in batch.pairs:
-                yield _Conv.pair(p)
-
-    # -- export and report ----------------------------------------------------------------------
-    def export(self, layers: Sequence[int] | None = None, *, examples: bool = True,
-               timeout: float | None = None) -> Iterator[ExportedNeuron]:
-        req = _pb.ExportGraphsRequest(layers=list(layers or []), include_examples=examples)
-        for r in self._stream("ExportGraphs", req, timeout):
-            yield _Conv.exported(r)
-
-    def export_to(self, out_dir: str | os.PathLike, layers: Sequence[int] | None = None, *,
-                  timeout: float | None = None) -> int:
-        """Writes out_dir/graphs/L_N.json and out_dir/examples/L_N.json; returns the count."""
-        return _write_export(self.export(layers, examples=True, timeout=timeout), out_dir)
-
-    def report(self, *, timeout: float | None = None) -> bytes:
-        """The workspace's report as zip bytes."""
-        return b"".join(c.data for c in self._stream("GetReport", _pb.GetReportRequest(), timeout))
-
-    def report_to(self, out_dir: str | os.PathLike, *, timeout: float | None = None) -> Path:
-        """Fetches the report and unpacks it into out_dir; returns out_dir/index.html."""
-        return _unzip(self.report(timeout=timeout), out_dir)
-
-
-def _write_export(items: Iterable[ExportedNeuron], out_dir) -> int:
-    out = Path(out_dir)
-    (out / "graphs").mkdir(parents=True, exist_ok=True)
-    (out / "examples").mkdir(parents=True, exist_ok=True)
-    n = 0
-    for e in items:
-        name = f"{e.key[0]}_{e.key[1]}.json"
-        (out / "graphs" / name).write_text(e.graph_json)
-        if e.examples_json:
-            (out / "examples" / name).write_text(e.examples_json)
-        n += 1
-    return n
-
-
-def _unzip(data: bytes, out_dir) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        for name in zf.namelist():
-            target = (out / name).resolve()
-            if not str(target).startswith(str(out.resolve())):
-                raise ValueError(f"unsafe path in report archive: {name}")
-        zf.extractall(out)
-    return out / "index.html"
-
-
-# ---------------------------------------------------------------------------------------------
-# The asyncio client
-
-class AsyncN2GClient(_ClientBase):
+class AsyncN2GClient(_ClientBase, _Api):
     """asyncio client with the same methods as `N2GClient` (coroutines; streams are async
     iterators). Create and use it inside a running event loop."""
 
@@ -822,6 +494,17 @@ class AsyncN2GClient(_ClientBase):
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+    async def _call(self, name: str, args: dict[str, Any], timeout: float | None):
+        op = OPS[name]
+        return op.result(await self._unary(op.rpc, op.request(**args), timeout))
+
+    async def _stream_call(self, name: str, args: dict[str, Any], timeout: float | None) -> AsyncIterator:
+        op = OPS[name]
+        async for msg in self._stream(op.rpc, op.request(**args), timeout):
+            item = op.result(msg)
+            for x in (item if isinstance(item, list) else [item]):
+                yield x
 
     async def _unary(self, method: str, request, timeout: float | None = None):
         budget = self.timeout if timeout is None else timeout
@@ -881,34 +564,7 @@ class AsyncN2GClient(_ClientBase):
                 raise N2GError(grpc.StatusCode.UNAVAILABLE, f"server at {self.target} not ready after {timeout} s")
             await asyncio.sleep(0.1)
 
-    async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        return _Conv.model_info(await self._unary("GetModelInfo", _pb.GetModelInfoRequest(), timeout))
-
-    async def tokenize(self, texts: Sequence[str] | None = None, *, token_ids=None, skip_bos: bool = False,
-                       timeout: float | None = None) -> list[TokenizedText]:
-        return _Conv.tokenize(await self._unary("Tokenize", _Req.tokenize(texts, token_ids, skip_bos), timeout))
-
-    async def start_build(self, layers: Sequence[int], neurons: Sequence[int] | None = None, *,
-                          sample: int | None = None, seed: int = 0, group_size: int | None = None,
-                          k: int | None = None, window_tokens: int | None = None,
-                          config: dict[str, Any] | None = None, job_id: str | None = None,
-                          timeout: float | None = None) -> Job:
-        req = _Req.start_build(layers, neurons, sample, seed, group_size, k, window_tokens, config, job_id)
-        return _Conv.job(await self._unary("StartBuild", req, timeout))
-
-    async def get_job(self, job_id: str, *, timeout: float | None = None) -> Job:
-        return _Conv.job(await self._unary("GetJob", _pb.GetJobRequest(job_id=job_id), timeout))
-
-    async def cancel_job(self, job_id: str, *, timeout: float | None = None) -> Job:
-        return _Conv.job(await self._unary("CancelJob", _pb.CancelJobRequest(job_id=job_id), timeout))
-
-    async def list_jobs(self, states: Sequence[str] | None = None, *, timeout: float | None = None) -> list[Job]:
-        return _Conv.jobs(await self._unary("ListJobs", _Req.list_jobs(states), timeout))
-
-    async def watch_job(self, job_id: str, *, timeout: float | None = None) -> AsyncIterator[JobEvent]:
-        async for ev in self._stream("WatchJob", _pb.WatchJobRequest(job_id=job_id), timeout):
-            yield _Conv.job_event(ev)
-
+    # The calls that combine others are coroutines here (the rest come from _Api unchanged).
     async def wait_job(self, job_id: str, progress: Callable[[JobEvent], None] | None = None, *,
                        timeout: float | None = None, reconnect: bool = True) -> Job:
         loop = asyncio.get_running_loop()
@@ -930,57 +586,18 @@ class AsyncN2GClient(_ClientBase):
                 raise N2GError(grpc.StatusCode.DEADLINE_EXCEEDED, f"job {job_id} not finished after {timeout} s")
             await asyncio.sleep(0.2)
 
-    async def list_graphs(self, layers: Sequence[int] | None = None, *, limit: int = 0,
-                          timeout: float | None = None) -> list[GraphSummary]:
-        req = _pb.ListGraphsRequest(layers=list(layers or []), limit=limit)
-        return _Conv.summaries(await self._unary("ListGraphs", req, timeout))
-
-    async def graph(self, layer: int, neuron: int, *, structure: bool = False, dot: bool = False,
-                    svg: bool = False, json: bool = False, examples: bool = False,
-                    timeout: float | None = None) -> Graph:
-        req = _Req.graph(layer, neuron, structure, dot, svg, json, examples)
-        return _Conv.graph(await self._unary("GetGraph", req, timeout))
-
-    async def predict(self, neurons: Sequence, texts: Sequence[str] | None = None, *, token_ids=None,
-                      semantics: str | None = None, skip_bos: bool = False,
-                      timeout: float | None = None) -> Activations:
-        req = _Req.predict(neurons, texts, token_ids, semantics, skip_bos)
-        return _Conv.activations(await self._unary("Predict", req, timeout))
-
-    async def activations(self, neurons: Sequence, texts: Sequence[str] | None = None, *, token_ids=None,
-                          normalise: bool = True, skip_bos: bool = False,
-                          timeout: float | None = None) -> Activations:
-        req = _Req.activations(neurons, texts, token_ids, normalise, skip_bos)
-        return _Conv.activations(await self._unary("GetActivations", req, timeout))
-
-    async def evaluate(self, neurons: Sequence | None = None, *, layers: Sequence[int] | None = None,
-                       eval_config: dict[str, Any] | None = None, timeout: float | None = None) -> Evaluation:
-        return _Conv.evaluation(await self._unary("Evaluate", _Req.evaluate(neurons, layers, eval_config), timeout))
-
-    async def search(self, clauses: Sequence[tuple[str | int, str]], *, limit: int = 0,
-                     timeout: float | None = None) -> SearchResult:
-        return _Conv.search(await self._unary("Search", _Req.search(clauses, limit), timeout))
-
-    async def in_context_neurons(self, *, limit: int = 0, timeout: float | None = None) -> InContextResult:
-        req = _pb.ListInContextNeuronsRequest(limit=limit)
-        return _Conv.in_context(await self._unary("ListInContextNeurons", req, timeout))
-
-    async def similar(self, layer: int, neuron: int, *, threshold: float | None = None, k: int | None = None,
-                      timeout: float | None = None) -> Similar:
-        return _Conv.similar(await self._unary("FindSimilar", _Req.similar(layer, neuron, threshold, k), timeout))
-
-    async def pairs(self, kind: str = "similar", *, threshold: float | None = None,
-                    batch_size: int | None = None, timeout: float | None = None) -> AsyncIterator[Pair]:
-        async for batch in self._stream("StreamPairs", _Req.pairs(kind, threshold, batch_size), timeout):
-            for p in batch.pairs:
-                yield _Conv.pair(p)
-
-    async def export(self, layers: Sequence[int] | None = None, *, examples: bool = True,
-                     timeout: float | None = None) -> AsyncIterator[ExportedNeuron]:
-        req = _pb.ExportGraphsRequest(layers=list(layers or []), include_examples=examples)
-        async for r in self._stream("ExportGraphs", req, timeout):
-            yield _Conv.exported(r)
+    async def export_to(self, out_dir: str | os.PathLike, layers: Sequence[int] | None = None, *,
+                        timeout: float | None = None) -> int:
+        writer = _ExportWriter(out_dir)
+        async for e in self.export(layers, examples=True, timeout=timeout):
+            writer.write(e)
+        return writer.count
 
     async def report(self, *, timeout: float | None = None) -> bytes:
-        chunks = [c.data async for c in self._stream("GetReport", _pb.GetReportRequest(), timeout)]
-        return b"".join(chunks)
+        sink = _ReportSink()
+        async for chunk in self._stream_call("report", {}, timeout):
+            sink.add(chunk.data)
+        return sink.bytes()
+
+    async def report_to(self, out_dir: str | os.PathLike, *, timeout: float | None = None) -> Path:
+        return _unzip(await self.report(timeout=timeout), out_dir)

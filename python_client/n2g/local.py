@@ -1,86 +1,62 @@
-"""`LocalN2GClient`: the `N2GClient` API on a workspace directory, in this process, no server.
+"""`LocalN2GClient`: the n2g client API on a workspace directory, in this process, no server.
 
-It calls the server's own request handlers directly (same validation, same answers, same errors
-as over the network), so the command line's local mode and its `--server` mode print the same
-things. The model is loaded lazily, only for calls that need it (tokenising texts, true
-activations, builds). Needs the service package (`n2g_service`), imported here on first use.
+It calls the service's application layer (`n2g_service.app.N2GApp`) directly - the same methods,
+checks and answers as a server, without protobuf - so the command line's local mode and its
+`--server` mode run the same code below the transport. Builds run in the application's job
+worker in this process. The model is loaded lazily, only for calls that need it. Needs the
+service package (`n2g_service`), imported here on first use.
 """
 
 from __future__ import annotations
 
 import os
-import time
-from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
-import grpc
-
-from .client import N2GClient, N2GError
+from .client import _Api
 
 
-class _Aborted(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str):
-        super().__init__(details)
-        self.code = code
-        self.details = details
+class LocalN2GClient(_Api):
+    """The client API over a local workspace. `model` names the model (default: the workspace's);
+    `create=True` makes a new workspace (with `corpus`); `no_model=True` never loads one (model
+    calls answer FAILED_PRECONDITION)."""
 
-
-class _LocalContext:
-    """The slice of grpc.ServicerContext the handlers use."""
-
-    def __init__(self, timeout: float | None):
-        self._deadline = None if timeout is None else time.monotonic() + timeout
-
-    def time_remaining(self):
-        return None if self._deadline is None else self._deadline - time.monotonic()
-
-    def is_active(self) -> bool:
-        return self._deadline is None or time.monotonic() < self._deadline
-
-    def abort(self, code, details):
-        raise _Aborted(code, details)
-
-    def invocation_metadata(self):
-        return ()
-
-
-class LocalN2GClient(N2GClient):
-    """`N2GClient` over a local workspace. `model` overrides the workspace's model name;
-    `no_model=True` never loads one (model calls answer FAILED_PRECONDITION)."""
-
-    def __init__(self, workspace: str | os.PathLike, *, model: str | None = None, device: str | None = None,
-                 no_model: bool = False, timeout: float | None = None):
-        from n2g_service.server import ModelHost, N2GServicer, load_named_model, local_handlers
-        from n2g_service.workspace import Workspace
+    def __init__(self, workspace: str | os.PathLike, *, model: str | None = None, corpus: str | None = None,
+                 device: str | None = None, no_model: bool = False, create: bool = False,
+                 timeout: float | None = None):
+        from n2g_service.app import N2GApp, open_workspace
 
         self.target = f"local:{workspace}"
         self.timeout = timeout
-        self.retries = 0
-        self._channel = None
-        self._stub = None
-        self._metadata = ()
-        ws = Workspace(Path(workspace))
-        name = model or ws.model_name
-        loader = None if (no_model or not name) else (lambda: load_named_model(name, device=device, hook=ws.hook))
-        self._servicer = N2GServicer(ws, ModelHost(name, loader))
-        self._handlers = local_handlers(self._servicer)
+        ws, host = open_workspace(workspace, model=model, no_model=no_model, corpus=corpus, device=device,
+                                  create=create)
+        self.app = N2GApp(ws, host)
+        self.app.record_shape()
+        # builds run here; jobs another process left unfinished are not taken over implicitly
+        self.app.start_jobs(resume=False)
 
     def close(self) -> None:
-        self._servicer.ws.close()
+        self.app.close()
 
-    def _unary(self, method: str, request, timeout: float | None = None):
-        fn, streaming = self._handlers[method]
-        try:
-            return fn(request, _LocalContext(timeout if timeout is not None else self.timeout))
-        except _Aborted as e:
-            raise N2GError(e.code, e.details) from None
+    def __enter__(self) -> "LocalN2GClient":
+        return self
 
-    def _stream(self, method: str, request, timeout: float | None = None) -> Iterator:
-        fn, streaming = self._handlers[method]
-        try:
-            yield from fn(request, _LocalContext(timeout))
-        except _Aborted as e:
-            raise N2GError(e.code, e.details) from None
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _deadline(self, timeout: float | None):
+        from n2g_service.app import Deadline
+
+        return Deadline.after(timeout if timeout is not None else self.timeout)
+
+    def _call(self, name: str, args: dict[str, Any], timeout: float | None):
+        return getattr(self.app, name)(**args, deadline=self._deadline(timeout))
+
+    def _stream_call(self, name: str, args: dict[str, Any], timeout: float | None) -> Iterator:
+        for item in getattr(self.app, name)(**args, deadline=self._deadline(timeout)):
+            if isinstance(item, list):
+                yield from item
+            else:
+                yield item
 
     def health(self, service: str = "", timeout: float = 5.0) -> str:
         return "SERVING"

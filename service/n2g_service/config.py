@@ -104,12 +104,34 @@ class FitConfig(_Config):
 
 @dataclass(frozen=True)
 class EvalConfig(_Config):
-    """Evaluation protocol (section 8)."""
+    """Evaluation protocol (sections 8 and 8b)."""
 
     n_train: int = 10
-    seed: int = 0
+    seed: int = 0  # train/test split of each neuron's top windows; detection negatives
     fire_threshold: float = 0.5
+    # ordinary text (8b): a fixed, seeded sample of corpus windows that no fit sees; at most half
+    # of the corpus windows. Fixed for a workspace once recorded (a build excludes it from the scan).
+    ordinary_windows: int = 2000
+    heldout_seed: int = 0
+    # layer means and paired comparisons: percentile bootstrap over neurons
+    n_bootstrap: int = 1000
+    confidence: float = 0.95
+    # forward passes for the true activations on the ordinary windows: most tokens per batch
+    batch_tokens: int = 8192
 
     def __post_init__(self) -> None:
+        import math
+
         if self.n_train < 1:
             raise ValueError("EvalConfig.n_train must be >= 1")
+        t = self.fire_threshold
+        if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"EvalConfig.fire_threshold must be a finite number >= 0, got {t!r}")
+        if self.ordinary_windows < 1:
+            raise ValueError("EvalConfig.ordinary_windows must be >= 1")
+        if self.n_bootstrap < 1:
+            raise ValueError("EvalConfig.n_bootstrap must be >= 1")
+        if not 0 < self.confidence < 1:
+            raise ValueError("EvalConfig.confidence must be between 0 and 1 (exclusive)")
+        if self.batch_tokens < 1:
+            raise ValueError("EvalConfig.batch_tokens must be >= 1")

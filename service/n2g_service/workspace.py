@@ -48,15 +48,45 @@ CREATE TABLE IF NOT EXISTS neurons (
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, state TEXT NOT NULL, request TEXT NOT NULL,
     total INTEGER NOT NULL DEFAULT 0, done INTEGER NOT NULL DEFAULT 0,
-    error TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL
+    error TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, stalls INTEGER NOT NULL DEFAULT 0,
+    start_done INTEGER NOT NULL DEFAULT 0, stage TEXT
+);
+-- ---- evaluation on ordinary text (evaluate.py, n2g-method.md 8b) ----
+-- the held-out sample of window ids that no fit sees, fixed once per workspace
+CREATE TABLE IF NOT EXISTS eval_heldout (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    seed INTEGER NOT NULL, requested INTEGER NOT NULL, n_windows INTEGER NOT NULL, ids BLOB NOT NULL
+);
+-- true (raw) activations of one neuron on those windows, [n_windows, length], BOS included
+CREATE TABLE IF NOT EXISTS eval_ordinary_acts (
+    layer INTEGER NOT NULL, neuron INTEGER NOT NULL, n_windows INTEGER NOT NULL,
+    length INTEGER NOT NULL, dtype TEXT NOT NULL, acts BLOB NOT NULL,
+    PRIMARY KEY (layer, neuron)
 );
 """
 
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+# The job states, defined once (jobqueue, the server and the client map these).
+ACTIVE_JOB_STATES = ("queued", "running")
+TERMINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
+JOB_STATES = ACTIVE_JOB_STATES + TERMINAL_JOB_STATES
+MAX_JOB_ID_CHARS = 128
+MAX_JOB_REQUEST_BYTES = 64 * 1024
+# columns `jobs` gained after the first release: a writer adds them to an older workspace
+_JOB_COLUMNS_ADDED = (("attempts", "INTEGER NOT NULL DEFAULT 0"), ("stalls", "INTEGER NOT NULL DEFAULT 0"),
+                      ("start_done", "INTEGER NOT NULL DEFAULT 0"), ("stage", "TEXT"))
 
 
 class WorkspaceError(ValueError):
-    """A workspace that does not exist, belongs to another model/corpus, or lacks what is asked."""
+    """A workspace that cannot be used as asked; the message is one line. `kind` says why:
+    missing | mismatch | schema | locked | read_only | unavailable | damaged | damaged_neuron |
+    full | busy | conflict | invalid | too_large | non_finite | storage. `details` holds what the
+    kind names (locked: holder; damaged_neuron: layer, neuron, reason)."""
+
+    def __init__(self, message: str, kind: str = "invalid", **details: Any):
+        super().__init__(message)
+        self.kind = kind
+        self.details = details
 
 
 @dataclass
@@ -304,6 +334,57 @@ class Workspace:
             "SELECT id, state, request, total, done, error, created_at, updated_at FROM jobs ORDER BY created_at"
         ).fetchall()
         return [JobRecord(r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows]
+
+    # -- evaluation on ordinary text (owned by evaluate.py) ---------------------------------------
+    def window_count(self) -> int | None:
+        """How many corpus windows the workspace holds (None before the corpus is tokenised)."""
+        row = self._conn().execute("SELECT n FROM windows WHERE id = 0").fetchone()
+        return None if row is None else int(row[0])
+
+    def record_heldout_windows(self, ids: np.ndarray, seed: int, requested: int, n_windows: int) -> dict[str, Any]:
+        """Stores the held-out window ids unless some are stored already; returns the stored ones
+        (the first record wins, so every reader sees one fixed set)."""
+        a = np.asarray(ids, dtype=np.int64)
+        with self.transaction() as c:
+            c.execute("INSERT OR IGNORE INTO eval_heldout VALUES (0, ?, ?, ?, ?)",
+                      (int(seed), int(requested), int(n_windows), _blob(a)))
+        return self.load_heldout_windows()  # type: ignore[return-value]
+
+    def load_heldout_windows(self) -> dict[str, Any] | None:
+        row = self._conn().execute("SELECT seed, requested, n_windows, ids FROM eval_heldout WHERE id = 0").fetchone()
+        if row is None:
+            return None
+        seed, requested, n_windows, ids = row
+        return {"seed": seed, "requested": requested, "n_windows": n_windows,
+                "ids": np.frombuffer(ids, np.int64).copy()}
+
+    def save_ordinary_activations(self, layer: int, acts: dict[int, np.ndarray]) -> None:
+        """True activations ``{neuron: [n_windows, length]}`` of one layer, in one transaction;
+        float16 where every value fits it, else float32."""
+        rows = []
+        for neuron, a in acts.items():
+            a = np.asarray(a, dtype=np.float32)
+            if a.ndim != 2:
+                raise ValueError("ordinary activations must be [n_windows, length]")
+            fits = bool(np.all(np.abs(a) < 60000.0))
+            dtype = "float16" if fits else "float32"
+            rows.append((int(layer), int(neuron), a.shape[0], a.shape[1], dtype, _blob(a.astype(dtype))))
+        with self.transaction() as c:
+            c.executemany("INSERT OR REPLACE INTO eval_ordinary_acts VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def load_ordinary_activations(self, layer: int, neurons: list[int]) -> dict[int, np.ndarray]:
+        """float32 ``{neuron: [n_windows, length]}`` for the neurons that have them stored."""
+        out: dict[int, np.ndarray] = {}
+        conn = self._conn()
+        for n in neurons:
+            row = conn.execute(
+                "SELECT n_windows, length, dtype, acts FROM eval_ordinary_acts WHERE layer = ? AND neuron = ?",
+                (int(layer), int(n)),
+            ).fetchone()
+            if row is not None:
+                nw, length, dtype, blob = row
+                out[int(n)] = np.frombuffer(blob, dtype=dtype).reshape(nw, length).astype(np.float32)
+        return out
 
 
 # ==== build plans (whole-model builds: service/n2g_service/build/) ===========================

@@ -103,7 +103,7 @@ def _scalar_stats(stats: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _settings(ws: Workspace) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    meta = [(k, v) for k, v in ws._conn().execute("SELECT key, value FROM meta ORDER BY key")
+    meta = [(k, v) for k, v in ws.meta_items()
             if k not in ("model", "corpus", "hook", "token_strings") and len(v) <= 400]
     jobs = ws.list_jobs()
     done = [j for j in jobs if j.state == "succeeded"] or jobs

@@ -1,0 +1,836 @@
+"""The application layer of n2g: one class, `N2GApp`, with a typed method for every operation.
+
+Below the transports (the gRPC servicer in server.py, `n2g.local.LocalN2GClient` in this process)
+and above the pipeline (build jobs, evaluation, the graph store, the workspace). It decides: it
+checks every argument against the limits before any work starts, assembles build requests,
+batches activation requests, aggregates evaluations, and answers with the plain dataclasses of
+`n2g.types`. A failure the caller can fix is an `N2GError` with its status code; the transports
+pass it on unchanged (the servicer as the gRPC status, the local client as the exception).
+
+Method names and keyword arguments are those of `n2g.convert.OPS` (and of the clients).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import re
+import tempfile
+import threading
+import time
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import grpc
+import numpy as np
+
+from n2g import types as T
+from n2g import vocab
+from n2g.types import Key, Limits, N2GError
+
+from .workspace import JobRecord, Workspace, WorkspaceError
+
+log = logging.getLogger("n2g.app")
+
+C = grpc.StatusCode
+REPORT_CHUNK = 1 << 20
+_JOB_ID_RE = re.compile(vocab.JOB_ID_PATTERN)
+
+# Bounds on what one request may set (checked before any work).
+MAX_K = 1000                   # top-k examples per neuron in a build
+MAX_WINDOW_TOKENS = 4096       # tokens per corpus window
+MAX_GROUP_SIZE = 4096          # neurons fitted together
+MAX_CONFIG_JSON = 64 << 10     # bytes of a build's or an evaluation's JSON overrides
+MAX_NEIGHBOURS = 10_000
+MAX_PAIR_BATCH = 100_000
+MIN_PAIR_THRESHOLD = 0.5       # below, nearly every pair of a whole model matches: quadratic output
+CHARS_PER_TOKEN = 16           # texts are measured in characters before they are tokenised
+
+
+def invalid(message: str) -> N2GError:
+    return N2GError(C.INVALID_ARGUMENT, message)
+
+
+def too_big(message: str) -> N2GError:
+    return N2GError(C.RESOURCE_EXHAUSTED, message)
+
+
+def not_found(message: str) -> N2GError:
+    return N2GError(C.NOT_FOUND, message)
+
+
+def _shown(text: str, n: int = 80) -> str:
+    """A value quoted in an error message, cut so a huge input never makes a huge message."""
+    r = repr(text)
+    return r if len(r) <= n else r[: n - 5] + "...'"
+
+
+class Deadline:
+    """When the caller stops waiting: `remaining()` seconds (None = never) and `active()` (false
+    once the deadline passed or the caller went away)."""
+
+    def __init__(self, remaining: Callable[[], float | None] = lambda: None,
+                 active: Callable[[], bool] = lambda: True):
+        self.remaining = remaining
+        self._active = active
+
+    @classmethod
+    def after(cls, seconds: float | None) -> "Deadline":
+        if seconds is None:
+            return cls()
+        end = time.monotonic() + seconds
+        return cls(lambda: end - time.monotonic(), lambda: time.monotonic() < end)
+
+    def active(self) -> bool:
+        r = self.remaining()
+        return self._active() and (r is None or r > 0)
+
+    def check(self) -> None:
+        if not self.active():
+            raise N2GError(C.DEADLINE_EXCEEDED, "the request's deadline passed before the server finished")
+
+
+NO_DEADLINE = Deadline()
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+class ModelHost:
+    """The one model instance. `lock` serialises every use of the model's forward pass (hooks must
+    not interleave). Requests tokenise with their own copy of the tokenizer (`tokenizer()`, used
+    under `tokenizer_lock`: fast tokenizers are not re-entrant), so they never touch the one a
+    build is using and never wait for a build group."""
+
+    def __init__(self, name: str | None, loader: Callable[[], Any] | None):
+        self.name = name
+        self._loader = loader
+        self._model = None
+        self._rpc_model = None
+        self.lock = threading.Lock()
+        self.tokenizer_lock = threading.Lock()
+        self._load_lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self._loader is not None
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def get(self):
+        if self._model is None:
+            if self._loader is None:
+                raise N2GError(C.FAILED_PRECONDITION,
+                               "no model is loaded here (--no-model): stored graphs only; restart with --model "
+                               "to tokenise texts, read true activations or build")
+            with self._load_lock:
+                if self._model is None:
+                    self._model = self._loader()
+        return self._model
+
+    def tokenizer(self):
+        """The model with a private copy of its tokenizer (call under `tokenizer_lock`)."""
+        if self._rpc_model is None:
+            import copy
+            import dataclasses
+
+            model = self.get()
+            model.token_strings()  # fill the cache before copying it along
+            self._rpc_model = dataclasses.replace(model, tokenizer=copy.deepcopy(model.tokenizer))
+        return self._rpc_model
+
+    @contextmanager
+    def forward(self, deadline: Deadline):
+        """The model, with the lock held; waits at most until the deadline."""
+        model = self.get()
+        remaining = deadline.remaining()
+        if not self.lock.acquire(timeout=-1 if remaining is None else max(0.0, remaining)):
+            raise N2GError(C.DEADLINE_EXCEEDED, "the model stayed busy (a build group or another request) until "
+                                                "the request's deadline; retry with a longer deadline")
+        try:
+            yield model
+        finally:
+            self.lock.release()
+
+
+def open_workspace(path: str | Path, *, model: str | None = None, no_model: bool = False, corpus: str | None = None,
+                   device: str | None = None, hook: str | None = None, create: bool = False,
+                   load_now: bool = False) -> tuple[Workspace, ModelHost]:
+    """The workspace at `path` and the host of its model (loaded lazily unless `load_now`).
+
+    The model is `model`, else the workspace's, else the default; `create` makes a new workspace
+    (recording model, corpus and hook). `no_model` never loads one."""
+    from .models import load_named_model
+
+    path = Path(path)
+    exists = Workspace.exists(path)
+    if not exists and (no_model or not create):
+        raise WorkspaceError(f"no workspace at {path}; build one first with `n2g build --workspace {path}`")
+    ws = Workspace(path) if exists else None
+    if no_model:
+        return ws, ModelHost(ws.model_name, None)
+    name = model or (ws.model_name if ws is not None else None) or vocab.DEFAULT_MODEL
+    if ws is not None and ws.model_name and model and model != ws.model_name:
+        raise WorkspaceError(f"workspace {path} was built for model={ws.model_name!r}, not {model!r}; "
+                             f"use another --workspace")
+    if ws is None or ws.corpus is None or ws.hook is None:
+        # a new workspace records its model, hook and corpus (the hook needs the model loaded)
+        loaded = load_named_model(name, device=device, hook=hook)
+        if ws is None:
+            ws = Workspace(path, create=True, model=name, hook=loaded.hook, corpus=corpus or vocab.DEFAULT_CORPUS)
+        for k, v in (("model", name), ("hook", loaded.hook), ("corpus", corpus or vocab.DEFAULT_CORPUS)):
+            if ws.get_meta(k) is None:
+                ws.set_meta(k, v)
+        host = ModelHost(name, lambda: loaded)
+        host.get()
+        return ws, host
+    if corpus and corpus != ws.corpus:
+        raise WorkspaceError(f"workspace {path} was built for corpus={ws.corpus!r}, not {corpus!r}; "
+                             f"use another --workspace")
+    ws_hook = ws.hook
+    host = ModelHost(name, lambda: load_named_model(name, device=device, hook=hook or ws_hook))
+    if load_now:
+        host.get()
+    return ws, host
+
+
+# ---------------------------------------------------------------------------------------------
+# The application
+
+class N2GApp:
+    """Every n2g operation over one workspace and at most one model."""
+
+    def __init__(self, ws: Workspace, host: ModelHost, limits: Limits = Limits(), *, max_streams: int = 8):
+        from .graphs import GraphIndex
+        from .jobqueue import JobQueue
+
+        self.ws = ws
+        self.host = host
+        self.limits = limits
+        self.graphs = GraphIndex(ws)
+        self.jobs = JobQueue(ws, host.get, host.lock, on_commit=self.graphs.invalidate)
+        self._report_lock = threading.Lock()
+        self._shape: tuple[int, int, int] | None = None
+        # Long-lived streams (watching a job, pairs, export, report) each hold a server thread:
+        # past this many at once, new ones are refused so short calls always find a thread.
+        self._streams = threading.BoundedSemaphore(max_streams)
+        self.max_streams = max_streams
+
+    def start_jobs(self, resume: bool = True) -> list[str]:
+        """Starts the build worker (with a model) and resumes unfinished jobs; returns their ids."""
+        if not self.host.enabled:
+            return []
+        self.jobs.start()
+        return self.jobs.resume_pending() if resume else []
+
+    def close(self) -> None:
+        self.jobs.stop()
+        self.ws.close()
+
+    @contextmanager
+    def _stream_slot(self, what: str):
+        if not self._streams.acquire(blocking=False):
+            raise too_big(f"{self.max_streams} streams are open on this server already ({what} is one); "
+                          f"retry when one ends")
+        try:
+            yield
+        finally:
+            self._streams.release()
+
+    # -- shape and validation ---------------------------------------------------------------------
+    def shape(self) -> tuple[int | None, int | None, int | None]:
+        """(n_layers, d_mlp, d_vocab): from the loaded model, else as recorded in the workspace."""
+        if self._shape is not None:
+            return self._shape
+        if self.host.loaded:
+            m = self.host.get()
+            self._shape = (m.n_layers, m.d_mlp, m.d_vocab)
+            return self._shape
+        vals = []
+        for k in ("n_layers", "d_mlp", "d_vocab"):
+            v = self.ws.get_meta(k)
+            vals.append(int(v) if v is not None else None)
+        if None not in vals:
+            self._shape = tuple(vals)  # type: ignore[assignment]
+        return tuple(vals)  # type: ignore[return-value]
+
+    def record_shape(self) -> None:
+        """Writes the model's shape and token strings into the workspace, so that a reader without
+        the model can validate requests and show tokens."""
+        if self.host.loaded:
+            from .jobs import record_model_meta
+
+            record_model_meta(self.ws, self.host.get())
+
+    def _layer(self, layer: int, what: str = "layer") -> int:
+        n_layers, _, _ = self.shape()
+        if layer < 0 or (n_layers is not None and layer >= n_layers):
+            rng = f"0..{n_layers - 1}" if n_layers is not None else "0 or more"
+            raise invalid(f"{what} {layer} out of range: the model has layers {rng}")
+        return int(layer)
+
+    def _keys(self, keys: Sequence[Key], *, built: bool, what: str = "neurons") -> list[Key]:
+        if not keys:
+            raise invalid(f"no {what} given: send at least one (layer, neuron)")
+        if self.limits.max_neurons and len(keys) > self.limits.max_neurons:
+            raise too_big(f"{len(keys)} neurons in one request; the limit is {self.limits.max_neurons}")
+        _, d_mlp, _ = self.shape()
+        out: list[Key] = []
+        for layer, neuron in keys:
+            self._layer(layer)
+            if neuron < 0 or (d_mlp is not None and neuron >= d_mlp):
+                rng = f"0..{d_mlp - 1}" if d_mlp is not None else "0 or more"
+                raise invalid(f"neuron {neuron} (layer {layer}) out of range: layers have neurons {rng}")
+            out.append((int(layer), int(neuron)))
+        if len(set(out)) != len(out):
+            raise invalid("the same neuron is asked twice; list each neuron once")
+        if built:
+            have = self.graphs.keys()
+            missing = [k for k in out if k not in have]
+            if missing:
+                shown = ", ".join(f"{l}:{n}" for l, n in missing[:5]) + (" ..." if len(missing) > 5 else "")
+                raise not_found(f"no graph built for {len(missing)} neuron(s): {shown}; build them first "
+                                f"(StartBuild, `n2g build`)")
+        return out
+
+    def _built_key(self, layer: int | None, neuron: int | None) -> Key:
+        if layer is None or neuron is None:
+            raise invalid("no neuron given: set neuron {layer, neuron}")
+        return self._keys([(layer, neuron)], built=True, what="neuron")[0]
+
+    @staticmethod
+    def _threshold(t: float | None) -> float:
+        if t is None or t == 0:
+            return vocab.DEFAULT_SIMILARITY_THRESHOLD
+        if not math.isfinite(t) or not MIN_PAIR_THRESHOLD <= t <= 1:
+            raise invalid(f"threshold {t} out of range: give a value in [{MIN_PAIR_THRESHOLD}, 1] "
+                          f"(0 means the default {vocab.DEFAULT_SIMILARITY_THRESHOLD})")
+        return float(t)
+
+    @staticmethod
+    def _limit(limit: int) -> int:
+        if limit < 0:
+            raise invalid(f"limit must be positive (0 = all), got {limit}")
+        return limit
+
+    def _encode(self, texts: Sequence[str], skip_bos: bool) -> tuple[list[list[int]], list[list[str]]]:
+        self.host.get()
+        with self.host.tokenizer_lock:
+            model = self.host.tokenizer()
+            ids = model.encode_batch(list(texts))
+            prefix = [] if skip_bos else [int(model.bos_id)]
+            ids = [prefix + list(map(int, x)) for x in ids]
+            labels = [model.decode_tokens(x) for x in ids]
+        return ids, labels
+
+    def _labels(self, seqs: Sequence[Sequence[int]]) -> list[list[str]]:
+        if not self.host.enabled:
+            return [[] for _ in seqs]
+        self.host.get()
+        with self.host.tokenizer_lock:
+            model = self.host.tokenizer()
+            return [model.decode_tokens(s) for s in seqs]
+
+    def _inputs(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]], skip_bos: bool,
+                *, labels: bool) -> tuple[list[list[int]], list[list[str]]]:
+        """Token-id sequences (and labels) from texts or token ids, within the limits. Texts are
+        measured in characters before they are tokenised, so an oversized request costs nothing."""
+        lim = self.limits
+        if texts and token_ids:
+            raise invalid("give texts or token_ids, not both")
+        n = len(texts) or len(token_ids)
+        if n == 0:
+            raise invalid("no input: give at least one text or token-id sequence")
+        if lim.max_texts and n > lim.max_texts:
+            raise too_big(f"{n} sequences in one request; the limit is {lim.max_texts}")
+        if texts:
+            longest = max(len(t) for t in texts)
+            if lim.max_tokens_per_sequence and longest > CHARS_PER_TOKEN * lim.max_tokens_per_sequence:
+                raise too_big(f"a text of {longest} characters is far past the limit of "
+                              f"{lim.max_tokens_per_sequence} tokens per sequence")
+            chars = sum(len(t) for t in texts)
+            if lim.max_total_tokens and chars > CHARS_PER_TOKEN * lim.max_total_tokens:
+                raise too_big(f"{chars} characters of text in one request is far past the limit of "
+                              f"{lim.max_total_tokens} tokens per request: split it")
+            seqs, labs = self._encode(texts, skip_bos)
+        else:
+            total = sum(len(s) for s in token_ids)
+            if lim.max_total_tokens and total > lim.max_total_tokens:
+                raise too_big(f"{total} tokens in one request; the limit is {lim.max_total_tokens}")
+            _, _, d_vocab = self.shape()
+            seqs = []
+            for i, ids in enumerate(token_ids):
+                bad = [x for x in ids if x < 0 or (d_vocab is not None and x >= d_vocab)]
+                if bad:
+                    rng = f"0..{d_vocab - 1}" if d_vocab is not None else "0 or more"
+                    raise invalid(f"token id {bad[0]} in sequence {i} out of range: the vocabulary has ids {rng}")
+                seqs.append([int(x) for x in ids])
+            labs = self._labels(seqs) if labels else [[] for _ in seqs]
+        for i, s in enumerate(seqs):
+            if not s:
+                raise invalid(f"sequence {i} is empty: every text or token-id sequence needs at least one token")
+            if lim.max_tokens_per_sequence and len(s) > lim.max_tokens_per_sequence:
+                raise too_big(f"sequence {i} has {len(s)} tokens; the limit is {lim.max_tokens_per_sequence} "
+                              f"per sequence")
+        total = sum(len(s) for s in seqs)
+        if lim.max_total_tokens and total > lim.max_total_tokens:
+            raise too_big(f"{total} tokens in one request; the limit is {lim.max_total_tokens}")
+        return seqs, labs
+
+    def _cost(self, n_neurons: int, seqs: Sequence[Sequence[int]]) -> None:
+        tokens = sum(len(s) for s in seqs)
+        cost = n_neurons * tokens
+        if self.limits.max_neuron_tokens and cost > self.limits.max_neuron_tokens:
+            raise too_big(f"{n_neurons} neurons x {tokens} tokens = {cost} activations; the limit is "
+                          f"{self.limits.max_neuron_tokens}: split the request")
+
+    # -- model info and tokens ----------------------------------------------------------------------
+    def model_info(self, *, deadline: Deadline = NO_DEADLINE) -> T.ModelInfo:
+        from n2g import __version__ as version
+
+        n_layers, d_mlp, d_vocab = self.shape()
+        per_layer = self.ws.built_counts()
+        scanned = set(self.ws.scanned_layers())
+        layers = [T.LayerStatus(l, l in scanned, per_layer.get(l, 0)) for l in sorted(scanned | set(per_layer))]
+        return T.ModelInfo(
+            model=self.ws.model_name or (self.host.name or ""), loaded=self.host.loaded, n_layers=n_layers or 0,
+            d_mlp=d_mlp or 0, d_vocab=d_vocab or 0, hook=self.ws.hook or "",
+            device=str(self.host.get().device) if self.host.loaded else "", workspace=str(self.ws.path.resolve()),
+            corpus=self.ws.corpus or "", layers=layers, neurons_built=sum(per_layer.values()), limits=self.limits,
+            server_version=version, semantics=list(vocab.SEMANTICS), default_semantics=vocab.DEFAULT_SEMANTICS)
+
+    def tokenize(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]], skip_bos: bool, *,
+                 deadline: Deadline = NO_DEADLINE) -> list[T.TokenizedText]:
+        self.host.get()
+        seqs, labels = self._inputs(texts, token_ids, skip_bos, labels=True)
+        return [T.TokenizedText(np.asarray(s, dtype=np.int64), l) for s, l in zip(seqs, labels)]
+
+    # -- build jobs ---------------------------------------------------------------------------------
+    def build_request(self, layers: Sequence[int], neurons: Sequence[int] | None, sample: int | None, seed: int,
+                      group_size: int | None, k: int | None, window_tokens: int | None,
+                      config_json: str | None):
+        """The BuildRequest these arguments describe, checked against the model and the limits."""
+        from .config import EvalConfig, FitConfig, ScanConfig
+        from .jobs import BuildRequest
+
+        model = self.host.get()
+        if sample is not None and sample < 0:
+            raise invalid(f"sample must be positive, got {sample}")
+        if seed < 0:
+            raise invalid(f"seed must be 0 or more, got {seed}")
+        for name, v, hi in (("group_size", group_size, MAX_GROUP_SIZE), ("k", k, MAX_K),
+                            ("window_tokens", window_tokens, MAX_WINDOW_TOKENS)):
+            if v is not None and not 0 < v <= hi:
+                raise invalid(f"{name} must be between 1 and {hi} (0 = default), got {v}")
+        if self.limits.max_build_neurons and neurons is not None and len(neurons) > self.limits.max_build_neurons:
+            raise too_big(f"{len(neurons)} neurons listed; the limit per job is {self.limits.max_build_neurons}")
+        overrides = _config_object(config_json, "config_json", ("scan", "fit", "eval"))
+        scan_d = dict(overrides.get("scan") or {})
+        if k is not None:
+            scan_d["k"] = k
+        stored_len = self.ws.window_length()
+        if window_tokens is not None:
+            if stored_len is not None and window_tokens != stored_len:
+                raise invalid(f"this workspace holds corpus windows of {stored_len} tokens, not {window_tokens}; "
+                              f"leave window_tokens unset or use another workspace")
+            scan_d["window_tokens"] = window_tokens
+        elif stored_len is not None:
+            scan_d.setdefault("window_tokens", stored_len)
+        try:
+            req = BuildRequest(
+                layers=list(layers), neurons=list(neurons) if neurons else None, sample=sample or None, seed=int(seed),
+                group_size=group_size or vocab.DEFAULT_GROUP_SIZE, scan=ScanConfig.from_dict(scan_d),
+                fit=FitConfig.from_dict(overrides.get("fit")), eval=EvalConfig.from_dict(overrides.get("eval")))
+            req.validate(model.n_layers, model.d_mlp)
+        except (ValueError, TypeError) as e:
+            raise invalid(str(e)) from None
+        if req.scan.k > MAX_K or req.scan.window_tokens > MAX_WINDOW_TOKENS:
+            raise invalid(f"scan.k must be at most {MAX_K} and scan.window_tokens at most {MAX_WINDOW_TOKENS}")
+        planned = len(set(req.layers)) * (len(set(req.neurons)) if req.neurons else req.sample)
+        if self.limits.max_build_neurons and planned > self.limits.max_build_neurons:
+            raise too_big(f"the build plans {planned} neurons; the limit per job is {self.limits.max_build_neurons}")
+        return req
+
+    def start_build(self, layers: Sequence[int], neurons: Sequence[int] | None = None, sample: int | None = None,
+                    seed: int = 0, group_size: int | None = None, k: int | None = None,
+                    window_tokens: int | None = None, config_json: str | None = None, job_id: str | None = None,
+                    *, deadline: Deadline = NO_DEADLINE) -> T.Job:
+        from .jobs import new_job_id
+
+        if job_id and not _JOB_ID_RE.match(job_id):
+            raise invalid(f"job_id {_shown(job_id)} is not 1-64 characters of A-Z a-z 0-9 _ -")
+        req = self.build_request(layers, neurons, sample, seed, group_size, k, window_tokens, config_json)
+        job_id = job_id or new_job_id()
+        existing = self.ws.get_job(job_id)
+        if existing is not None:
+            if existing.request == json.loads(json.dumps(req.to_dict(), sort_keys=True)):
+                return _job(existing)  # a retried call: the same job
+            raise invalid(f"job id {job_id!r} already names another build request; pick a new id")
+        try:
+            return _job(self.jobs.submit(job_id, req.to_dict()))
+        except OSError as e:  # e.g. a full disk while storing the job
+            raise N2GError(C.UNAVAILABLE, f"could not store the job: {e}") from None
+
+    def _job_record(self, job_id: str) -> JobRecord:
+        if not job_id:
+            raise invalid("no job_id given")
+        if not _JOB_ID_RE.match(job_id):
+            raise not_found(f"no job {_shown(job_id)} in this workspace (job ids are 1-64 characters of "
+                            f"A-Z a-z 0-9 _ -)")
+        job = self.ws.get_job(job_id)
+        if job is None:
+            raise not_found(f"no job {job_id!r} in this workspace (ListJobs shows the known ones)")
+        return job
+
+    def get_job(self, job_id: str, *, deadline: Deadline = NO_DEADLINE) -> T.Job:
+        return _job(self._job_record(job_id))
+
+    def cancel_job(self, job_id: str, *, deadline: Deadline = NO_DEADLINE) -> T.Job:
+        job = self._job_record(job_id)
+        if job.state in vocab.JOB_FINAL:
+            return _job(job)
+        return _job(self.jobs.cancel(job.id))
+
+    def list_jobs(self, states: Sequence[str] | None = None, *, deadline: Deadline = NO_DEADLINE) -> list[T.Job]:
+        for s in states or ():
+            if s not in vocab.JOB_STATES:
+                raise invalid(f"unknown job state {s!r}: use one of {', '.join(vocab.JOB_STATES)}")
+        return [_job(j) for j in self.ws.list_jobs() if not states or j.state in states]
+
+    def watch_job(self, job_id: str, *, deadline: Deadline = NO_DEADLINE) -> Iterator[T.JobEvent]:
+        """The job as it stands, then its progress events, ending with the one that finishes it."""
+        job = self._job_record(job_id)
+        with self._stream_slot("watching a job"):
+            yield from self._watch(job, deadline)
+
+    def _watch(self, job: JobRecord, deadline: Deadline) -> Iterator[T.JobEvent]:
+        import queue as _queue
+
+        q = self.jobs.subscribe(job.id)
+        try:
+            job = self.ws.get_job(job.id)
+            yield T.JobEvent(_job(job), "state", job.done, job.total, job.state, None, 0.0)
+            if job.state in vocab.JOB_FINAL:
+                return
+            last_done = job.done
+            while deadline.active():
+                try:
+                    up = q.get(timeout=0.5)
+                except _queue.Empty:
+                    # nothing from this process's runner: the job may run in another process (a
+                    # local build) or have ended; follow it in the table
+                    now = self.ws.get_job(job.id)
+                    if now.state in vocab.JOB_FINAL:
+                        yield T.JobEvent(_job(now), "done" if now.state == "succeeded" else now.state, now.done,
+                                         now.total, now.error or now.state, None, 0.0)
+                        return
+                    if now.done != last_done:
+                        last_done = now.done
+                        yield T.JobEvent(_job(now), "fit", now.done, now.total,
+                                         f"{now.done}/{now.total} neurons committed", None, 0.0)
+                    continue
+                last_done = up.job.done
+                b = up.event
+                last = (b.layer, b.neuron) if b.layer is not None and b.neuron is not None else None
+                yield T.JobEvent(_job(up.job), b.stage, b.done, b.total, b.message, last, b.elapsed_s)
+                if up.final:
+                    return
+        finally:
+            self.jobs.unsubscribe(job.id, q)
+
+    # -- graphs -------------------------------------------------------------------------------------
+    def _summary(self, rec) -> T.GraphSummary:
+        info = self.graphs.info((rec.layer, rec.neuron))
+        return T.GraphSummary((rec.layer, rec.neuron), rec.max_activation, info.n_nodes, info.n_paths,
+                              info.activating, info.context, rec.job_id or "", rec.created_at,
+                              method_scores(rec.metrics))
+
+    def list_graphs(self, layers: Sequence[int] | None = None, limit: int = 0, *,
+                    deadline: Deadline = NO_DEADLINE) -> list[T.GraphSummary]:
+        wanted = {self._layer(l) for l in layers or ()}
+        self._limit(limit)
+        recs = [r for r in self.ws.iter_neurons(with_examples=False) if not wanted or r.layer in wanted]
+        return [self._summary(r) for r in (recs[:limit] if limit else recs)]
+
+    def graph(self, layer: int | None, neuron: int | None, structure: bool = False, dot: bool = False,
+              svg: bool = False, json: bool = False, examples: bool = False, *,
+              deadline: Deadline = NO_DEADLINE) -> T.Graph:
+        key = self._built_key(layer, neuron)
+        rec = self.ws.get_neuron(*key)
+        if rec is None:
+            raise not_found(f"no graph built for neuron {key[0]}:{key[1]}")
+        graph = rec.graph()
+        doc = graph.to_json() if (json or structure) else ""
+        roots = [_node(n) for n in _json_loads(doc).get("roots", [])] if structure else []
+        return T.Graph(self._summary(rec), graph.model, graph.hook, roots, graph.to_dot() if dot else "",
+                       graph.to_svg() if svg else "", doc if json else "", rec.stats, rec.metrics,
+                       rec.examples if examples else None)
+
+    # -- activations --------------------------------------------------------------------------------
+    def predict(self, neurons: Sequence[Key], texts: Sequence[str] = (), token_ids: Sequence[Sequence[int]] = (),
+                semantics: str | None = None, skip_bos: bool = False, *,
+                deadline: Deadline = NO_DEADLINE) -> T.Activations:
+        semantics = semantics or vocab.DEFAULT_SEMANTICS
+        if semantics not in vocab.SEMANTICS:
+            raise invalid(f"unknown semantics {_shown(semantics)}: use one of {', '.join(vocab.SEMANTICS)}")
+        keys = self._keys(neurons, built=True)
+        seqs, labels = self._inputs(texts, token_ids, skip_bos, labels=self.host.enabled)
+        self._cost(len(keys), seqs)
+        deadline.check()
+        values = self.graphs.predict(keys, seqs, semantics)
+        amax = np.asarray(self.graphs.max_activations(keys), dtype=np.float32)
+        return T.Activations(keys, [np.asarray(s, np.int64) for s in seqs], labels, values, True, amax, semantics)
+
+    def activations(self, neurons: Sequence[Key], texts: Sequence[str] = (),
+                    token_ids: Sequence[Sequence[int]] = (), normalise: bool = True, skip_bos: bool = False, *,
+                    deadline: Deadline = NO_DEADLINE) -> T.Activations:
+        from .activations import ActivationRunner
+
+        self.host.get()
+        keys = self._keys(neurons, built=False)
+        seqs, labels = self._inputs(texts, token_ids, skip_bos, labels=True)
+        self._cost(len(keys), seqs)
+        scan_max = np.array([self._scan_max(l, n) for l, n in keys], dtype=np.float32)
+        if normalise and np.isnan(scan_max).any():
+            l, n = keys[int(np.flatnonzero(np.isnan(scan_max))[0])]
+            raise invalid(f"layer {l} is not scanned in this workspace, so a_max of neuron {l}:{n} is unknown; "
+                          f"ask normalise=false or build a neuron of layer {l} first")
+        out = [np.zeros((len(keys), len(s)), np.float32) for s in seqs]
+        with self.host.forward(deadline) as model:
+            for layer in sorted({l for l, _ in keys}):
+                deadline.check()
+                rows = [j for j, (l, _) in enumerate(keys) if l == layer]
+                # every (sequence, neuron) job of the layer; the runner runs each sequence once
+                jobs = [(i, r) for i in range(len(seqs)) for r in rows]
+                got = ActivationRunner(model, layer).run([seqs[i] for i, _ in jobs], [keys[r][1] for _, r in jobs])
+                for (i, r), v in zip(jobs, got):
+                    out[i][r] = v
+        if normalise:
+            out = [o / scan_max[:, None] for o in out]
+        amax = scan_max if normalise else np.nan_to_num(scan_max, nan=0.0)
+        return T.Activations(keys, [np.asarray(s, np.int64) for s in seqs], labels, out, bool(normalise), amax)
+
+    def _scan_max(self, layer: int, neuron: int) -> float:
+        scan = self.graphs.scan_max(layer)
+        return float(scan[neuron]) if scan is not None else float("nan")
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def evaluate(self, neurons: Sequence[Key] | None = None, layers: Sequence[int] | None = None,
+                 eval_config_json: str | None = None, *, deadline: Deadline = NO_DEADLINE) -> T.Evaluation:
+        """Per-neuron and per-layer scores of every method: the stored ones, or recomputed from the
+        stored examples with `eval_config_json`'s settings."""
+        from . import evaluate as ev
+        from .config import EvalConfig
+
+        if neurons and layers:
+            raise invalid("give neurons or layers, not both")
+        if neurons:
+            keys = self._keys(neurons, built=True)
+        else:
+            wanted = {self._layer(l) for l in layers or ()}
+            keys = [k for k in sorted(self.graphs.keys()) if not wanted or k[0] in wanted]
+            if not keys:
+                where = f" in layers {sorted(wanted)}" if wanted else ""
+                raise not_found(f"no neurons built{where}: nothing to evaluate")
+        cfg = None
+        if eval_config_json:
+            try:
+                cfg = EvalConfig.from_dict(_config_object(eval_config_json, "eval_config_json", None))
+            except (ValueError, TypeError) as e:
+                raise invalid(f"eval_config_json: {e}") from None
+        wanted_keys = set(keys)
+        recs = {(r.layer, r.neuron): r for r in self.ws.iter_neurons(with_examples=cfg is not None)
+                if (r.layer, r.neuron) in wanted_keys}
+        rows, per_neuron = [], []
+        for key in keys:
+            deadline.check()
+            rec = recs.get(key)
+            if rec is None:  # damaged or deleted since listed
+                continue
+            metrics = rec.metrics
+            if cfg is not None:
+                metrics = ev.evaluate_neuron(rec.graph(), _pairs(rec.examples["train"]), _pairs(rec.examples["test"]),
+                                             cfg)
+            rows.append({"layer": key[0], "neuron": key[1], "metrics": metrics})
+            per_neuron.append(T.NeuronEvaluation(key, method_scores(metrics), metrics))
+        summary = ev.summarise(rows)
+        layers_out = []
+        for layer in sorted({k[0] for k in keys}):
+            per = [n for n in per_neuron if n.key[0] == layer]
+            methods = sorted({s.method for n in per for s in n.scores})
+            scores = []
+            for m in methods:
+                vals = [s for n in per for s in n.scores if s.method == m]
+                scores.append(T.MethodScore(m, float(np.mean([v.precision for v in vals])),
+                                            float(np.mean([v.recall for v in vals])),
+                                            float(np.mean([v.f1 for v in vals]))))
+            layers_out.append(T.LayerEvaluation(layer, len(per), scores))
+        return T.Evaluation(per_neuron, layers_out, ev.format_table(summary), summary)
+
+    # -- search and similarity ----------------------------------------------------------------------
+    def search(self, clauses: Sequence[tuple[int | str, str | None]], limit: int = 0, *,
+               deadline: Deadline = NO_DEADLINE) -> T.SearchResult:
+        if not clauses:
+            raise invalid("no clauses: give at least one (token, role) clause")
+        self._limit(limit)
+        _, _, d_vocab = self.shape()
+        checked: list[tuple[int | str, str]] = []
+        for i, (tok, role) in enumerate(clauses):
+            role = role or vocab.DEFAULT_ROLE
+            if role not in vocab.ROLES:
+                raise invalid(f"clause {i}: unknown role {_shown(role)}: use one of {', '.join(vocab.ROLES)}")
+            if isinstance(tok, str):
+                if not tok:
+                    raise invalid(f"clause {i}: empty token label")
+            elif tok < 0 or (d_vocab is not None and tok >= d_vocab):
+                rng = f"0..{d_vocab - 1}" if d_vocab is not None else "0 or more"
+                raise invalid(f"clause {i}: token id {tok} out of range: the vocabulary has ids {rng}")
+            checked.append((tok, role))
+        try:
+            found = self.graphs.search(checked)
+        except ValueError as e:
+            raise invalid(str(e)) from None
+        return T.SearchResult(found[:limit] if limit else found, len(found))
+
+    def in_context_neurons(self, limit: int = 0, *, deadline: Deadline = NO_DEADLINE) -> T.InContextResult:
+        self._limit(limit)
+        found = self.graphs.in_context_neurons()
+        shown = found[:limit] if limit else found
+        return T.InContextResult([T.InContextNeuron(x.key, x.shared, x.fraction) for x in shown], len(found))
+
+    def similar(self, layer: int | None, neuron: int | None, threshold: float | None = None, k: int | None = None,
+                *, deadline: Deadline = NO_DEADLINE) -> T.Similar:
+        key = self._built_key(layer, neuron)
+        threshold = self._threshold(threshold)
+        if k is not None and not 0 < k <= MAX_NEIGHBOURS:
+            raise invalid(f"k must be between 1 and {MAX_NEIGHBOURS} (0 = {vocab.DEFAULT_NEIGHBOURS}), got {k}")
+        pairs = {kind: [_pair(p) for p in self.graphs.pairs(kind, threshold) if key in (p.a, p.b)]
+                 for kind in vocab.PAIR_KINDS}
+        deadline.check()
+        neighbours = [T.Neighbour(n.key, n.score, n.activating_overlap, n.context_overlap)
+                      for n in self.graphs.neighbours(key, k or vocab.DEFAULT_NEIGHBOURS)]
+        return T.Similar(pairs["similar"], pairs["subset"], neighbours)
+
+    def pairs(self, kind: str | None = None, threshold: float | None = None, batch_size: int | None = None, *,
+              deadline: Deadline = NO_DEADLINE) -> Iterator[list[T.Pair]]:
+        """Every pair of `kind` among the built graphs, in batches of `batch_size`."""
+        kind = kind or vocab.DEFAULT_PAIR_KIND
+        if kind not in vocab.PAIR_KINDS:
+            raise invalid(f"unknown pair kind {_shown(kind)}: use one of {', '.join(vocab.PAIR_KINDS)}")
+        threshold = self._threshold(threshold)
+        if batch_size is not None and not 0 < batch_size <= MAX_PAIR_BATCH:
+            raise invalid(f"batch_size must be between 1 and {MAX_PAIR_BATCH} (0 = {vocab.DEFAULT_PAIR_BATCH}), "
+                          f"got {batch_size}")
+        size = batch_size or vocab.DEFAULT_PAIR_BATCH
+        with self._stream_slot("streaming pairs"):
+            found = self.graphs.pairs(kind, threshold)
+            for i in range(0, len(found), size):
+                if not deadline.active():
+                    return
+                yield [_pair(p) for p in found[i: i + size]]
+
+    # -- export and report --------------------------------------------------------------------------
+    def export(self, layers: Sequence[int] | None = None, examples: bool = True, *,
+               deadline: Deadline = NO_DEADLINE) -> Iterator[T.ExportedNeuron]:
+        wanted = {self._layer(l) for l in layers or ()}
+        with self._stream_slot("an export"):
+            for rec in self.ws.iter_neurons(with_examples=examples):
+                if wanted and rec.layer not in wanted:
+                    continue
+                if not deadline.active():
+                    return
+                yield T.ExportedNeuron((rec.layer, rec.neuron), rec.graph().to_json(),
+                                       json.dumps(rec.examples) if examples else "")
+
+    def report(self, *, deadline: Deadline = NO_DEADLINE) -> Iterator[T.ReportChunk]:
+        if not self.graphs.keys():
+            raise not_found("no neurons built in this workspace: nothing to report")
+        with self._stream_slot("a report"):
+            with self._report_lock:
+                data = report_zip(self.ws.path)
+            for i in range(0, max(len(data), 1), REPORT_CHUNK):
+                if not deadline.active():
+                    return
+                yield T.ReportChunk(data[i: i + REPORT_CHUNK], len(data), "n2g-report.zip")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+def _json_loads(doc: str) -> Any:
+    return json.loads(doc) if doc else {}
+
+
+def _config_object(text: str | None, what: str, keys: tuple[str, ...] | None) -> dict[str, Any]:
+    """A JSON object of settings (size- and depth-bounded); with `keys`, an object of objects."""
+    if not text:
+        return {}
+    if len(text) > MAX_CONFIG_JSON:
+        raise too_big(f"{what} has {len(text)} bytes; the limit is {MAX_CONFIG_JSON}")
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise invalid(f"{what} is not valid JSON (or nests too deep): {str(e)[:200]}") from None
+    if not isinstance(value, dict):
+        raise invalid(f"{what} must be a JSON object")
+    if keys is not None:
+        unknown = sorted(set(value) - set(keys))
+        if unknown:
+            raise invalid(f"{what}: unknown key(s) {unknown}; use keys among {', '.join(keys)}")
+        for k, v in value.items():
+            if v is not None and not isinstance(v, dict):
+                raise invalid(f'{what}: "{k}" must be an object of settings, e.g. {{"{k}": {{...}}}}')
+    return value
+
+
+def method_scores(metrics: dict[str, Any]) -> list[T.MethodScore]:
+    """Every {precision, recall, f1} entry of a stored metrics object, by method id."""
+    out = []
+    for method, value in sorted((metrics or {}).items()):
+        if isinstance(value, dict) and {"precision", "recall", "f1"} <= set(value):
+            out.append(T.MethodScore(method, float(value["precision"]), float(value["recall"]), float(value["f1"])))
+    return out
+
+
+def _job(job: JobRecord) -> T.Job:
+    return T.Job(job.id, job.state, job.total, job.done, job.error or "", job.created_at, job.updated_at,
+                 job.request)
+
+
+def _pair(p) -> T.Pair:
+    return T.Pair(p.a, p.b, p.kind, p.activating_overlap, p.context_overlap)
+
+
+def _node(node: dict[str, Any]) -> T.GraphNode:
+    return T.GraphNode(node.get("label", ""), list(node.get("token_ids", [])), bool(node.get("ignore", False)),
+                       float(node.get("importance") or 0.0),
+                       float(node["activation"]) if node.get("activation") is not None else None,
+                       float(node["end"]) if node.get("end") is not None else None,
+                       [_node(c) for c in node.get("children", [])])
+
+
+def _pairs(examples: list[dict[str, Any]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(np.asarray(e["token_ids"], np.int64), np.asarray(e["activations"], np.float32)) for e in examples]
+
+
+def report_zip(workspace_path: str | Path) -> bytes:
+    """The workspace's report (n2g_service.report.write_report) as a zip archive in memory. The
+    pages are written to a temporary folder that is removed even if writing fails."""
+    from .report import write_report
+
+    with tempfile.TemporaryDirectory(prefix="n2g-report-") as tmp:
+        out = Path(tmp) / "report"
+        write_report(Path(workspace_path), out)
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            for f in sorted(out.rglob("*")):
+                if f.is_file():
+                    zf.write(f, f.relative_to(out).as_posix())
+        return buf.getvalue()
