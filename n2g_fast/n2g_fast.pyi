@@ -50,7 +50,36 @@ class TopK:
     def max_activation(self) -> npt.NDArray[np.float32]:
         """[n_neurons]; -inf for a neuron that saw no token."""
     def top(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-        """(window_ids [n_neurons, k], scores [n_neurons, k]), best first; -1 / -inf pad."""
+        """(window_ids [n_neurons, k], scores [n_neurons, k]), best first (higher score, ties by
+        smaller window id); -1 / -inf pad."""
+    def merge(self, other: TopK) -> None:
+        """Folds in `other`'s result in place, as if its windows had been folded into this one.
+
+        For shards of one scan (disjoint window ids): folding each shard into its own TopK and
+        merging them in any order and grouping gives exactly the single-pass result, bit for bit
+        (the order on (score, window id) is total, and a_max is the max under IEEE total order,
+        so +0.0 beats -0.0 whatever the order). Windows seen by both sides would count twice.
+        Raises N2GError if n_neurons or k differ (nothing changes). Releases the GIL."""
+    def to_bytes(self) -> bytes:
+        """Versioned, checksummed binary form (magic b"N2TK", version 1, little-endian;
+        16 + 8 * n_neurons + 12 * n_neurons * k + 4 bytes)."""
+    @staticmethod
+    def from_bytes(data: bytes) -> TopK:
+        """Reads `to_bytes` output exactly; N2GError on a wrong magic, an unknown version, a wrong
+        length, a bad checksum or contents that break the accumulator's invariants."""
+    @staticmethod
+    def from_arrays(
+        window_ids: npt.NDArray[np.int64],  # [n_neurons, k], as top() gives
+        scores: npt.NDArray[np.float32],  # [n_neurons, k], as top() gives
+        max_activation: npt.NDArray[np.float32],  # [n_neurons], as max_activation() gives
+    ) -> TopK:
+        """Rebuilds an accumulator from its result arrays (exact: merging it equals merging the
+        original). N2GError unless rows are sorted best first, padded with -1 / -inf after the
+        filled slots, free of NaN, and max_activation equals each row's best score (-inf for an
+        empty row)."""
+    def __getstate__(self) -> bytes: ...  # pickle / copy: the to_bytes form
+    def __setstate__(self, state: bytes) -> None: ...
+    def __getnewargs__(self) -> tuple[int, int]: ...
 
 ContextElement = tuple[str, Sequence[int], float] | None  # (label, token_ids, importance); None = IGNORE
 

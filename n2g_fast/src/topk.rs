@@ -1,12 +1,24 @@
 //! Per-neuron top-k accumulator for the dataset scan (n2g-method.md section 1).
 //!
 //! A window's score for a neuron is its largest activation over the window's scored tokens;
-//! each neuron keeps its k best windows (ties: smaller window id first) and a_max, the largest
-//! activation it has seen. A batch is folded in two phases so a bad batch changes nothing:
-//! window scores are computed first (in parallel over blocks of neurons, reading contiguous
-//! rows), then inserted.
+//! each neuron keeps its k best windows and a_max, the largest activation it has seen. A batch
+//! is folded in two phases so a bad batch changes nothing: window scores are computed first (in
+//! parallel over blocks of neurons, reading contiguous rows), then inserted.
+//!
+//! Order: higher score first, ties by smaller window id. This is a total order on
+//! (score, window id), so the k best of a set of windows do not depend on the order the windows
+//! came in; a_max is the largest score under `f32::total_cmp` (so +0 beats -0 whatever the
+//! order). Hence a scan split into shards of disjoint windows, each folded into its own TopK and
+//! combined with [`TopK::merge`] in any order, equals the single pass bit for bit.
+//!
+//! Binary form (`to_bytes` / `from_bytes`, all little-endian):
+//! ```text
+//! magic "N2TK" | version u16 = 1 | flags u16 = 0 | n_neurons u32 | k u32
+//! len u32 * n | a_max f32 * n | ids i64 * n*k | scores f32 * n*k
+//! crc u32 (CRC-32 of every byte before it)
+//! ```
 
-use crate::error::{invalid, Result};
+use crate::error::{corrupt, invalid, Result};
 use crate::parallel;
 use rayon::prelude::*;
 
@@ -36,10 +48,23 @@ pub struct Batch<'a> {
     pub token_mask: Option<&'a [bool]>,
 }
 
+pub const TOPK_MAGIC: &[u8; 4] = b"N2TK";
+pub const TOPK_FORMAT_VERSION: u16 = 1;
+const TOPK_HEADER_LEN: usize = 16;
+
 /// `(score, id)` ordering: higher score first, then smaller id.
 #[inline]
 fn better(s1: f32, id1: i64, s2: f32, id2: i64) -> bool {
     s1 > s2 || (s1 == s2 && id1 < id2)
+}
+
+/// a_max update: the larger under `total_cmp` (scores are never NaN), so +0 wins over -0 in
+/// any order.
+#[inline]
+fn raise_max(amax: &mut f32, s: f32) {
+    if s.total_cmp(amax).is_gt() {
+        *amax = s;
+    }
 }
 
 impl TopK {
@@ -160,9 +185,7 @@ impl TopK {
                         if s == f32::NEG_INFINITY {
                             continue;
                         }
-                        if s > *amax {
-                            *amax = s;
-                        }
+                        raise_max(amax, s);
                         let id = b.window_ids[w];
                         let l = *len as usize;
                         if l == k && !better(s, id, scores[k - 1], ids[k - 1]) {
@@ -182,6 +205,172 @@ impl TopK {
                 })
         });
         Ok(())
+    }
+
+    /// Folds in another accumulator's result, as if its windows had been folded into this one.
+    /// Exact when the two saw disjoint windows (shards of one scan): the k best of a union are
+    /// the k best of the two k-best lists. Refuses a different n_neurons or k (nothing changes).
+    pub fn merge(&mut self, other: &TopK) -> Result<()> {
+        if other.n_neurons != self.n_neurons || other.k != self.k {
+            return Err(invalid!(
+                "cannot merge TopK(n_neurons={}, k={}) into TopK(n_neurons={}, k={}): both must have the same n_neurons and k",
+                other.n_neurons,
+                other.k,
+                self.n_neurons,
+                self.k
+            ));
+        }
+        let k = self.k;
+        parallel::install(|| {
+            self.ids
+                .par_chunks_mut(k)
+                .zip(self.scores.par_chunks_mut(k))
+                .zip(self.len.par_iter_mut())
+                .zip(self.a_max.par_iter_mut())
+                .enumerate()
+                .for_each(|(j, (((ids, scores), len), amax))| {
+                    let lb = other.len[j] as usize;
+                    if lb == 0 {
+                        return;
+                    }
+                    raise_max(amax, other.a_max[j]);
+                    let (ob_ids, ob_scores) = (&other.ids[j * k..j * k + lb], &other.scores[j * k..j * k + lb]);
+                    let la = *len as usize;
+                    let (a_ids, a_scores): (Vec<i64>, Vec<f32>) = (ids[..la].to_vec(), scores[..la].to_vec());
+                    let (mut ia, mut ib) = (0, 0);
+                    let total = (la + lb).min(k);
+                    for slot in 0..total {
+                        // Equal (score, id) pairs are interchangeable, so taking `a` first is exact.
+                        let take_a = ib == lb || (ia < la && !better(ob_scores[ib], ob_ids[ib], a_scores[ia], a_ids[ia]));
+                        if take_a {
+                            ids[slot] = a_ids[ia];
+                            scores[slot] = a_scores[ia];
+                            ia += 1;
+                        } else {
+                            ids[slot] = ob_ids[ib];
+                            scores[slot] = ob_scores[ib];
+                            ib += 1;
+                        }
+                    }
+                    *len = total as u32;
+                })
+        });
+        Ok(())
+    }
+
+    /// `[n_neurons]` filled slots per neuron.
+    pub fn filled(&self) -> &[u32] {
+        &self.len
+    }
+
+    /// Builds an accumulator from its result arrays (as `top` and `max_activation` give them):
+    /// `ids` / `scores` `[n_neurons * k]` row-major, best first, -1 / -inf pad; `a_max`
+    /// `[n_neurons]`. Checks every invariant an accumulator keeps, so a merge of the result is
+    /// as exact as a merge of the original.
+    pub fn from_parts(n_neurons: usize, k: usize, ids: Vec<i64>, scores: Vec<f32>, a_max: Vec<f32>) -> Result<Self> {
+        let mut tk = TopK::new(n_neurons, k)?;
+        if ids.len() != n_neurons * k || scores.len() != n_neurons * k || a_max.len() != n_neurons {
+            return Err(invalid!(
+                "TopK arrays have {} ids, {} scores and {} a_max values; n_neurons = {n_neurons}, k = {k} need {} , {} and {n_neurons}",
+                ids.len(),
+                scores.len(),
+                a_max.len(),
+                n_neurons * k,
+                n_neurons * k
+            ));
+        }
+        for j in 0..n_neurons {
+            let (row_ids, row_scores) = (&ids[j * k..(j + 1) * k], &scores[j * k..(j + 1) * k]);
+            let l = row_scores.iter().position(|&s| s == f32::NEG_INFINITY).unwrap_or(k);
+            for x in 0..k {
+                let (s, id) = (row_scores[x], row_ids[x]);
+                if x < l {
+                    if s.is_nan() {
+                        return Err(invalid!("TopK scores[{j}, {x}] is NaN"));
+                    }
+                    if x > 0 && better(s, id, row_scores[x - 1], row_ids[x - 1]) {
+                        return Err(invalid!(
+                            "TopK row {j} is not sorted best first (higher score, then smaller window id) at slot {x}"
+                        ));
+                    }
+                } else if s != f32::NEG_INFINITY || id != -1 {
+                    return Err(invalid!("TopK row {j}: slot {x} follows an empty slot but holds (id {id}, score {s}); empty slots are -1 / -inf"));
+                }
+            }
+            let m = a_max[j];
+            // Every scored window is a candidate, so the best kept score is a_max.
+            let ok = if l == 0 { m == f32::NEG_INFINITY } else { m == row_scores[0] };
+            if !ok {
+                return Err(invalid!(
+                    "TopK a_max[{j}] = {m} does not match the neuron's best score ({}); a_max is the best window score, -inf with no window",
+                    if l == 0 { f32::NEG_INFINITY } else { row_scores[0] }
+                ));
+            }
+            tk.len[j] = l as u32;
+        }
+        tk.ids = ids;
+        tk.scores = scores;
+        tk.a_max = a_max;
+        Ok(tk)
+    }
+
+    /// The binary form (module docs); `from_bytes(to_bytes())` is exact.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let n = self.n_neurons;
+        let nk = n * self.k;
+        let mut out = Vec::with_capacity(TOPK_HEADER_LEN + n * 8 + nk * 12 + 4);
+        out.extend_from_slice(TOPK_MAGIC);
+        out.extend_from_slice(&TOPK_FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(&(n as u32).to_le_bytes());
+        out.extend_from_slice(&(self.k as u32).to_le_bytes());
+        self.len.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+        self.a_max.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+        self.ids.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+        self.scores.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Reads the binary form; refuses a wrong magic, an unknown version, a wrong length, a bad
+    /// checksum or contents that break the accumulator's invariants.
+    pub fn from_bytes(data: &[u8]) -> Result<Self> {
+        if data.len() < TOPK_HEADER_LEN + 4 || &data[..4] != TOPK_MAGIC {
+            return Err(corrupt!("not a serialised TopK (expected the magic \"N2TK\" and at least {} bytes)", TOPK_HEADER_LEN + 4));
+        }
+        let u16_at = |o: usize| u16::from_le_bytes([data[o], data[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes(data[o..o + 4].try_into().unwrap());
+        let version = u16_at(4);
+        if version != TOPK_FORMAT_VERSION {
+            return Err(corrupt!("TopK format version {version} is not supported (this build reads version {TOPK_FORMAT_VERSION})"));
+        }
+        let (n, k) = (u32_at(8) as usize, u32_at(12) as usize);
+        let want = n
+            .checked_mul(k)
+            .and_then(|nk| nk.checked_mul(12))
+            .and_then(|b| b.checked_add(n * 8 + TOPK_HEADER_LEN + 4));
+        if want != Some(data.len()) {
+            return Err(corrupt!("serialised TopK(n_neurons={n}, k={k}) has {} bytes, expected {want:?}", data.len()));
+        }
+        let body_end = data.len() - 4;
+        if crc32fast::hash(&data[..body_end]) != u32_at(body_end) {
+            return Err(corrupt!("serialised TopK is corrupt (checksum mismatch)"));
+        }
+        let nk = n * k;
+        let mut o = TOPK_HEADER_LEN;
+        let lens: Vec<u32> = (0..n).map(|i| u32_at(o + 4 * i)).collect();
+        o += 4 * n;
+        let a_max: Vec<f32> = (0..n).map(|i| f32::from_le_bytes(data[o + 4 * i..o + 4 * i + 4].try_into().unwrap())).collect();
+        o += 4 * n;
+        let ids: Vec<i64> = (0..nk).map(|i| i64::from_le_bytes(data[o + 8 * i..o + 8 * i + 8].try_into().unwrap())).collect();
+        o += 8 * nk;
+        let scores: Vec<f32> = (0..nk).map(|i| f32::from_le_bytes(data[o + 4 * i..o + 4 * i + 4].try_into().unwrap())).collect();
+        let tk = TopK::from_parts(n, k, ids, scores, a_max).map_err(|e| corrupt!("serialised TopK is invalid: {e}"))?;
+        if tk.len != lens {
+            return Err(corrupt!("serialised TopK is invalid: its slot counts do not match its scores"));
+        }
+        Ok(tk)
     }
 }
 
@@ -243,6 +432,67 @@ mod tests {
         assert_eq!(tk.max_activation(), &[1.0]);
     }
 
+    /// A random scan: `[windows, t, n]` small-integer activations (with -0.0, so ties and signed
+    /// zeros happen), a mask with some windows fully masked, distinct shuffled window ids.
+    fn random_scan(n: usize, w: usize, t: usize, seed: u64) -> (Vec<f32>, Vec<bool>, Vec<i64>) {
+        let mut x = seed;
+        let mut rnd = move || {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (x >> 33) as u32
+        };
+        let acts: Vec<f32> = (0..w * t * n).map(|_| match rnd() % 8 { 7 => -0.0, v => v as f32 - 3.0 }).collect();
+        let mask: Vec<bool> = (0..w * t).map(|_| rnd() % 4 != 0).collect();
+        let mut ids: Vec<i64> = (0..w as i64).map(|i| i * 3 + 5).collect();
+        for i in (1..w).rev() {
+            ids.swap(i, rnd() as usize % (i + 1));
+        }
+        (acts, mask, ids)
+    }
+
+    /// Folds windows `lo..hi` of a random scan into `tk`, in batches of `step` windows.
+    fn fold(tk: &mut TopK, scan: &(Vec<f32>, Vec<bool>, Vec<i64>), t: usize, lo: usize, hi: usize, step: usize) {
+        let n = tk.n_neurons();
+        let mut s = lo;
+        while s < hi {
+            let e = (s + step).min(hi);
+            tk.update(&Batch {
+                activations: &scan.0[s * t * n..e * t * n],
+                batch: e - s,
+                tokens: t,
+                window_ids: &scan.2[s..e],
+                token_mask: Some(&scan.1[s * t..e * t]),
+            })
+            .unwrap();
+            s = e;
+        }
+    }
+
+    #[test]
+    fn merge_refuses_other_shape_and_bytes_refuse_damage() {
+        let mut a = TopK::new(3, 2).unwrap();
+        assert!(a.merge(&TopK::new(3, 3).unwrap()).is_err());
+        assert!(a.merge(&TopK::new(4, 2).unwrap()).is_err());
+        let scan = random_scan(3, 5, 2, 1);
+        fold(&mut a, &scan, 2, 0, 5, 2);
+        let bytes = a.to_bytes();
+        assert_eq!(TopK::from_bytes(&bytes).unwrap().to_bytes(), bytes);
+        for cut in [0, 10, bytes.len() - 1] {
+            assert!(TopK::from_bytes(&bytes[..cut]).is_err());
+        }
+        let mut flipped = bytes.clone();
+        flipped[TOPK_HEADER_LEN + 2] ^= 1;
+        assert!(TopK::from_bytes(&flipped).unwrap_err().to_string().contains("checksum"));
+        let mut v2 = bytes.clone();
+        v2[4] = 2;
+        assert!(TopK::from_bytes(&v2).unwrap_err().to_string().contains("version 2"));
+        // Unsorted rows and an a_max that is not the best score are refused.
+        assert!(TopK::from_parts(1, 2, vec![1, 2], vec![1.0, 2.0], vec![2.0]).is_err());
+        assert!(TopK::from_parts(1, 2, vec![1, 2], vec![2.0, 1.0], vec![3.0]).is_err());
+        assert!(TopK::from_parts(1, 2, vec![1, 5], vec![2.0, f32::NEG_INFINITY], vec![2.0]).is_err());
+        assert!(TopK::from_parts(1, 2, vec![2, 1], vec![2.0, 2.0], vec![2.0]).is_err());
+        assert!(TopK::from_parts(1, 2, vec![1, 2], vec![2.0, 2.0], vec![2.0]).is_ok());
+    }
+
     proptest! {
         #[test]
         fn equals_brute_force(
@@ -266,6 +516,39 @@ mod tests {
             prop_assert_eq!(tk.top().0, &ids[..]);
             prop_assert_eq!(tk.top().1, &scores[..]);
             prop_assert_eq!(tk.max_activation(), &amax[..]);
+        }
+
+        /// A scan split into random shards (disjoint window ranges, each folded in its own batch
+        /// sizes), merged in a random order and grouping, some through the binary form, equals
+        /// the single pass bit for bit.
+        #[test]
+        fn sharded_merge_equals_single_pass(
+            n in 1usize..40, k in 1usize..6, w in 1usize..30, t in 1usize..4, seed in any::<u64>(),
+            cuts in prop::collection::vec(0usize..30, 0..6),
+            steps in prop::collection::vec(1usize..5, 8),
+            order in prop::collection::vec(any::<u64>(), 8),
+        ) {
+            let scan = random_scan(n, w, t, seed);
+            let mut single = TopK::new(n, k).unwrap();
+            fold(&mut single, &scan, t, 0, w, steps[0]);
+            let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (w + 1)).chain([0, w]).collect();
+            bounds.sort_unstable();
+            let mut pool: Vec<TopK> = bounds.windows(2).enumerate().map(|(i, r)| {
+                let mut tk = TopK::new(n, k).unwrap();
+                fold(&mut tk, &scan, t, r[0], r[1], steps[(i + 1) % steps.len()]);
+                tk
+            }).collect();
+            let mut r = 0;
+            while pool.len() > 1 {
+                let pick = order[r % order.len()].rotate_left(r as u32);
+                r += 1;
+                let a = pool.swap_remove(pick as usize % pool.len());
+                let mut b = pool.swap_remove((pick >> 20) as usize % pool.len());
+                let a = if pick & 1 == 1 { TopK::from_bytes(&a.to_bytes()).unwrap() } else { a };
+                b.merge(&a).unwrap();
+                pool.push(b);
+            }
+            prop_assert_eq!(pool[0].to_bytes(), single.to_bytes());
         }
     }
 }

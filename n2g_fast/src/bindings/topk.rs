@@ -5,6 +5,7 @@ use super::input::int64_vec;
 use crate::topk::{Batch, TopK};
 use numpy::{PyArray1, PyArray2, PyArray3, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 use std::borrow::Cow;
 
 /// (window ids, scores), both [n_neurons, k].
@@ -103,6 +104,64 @@ impl PyTopK {
         let (ids, scores) = self.inner.top();
         let shape = [self.inner.n_neurons(), self.inner.k()];
         Ok((PyArray1::from_slice(py, ids).reshape(shape)?, PyArray1::from_slice(py, scores).reshape(shape)?))
+    }
+
+    /// Folds in `other`'s result (a shard of the same scan, disjoint windows); exact.
+    fn merge(&mut self, py: Python<'_>, other: PyRef<'_, PyTopK>) -> PyResult<()> {
+        let (inner, o) = (&mut self.inner, &other.inner);
+        py.detach(|| inner.merge(o))?;
+        Ok(())
+    }
+
+    /// The versioned, checksummed binary form; `TopK.from_bytes` reads it back exactly.
+    fn to_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.inner.to_bytes())
+    }
+
+    #[staticmethod]
+    fn from_bytes(py: Python<'_>, data: &[u8]) -> PyResult<Self> {
+        Ok(PyTopK { inner: py.detach(|| TopK::from_bytes(data))? })
+    }
+
+    /// Rebuilds an accumulator from `top()` and `max_activation()` arrays.
+    #[staticmethod]
+    fn from_arrays(window_ids: &Bound<'_, PyAny>, scores: &Bound<'_, PyAny>, max_activation: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let ids = window_ids
+            .cast::<PyArray2<i64>>()
+            .map_err(|_| bad_input(format!("window_ids must be an int64 numpy array [n_neurons, k], got {}", describe(window_ids))))?;
+        let sc = scores
+            .cast::<PyArray2<f32>>()
+            .map_err(|_| bad_input(format!("scores must be a float32 numpy array [n_neurons, k], got {}", describe(scores))))?;
+        let am = max_activation
+            .cast::<PyArray1<f32>>()
+            .map_err(|_| bad_input(format!("max_activation must be a float32 numpy array [n_neurons], got {}", describe(max_activation))))?;
+        if ids.shape() != sc.shape() {
+            return Err(bad_input(format!("window_ids has shape {:?} and scores {:?}; they must match", ids.shape(), sc.shape())));
+        }
+        let (n, k) = (ids.shape()[0], ids.shape()[1]);
+        if am.len() != n {
+            return Err(bad_input(format!("max_activation has {} values; window_ids has {n} rows", am.len())));
+        }
+        let read = |e: numpy::BorrowError| bad_input(format!("cannot read the array ({e})"));
+        let ids: Vec<i64> = ids.try_readonly().map_err(read)?.as_array().iter().copied().collect();
+        let sc: Vec<f32> = sc.try_readonly().map_err(read)?.as_array().iter().copied().collect();
+        let am: Vec<f32> = am.try_readonly().map_err(read)?.as_array().iter().copied().collect();
+        Ok(PyTopK { inner: TopK::from_parts(n, k, ids, sc, am)? })
+    }
+
+    // Pickle (Ray ships accumulators between processes): rebuilt as TopK(n_neurons, k), then
+    // the state is the binary form.
+    fn __getnewargs__(&self) -> (usize, usize) {
+        (self.inner.n_neurons(), self.inner.k())
+    }
+
+    fn __getstate__<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        self.to_bytes(py)
+    }
+
+    fn __setstate__(&mut self, state: &[u8]) -> PyResult<()> {
+        self.inner = TopK::from_bytes(state)?;
+        Ok(())
     }
 
     fn __repr__(&self) -> String {
