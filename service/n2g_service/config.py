@@ -58,8 +58,14 @@ class ScanConfig(_Config):
 
 @dataclass(frozen=True)
 class FitConfig(_Config):
-    """Pruning, saliency, augmentation and path building (sections 2 to 5)."""
+    """Pruning, saliency, augmentation and path building (sections 2 to 5), and the fit method.
 
+    ``method`` names a registered fit method (``n2g_service.fit.fit_methods()``): "paper" is the
+    paper's fit on the training windows alone; "calibrated" also learns from further top windows
+    and from real corpus occurrences of the graph's tokens (the calibration fields below, which
+    "paper" ignores). :func:`n2g_service.fit.preset` gives each method's preset."""
+
+    method: str = "paper"
     # pruning (section 2)
     prune_threshold: float = 0.5  # truncated pivot activation >= this x original
     max_prune_starts: int = 30  # at most this many candidate starts
@@ -87,8 +93,34 @@ class FitConfig(_Config):
     mask_token: str = "auto"
     # forward passes: most tokens (rows x padded length) per batch
     batch_tokens: int = 4096
+    # "calibrated" only. More positives: the training windows plus up to extra_top further top
+    # windows of the scan (ranks after the paper's train + test windows), through the whole fit.
+    extra_top: int = 10
+    # Real occurrences: per activating label of the fitted graph, up to occurrence_windows corpus
+    # windows holding it (at most max_occurrence_windows per neuron), run through the model.
+    occurrence_windows: int = 12
+    max_occurrence_windows: int = 96
+    # A path (or learnt context) matched at >= calibrate_min_support occurrence tokens takes the
+    # mean true activation there as its END, on the firing side only if >= calibrate_fire_rate of
+    # them fire; tokens that fire in the training windows without a path get one (learn_tokens);
+    # an over-firing token learns context tokens at offsets 1..context_offsets that separate its
+    # firing occurrences from the rest.
+    calibrate_min_support: int = 4
+    calibrate_fire_rate: float = 0.4
+    learn_tokens: bool = True
+    context_offsets: int = 3
+    calibration_seed: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.method, str) or not self.method:
+            raise ValueError("FitConfig.method must name a fit method (e.g. 'paper', 'calibrated')")
+        if min(self.extra_top, self.occurrence_windows, self.max_occurrence_windows, self.context_offsets) < 0:
+            raise ValueError("FitConfig: extra_top, occurrence_windows, max_occurrence_windows and "
+                             "context_offsets must be >= 0")
+        if self.calibrate_min_support < 1:
+            raise ValueError("FitConfig.calibrate_min_support must be >= 1")
+        if not 0.0 <= self.calibrate_fire_rate <= 1.0:
+            raise ValueError("FitConfig.calibrate_fire_rate must be between 0 and 1")
         unknown = set(self.proposers) - {"model", "embedding", "mlm"}
         if unknown:
             raise ValueError(f"FitConfig.proposers: unknown {sorted(unknown)}; use model, embedding, mlm")

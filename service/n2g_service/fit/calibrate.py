@@ -1,0 +1,311 @@
+"""Learning from more than the training windows: the "calibrated" fit's extra stages.
+
+The paper fits a graph on 10 windows where the neuron fires hardest; on ordinary text it then
+misses the tokens it never saw fire, and a token that fired once becomes a path even where the
+same token mostly leaves the neuron silent. The calibrated fit adds:
+
+- more positives: further top windows of the scan (:attr:`TrainingPool.top`, ranks after the
+  paper's train and test windows) go through the whole paper fit with the training windows;
+- real occurrences: for each activating label of the fitted graph (and each label that fires in
+  the training windows), corpus windows holding it (:func:`select_occurrences`), run through the
+  model for their true activations;
+- calibration (:func:`calibrate_paths`), on those occurrences and the training windows:
+  every path matched at >= calibrate_min_support tokens takes the mean true activation there as
+  its END, kept on the firing side only if >= calibrate_fire_rate of those tokens fire (a context
+  path survives as a firing path only where it separates firing from non-firing occurrences;
+  a token that alone over-fires stops firing alone); tokens that fire without any path get one
+  (learn_tokens); an over-firing token learns context tokens at offsets 1..context_offsets whose
+  matches do fire (:func:`learn_contexts`).
+
+Windows the evaluation holds out (:attr:`TrainingPool.usable` False) and each neuron's test
+windows (:attr:`TrainingPool.exclude`) are never drawn. Every window drawn is returned with its
+true activations (``FitResult.extra_train``) so the baselines are fitted on the same windows.
+
+Matching uses the graph's own semantics: a path's matches are where a graph holding that path
+alone predicts (``n2g_fast`` all-paths walk), so the statistics are those of the path as it
+predicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Collection, Mapping, Sequence
+
+import numpy as np
+
+from ..config import FitConfig
+from .paths import Path
+
+
+@dataclass
+class TrainingPool:
+    """Corpus windows a fit may learn from beyond the training windows it is given.
+
+    ``windows``: every corpus window (int64 [n, T], BOS first), indexed by window id.
+    ``usable``: bool [n]; False for windows no fit may see (the evaluation's held-out text).
+    ``exclude``: per neuron, window ids it must never see (its test windows).
+    ``top``: per neuron, further top windows of the scan, best first (the ranks after the paper's
+    train + test windows).
+    """
+
+    windows: np.ndarray
+    usable: np.ndarray | None = None
+    exclude: Mapping[int, Collection[int]] = field(default_factory=dict)
+    top: Mapping[int, Sequence[int]] = field(default_factory=dict)
+    _index: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.windows = np.asarray(self.windows, dtype=np.int64)
+        if self.windows.ndim != 2 or self.windows.shape[1] < 2:
+            raise ValueError("TrainingPool.windows must be int64 [n_windows, tokens >= 2]")
+        n = self.windows.shape[0]
+        if self.usable is None:
+            self.usable = np.ones(n, dtype=bool)
+        self.usable = np.asarray(self.usable, dtype=bool)
+        if self.usable.shape != (n,):
+            raise ValueError(f"TrainingPool.usable must be bool [{n}], got shape {self.usable.shape}")
+        for what, d in (("exclude", self.exclude), ("top", self.top)):
+            for neuron, ids in d.items():
+                bad = [int(i) for i in ids if not 0 <= int(i) < n]
+                if bad:
+                    raise ValueError(f"TrainingPool.{what}[{neuron}]: window ids {bad[:5]} out of range 0..{n - 1}")
+
+    def allowed(self, neuron: int) -> np.ndarray:
+        """bool [n]: the windows ``neuron`` may learn from."""
+        ok = self.usable.copy()
+        ex = [int(i) for i in self.exclude.get(int(neuron), ())]
+        if ex:
+            ok[ex] = False
+        return ok
+
+    def top_windows(self, neuron: int, k: int) -> list[int]:
+        """Up to ``k`` further top windows of ``neuron`` that it may learn from, best first."""
+        ok = self.allowed(neuron)
+        out: list[int] = []
+        for i in self.top.get(int(neuron), ()):
+            i = int(i)
+            if i >= 0 and ok[i] and i not in out:
+                out.append(i)
+                if len(out) == k:
+                    break
+        return out
+
+    def windows_with(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Sorted ids of the windows holding any of ``token_ids`` after BOS."""
+        if self._index is None:
+            flat = self.windows[:, 1:].ravel()
+            order = np.argsort(flat, kind="stable")
+            self._index = (flat[order], order // (self.windows.shape[1] - 1))
+        keys, owner = self._index
+        parts = []
+        for t in token_ids:
+            lo, hi = np.searchsorted(keys, int(t), "left"), np.searchsorted(keys, int(t), "right")
+            parts.append(owner[lo:hi])
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
+
+def training_pool(
+    windows: np.ndarray,
+    top_window_ids: np.ndarray,
+    neurons: Sequence[int],
+    n_paper: int,
+    test_ids: Mapping[int, Collection[int]],
+    heldout: Collection[int] = (),
+) -> TrainingPool:
+    """The pool of a build: the corpus windows, the held-out windows unusable, each neuron's test
+    windows excluded, and its scan ranks from ``n_paper`` on (after the paper's train + test
+    windows) as further top windows.
+
+    ``top_window_ids``: the scan's [d_mlp, k] window ids (-1 pads); ``test_ids[n]``: the window
+    ids of neuron n's test windows."""
+    usable = np.ones(len(windows), dtype=bool)
+    held = [int(i) for i in heldout]
+    if held:
+        usable[held] = False
+    top = {int(n): [int(i) for i in np.asarray(top_window_ids[n])[n_paper:] if i >= 0] for n in neurons}
+    return TrainingPool(windows, usable, {int(n): set(int(i) for i in test_ids[n]) for n in neurons}, top)
+
+
+def select_occurrences(
+    pool: TrainingPool,
+    neuron: int,
+    label_ids: Sequence[Sequence[int]],
+    skip: Collection[int],
+    cfg: FitConfig,
+    rng: np.random.Generator,
+) -> list[int]:
+    """Window ids holding the labels' tokens: per label (in the order given) up to
+    cfg.occurrence_windows allowed windows not in ``skip`` drawn at random, at most
+    cfg.max_occurrence_windows in all."""
+    ok = pool.allowed(neuron)
+    taken: list[int] = []
+    seen = set(int(i) for i in skip)
+    for ids in label_ids:
+        if len(taken) >= cfg.max_occurrence_windows:
+            break
+        cand = [int(w) for w in pool.windows_with(ids) if ok[w] and int(w) not in seen]
+        k = min(cfg.occurrence_windows, cfg.max_occurrence_windows - len(taken), len(cand))
+        if k <= 0:
+            continue
+        pick = sorted(int(cand[i]) for i in rng.choice(len(cand), size=k, replace=False))
+        taken.extend(pick)
+        seen.update(pick)
+    return taken
+
+
+def _path_key(path: Path) -> tuple:
+    activating, context, _ = path
+    return (activating[0], tuple(None if c is None else c[0] for c in context))
+
+
+def unique_paths(paths: Sequence[Path]) -> list[Path]:
+    """One path per (activating label, context labels), values folded by max as the trie does."""
+    merged: dict[tuple, Path] = {}
+    for activating, context, end in paths:
+        key = _path_key((activating, context, end))
+        have = merged.get(key)
+        if have is None:
+            merged[key] = (tuple(activating), list(context), float(end))
+            continue
+        (lab, ids, act), ctx, e = have
+        new_ctx = [
+            None if a is None else (a[0], a[1], max(a[2], b[2])) for a, b in zip(ctx, context)
+        ]
+        merged[key] = ((lab, ids, max(act, activating[2])), new_ctx, max(e, float(end)))
+    return list(merged.values())
+
+
+def path_matches(graph_factory, path: Path, tokens: np.ndarray) -> np.ndarray:
+    """bool [W, T]: where ``path`` alone predicts on ``tokens`` (BOS column never)."""
+    g = graph_factory()
+    activating, context, _ = path
+    g.add_path((activating[0], activating[1], 1.0), context, 1.0)
+    pred = np.asarray(g.predict(tokens, semantics="all_paths_max"))
+    m = pred > 0
+    m[:, 0] = False
+    return m
+
+
+@dataclass
+class Calibration:
+    """What calibration did to one neuron's paths (for its stats)."""
+
+    n_paths_in: int = 0
+    n_calibrated: int = 0  # paths with enough support to take their END from the occurrences
+    n_stopped_firing: int = 0  # calibrated paths that fired before and no longer do
+    n_tokens_learnt: int = 0
+    n_contexts_learnt: int = 0
+
+
+def calibrate_paths(
+    paths: Sequence[Path],
+    tokens: np.ndarray,
+    true: np.ndarray,
+    valid: np.ndarray,
+    graph_factory,
+    cfg: FitConfig,
+    cal: Calibration,
+) -> list[Path]:
+    """Each unique path's END from the true normalised activations ``true`` [W, T] where it
+    matches ``tokens`` [W, T] at ``valid`` positions (see the module doc); paths with too little
+    support keep theirs."""
+    thr = cfg.activation_threshold
+    below = float(np.nextafter(np.float32(thr), np.float32(0)))
+    out: list[Path] = []
+    for path in unique_paths(paths):
+        cal.n_paths_in += 1
+        m = path_matches(graph_factory, path, tokens) & valid
+        n = int(m.sum())
+        if n < cfg.calibrate_min_support:
+            out.append(path)
+            continue
+        vals = true[m]
+        end = max(float(vals.mean()), 0.0)
+        fires = float(np.mean(vals >= thr)) >= cfg.calibrate_fire_rate
+        end = max(end, thr) if fires else min(end, below)
+        cal.n_calibrated += 1
+        cal.n_stopped_firing += int(path[2] > thr and not fires)
+        activating, context, _ = path
+        out.append(((activating[0], activating[1], end), context, end))
+    return out
+
+
+def learn_contexts(
+    label: str,
+    label_ids: Sequence[int],
+    tokens: np.ndarray,
+    true: np.ndarray,
+    valid: np.ndarray,
+    label_of: np.ndarray,
+    label_names: Sequence[str],
+    ids_of,
+    cfg: FitConfig,
+) -> list[Path]:
+    """Firing paths [label, IGNORE x (d-1), context] for the context labels at offset d
+    (1..cfg.context_offsets) under which ``label`` fires: matched at >= calibrate_min_support
+    tokens, at least two of them firing, >= calibrate_fire_rate firing. At most 3 per offset, the
+    most firing matches first."""
+    thr = cfg.activation_threshold
+    w, i = np.nonzero(np.isin(tokens, np.asarray(label_ids, dtype=np.int64)) & valid)
+    keep = i >= 1
+    w, i = w[keep], i[keep]
+    if w.size == 0:
+        return []
+    fire = true[w, i] >= thr
+    out: list[Path] = []
+    for d in range(1, cfg.context_offsets + 1):
+        ok = i - d >= 1  # BOS is never context
+        if not ok.any():
+            break
+        ctx = label_of[tokens[w[ok], i[ok] - d]]
+        f = fire[ok]
+        vals = true[w[ok], i[ok]]
+        uniq, inv = np.unique(ctx, return_inverse=True)
+        n = np.bincount(inv, minlength=uniq.size)
+        nf = np.bincount(inv, weights=f.astype(np.float64), minlength=uniq.size)
+        s = np.bincount(inv, weights=vals.astype(np.float64), minlength=uniq.size)
+        good = (n >= cfg.calibrate_min_support) & (nf >= 2) & (nf / np.maximum(n, 1) >= cfg.calibrate_fire_rate)
+        for j in sorted(np.flatnonzero(good), key=lambda j: (-nf[j], int(uniq[j])))[:3]:
+            name = label_names[int(uniq[j])]
+            end = max(float(s[j] / n[j]), thr)
+            rate = float(nf[j] / n[j])
+            context = [None] * (d - 1) + [(name, ids_of(name), min(max(rate, 0.0), 1.0))]
+            out.append(((label, list(label_ids), end), context, end))
+    return out
+
+
+def learn_from_misses(
+    predicted: np.ndarray,
+    tokens: np.ndarray,
+    true: np.ndarray,
+    valid: np.ndarray,
+    label_of: np.ndarray,
+    label_names: Sequence[str],
+    ids_of,
+    cfg: FitConfig,
+    cal: Calibration,
+) -> list[Path]:
+    """New paths for the firing tokens the calibrated graph misses (``predicted`` [W, T] below
+    the threshold where ``true`` fires). Per label of a missed token: a token path if its
+    occurrences fire often enough (with cfg.learn_tokens), else the contexts that separate its firing occurrences (:func:`learn_contexts`)."""
+    thr = cfg.activation_threshold
+    missed = (true >= thr) & (predicted < thr) & valid
+    missed[:, 0] = False
+    out: list[Path] = []
+    for lab_i in np.unique(label_of[tokens[missed]]):
+        name = label_names[int(lab_i)]
+        ids = ids_of(name)
+        occ = np.isin(tokens, np.asarray(ids, dtype=np.int64)) & valid
+        occ[:, 0] = False
+        vals = true[occ]
+        rate = float(np.mean(vals >= thr))
+        if rate >= cfg.calibrate_fire_rate:
+            if cfg.learn_tokens:
+                end = max(float(vals.mean()), thr)
+                out.append(((name, ids, end), [], end))
+                cal.n_tokens_learnt += 1
+            continue
+        learnt = learn_contexts(name, ids, tokens, true, valid, label_of, label_names, ids_of, cfg)
+        cal.n_contexts_learnt += len(learnt)
+        out.extend(learnt)
+    return out

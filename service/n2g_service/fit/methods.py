@@ -1,0 +1,247 @@
+"""The fit interface: a small registry of N2G fit methods (as SAELens registers architectures).
+
+A :class:`FitMethod` has a name, a one-line summary, a preset (the FitConfig fields it sets) and a
+``fit(run, train, pool, bar, details)`` that returns one :class:`FitResult` per neuron.
+:func:`n2g_service.fit.fit_neurons` looks the method up by ``FitConfig.method``. Registered here:
+
+- ``paper``: the paper's fit on the training windows alone (stages 1 to 6 of
+  :mod:`.pipeline`); byte for byte the graphs of the orchestrator it replaced;
+- ``calibrated``: the paper's fit on the training windows plus further top windows, then END
+  values and contexts calibrated on real corpus occurrences (:mod:`.calibrate`).
+
+Adding a method: write ``fit`` from the stages, then ``register_fit_method(FitMethod(...))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from ..config import FitConfig
+from .calibrate import (
+    Calibration,
+    TrainingPool,
+    calibrate_paths,
+    learn_from_misses,
+    select_occurrences,
+)
+from .pipeline import (
+    FitRun,
+    augment_stage,
+    augmented_saliency_stage,
+    by_neuron,
+    collect_paths,
+    make_graph,
+    original_examples,
+    paper_details,
+    paper_stats,
+    prune_stage,
+    run_paper_stages,
+    saliency_stage,
+)
+
+
+@dataclass
+class FitResult:
+    graph: Any  # n2g_fast.NeuronGraph
+    stats: dict = field(default_factory=dict)
+    # with fit_neurons(..., details=True): the pruned prompts and augmented prompts, for tests and
+    # measurements (``{"examples": [...], "augmented": [...]}``, plain Python values)
+    details: dict | None = None
+    # windows learnt from beyond the training windows given (window id, token ids, activations /
+    # a_max): they belong in the neuron's training examples, so the baselines see them too
+    extra_train: list[tuple[int, np.ndarray, np.ndarray]] = field(default_factory=list)
+
+
+FitFn = Callable[[FitRun, dict, "TrainingPool | None", Any, bool], dict]
+
+
+@dataclass(frozen=True)
+class FitMethod:
+    name: str
+    summary: str
+    fit: FitFn
+    preset: Mapping[str, Any] = field(default_factory=dict)  # FitConfig fields the preset sets
+    n_stages: int = 6  # progress-bar steps
+    uses_pool: bool = False  # learns from a TrainingPool when given one
+
+
+_REGISTRY: dict[str, FitMethod] = {}
+
+
+def register_fit_method(method: FitMethod) -> FitMethod:
+    """Adds ``method`` under its name (a name registered twice is an error)."""
+    if method.name in _REGISTRY:
+        raise ValueError(f"fit method {method.name!r} is already registered")
+    FitConfig.from_dict(dict(method.preset))  # the preset must be valid settings
+    _REGISTRY[method.name] = method
+    return method
+
+
+def fit_method(name: str) -> FitMethod:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown fit method {name!r}; known: {sorted(_REGISTRY)}") from None
+
+
+def fit_methods() -> dict[str, FitMethod]:
+    """Every registered method by name."""
+    return dict(_REGISTRY)
+
+
+def preset(name: str, **overrides: Any) -> FitConfig:
+    """The FitConfig of method ``name``'s preset, with ``overrides`` on top."""
+    m = fit_method(name)
+    return FitConfig.from_dict({**m.preset, **overrides, "method": name})
+
+
+# ---- paper ------------------------------------------------------------------------------------
+
+
+def _fit_paper(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any, details: bool) -> dict:
+    examples, augmented, proposers = run_paper_stages(fr, train, bar)
+    paths = collect_paths(fr, examples, augmented)
+    ex_of, aug_of = by_neuron(fr, examples, augmented)
+    results = {}
+    for n in fr.neurons:
+        graph = make_graph(fr, n, paths[n])
+        stats = paper_stats(fr, n, [examples[i] for i in ex_of[n]], aug_of[n], proposers, graph, len(paths[n]))
+        results[n] = FitResult(graph, stats, paper_details(ex_of[n], examples, aug_of[n]) if details else None)
+    bar.update()
+    return results
+
+
+# ---- calibrated -------------------------------------------------------------------------------
+
+
+def _labels(model) -> tuple[np.ndarray, list[str]]:
+    """Label index of every vocabulary id, and the label names."""
+    labels = model.token_labels()
+    names: list[str] = []
+    index: dict[str, int] = {}
+    of = np.empty(len(labels), dtype=np.int64)
+    for t, lab in enumerate(labels):
+        j = index.get(lab)
+        if j is None:
+            j = index[lab] = len(names)
+            names.append(lab)
+        of[t] = j
+    return of, names
+
+
+def _stack(rows: list[np.ndarray], fill: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged rows -> [W, T] padded with ``fill``, and the bool mask of real positions."""
+    t = max((len(r) for r in rows), default=1)
+    out = np.full((len(rows), t), fill, dtype=np.int64)
+    valid = np.zeros((len(rows), t), dtype=bool)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+        valid[i, : len(r)] = True
+    valid[:, 0] = False  # BOS is never scored, never fitted
+    return out, valid
+
+
+def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any, details: bool) -> dict:
+    import n2g_fast
+
+    cfg, model = fr.cfg, fr.model
+    tick = bar.update
+    live = [n for n in fr.neurons if fr.a_max[n] > 0]
+    top_ids = {n: pool.top_windows(n, cfg.extra_top) if pool is not None and n in live else [] for n in fr.neurons}
+    positives = {n: list(train.get(n, [])) + [pool.windows[i] for i in top_ids[n]] for n in fr.neurons}
+    originals, orig_acts = original_examples(fr, positives)
+    tick()
+    examples = prune_stage(fr, originals, orig_acts)
+    tick()
+    saliency_stage(fr, examples)
+    tick()
+    augmented, proposers = augment_stage(fr, examples)
+    tick()
+    augmented_saliency_stage(fr, examples, augmented)
+    tick()
+    paths = collect_paths(fr, examples, augmented)
+
+    # real occurrences of the graph's labels and of the labels that fire in the positives
+    label_of, names = _labels(model)
+    thr = cfg.activation_threshold
+    pos_of: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {n: [] for n in fr.neurons}
+    for (x, n), a in zip(originals, orig_acts):
+        pos_of[n].append((x, a))
+    occ_ids: dict[int, list[int]] = {n: [] for n in fr.neurons}
+    if pool is not None:
+        for n in live:
+            order: list[str] = []
+            for activating, _, _ in paths[n]:
+                if activating[0] not in order:
+                    order.append(activating[0])
+            firing = [(float(a[i]), names[label_of[int(x[i])]]) for x, a in pos_of[n]
+                      for i in range(1, len(x)) if a[i] / fr.a_max[n] >= thr]
+            for _, lab in sorted(firing, key=lambda p: -p[0]):
+                if lab not in order:
+                    order.append(lab)
+            rng = np.random.default_rng([cfg.calibration_seed, fr.layer, n])
+            occ_ids[n] = select_occurrences(pool, n, [model.label_token_ids(l) for l in order], top_ids[n], cfg, rng)
+    jobs = [(w, n) for n in fr.neurons for w in occ_ids[n]]
+    occ_acts = fr.run([pool.windows[w] for w, _ in jobs], [n for _, n in jobs]) if jobs else []
+    occ_of: dict[int, list[tuple[int, np.ndarray]]] = {n: [] for n in fr.neurons}
+    for (w, n), a in zip(jobs, occ_acts):
+        occ_of[n].append((w, a))
+
+    ex_of, aug_of = by_neuron(fr, examples, augmented)
+    results = {}
+    for n in fr.neurons:
+        a_max = fr.a_max[n]
+
+        def factory(n=n):
+            return n2g_fast.NeuronGraph(model.name, fr.layer, n, model.hook, a_max if a_max > 0 else 0.0)
+
+        cal = Calibration()
+        final = list(paths[n])
+        rows = [x for x, _ in pos_of[n]] + [pool.windows[w] for w, _ in occ_of[n]]
+        if rows and a_max > 0:
+            tokens, valid = _stack(rows, model.pad_id)
+            true = np.zeros(tokens.shape, dtype=np.float32)
+            for r, a in enumerate([a for _, a in pos_of[n]] + [a for _, a in occ_of[n]]):
+                true[r, : len(a)] = a / a_max
+            final = calibrate_paths(paths[n], tokens, true, valid, factory, cfg, cal)
+            predicted = np.asarray(make_graph(fr, n, final).predict(tokens, semantics="all_paths_max"))
+            final += learn_from_misses(predicted, tokens, true, valid, label_of, names,
+                                       model.label_token_ids, cfg, cal)
+        graph = make_graph(fr, n, final)
+        stats = paper_stats(fr, n, [examples[i] for i in ex_of[n]], aug_of[n], proposers, graph, len(paths[n]))
+        extra = [(w, pool.windows[w], a) for w, a in zip(top_ids[n], [a for _, a in pos_of[n][len(pos_of[n]) - len(top_ids[n]):]])]
+        extra += [(w, pool.windows[w], a) for w, a in occ_of[n]]
+        stats.update({
+            "n_extra_top": len(top_ids[n]),
+            "n_occurrence_windows": len(occ_of[n]),
+            "extra_train_windows": [int(w) for w, _, _ in extra],
+            "n_paths_unique": cal.n_paths_in,
+            "n_paths_calibrated": cal.n_calibrated,
+            "n_paths_stopped_firing": cal.n_stopped_firing,
+            "n_tokens_learnt": cal.n_tokens_learnt,
+            "n_contexts_learnt": cal.n_contexts_learnt,
+        })
+        results[n] = FitResult(
+            graph, stats, paper_details(ex_of[n], examples, aug_of[n]) if details else None,
+            extra_train=[(int(w), np.asarray(t, dtype=np.int64), np.asarray(a, dtype=np.float32) / a_max)
+                         for w, t, a in extra],
+        )
+    tick()
+    return results
+
+
+register_fit_method(FitMethod(
+    "paper",
+    "the paper's fit (prune, saliency, augment, paths) on the training windows alone",
+    _fit_paper,
+))
+register_fit_method(FitMethod(
+    "calibrated",
+    "the paper's fit on more top windows, then END values and contexts calibrated on real corpus "
+    "occurrences of the graph's tokens (firing and not)",
+    _fit_calibrated,
+    uses_pool=True,
+))
