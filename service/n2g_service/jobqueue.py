@@ -3,7 +3,12 @@
 Jobs live in the workspace's `jobs` table, so they outlive the process: on start the server calls
 `resume_pending()`, which puts every job still `queued` or `running` (a server that was killed
 mid-build) back in the queue; `jobs.run_build` skips the neurons already committed, so a resumed
-job loses and duplicates nothing.
+job loses and duplicates nothing. The server holds the workspace's writer lock, so a job found
+`running` at start was left by a process that died. A job is never resumed into a crash loop:
+each start is counted with the `done` it started from, and a job whose attempts died
+MAX_STALLS times in a row without committing a neuron (it kills its process, e.g. by asking for
+more memory than there is) is failed with that reason; so is a job whose stored request cannot
+run (damaged, too big, refused by the application layer's `check_request`), once.
 
 The worker holds the model lock only while it computes (corpus windows, the dataset scan, one
 neuron group at a time), so requests that need the model interleave with a build between groups,
@@ -22,11 +27,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .jobs import BuildEvent
-from .workspace import JobRecord, Workspace
+from .workspace import ACTIVE_JOB_STATES, MAX_JOB_REQUEST_BYTES, TERMINAL_JOB_STATES, JobRecord, Workspace
 
 log = logging.getLogger("n2g.jobs")
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+TERMINAL = TERMINAL_JOB_STATES
+# interrupted attempts in a row that committed no neuron before a job is failed, not resumed
+MAX_STALLS = 2
 
 
 @dataclass
@@ -44,8 +51,13 @@ class JobQueue:
     """Runs build jobs one at a time in a daemon thread."""
 
     def __init__(self, ws: Workspace, get_model: Callable[[], Any], model_lock: threading.Lock,
-                 *, on_commit: Callable[..., None] = lambda urgent=False: None):
+                 *, on_commit: Callable[[], None] = lambda: None,
+                 check_request: Callable[[dict[str, Any]], None] | None = None):
+        """`check_request(request_dict)` raises ValueError with the reason a stored request
+        cannot run now (the application layer's limits, the model's shape); it runs when jobs
+        are resumed and before each run."""
         self.ws = ws
+        self._check_request = check_request
         self._get_model = get_model
         self._model_lock = model_lock
         self._on_commit = on_commit
@@ -72,12 +84,61 @@ class JobQueue:
 
     _stopping = False
 
-    def resume_pending(self) -> list[str]:
-        ids = [j.id for j in self.ws.list_jobs() if j.state in ("queued", "running")]
-        for job_id in ids:
-            log.info("resuming job %s", job_id)
-            self._queue.put(job_id)
+    def resume_pending(self, *, resume: bool = True) -> list[str]:
+        """Called once at start by the workspace's writer: queues the unfinished jobs that can
+        run and returns their ids. Fails, with the reason, a `running` job (its process died)
+        that stalled MAX_STALLS times in a row, every `running` job when `resume` is False
+        (interrupted; `queued` ones stay queued for a later start), and a job whose stored
+        request cannot run."""
+        ids = []
+        for job in self.ws.list_jobs(ACTIVE_JOB_STATES, with_request=False):
+            if job.state == "running":
+                stage = job.stage or "unknown"
+                stalls = job.stalls + 1 if job.done <= job.start_done else 0
+                if not resume:
+                    self._fail(job, f"interrupted: the process running it stopped (stage {stage}, {job.done}/{job.total} "
+                                    "neurons committed) and the server started without resuming jobs; start the "
+                                    "build again to finish it")
+                    continue
+                if stalls >= MAX_STALLS:
+                    self._fail(job, f"interrupted {stalls} times in a row before committing a neuron (its process died "
+                                    f"in stage {stage}, e.g. out of memory): not resumed again; start a smaller job")
+                    continue
+                self.ws.update_job(job.id, state="queued", stalls=stalls)
+            if not resume:
+                continue
+            problem = self._problem(job.id)
+            if problem:
+                self._fail(job, problem)
+                continue
+            log.info("resuming job %s", job.id)
+            self._queue.put(job.id)
+            ids.append(job.id)
         return ids
+
+    def _problem(self, job_id: str) -> str | None:
+        """Why the stored job cannot run, or None."""
+        from .jobs import BuildRequest
+
+        job = self.ws.get_job(job_id)
+        if job is None:
+            return "the job is gone from the workspace"
+        if not job.request:
+            if job.request_bytes > MAX_JOB_REQUEST_BYTES:
+                return f"its stored request is {job.request_bytes} bytes, over the {MAX_JOB_REQUEST_BYTES} byte limit"
+            return "its stored request is missing or damaged"
+        try:
+            BuildRequest.from_dict(job.request)
+            if self._check_request is not None:
+                self._check_request(job.request)
+        except (KeyError, TypeError, ValueError) as e:
+            return f"its request cannot run: {type(e).__name__}: {e}"
+        return None
+
+    def _fail(self, job: JobRecord, reason: str) -> None:
+        log.warning("job %s failed: %s", job.id, reason)
+        self.ws.update_job(job.id, state="failed", error=reason)
+        self._publish(job.id, BuildEvent("failed", job.done, job.total, reason))
 
     # -- requests -------------------------------------------------------------------------------
     def submit(self, job_id: str, request: dict[str, Any]) -> JobRecord:
@@ -90,7 +151,7 @@ class JobQueue:
         with self._lock:
             self._cancel.setdefault(job_id, threading.Event()).set()
         job = self.ws.get_job(job_id)
-        if job is not None and job.state in ("queued", "running") and self.current != job_id:
+        if job is not None and job.state in ACTIVE_JOB_STATES and self.current != job_id:
             # not running here: queued, left `running` by a crash, or running in another process
             # (whose runner sees the state at its next neuron group and stops)
             self.ws.update_job(job_id, state="cancelled")
@@ -129,8 +190,14 @@ class JobQueue:
                 return
             try:
                 self._run(job_id)
-            except Exception:  # noqa: BLE001 - the worker must survive anything
+            except Exception as e:  # noqa: BLE001 - the worker must survive anything
                 log.exception("job %s: unexpected error in the job runner", job_id)
+                try:  # fail it once, with the reason, rather than leave it to be resumed again
+                    job = self.ws.get_job(job_id)
+                    if job is not None and job.state in ACTIVE_JOB_STATES:
+                        self._fail(job, f"{type(e).__name__}: {e}")
+                except Exception:  # noqa: BLE001 - e.g. the disk is full: the next start decides
+                    log.exception("job %s: could not record its failure", job_id)
             finally:
                 self.current = None
 
@@ -138,7 +205,7 @@ class JobQueue:
         from .jobs import BuildCancelled, BuildRequest, run_build
 
         job = self.ws.get_job(job_id)
-        if job is None or job.state not in ("queued", "running"):
+        if job is None or job.state not in ACTIVE_JOB_STATES:
             return
         with self._lock:
             cancel = self._cancel.setdefault(job_id, threading.Event())
@@ -146,12 +213,20 @@ class JobQueue:
             self.ws.update_job(job_id, state="cancelled")
             self._publish(job_id, BuildEvent("cancelled", job.done, job.total, "cancelled before it started"))
             return
+        problem = self._problem(job_id)
+        if problem:
+            self._fail(job, problem)
+            return
         self.current = job_id
-        self.ws.update_job(job_id, state="running")
+        job = self.ws.start_job(job_id)
         self._publish(job_id, BuildEvent("state", job.done, job.total, "running"))
         t0 = time.perf_counter()
+        stage = [job.stage]
 
         def progress(ev) -> None:
+            if ev.stage != stage[0] and ev.stage != "done":  # kept for the reason of an interruption
+                stage[0] = ev.stage
+                self.ws.update_job(job_id, stage=ev.stage)
             if ev.stage == "fit" and ev.neuron is not None:
                 self._on_commit()
                 if self.ws.get_job(job_id).state == "cancelled":  # cancelled from another process
@@ -165,8 +240,9 @@ class JobQueue:
             run_build(self.ws, self._get_model(), req, job_id=job_id, progress=progress, cancel=cancel,
                       model_lock=self._model_lock)
         except BuildCancelled:
-            self._on_commit(urgent=True)
-            if self._stopping:  # server shutting down: leave it `running`, it resumes on restart
+            self._on_commit()
+            if self._stopping:  # a clean shutdown: queued again, it resumes on restart
+                self.ws.update_job(job_id, state="queued")
                 return
             self.ws.update_job(job_id, state="cancelled")
             j = self.ws.get_job(job_id)
@@ -181,7 +257,7 @@ class JobQueue:
                                              elapsed_s=time.perf_counter() - t0))
         else:
             self.ws.update_job(job_id, state="succeeded")
-            self._on_commit(urgent=True)
+            self._on_commit()
             j = self.ws.get_job(job_id)
             log.info("job %s succeeded: %d neurons in %.1f s", job_id, j.total, time.perf_counter() - t0)
             self._publish(job_id, BuildEvent("done", j.done, j.total, "build finished",

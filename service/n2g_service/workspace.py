@@ -5,14 +5,39 @@ graph in n2g_fast's versioned binary form, its examples, stats and evaluation) a
 Each neuron is committed in its own transaction as soon as it is built, so a build that is killed
 loses nothing and resumes where it stopped. A graph store file (`graphs.n2gs`, n2g_fast's format)
 is a derived cache of the graphs table for fast loading of whole models.
+
+Reliability (issue 10):
+- One writer per workspace: a writer holds an exclusive `flock` on `writer.lock` (the kernel
+  drops it when the process dies, SIGKILL included) and writes its pid, host and purpose there,
+  so a second writer is refused with a message naming the first. Readers take no lock.
+  `mode="write"` takes the lock at open, `mode="read"` never writes, and the default
+  `mode="auto"` reads without the lock and takes it at its first write.
+- Damaged data: every neuron row is checked when read (its graph blob's header, length, CRC-32
+  and (layer, neuron) against the row; strict JSON without NaN); a damaged row is skipped by the
+  listings, reported by `damaged()` and refused by `get_neuron`, never failing the whole
+  workspace. A damaged, truncated, garbage or 0-byte database file, or one that cannot be
+  opened, ends in a one-line WorkspaceError; so does any SQLite error (translated, with a `kind`).
+- Nothing non-finite is stored (put_neuron refuses NaN/inf), job ids and stored requests are
+  bounded, and a job records its attempts so that a job that kills its process is not resumed
+  into a crash loop (see jobqueue.py).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
+import math
+import os
+import re
+import socket
 import sqlite3
+import struct
+import sys
 import threading
 import time
+import urllib.parse
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +45,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
+log = logging.getLogger("n2g.workspace")
+
 SCHEMA_VERSION = 1
 DB_NAME = "n2g.sqlite"
+LOCK_NAME = "writer.lock"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -117,32 +145,393 @@ class JobRecord:
     error: str | None
     created_at: float
     updated_at: float
+    attempts: int = 0  # how many times a runner started it
+    stalls: int = 0  # consecutive interrupted attempts that committed no neuron
+    start_done: int = 0  # `done` when the last attempt started
+    stage: str | None = None  # the build stage it last reported (corpus | scan | fit | ...)
+    request_bytes: int = 0  # size of the stored request (a listing may leave the request out)
+
+
+@dataclass(frozen=True)
+class DamagedRow:
+    """A neuron row that cannot be served, and why."""
+    layer: int
+    neuron: int
+    reason: str
 
 
 def _blob(a: np.ndarray) -> bytes:
     return np.ascontiguousarray(a).tobytes()
 
 
+# -- checks of stored values ------------------------------------------------------------------
+# n2g_fast's binary graph (n2g_fast/src/format.rs): magic "N2GG" | version u16 | flags u16 |
+# body_len u32 | crc u32 (CRC-32 of the 12 bytes before it, then the body) | body, where the body
+# starts with model str | layer varint | neuron varint. Checking these needs no trie decoding.
+_GRAPH_MAGIC = b"N2GG"
+_GRAPH_VERSION = 1
+_GRAPH_HEADER = 16
+
+
+def _varint(b: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = b[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def check_graph_blob(blob: Any, layer: int, neuron: int) -> str | None:
+    """Why `blob` is not a sound stored graph of neuron (layer, neuron), or None if it is: the
+    header, the length, the CRC-32 and the key written in the body are checked (a truncated,
+    overwritten or swapped blob is caught)."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        return f"the graph is not a blob (found {type(blob).__name__})"
+    b = bytes(blob)
+    if len(b) < _GRAPH_HEADER:
+        return f"the graph blob is truncated ({len(b)} bytes, the header alone is {_GRAPH_HEADER})"
+    if b[:4] != _GRAPH_MAGIC:
+        return "the graph blob is not n2g graph bytes (wrong magic)"
+    version, flags, body_len, crc = struct.unpack_from("<HHII", b, 4)
+    if version != _GRAPH_VERSION or flags & ~1:
+        return f"the graph blob has format version {version} / flags {flags:#x}; this n2g reads version {_GRAPH_VERSION}"
+    if len(b) != _GRAPH_HEADER + body_len:
+        what = "truncated" if len(b) < _GRAPH_HEADER + body_len else "followed by extra bytes"
+        return f"the graph blob is {what}: its header says {body_len} body bytes, {len(b) - _GRAPH_HEADER} present"
+    if zlib.crc32(b[_GRAPH_HEADER:], zlib.crc32(b[:12])) != crc:
+        return "the graph blob is corrupt (checksum mismatch)"
+    try:
+        n, pos = _varint(b, _GRAPH_HEADER)
+        got_layer, pos = _varint(b, pos + n)
+        got_neuron, _ = _varint(b, pos)
+    except (IndexError, ValueError):
+        return "the graph blob's body is malformed"
+    if (got_layer, got_neuron) != (layer, neuron):
+        return f"the graph blob belongs to neuron ({got_layer}, {got_neuron}), not to this row (swapped or misplaced)"
+    return None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"holds {name}")
+
+
+def _strict_json(text: Any, what: str) -> dict[str, Any]:
+    """A stored JSON object; raises ValueError naming `what` for anything else (bad JSON, NaN or
+    infinity, not an object)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} is not text (found {type(text).__name__})")
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{what} is not valid JSON ({msg[:120]})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} is not a JSON object")
+    return value
+
+
+def _non_finite_path(value: Any, path: str) -> str | None:
+    """Where in a JSON-able value a NaN or an infinity sits (e.g. "stats.loss[3]"), or None."""
+    if isinstance(value, float) or isinstance(value, np.floating):
+        return None if math.isfinite(value) else path
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = _non_finite_path(v, f"{path}.{k}")
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found = _non_finite_path(v, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def _dump_finite(value: Any, what: str, key: tuple[int, int]) -> str:
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError:
+        where = _non_finite_path(value, what) or what
+        raise WorkspaceError(
+            f"neuron {key} not stored: {where} is NaN or infinite (a neuron whose a_max is not positive "
+            "never fires: store it as dead instead)", "non_finite", layer=key[0], neuron=key[1]) from None
+
+
+_JOB_ID = re.compile(r"[^\x00-\x1f\x7f-\x9f]+")
+
+
+def validate_job_id(job_id: Any) -> str:
+    """A job id as stored: 1..MAX_JOB_ID_CHARS printable characters, no control characters and
+    no surrounding blanks. Raises WorkspaceError (kind invalid); the message never echoes a long id."""
+    if not isinstance(job_id, str) or not job_id:
+        raise WorkspaceError("a job id must be a non-empty string", "invalid")
+    if len(job_id) > MAX_JOB_ID_CHARS:
+        raise WorkspaceError(f"a job id has at most {MAX_JOB_ID_CHARS} characters (got {len(job_id)})", "invalid")
+    if not _JOB_ID.fullmatch(job_id) or not job_id.isprintable() or job_id.strip() != job_id:
+        raise WorkspaceError(f"job id {job_id!r} holds control characters or surrounding blanks", "invalid")
+    return job_id
+
+
+# -- the database file ------------------------------------------------------------------------
+def _check_db_file(db: Path, where: str) -> None:
+    """Refuses a database file that SQLite would open as an empty database or fail on later: 0
+    bytes, not SQLite, shorter than its header says (truncated), or unreadable."""
+    try:
+        size = db.stat().st_size
+        with open(db, "rb") as f:
+            head = f.read(100)
+    except OSError as e:
+        raise WorkspaceError(f"workspace {where}: cannot read {DB_NAME} ({e.strerror}); check its permissions",
+                             "unavailable") from None
+    if size == 0:
+        raise WorkspaceError(
+            f"workspace {where}: {DB_NAME} is empty (0 bytes): the database was lost or damaged, this is not an "
+            "empty workspace; restore it from a backup, or remove the directory to start over", "damaged")
+    page_size = int.from_bytes(head[16:18], "big") if len(head) == 100 else 0
+    page_size = 65536 if page_size == 1 else page_size
+    if len(head) < 100 or head[:16] != b"SQLite format 3\x00" or page_size < 512 or page_size & (page_size - 1):
+        raise WorkspaceError(
+            f"workspace {where}: {DB_NAME} is not an SQLite database (overwritten or damaged); restore it from a "
+            "backup or build into a new workspace", "damaged")
+    pages = int.from_bytes(head[28:32], "big")
+    if head[24:28] == head[92:96] and pages and size < pages * page_size:  # the header's size is valid
+        raise WorkspaceError(
+            f"workspace {where}: {DB_NAME} is truncated ({size} bytes, its header says {pages * page_size}); "
+            "restore it from a backup or build into a new workspace", "damaged")
+
+
+def _translate(e: sqlite3.Error, where: str) -> WorkspaceError:
+    """A one-line WorkspaceError for an SQLite error."""
+    msg = (str(e).splitlines() or [""])[0] or type(e).__name__
+    low = msg.lower()
+    if "malformed" in low or "not a database" in low or "corrupt" in low:
+        return WorkspaceError(f"workspace {where}: the database is damaged ({msg}); restore {DB_NAME} from a backup "
+                              "or build into a new workspace", "damaged")
+    if "full" in low:
+        return WorkspaceError(f"workspace {where}: no space left to write the database ({msg}); free some disk "
+                              "space and retry", "full")
+    if "readonly" in low or "read-only" in low:
+        return WorkspaceError(f"workspace {where} cannot be written ({msg}): its directory or {DB_NAME} is "
+                              "read-only", "read_only")
+    if "unable to open" in low or "permission" in low:
+        return WorkspaceError(f"workspace {where}: cannot open the database ({msg}); check the permissions of the "
+                              f"directory and of {DB_NAME}", "unavailable")
+    if "locked" in low or "busy" in low:
+        return WorkspaceError(f"workspace {where} is busy ({msg}); retry later", "busy")
+    if "i/o" in low:
+        return WorkspaceError(f"workspace {where}: disk I/O error on the database ({msg}); the file may be damaged "
+                              "or the disk failing", "damaged")
+    if "no such table" in low or "no such column" in low:
+        return WorkspaceError(f"workspace {where}: the database lacks part of the n2g schema ({msg}): it was "
+                              "written by another n2g version, or damaged", "schema")
+    if isinstance(e, sqlite3.IntegrityError):
+        return WorkspaceError(f"workspace {where}: {msg}", "conflict")
+    return WorkspaceError(f"workspace {where}: database error: {msg}", "storage")
+
+
+class _Cursor(sqlite3.Cursor):
+    """Raises a one-line WorkspaceError for every SQLite error (never a bare sqlite3 one)."""
+
+    def execute(self, *args):
+        try:
+            return super().execute(*args)
+        except sqlite3.ProgrammingError:
+            raise
+        except sqlite3.DatabaseError as e:
+            raise _translate(e, self.connection.where) from e
+
+    def executemany(self, *args):
+        try:
+            return super().executemany(*args)
+        except sqlite3.ProgrammingError:
+            raise
+        except sqlite3.DatabaseError as e:
+            raise _translate(e, self.connection.where) from e
+
+    def fetchone(self):
+        try:
+            return super().fetchone()
+        except sqlite3.ProgrammingError:
+            raise
+        except sqlite3.DatabaseError as e:
+            raise _translate(e, self.connection.where) from e
+
+    def fetchall(self):
+        try:
+            return super().fetchall()
+        except sqlite3.ProgrammingError:
+            raise
+        except sqlite3.DatabaseError as e:
+            raise _translate(e, self.connection.where) from e
+
+    def __next__(self):
+        try:
+            return super().__next__()
+        except sqlite3.ProgrammingError:
+            raise
+        except sqlite3.DatabaseError as e:
+            raise _translate(e, self.connection.where) from e
+
+
+class _Conn(sqlite3.Connection):
+    where = ""  # the workspace named in error messages
+
+    def cursor(self, factory=None):  # type: ignore[override]
+        return super().cursor(factory or _Cursor)
+
+    def execute(self, *args):  # type: ignore[override]
+        return self.cursor().execute(*args)
+
+    def executemany(self, *args):  # type: ignore[override]
+        return self.cursor().executemany(*args)
+
+    def executescript(self, script):  # type: ignore[override]
+        try:
+            return super().executescript(script)
+        except sqlite3.ProgrammingError:
+            raise
+        except sqlite3.DatabaseError as e:
+            raise _translate(e, self.where) from e
+
+
+# -- the writer lock --------------------------------------------------------------------------
+def _default_purpose() -> str:
+    argv = [Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]
+    return " ".join(argv)[:200]
+
+
+def _describe_holder(info: dict[str, Any]) -> str:
+    if not info:
+        return "a process that is starting (it has not written its details yet)"
+    since = info.get("since")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else "?"
+    return f"pid {info.get('pid', '?')} on host {info.get('host', '?')} ({info.get('purpose', '?')}, since {when})"
+
+
+class _WriterLock:
+    """An exclusive flock on the workspace's lock file, held by one open file description: the
+    kernel releases it when the process ends however it ends. The holder's details are written
+    into the file for the message a refused writer gets."""
+
+    def __init__(self, path: Path, where: str):
+        self.path = path
+        self.where = where
+        self.fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def holder(self) -> dict[str, Any]:
+        try:
+            info = json.loads(self.path.read_text(errors="replace")[:4096] or "{}")
+        except (OSError, ValueError):
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def acquire(self, purpose: str) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise WorkspaceError(
+                f"workspace {self.where} cannot be written ({e.strerror}): a build or a server needs write access to "
+                "its directory; readers (eval, export, report, serve --no-model) need none", "read_only") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            info = self.holder()
+            raise WorkspaceError(
+                f"workspace {self.where} already has a writer: {_describe_holder(info)}; only one build or server "
+                "may write a workspace at a time (stop it first; readers such as eval, export, report and serve "
+                "--no-model may open it meanwhile)", "locked", holder=info) from None
+        self.fd = fd
+        self.describe(purpose)
+
+    def describe(self, purpose: str) -> None:
+        if self.fd is None:
+            return
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose, "since": time.time()}
+        data = json.dumps(info).encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            try:
+                os.ftruncate(fd, 0)  # before unlocking: never clobber the next holder's details
+            except OSError:
+                pass
+            os.close(fd)  # closing the last descriptor drops the flock
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def _schema_tables() -> set[str]:
+    return set(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _SCHEMA))
+
+
 class Workspace:
-    """Thread-safe access to one workspace directory (one connection per thread)."""
+    """Thread-safe access to one workspace directory (one connection per thread).
+
+    `mode` says how this handle may use the workspace:
+    - "write" takes the workspace's writer lock at once (a build, a server with a model): a second
+      writer fails here, fast, with WorkspaceError(kind="locked") naming the holder;
+    - "read" never writes and takes no lock (eval, export, report, serve --no-model); it also
+      opens a workspace on a read-only disk;
+    - "auto" (the default, what every caller got before) reads without the lock and takes it at
+      its first write (raising kind="locked" there if another writer holds it).
+    `purpose` (e.g. "n2g serve on 127.0.0.1:50051") is written into the lock file for that message."""
 
     def __init__(self, path: str | Path, *, create: bool = False,
-                 model: str | None = None, corpus: str | None = None, hook: str | None = None):
+                 model: str | None = None, corpus: str | None = None, hook: str | None = None,
+                 mode: str = "auto", purpose: str | None = None):
+        if mode not in ("auto", "read", "write"):
+            raise ValueError(f"mode must be 'auto', 'read' or 'write', not {mode!r}")
+        if create and mode == "read":
+            raise ValueError("a workspace opened with mode='read' cannot be created")
         self.path = Path(path)
-        db = self.path / DB_NAME
-        if not db.exists():
-            if not create:
-                raise WorkspaceError(f"no workspace at {self.path} (no {DB_NAME}); build one first with `n2g build --workspace {self.path}`")
-            self.path.mkdir(parents=True, exist_ok=True)
-        self._db_path = db
+        self.mode = mode
+        self._purpose = purpose
+        self._db_path = self.path / DB_NAME
         self._local = threading.local()
-        # executescript commits any open transaction first, so the (idempotent) schema runs alone
-        self._conn().executescript(_SCHEMA)
-        with self.transaction() as c:
-            c.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        found = int(self.get_meta("schema_version"))
-        if found != SCHEMA_VERSION:
-            raise WorkspaceError(f"workspace {self.path} has schema version {found}, this n2g reads {SCHEMA_VERSION}")
+        self._writer = _WriterLock(self.path / LOCK_NAME, str(self.path))
+        self._writer_mutex = threading.RLock()
+        # (layer, neuron) -> (fingerprint of the row, why it is damaged or None): rows are checked
+        # once per version, so listings stay cheap
+        self._verdicts: dict[tuple[int, int], tuple[tuple, str | None]] = {}
+        self._uri: str | None = None  # set to open a read-only directory immutably
+        self._job_columns = False
+        if not self._db_path.exists():
+            if not create:
+                raise WorkspaceError(f"no workspace at {self.path} (no {DB_NAME}); build one first with "
+                                     f"`n2g build --workspace {self.path}`", "missing")
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise WorkspaceError(f"cannot create workspace {self.path} ({e.strerror})", "read_only") from None
+        if mode == "write" or not self._db_path.exists():
+            self._become_writer(purpose)  # creates the database when it is new
+        else:
+            _check_db_file(self._db_path, str(self.path))
+            if not os.access(self.path, os.W_OK):
+                self._open_immutable()
+            elif mode == "auto" and not self._schema_complete():
+                self._upgrade_schema()
+        found = self.get_meta("schema_version")
+        if found is None or not found.isdigit():
+            raise WorkspaceError(f"workspace {self.path}: {DB_NAME} is not an n2g workspace database (no schema "
+                                 "version)", "damaged")
+        if int(found) != SCHEMA_VERSION:
+            raise WorkspaceError(f"workspace {self.path} has schema version {found}, this n2g reads {SCHEMA_VERSION}",
+                                 "schema")
         for key, value in (("model", model), ("corpus", corpus), ("hook", hook)):
             if value is None:
                 continue
@@ -150,36 +539,192 @@ class Workspace:
             if have is None:
                 self.set_meta(key, value)
             elif have != value:
-                raise WorkspaceError(f"workspace {self.path} was built for {key}={have!r}, not {value!r}; use another --workspace")
+                raise WorkspaceError(f"workspace {self.path} was built for {key}={have!r}, not {value!r}; use another "
+                                     "--workspace", "mismatch")
+
+    # -- the writer lock ----------------------------------------------------------------------
+    def acquire_writer(self, purpose: str | None = None) -> None:
+        """Makes this handle the workspace's writer now (or updates the purpose it shows);
+        WorkspaceError(kind="locked") if another writer holds the workspace."""
+        if self.mode == "read":
+            raise WorkspaceError(f"workspace {self.path} is open read-only (mode='read')", "read_only")
+        self._become_writer(purpose)
+
+    def release_writer(self) -> None:
+        """Gives the writer lock back (a later write in mode auto/write takes it again)."""
+        with self._writer_mutex:
+            self._writer.release()
+
+    @property
+    def is_writer(self) -> bool:
+        return self._writer.held
+
+    def writer_holder(self) -> dict[str, Any] | None:
+        """The details (pid, host, purpose, since) of the process holding the writer lock, or
+        None when no writer holds it."""
+        if self._writer.held:
+            return self._writer.holder()
+        try:
+            fd = os.open(self._writer.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return self._writer.holder()
+        finally:
+            os.close(fd)
+        return None
+
+    def _become_writer(self, purpose: str | None = None) -> None:
+        with self._writer_mutex:
+            if self._writer.held:
+                if purpose:
+                    self._writer.describe(purpose)
+                return
+            if not os.access(self.path, os.W_OK):
+                raise WorkspaceError(
+                    f"workspace {self.path} cannot be written (its directory is read-only): a build or a server "
+                    "needs write access; readers (eval, export, report, serve --no-model) need none", "read_only")
+            self._writer.acquire(purpose or self._purpose or _default_purpose())
+            try:
+                if self._db_path.exists():
+                    _check_db_file(self._db_path, str(self.path))
+                    self._ensure_schema()
+                else:
+                    self._create_db()
+            except BaseException:
+                self._writer.release()
+                raise
+
+    # -- the database file and its schema -----------------------------------------------------
+    def _create_db(self) -> None:
+        """Creates the database under a temporary name and renames it into place, so a process
+        killed while creating leaves no half-made (e.g. 0-byte) database behind."""
+        tmp = self.path / (DB_NAME + ".new")
+        leftovers = [Path(f"{tmp}{s}") for s in ("", "-wal", "-shm", "-journal")]
+        for p in leftovers:  # of a creation that was killed (we hold the writer lock)
+            p.unlink(missing_ok=True)
+        try:
+            try:
+                conn = sqlite3.connect(tmp, isolation_level=None, factory=_Conn)
+            except sqlite3.DatabaseError as e:
+                raise _translate(e, str(self.path)) from e
+            conn.where = str(self.path)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.executescript(_SCHEMA)
+                conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            finally:
+                conn.close()  # the last connection checkpoints and removes the -wal and -shm files
+            os.replace(tmp, self._db_path)
+        except BaseException:
+            for p in leftovers:
+                p.unlink(missing_ok=True)
+            raise
+        self._job_columns = True
+
+    def _ensure_schema(self) -> None:
+        """Adds what this n2g's schema has and the database lacks (idempotent; writer only)."""
+        conn = self._conn()
+        conn.execute("PRAGMA journal_mode=WAL")
+        # executescript commits any open transaction first, so the (idempotent) schema runs alone
+        conn.executescript(_SCHEMA)
+        cols = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
+        for name, decl in _JOB_COLUMNS_ADDED:
+            if name not in cols:
+                conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+        conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        self._job_columns = True
+
+    def _schema_complete(self) -> bool:
+        conn = self._conn()
+        have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        return _schema_tables() <= have and self._has_job_columns()
+
+    def _has_job_columns(self) -> bool:
+        if not self._job_columns:
+            cols = {r[1] for r in self._conn().execute("PRAGMA table_info(jobs)")}
+            self._job_columns = all(name in cols for name, _ in _JOB_COLUMNS_ADDED)
+        return self._job_columns
+
+    def _upgrade_schema(self) -> None:
+        """mode auto, on a workspace written by an older n2g: adds the missing tables under a
+        short hold of the writer lock (a writer that holds it does this itself)."""
+        try:
+            self._become_writer("adding tables of a newer n2g")
+        except WorkspaceError as e:
+            if e.kind != "locked":
+                raise
+            return
+        self._writer.release()
+
+    def _open_immutable(self) -> None:
+        """A directory nobody can write (a read-only disk): SQLite cannot make its -shm file
+        there, but nothing can change the database either, so it is opened as immutable."""
+        wal = Path(f"{self._db_path}-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise WorkspaceError(
+                f"workspace {self.path} is on a read-only directory and holds changes not yet merged into {DB_NAME} "
+                f"({wal.name}); open it once where it can be written", "unavailable")
+        self._uri = f"file:{urllib.parse.quote(str(self._db_path.resolve()))}?immutable=1"
 
     # -- connection handling ------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self._db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            try:
+                if self._uri is not None:
+                    conn = sqlite3.connect(self._uri, uri=True, timeout=30.0, isolation_level=None,
+                                           check_same_thread=False, factory=_Conn)
+                else:
+                    conn = sqlite3.connect(self._db_path, timeout=30.0, isolation_level=None, check_same_thread=False,
+                                           factory=_Conn)
+            except sqlite3.DatabaseError as e:
+                raise _translate(e, str(self.path)) from e
+            conn.where = str(self.path)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=30000")
+            if self.mode == "read" or self._uri is not None:
+                conn.execute("PRAGMA query_only=ON")
             self._local.conn = conn
         return conn
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; takes the writer lock first if this handle does not hold it."""
+        if self.mode == "read":
+            raise WorkspaceError(f"workspace {self.path} is open read-only (mode='read'): this handle does not write",
+                                 "read_only")
+        if not self._writer.held:
+            self._become_writer()
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
         except BaseException:
-            conn.execute("ROLLBACK")
+            try:
+                conn.execute("ROLLBACK")
+            except WorkspaceError:  # SQLite may have rolled back already (e.g. on a full disk)
+                pass
             raise
         else:
-            conn.execute("COMMIT")
+            try:
+                conn.execute("COMMIT")
+            except WorkspaceError:
+                try:
+                    conn.execute("ROLLBACK")
+                except WorkspaceError:
+                    pass
+                raise
 
     def close(self) -> None:
+        """Closes this thread's connection and gives the writer lock back."""
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
             self._local.conn = None
+        self.release_writer()
 
     # -- metadata -------------------------------------------------------------------------------
     def get_meta(self, key: str, default: str | None = None) -> str | None:
@@ -220,7 +765,12 @@ class Workspace:
         if row is None:
             return None
         n, length, blob = row
-        return np.frombuffer(blob, dtype=np.int32).reshape(n, length).astype(np.int64)
+        try:
+            return np.frombuffer(blob, dtype=np.int32).reshape(n, length).astype(np.int64)
+        except (TypeError, ValueError):
+            raise WorkspaceError(f"workspace {self.path}: the stored corpus windows are damaged (not {n} x {length} "
+                                 "tokens); delete the workspace's windows or build into a new workspace",
+                                 "damaged") from None
 
     # -- dataset scan ---------------------------------------------------------------------------
     def save_layer_scan(self, layer: int, max_activation: np.ndarray, top_window_ids: np.ndarray,
@@ -241,99 +791,313 @@ class Workspace:
         if row is None:
             return None
         k, d_mlp, amax, ids, scores, seconds = row
-        return {
-            "layer": layer,
-            "max_activation": np.frombuffer(amax, np.float32).copy(),
-            "top_window_ids": np.frombuffer(ids, np.int64).reshape(d_mlp, k).copy(),
-            "top_scores": np.frombuffer(scores, np.float32).reshape(d_mlp, k).copy(),
-            "seconds": seconds,
-        }
+        try:
+            return {
+                "layer": layer,
+                "max_activation": np.frombuffer(amax, np.float32).reshape(d_mlp).copy(),
+                "top_window_ids": np.frombuffer(ids, np.int64).reshape(d_mlp, k).copy(),
+                "top_scores": np.frombuffer(scores, np.float32).reshape(d_mlp, k).copy(),
+                "seconds": seconds,
+            }
+        except (TypeError, ValueError):
+            raise WorkspaceError(f"workspace {self.path}: the stored scan of layer {layer} is damaged (its arrays are "
+                                 f"not {d_mlp} x {k}); rebuild the layer in a new workspace", "damaged") from None
 
     def scanned_layers(self) -> list[int]:
         return [r[0] for r in self._conn().execute("SELECT layer FROM layer_scans ORDER BY layer")]
 
     # -- neurons --------------------------------------------------------------------------------
+    # A row's fingerprint (created_at and the lengths of graph, stats and metrics) tells whether it
+    # changed since it was last checked; SQLite reads a blob's length without reading the blob.
+    _FP = "created_at, length(graph), length(stats), length(metrics)"
+    _ROW = ("SELECT layer, neuron, max_activation, graph, {examples}, stats, metrics, job_id, created_at, "
+            "length(graph), length(stats), length(metrics) FROM neurons")
+
+    @staticmethod
+    def neuron_row(rec: NeuronRecord) -> tuple:
+        """The neurons-table row (layer, neuron, max_activation, graph, examples, stats, metrics,
+        job_id, created_at) of `rec`; WorkspaceError if it holds a NaN or an infinity (kind
+        non_finite) or a graph blob that is not this neuron's (kind invalid). Every writer of
+        neuron rows stores what this returns."""
+        key = (int(rec.layer), int(rec.neuron))
+        amax = float(rec.max_activation)
+        if not math.isfinite(amax):
+            raise WorkspaceError(f"neuron {key} not stored: max_activation is {amax} (a neuron whose a_max is not "
+                                 "positive never fires: store it as dead instead)", "non_finite",
+                                 layer=key[0], neuron=key[1])
+        problem = check_graph_blob(rec.graph_bytes, *key)
+        if problem:
+            raise WorkspaceError(f"neuron {key} not stored: {problem}", "invalid", layer=key[0], neuron=key[1])
+        return (key[0], key[1], amax, bytes(rec.graph_bytes), _dump_finite(rec.examples, "examples", key),
+                _dump_finite(rec.stats, "stats", key), _dump_finite(rec.metrics, "metrics", key), rec.job_id,
+                float(rec.created_at))
+
     def put_neuron(self, rec: NeuronRecord) -> None:
-        """Commits one built neuron (one transaction; replaces an earlier build of it)."""
+        """Commits one built neuron (one transaction; replaces an earlier build of it). Refuses
+        non-finite values and a graph blob of another neuron (see `neuron_row`)."""
+        row = self.neuron_row(rec)
         with self.transaction() as c:
-            c.execute(
-                "INSERT OR REPLACE INTO neurons VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (rec.layer, rec.neuron, rec.max_activation, rec.graph_bytes,
-                 json.dumps(rec.examples), json.dumps(rec.stats), json.dumps(rec.metrics),
-                 rec.job_id, rec.created_at),
-            )
+            c.execute("INSERT OR REPLACE INTO neurons (layer, neuron, max_activation, graph, examples, stats, metrics, "
+                      "job_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
             if rec.job_id is not None:
                 c.execute(
                     "UPDATE jobs SET done = done + 1, updated_at = ? WHERE id = ?", (time.time(), rec.job_id)
                 )
 
+    @staticmethod
+    def _decode(row, with_examples: bool) -> NeuronRecord:
+        """The record of a neuron row; ValueError with the reason if the row is damaged."""
+        layer, neuron, amax, graph, examples, stats, metrics, job_id, created = row[:9]
+        if not isinstance(amax, (int, float)) or not math.isfinite(amax):
+            raise ValueError(f"max_activation is {amax!r}")
+        problem = check_graph_blob(graph, layer, neuron)
+        if problem:
+            raise ValueError(problem)
+        st, me = _strict_json(stats, "stats"), _strict_json(metrics, "metrics")
+        ex = _strict_json(examples, "examples") if with_examples else {}
+        return NeuronRecord(layer, neuron, float(amax), bytes(graph), ex, st, me, job_id, created)
+
+    def _note(self, key: tuple[int, int], fp: tuple, reason: str | None) -> None:
+        old = self._verdicts.get(key)
+        self._verdicts[key] = (fp, reason)
+        if reason and old != (fp, reason):
+            log.warning("workspace %s: neuron %s is damaged and is not served: %s", self.path, key, reason)
+
+    def _known_damaged(self, key: tuple[int, int], fp: tuple) -> bool:
+        v = self._verdicts.get(key)
+        return v is not None and v[0] == fp and v[1] is not None
+
+    def _checked(self, fps: dict[tuple[int, int], tuple]) -> None:
+        """Checks the rows whose fingerprint changed since their last check (all but examples:
+        those are checked where they are read)."""
+        stale = [k for k, fp in fps.items() if self._verdicts.get(k, (None,))[0] != fp]
+        if not stale:
+            return
+        conn = self._conn()
+        sql = self._ROW.format(examples="NULL")
+        if len(stale) > 64:  # a first listing or a big change: one pass over the table
+            wanted = set(stale)
+            rows = (r for r in conn.execute(sql) if (r[0], r[1]) in wanted)
+        else:
+            rows = (r for k in stale for r in conn.execute(sql + " WHERE layer = ? AND neuron = ?", k))
+        for row in rows:
+            try:
+                self._decode(row, with_examples=False)
+                reason = None
+            except ValueError as e:
+                reason = str(e)
+            self._note((row[0], row[1]), tuple(row[8:12]), reason)
+
+    def _healthy_keys(self) -> list[tuple[int, int]]:
+        rows = self._conn().execute(f"SELECT layer, neuron, {self._FP} FROM neurons ORDER BY layer, neuron").fetchall()
+        fps = {(r[0], r[1]): tuple(r[2:]) for r in rows}
+        self._checked(fps)
+        verdicts = self._verdicts
+        if len(verdicts) > len(fps):  # forget rows that are gone
+            self._verdicts = verdicts = {k: v for k, v in verdicts.items() if k in fps}
+        return [k for k in fps if verdicts.get(k, ((), "unchecked"))[1] is None]
+
     def has_neuron(self, layer: int, neuron: int) -> bool:
-        return self._conn().execute(
-            "SELECT 1 FROM neurons WHERE layer = ? AND neuron = ?", (layer, neuron)
-        ).fetchone() is not None
+        """Whether the neuron is built and sound (a damaged row counts as not built, so a build
+        replaces it)."""
+        key = (int(layer), int(neuron))
+        row = self._conn().execute(f"SELECT {self._FP} FROM neurons WHERE layer = ? AND neuron = ?", key).fetchone()
+        if row is None:
+            return False
+        self._checked({key: tuple(row)})
+        return self._verdicts.get(key, ((), "unchecked"))[1] is None
 
     def built_keys(self, layers: list[int] | None = None) -> list[tuple[int, int]]:
-        rows = self._conn().execute("SELECT layer, neuron FROM neurons ORDER BY layer, neuron").fetchall()
-        return [(l, n) for l, n in rows if layers is None or l in layers]
+        """The keys of the sound built neurons (damaged rows are left out: see `damaged()`)."""
+        return [k for k in self._healthy_keys() if layers is None or k[0] in layers]
 
     def get_neuron(self, layer: int, neuron: int) -> NeuronRecord | None:
-        row = self._conn().execute(
-            "SELECT layer, neuron, max_activation, graph, examples, stats, metrics, job_id, created_at "
-            "FROM neurons WHERE layer = ? AND neuron = ?",
-            (layer, neuron),
-        ).fetchone()
-        return None if row is None else self._record(row)
+        """The neuron, None if not built; WorkspaceError(kind="damaged_neuron") if its row is damaged."""
+        row = self._conn().execute(self._ROW.format(examples="examples") + " WHERE layer = ? AND neuron = ?",
+                                   (layer, neuron)).fetchone()
+        if row is None:
+            return None
+        try:
+            return self._decode(row, with_examples=True)
+        except ValueError as e:
+            self._note((row[0], row[1]), tuple(row[8:12]), str(e))
+            raise WorkspaceError(f"neuron ({layer}, {neuron}) is damaged in workspace {self.path}: {e}; rebuild it",
+                                 "damaged_neuron", layer=layer, neuron=neuron, reason=str(e)) from None
 
     def iter_neurons(self, *, with_examples: bool = True) -> Iterator[NeuronRecord]:
-        cols = "examples" if with_examples else "'{}'"
-        cur = self._conn().execute(
-            f"SELECT layer, neuron, max_activation, graph, {cols}, stats, metrics, job_id, created_at "
-            "FROM neurons ORDER BY layer, neuron"
-        )
+        """Every sound neuron, in (layer, neuron) order; damaged rows are skipped (and logged)."""
+        cur = self._conn().execute(self._ROW.format(examples="examples" if with_examples else "NULL")
+                                   + " ORDER BY layer, neuron")
         for row in cur:
-            yield self._record(row)
-
-    @staticmethod
-    def _record(row) -> NeuronRecord:
-        layer, neuron, amax, graph, examples, stats, metrics, job_id, created = row
-        return NeuronRecord(layer, neuron, amax, bytes(graph), json.loads(examples), json.loads(stats),
-                            json.loads(metrics), job_id, created)
+            key, fp = (row[0], row[1]), tuple(row[8:12])
+            if self._known_damaged(key, fp):
+                continue
+            try:
+                rec = self._decode(row, with_examples)
+            except ValueError as e:
+                self._note(key, fp, str(e))
+                continue
+            yield rec
 
     def graph_bytes(self) -> list[tuple[int, int, bytes]]:
-        return [(l, n, bytes(g)) for l, n, g in
-                self._conn().execute("SELECT layer, neuron, graph FROM neurons ORDER BY layer, neuron")]
+        """(layer, neuron, graph blob) of every neuron whose blob is sound and its own."""
+        out = []
+        for l, n, g, *fp in self._conn().execute(
+                f"SELECT layer, neuron, graph, {self._FP} FROM neurons ORDER BY layer, neuron"):
+            if self._known_damaged((l, n), tuple(fp)):
+                continue
+            problem = check_graph_blob(g, l, n)
+            if problem:
+                self._note((l, n), tuple(fp), problem)
+                continue
+            out.append((l, n, bytes(g)))
+        return out
+
+    def damaged(self) -> list[DamagedRow]:
+        """Checks every neuron row (examples included) and returns the damaged ones with why."""
+        out = []
+        for row in self._conn().execute(self._ROW.format(examples="examples") + " ORDER BY layer, neuron"):
+            try:
+                self._decode(row, with_examples=True)
+            except ValueError as e:
+                self._note((row[0], row[1]), tuple(row[8:12]), str(e))
+                out.append(DamagedRow(row[0], row[1], str(e)))
+        return out
+
+    # -- reads for the application layer and the graph index (lead) -------------------------------
+    @staticmethod
+    def exists(path: str | Path) -> bool:
+        """Whether `path` holds a workspace database (without opening it)."""
+        return (Path(path) / DB_NAME).exists()
+
+    def window_length(self) -> int | None:
+        """Tokens per corpus window (None before the corpus is tokenised)."""
+        row = self._conn().execute("SELECT length FROM windows WHERE id = 0").fetchone()
+        return None if row is None else int(row[0])
+
+    def built_counts(self) -> dict[int, int]:
+        """{layer: neurons built}."""
+        return {int(l): int(n) for l, n in
+                self._conn().execute("SELECT layer, COUNT(*) FROM neurons GROUP BY layer ORDER BY layer")}
+
+    def neurons_version(self) -> tuple[int, float]:
+        """A cheap fingerprint of the neurons table: (count, latest commit time)."""
+        row = self._conn().execute("SELECT COUNT(*), COALESCE(MAX(created_at), 0) FROM neurons").fetchone()
+        return (int(row[0]), float(row[1]))
+
+    def neuron_times(self) -> dict[tuple[int, int], float]:
+        """{(layer, neuron): commit time} of every built neuron."""
+        return {(l, n): c for l, n, c in self._conn().execute("SELECT layer, neuron, created_at FROM neurons")}
+
+    def graph_rows(self, keys: list[tuple[int, int]]) -> Iterator[tuple[int, int, float, float, bytes]]:
+        """(layer, neuron, created_at, max_activation, graph blob) of `keys` (one pass over the
+        table when many are asked)."""
+        sql = "SELECT layer, neuron, created_at, max_activation, graph FROM neurons"
+        if len(keys) > 64:
+            wanted = set(keys)
+            rows = (r for r in self._conn().execute(sql) if (r[0], r[1]) in wanted)
+        else:
+            rows = (r for l, n in keys for r in self._conn().execute(sql + " WHERE layer = ? AND neuron = ?", (l, n)))
+        for r in rows:  # a damaged blob is skipped (damaged() reports it), never fails the whole load
+            if check_graph_blob(r[4], r[0], r[1]) is None:
+                yield r
+
+    def layer_scan_version(self, layer: int) -> float | None:
+        """Changes whenever the layer's scan is rewritten (None: not scanned)."""
+        row = self._conn().execute("SELECT seconds FROM layer_scans WHERE layer = ?", (layer,)).fetchone()
+        return None if row is None else float(row[0])
+
+    def meta_items(self) -> list[tuple[str, str]]:
+        return [(k, v) for k, v in self._conn().execute("SELECT key, value FROM meta ORDER BY key")]
 
     # -- jobs -----------------------------------------------------------------------------------
+    def _job_sql(self, with_request: bool = True) -> str:
+        extra = "attempts, stalls, start_done, stage" if self._has_job_columns() else "0, 0, 0, NULL"
+        # a request stored before requests were bounded is left out rather than loaded
+        req = f"CASE WHEN length(request) <= {MAX_JOB_REQUEST_BYTES} THEN request END" if with_request else "NULL"
+        return (f"SELECT id, state, {req}, total, done, error, created_at, updated_at, {extra}, length(request) "
+                "FROM jobs")
+
+    @staticmethod
+    def _job_record(row) -> JobRecord:
+        request: Any = {}
+        if row[2] is not None:
+            try:
+                request = json.loads(row[2])
+            except ValueError:  # a damaged request: the job queue fails the job with that reason
+                request = {}
+        if not isinstance(request, dict):
+            request = {}
+        return JobRecord(row[0], row[1], request, *row[3:12], request_bytes=int(row[12] or 0))
+
     def create_job(self, job_id: str, request: dict[str, Any], total: int) -> JobRecord:
+        """Stores a new queued job. WorkspaceError: a bad id (kind invalid), a request that is
+        not finite JSON (invalid) or over MAX_JOB_REQUEST_BYTES (too_large), a taken id (conflict)."""
+        validate_job_id(job_id)
+        try:
+            text = json.dumps(request, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise WorkspaceError(f"job {job_id}: the request cannot be stored ({e})", "invalid") from None
+        size = len(text.encode())
+        if size > MAX_JOB_REQUEST_BYTES:
+            raise WorkspaceError(f"the build request is {size} bytes as stored; the limit is {MAX_JOB_REQUEST_BYTES} "
+                                 "bytes (ask for fewer neurons per job, or a sample)", "too_large",
+                                 size=size, limit=MAX_JOB_REQUEST_BYTES)
         now = time.time()
         with self.transaction() as c:
-            c.execute("INSERT INTO jobs VALUES (?, 'queued', ?, ?, 0, NULL, ?, ?)",
-                      (job_id, json.dumps(request, sort_keys=True), total, now, now))
+            if c.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None:
+                raise WorkspaceError(f"job id {job_id!r} is taken in workspace {self.path}", "conflict")
+            c.execute("INSERT INTO jobs (id, state, request, total, done, error, created_at, updated_at) "
+                      "VALUES (?, 'queued', ?, ?, 0, NULL, ?, ?)", (job_id, text, total, now, now))
         return self.get_job(job_id)
 
     def update_job(self, job_id: str, *, state: str | None = None, total: int | None = None,
-                   done: int | None = None, error: str | None = None) -> None:
+                   done: int | None = None, error: str | None = None, stage: str | None = None,
+                   stalls: int | None = None) -> None:
         if state is not None and state not in JOB_STATES:
             raise ValueError(f"unknown job state {state!r}")
         sets, args = ["updated_at = ?"], [time.time()]
-        for col, val in (("state", state), ("total", total), ("done", done), ("error", error)):
+        for col, val in (("state", state), ("total", total), ("done", done), ("error", error), ("stage", stage),
+                         ("stalls", stalls)):
             if val is not None:
                 sets.append(f"{col} = ?")
                 args.append(val)
         with self.transaction() as c:
             c.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*args, job_id))
 
-    def get_job(self, job_id: str) -> JobRecord | None:
-        row = self._conn().execute(
-            "SELECT id, state, request, total, done, error, created_at, updated_at FROM jobs WHERE id = ?", (job_id,)
-        ).fetchone()
-        return None if row is None else JobRecord(row[0], row[1], json.loads(row[2]), *row[3:])
+    def start_job(self, job_id: str) -> JobRecord | None:
+        """Marks a queued (or resumed) job running and counts the attempt: `start_done` keeps
+        `done` at the start, so a later start can tell whether this attempt committed anything."""
+        with self.transaction() as c:
+            c.execute("UPDATE jobs SET state = 'running', attempts = attempts + 1, start_done = done, stage = 'start', "
+                      "updated_at = ? WHERE id = ? AND state IN ('queued', 'running')", (time.time(), job_id))
+        return self.get_job(job_id)
 
-    def list_jobs(self) -> list[JobRecord]:
-        rows = self._conn().execute(
-            "SELECT id, state, request, total, done, error, created_at, updated_at FROM jobs ORDER BY created_at"
-        ).fetchall()
-        return [JobRecord(r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows]
+    def get_job(self, job_id: str) -> JobRecord | None:
+        try:
+            validate_job_id(job_id)
+        except WorkspaceError:
+            return None  # no such id can be stored
+        row = self._conn().execute(self._job_sql() + " WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else self._job_record(row)
+
+    def list_jobs(self, states: list[str] | tuple[str, ...] | None = None, *, limit: int | None = None,
+                  with_request: bool = True) -> list[JobRecord]:
+        """Jobs in creation order, optionally only those in `states`, only the latest `limit`,
+        and without their requests (`request` = {}; `request_bytes` still says their size)."""
+        sql, args = self._job_sql(with_request), []
+        if states:
+            bad = [s for s in states if s not in JOB_STATES]
+            if bad:
+                raise WorkspaceError(f"unknown job state {bad[0]!r}: one of {', '.join(JOB_STATES)}", "invalid")
+            sql += f" WHERE state IN ({', '.join('?' * len(states))})"
+            args.extend(states)
+        sql += " ORDER BY created_at DESC, rowid DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(max(0, int(limit)))
+        rows = self._conn().execute(sql, args).fetchall()
+        return [self._job_record(r) for r in reversed(rows)]
 
     # -- evaluation on ordinary text (owned by evaluate.py) ---------------------------------------
     def window_count(self) -> int | None:
@@ -432,7 +1196,17 @@ class BuildStore:
 
     def __init__(self, ws: Workspace) -> None:
         self.ws = ws
-        ws._conn().executescript(_BUILD_SCHEMA)
+        have = {r[0] for r in ws._conn().execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        self._ready = {"build_plans", "build_units", "scan_partials"} <= have
+        if not self._ready and ws.mode != "read":
+            self._create()
+
+    def _create(self) -> None:
+        with self.ws.transaction() as c:  # takes the writer lock
+            for stmt in _BUILD_SCHEMA.split(";"):
+                if stmt.strip():
+                    c.execute(stmt)
+        self._ready = True
 
     # -- plans and units ------------------------------------------------------------------------
     def ensure_plan(self, plan_id: str, request: dict[str, Any], scan_key: str) -> bool:
@@ -457,11 +1231,21 @@ class BuildStore:
             if fit_planned:
                 c.execute("UPDATE build_plans SET fit_planned = 1 WHERE plan_id = ?", (plan_id,))
 
+    def plans(self) -> list[str]:
+        """Plan ids, oldest first."""
+        if not self._ready:
+            return []
+        return [r[0] for r in self.ws._conn().execute("SELECT plan_id FROM build_plans ORDER BY created_at")]
+
     def fit_planned(self, plan_id: str) -> bool:
+        if not self._ready:
+            return False
         row = self.ws._conn().execute("SELECT fit_planned FROM build_plans WHERE plan_id = ?", (plan_id,)).fetchone()
         return bool(row and row[0])
 
     def units(self, plan_id: str, kind: str | None = None) -> list[UnitRecord]:
+        if not self._ready:
+            return []
         sql = ("SELECT plan_id, unit_id, kind, seq, spec, state, attempts, seconds, worker, finished_at "
                "FROM build_units WHERE plan_id = ?")
         args: list[Any] = [plan_id]
@@ -500,6 +1284,8 @@ class BuildStore:
             self._finish(c, plan_id, unit_id, seconds, worker)
 
     def partial_ranges(self, key: str, layer: int) -> set[tuple[int, int]]:
+        if not self._ready:
+            return set()
         rows = self.ws._conn().execute(
             "SELECT start, stop FROM scan_partials WHERE scan_key = ? AND layer = ?", (key, layer)).fetchall()
         return {(int(a), int(b)) for a, b in rows}
