@@ -109,3 +109,92 @@ def test_summarise_and_table():
     assert "N2G (all paths, max)" in lines[0] and "5-gram lookup" in lines[0]
     assert lines[3].split()[:5] == ["0", "2", "|", ".75", ".50"]
     assert lines[4].split()[:5] == ["3", "1", "|", ".20", "1.00"]
+
+
+# ---- the method registry and the held-out ordinary windows (section 8b) ----------------------
+
+
+def test_registry_keeps_the_paper_methods_and_takes_new_ones():
+    from n2g_service import methods
+
+    assert methods.method_ids()[:4] == METHODS
+    assert methods.baseline_ids() == ("token_lookup", "ngram_lookup")
+    assert methods.get("ngram_lookup").title == "5-gram lookup"
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        methods.get("nope")
+    with pytest.raises(ValueError, match="already registered"):
+        methods.register(methods.get("token_lookup"))
+    with pytest.raises(ValueError, match="family"):
+        methods.Method("x", "x", "other", lambda art: None)
+
+    def constant(art):  # predicts the largest training activation everywhere
+        top = max(float(np.max(a[1:])) for _, a in art.train)
+        return lambda seqs: [np.r_[0.0, np.full(len(s) - 1, top)].astype(np.float32) for s in seqs]
+
+    methods.register(methods.Method("constant_max", "constant", "baseline", constant))
+    try:
+        g = n2g_fast.NeuronGraph("m", 0, 0, "mlp.hook_post", 2.0)
+        g.add_path(("d", [8], 0.7), [], 0.7)
+        g.finalize()
+        out = evaluate_neuron(g, TRAIN, [([BOS, 5, 6], [9.0, 0.1, 0.8])], EvalConfig())
+        assert out["constant_max"]["n_predicted"] == 2 and out["constant_max"]["tp"] == 1
+        assert "constant" in format_table(summarise([{"layer": 0, "neuron": 0, "metrics": out}]))
+    finally:
+        methods.unregister("constant_max")
+    assert "constant_max" not in methods.method_ids()
+
+
+def test_baselines_predict_batches_like_one_by_one():
+    from n2g_service import methods
+
+    art = methods.Artefacts.from_graph(None, TRAIN)
+    seqs = np.array([[BOS, 5, 6, 7, 8], [BOS, 6, 6, 9, 8], [BOS, 4, 6, 42, 8]])
+    tok = methods.get("token_lookup").make_predictor(art)(seqs)
+    ng = methods.get("ngram_lookup").make_predictor(art)(seqs)
+    t_table, n_table = token_lookup_fit(TRAIN), ngram_lookup_fit(TRAIN, 5)
+    for s, pt, pn in zip(seqs, tok, ng):
+        np.testing.assert_array_equal(pt, token_lookup_predict(t_table, s))
+        np.testing.assert_array_equal(pn, ngram_lookup_predict(n_table, s, 5))
+    np.testing.assert_allclose(ng[1], [0, 0.3, 0.4, 0.0, 0.2], rtol=1e-6)
+
+
+def test_heldout_window_ids_seeded_sample():
+    from n2g_service.evaluate import heldout_window_ids
+
+    ids = heldout_window_ids(10_000, EvalConfig())
+    assert ids.size == 2000 and np.all(np.diff(ids) > 0) and ids[0] >= 0 and ids[-1] < 10_000
+    assert np.array_equal(ids, heldout_window_ids(10_000, EvalConfig()))
+    other = heldout_window_ids(10_000, EvalConfig(heldout_seed=1))
+    assert not np.array_equal(ids, other)
+    assert heldout_window_ids(10_000, EvalConfig(ordinary_windows=300)).size == 300
+    assert heldout_window_ids(101, EvalConfig()).size == 50  # at most half of the windows
+    assert heldout_window_ids(1, EvalConfig()).size == 0
+    with pytest.raises(ValueError, match="n_windows"):
+        heldout_window_ids(-1, EvalConfig())
+
+
+def test_heldout_window_ids_fixed_once_recorded(tmp_path):
+    from n2g_service.evaluate import heldout_window_ids
+    from n2g_service.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws", create=True)
+    with pytest.raises(ValueError, match="no corpus windows"):
+        heldout_window_ids(ws, EvalConfig())
+    ws.save_windows(np.arange(400 * 4).reshape(400, 4))
+    first = heldout_window_ids(ws, EvalConfig(ordinary_windows=50))
+    assert np.array_equal(first, heldout_window_ids(400, EvalConfig(ordinary_windows=50)))
+    # a later config cannot move the set: a scan has already left these windows out
+    assert np.array_equal(heldout_window_ids(ws, EvalConfig(ordinary_windows=80, heldout_seed=3)), first)
+    assert ws.load_heldout_windows()["requested"] == 50
+
+
+def test_ordinary_window_ids_drop_the_neurons_own_windows():
+    from n2g_service.evaluate import ordinary_window_ids
+
+    windows = np.arange(10 * 3).reshape(10, 3)
+    heldout = np.array([1, 3, 5, 7, 9])
+    examples = {"train": [{"token_ids": windows[3].tolist(), "activations": [0, 1, 0]}],
+                "test": [{"token_ids": windows[9].tolist(), "activations": [0, 1, 0]}]}
+    assert ordinary_window_ids(heldout, windows, examples).tolist() == [1, 5, 7]
+    assert ordinary_window_ids(heldout, windows, examples, scan_top_ids=np.array([5, 2, -1])).tolist() == [1, 7]
+    assert ordinary_window_ids(heldout, windows, {}).tolist() == [1, 3, 5, 7, 9]

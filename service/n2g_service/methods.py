@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 __all__ = [
-    "Example", "Artefacts", "Predictor", "Method", "register", "get", "all_methods", "method_ids",
+    "Example", "Artefacts", "Predictor", "Method", "register", "unregister", "get", "all_methods", "method_ids",
     "baseline_ids", "token_lookup_fit", "token_lookup_predict", "ngram_lookup_fit",
     "ngram_lookup_predict",
 ]
@@ -102,6 +102,14 @@ def register(method: Method, *, replace: bool = False) -> Method:
         raise ValueError(f"method {method.id!r} is already registered (pass replace=True to replace it)")
     _REGISTRY[method.id] = method
     return method
+
+
+def unregister(method_id: str) -> Method:
+    """Removes a method (for tests and for replacing a preset); returns it."""
+    try:
+        return _REGISTRY.pop(method_id)
+    except KeyError:
+        raise ValueError(f"unknown method {method_id!r}; known: {list(_REGISTRY)}") from None
 
 
 def get(method_id: str) -> Method:
