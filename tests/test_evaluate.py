@@ -156,6 +156,8 @@ def test_baselines_predict_batches_like_one_by_one():
         np.testing.assert_array_equal(pt, token_lookup_predict(t_table, s))
         np.testing.assert_array_equal(pn, ngram_lookup_predict(n_table, s, 5))
     np.testing.assert_allclose(ng[1], [0, 0.3, 0.4, 0.0, 0.2], rtol=1e-6)
+    np.testing.assert_allclose(tok[2], [0, 0, 0.9, 0, 0.6], rtol=1e-6)  # 4 and 42 unseen
+    np.testing.assert_allclose(tok[0], [0, 0.1, 0.9, 0.2, 0.6], rtol=1e-6)
 
 
 def test_heldout_window_ids_seeded_sample():
@@ -198,3 +200,24 @@ def test_ordinary_window_ids_drop_the_neurons_own_windows():
     assert ordinary_window_ids(heldout, windows, examples).tolist() == [1, 5, 7]
     assert ordinary_window_ids(heldout, windows, examples, scan_top_ids=np.array([5, 2, -1])).tolist() == [1, 7]
     assert ordinary_window_ids(heldout, windows, {}).tolist() == [1, 3, 5, 7, 9]
+
+
+def test_ngram_lookup_vectorised_equals_the_plain_loop():
+    from n2g_service import methods
+
+    rng = np.random.default_rng(0)
+    train = [(np.r_[BOS, rng.integers(2, 6, 15)], rng.uniform(size=16)) for _ in range(6)]
+    table = ngram_lookup_fit(train, 5)
+    test = np.c_[np.full(40, BOS), rng.integers(2, 6, (40, 15))]  # 4 tokens: many repeated keys
+    got = methods.get("ngram_lookup").make_predictor(methods.Artefacts.from_graph(None, train))(test)
+    hits = 0
+    for s, p in zip(test, got):
+        want = [0.0] + [table.get(tuple(int(t) for t in s[max(0, i - 5): i + 1]), 0.0) for i in range(1, len(s))]
+        np.testing.assert_array_equal(p, np.asarray(want, np.float32))
+        hits += int(np.count_nonzero(p))
+    assert hits > 0
+    # ragged input, one sequence at a time, is the same
+    ragged = [test[0][:7], test[1]]
+    out = methods.get("ngram_lookup").make_predictor(methods.Artefacts.from_graph(None, train))(ragged)
+    np.testing.assert_array_equal(out[0], got[0][:7])
+    np.testing.assert_array_equal(out[1], got[1])

@@ -484,6 +484,10 @@ def evaluate_workspace(ws, model=None, keys: Sequence[tuple[int, int]] | None = 
         rec_h = ws.load_heldout_windows()
         heldout_info = {"seed": rec_h["seed"], "requested": rec_h["requested"], "n_windows": rec_h["n_windows"],
                         "size": int(heldout.size)}
+        if not heldout.size:
+            unavailable["ordinary"] = unavailable["detection"] = (
+                f"the workspace's {rec_h['n_windows']} corpus window(s) are too few for a held-out sample")
+            heldout = None
     scores: list[NeuronScore] = []
     no_acts: list[tuple[int, int]] = []
     done = 0
@@ -491,7 +495,7 @@ def evaluate_workspace(ws, model=None, keys: Sequence[tuple[int, int]] | None = 
         neurons = [n for l, n in keys if l == layer]
         acts: dict[int, np.ndarray] = {}
         scan_ids = None
-        if heldout is not None and heldout.size:
+        if heldout is not None:
             if model is not None:
                 progress(EvalEvent("activations", done, len(keys),
                                    f"layer {layer}: true activations on {heldout.size} held-out windows", layer))

@@ -171,18 +171,21 @@ def _sorted_table(table: Mapping[int, float]) -> tuple[np.ndarray, np.ndarray]:
     return keys, np.array([table[int(k)] for k in keys], dtype=np.float32)
 
 
-def _token_lookup_batch(sorted_table: tuple[np.ndarray, np.ndarray], seqs) -> list[np.ndarray]:
+def _token_lookup_rows(sorted_table: tuple[np.ndarray, np.ndarray], rows: np.ndarray) -> np.ndarray:
     keys, vals = sorted_table
-    out = []
-    for s in seqs:
-        s = np.asarray(s, dtype=np.int64)
-        pred = np.zeros(s.shape[0], dtype=np.float32)
-        if keys.size and s.size > 1:
-            pos = np.minimum(np.searchsorted(keys, s[1:]), keys.size - 1)
-            hit = keys[pos] == s[1:]
-            pred[1:][hit] = vals[pos[hit]]
-        out.append(pred)
-    return out
+    pred = np.zeros(rows.shape, dtype=np.float32)
+    if keys.size and rows.shape[1] > 1:
+        body = rows[:, 1:]  # BOS is never predicted
+        pos = np.minimum(np.searchsorted(keys, body), keys.size - 1)
+        hit = keys[pos] == body
+        pred[:, 1:][hit] = vals[pos[hit]]
+    return pred
+
+
+def _token_lookup_batch(sorted_table: tuple[np.ndarray, np.ndarray], seqs) -> list[np.ndarray]:
+    if isinstance(seqs, np.ndarray) and seqs.ndim == 2:
+        return list(_token_lookup_rows(sorted_table, seqs.astype(np.int64)))
+    return [_token_lookup_rows(sorted_table, np.asarray(s, dtype=np.int64)[None, :])[0] for s in seqs]
 
 
 def _ngram_key(tokens: Sequence[int], i: int, n: int) -> tuple[int, ...]:
@@ -203,24 +206,56 @@ def ngram_lookup_fit(train: Sequence[Example], n: int = 5) -> dict[tuple[int, ..
 
 
 def ngram_lookup_predict(table: Mapping[tuple[int, ...], float], tokens: Sequence[int], n: int = 5) -> np.ndarray:
-    last = np.array(sorted({k[-1] for k in table}), dtype=np.int64)
-    return _ngram_lookup_batch(table, last, [tokens], n)[0]
+    return _NgramIndex(table, n).predict([tokens])[0]
 
 
-def _ngram_lookup_batch(table, last_tokens: np.ndarray, seqs, n: int) -> list[np.ndarray]:
-    out = []
-    for s in seqs:
-        s = np.asarray(s, dtype=np.int64)
-        pred = np.zeros(s.shape[0], dtype=np.float32)
-        # only positions whose token ends some key can match: skips the Python loop elsewhere
-        cand = np.flatnonzero(np.isin(s[1:], last_tokens)) + 1 if s.size > 1 else []
-        lst = s.tolist()
-        for i in cand:
-            v = table.get(_ngram_key(lst, int(i), n))
+class _NgramIndex:
+    """Vectorised n-gram lookup: every position's key is hashed at once (a polynomial hash over
+    uint64, 0 standing for "before the sequence"), and only the positions whose hash is in the
+    table are checked exactly against it, so hash collisions can never change a prediction."""
+
+    _MULT = np.random.default_rng(0x6E67).integers(1, 2**63, size=64, dtype=np.uint64) | np.uint64(1)
+
+    def __init__(self, table: Mapping[tuple[int, ...], float], n: int) -> None:
+        if n + 1 > self._MULT.size:
+            raise ValueError(f"n-gram keys of more than {self._MULT.size} tokens are not supported")
+        self.table, self.n = table, n
+        self.hashes = np.unique(np.array([self._key_hash(k) for k in table], dtype=np.uint64))
+
+    def _key_hash(self, key: tuple[int, ...]) -> np.uint64:
+        h = np.uint64(0)
+        with np.errstate(over="ignore"):
+            for j, t in enumerate(reversed(key)):
+                h += np.uint64(t + 1) * self._MULT[j]
+        return h
+
+    def _hash_rows(self, rows: np.ndarray) -> np.ndarray:
+        m, length = rows.shape
+        padded = np.zeros((m, self.n + length), dtype=np.uint64)
+        padded[:, self.n:] = rows.astype(np.uint64) + np.uint64(1)
+        h = np.zeros((m, length), dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for j in range(self.n + 1):
+                h += padded[:, self.n - j: self.n - j + length] * self._MULT[j]
+        return h
+
+    def predict(self, seqs) -> list[np.ndarray]:
+        if isinstance(seqs, np.ndarray) and seqs.ndim == 2:
+            return list(self._predict_rows(seqs.astype(np.int64)))
+        return [self._predict_rows(np.asarray(s, dtype=np.int64)[None, :])[0] for s in seqs]
+
+    def _predict_rows(self, rows: np.ndarray) -> np.ndarray:
+        pred = np.zeros(rows.shape, dtype=np.float32)
+        if not self.hashes.size or rows.shape[1] < 2:
+            return pred
+        h = self._hash_rows(rows)
+        hit = np.isin(h, self.hashes)
+        hit[:, 0] = False  # BOS is never predicted
+        for r, i in zip(*np.nonzero(hit)):
+            v = self.table.get(_ngram_key(rows[r], int(i), self.n))
             if v is not None:
-                pred[i] = v
-        out.append(pred)
-    return out
+                pred[r, i] = v
+        return pred
 
 
 def _token_lookup(art: Artefacts) -> Predictor:
@@ -230,9 +265,7 @@ def _token_lookup(art: Artefacts) -> Predictor:
 
 def _ngram_lookup(n: int) -> Callable[[Artefacts], Predictor]:
     def make(art: Artefacts) -> Predictor:
-        table = ngram_lookup_fit(art.train, n)
-        last = np.array(sorted({k[-1] for k in table}), dtype=np.int64)
-        return lambda seqs: _ngram_lookup_batch(table, last, seqs, n)
+        return _NgramIndex(ngram_lookup_fit(art.train, n), n).predict
 
     return make
 
