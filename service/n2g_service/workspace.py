@@ -220,13 +220,20 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"holds {name}")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # e.g. 1e999
+        raise ValueError(f"holds {text}")
+    return value
+
+
 def _strict_json(text: Any, what: str) -> dict[str, Any]:
     """A stored JSON object; raises ValueError naming `what` for anything else (bad JSON, NaN or
     infinity, not an object)."""
     if not isinstance(text, str):
         raise ValueError(f"{what} is not text (found {type(text).__name__})")
     try:
-        value = json.loads(text, parse_constant=_refuse_constant)
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"{what} is not valid JSON ({msg[:120]})") from None
@@ -525,10 +532,14 @@ class Workspace:
                 self._open_immutable()
             elif mode == "auto" and not self._schema_complete():
                 self._upgrade_schema()
-        found = self.get_meta("schema_version")
+        try:
+            found = self.get_meta("schema_version")
+        except WorkspaceError as e:
+            if e.kind != "schema":
+                raise
+            found = None
         if found is None or not found.isdigit():
-            raise WorkspaceError(f"workspace {self.path}: {DB_NAME} is not an n2g workspace database (no schema "
-                                 "version)", "damaged")
+            raise self._not_a_workspace()
         if int(found) != SCHEMA_VERSION:
             raise WorkspaceError(f"workspace {self.path} has schema version {found}, this n2g reads {SCHEMA_VERSION}",
                                  "schema")
@@ -627,6 +638,14 @@ class Workspace:
     def _ensure_schema(self) -> None:
         """Adds what this n2g's schema has and the database lacks (idempotent; writer only)."""
         conn = self._conn()
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except WorkspaceError as e:
+            if e.kind != "schema":
+                raise
+            row = None
+        if row is None:  # never turn some other database into a workspace
+            raise self._not_a_workspace()
         conn.execute("PRAGMA journal_mode=WAL")
         # executescript commits any open transaction first, so the (idempotent) schema runs alone
         conn.executescript(_SCHEMA)
@@ -636,6 +655,10 @@ class Workspace:
                 conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
         conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         self._job_columns = True
+
+    def _not_a_workspace(self) -> WorkspaceError:
+        return WorkspaceError(f"workspace {self.path}: {DB_NAME} is an SQLite database but not an n2g workspace (no "
+                              "schema version); restore it from a backup or use another --workspace", "schema")
 
     def _schema_complete(self) -> bool:
         conn = self._conn()
@@ -868,13 +891,14 @@ class Workspace:
         return v is not None and v[0] == fp and v[1] is not None
 
     def _checked(self, fps: dict[tuple[int, int], tuple]) -> None:
-        """Checks the rows whose fingerprint changed since their last check (all but examples:
-        those are checked where they are read)."""
+        """Checks the rows whose fingerprint changed since their last check: the graph, stats
+        and metrics in full, the examples with SQLite's json_valid (no Python parsing; NaN is
+        not valid JSON there). Each row version is checked once per handle."""
         stale = [k for k, fp in fps.items() if self._verdicts.get(k, (None,))[0] != fp]
         if not stale:
             return
         conn = self._conn()
-        sql = self._ROW.format(examples="NULL")
+        sql = self._ROW.format(examples="json_valid(examples)")
         if len(stale) > 64:  # a first listing or a big change: one pass over the table
             wanted = set(stale)
             rows = (r for r in conn.execute(sql) if (r[0], r[1]) in wanted)
@@ -883,7 +907,7 @@ class Workspace:
         for row in rows:
             try:
                 self._decode(row, with_examples=False)
-                reason = None
+                reason = None if row[4] else "examples is not valid JSON"
             except ValueError as e:
                 reason = str(e)
             self._note((row[0], row[1]), tuple(row[8:12]), reason)
@@ -926,6 +950,7 @@ class Workspace:
 
     def iter_neurons(self, *, with_examples: bool = True) -> Iterator[NeuronRecord]:
         """Every sound neuron, in (layer, neuron) order; damaged rows are skipped (and logged)."""
+        self._healthy_keys()  # checks the rows not checked yet, examples included
         cur = self._conn().execute(self._ROW.format(examples="examples" if with_examples else "NULL")
                                    + " ORDER BY layer, neuron")
         for row in cur:
@@ -940,7 +965,8 @@ class Workspace:
             yield rec
 
     def graph_bytes(self) -> list[tuple[int, int, bytes]]:
-        """(layer, neuron, graph blob) of every neuron whose blob is sound and its own."""
+        """(layer, neuron, graph blob) of every sound neuron (as `built_keys`)."""
+        self._healthy_keys()
         out = []
         for l, n, g, *fp in self._conn().execute(
                 f"SELECT layer, neuron, graph, {self._FP} FROM neurons ORDER BY layer, neuron"):
