@@ -306,9 +306,7 @@ def _cmd_build(args) -> int:
     if job.state != "succeeded":
         print(f"error: job {job.id} {job.state}: {job.error}", file=sys.stderr)
         return 1
-    if args.json:
-        _print_json(job)
-    else:
+    if not args.json:  # with --json, the last line is the final event (it holds the job)
         print(f"job {job.id}: built {job.total} neurons in {args.workspace or args.server}")
     return 0
 

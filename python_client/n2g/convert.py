@@ -280,7 +280,10 @@ def _search_pb(clauses, limit):
 def _search_args(r) -> dict[str, Any]:
     clauses = []
     for i, c in enumerate(r.clauses):
-        role = _name(ROLE, c.role, f"role in clause {i}", vocab.DEFAULT_ROLE)
+        try:
+            role = _name(ROLE, c.role, "role", vocab.DEFAULT_ROLE)
+        except N2GError as e:
+            raise _invalid(f"clause {i}: {e.message}") from None
         which = c.WhichOneof("token")
         if which is None:
             raise _invalid(f"clause {i} has no token: set label or token_id")

@@ -27,12 +27,16 @@ class LocalN2GClient(_Api):
 
         self.target = f"local:{workspace}"
         self.timeout = timeout
+        # a build (create=True) is the workspace's writer: it takes the lock at once; other
+        # commands read, and take it only if they must write (e.g. evaluation's stored activations)
         ws, host = open_workspace(workspace, model=model, no_model=no_model, corpus=corpus, device=device,
-                                  create=create)
+                                  create=create, writer="n2g build" if create else None)
         self.app = N2GApp(ws, host)
-        self.app.record_shape()
-        # builds run here; jobs another process left unfinished are not taken over implicitly
-        self.app.start_jobs(resume=False)
+        if create:
+            self.app.record_shape()
+            # builds run here; jobs a killed process left running are failed as interrupted (a
+            # rerun of the same build resumes its work units), not taken over implicitly
+            self.app.start_jobs(resume=False)
 
     def close(self) -> None:
         self.app.close()

@@ -162,18 +162,21 @@ class ModelHost:
 
 def open_workspace(path: str | Path, *, model: str | None = None, no_model: bool = False, corpus: str | None = None,
                    device: str | None = None, hook: str | None = None, create: bool = False,
-                   load_now: bool = False) -> tuple[Workspace, ModelHost]:
+                   writer: str | None = None, load_now: bool = False) -> tuple[Workspace, ModelHost]:
     """The workspace at `path` and the host of its model (loaded lazily unless `load_now`).
 
     The model is `model`, else the workspace's, else the default; `create` makes a new workspace
-    (recording model, corpus and hook). `no_model` never loads one."""
+    (recording model, corpus and hook). `no_model` never loads one and only reads. `writer` (what
+    the process does, e.g. "n2g serve") takes the workspace's one writer lock at once, so a second
+    writer is refused before it loads anything; otherwise the lock is taken at the first write."""
     from .models import load_named_model
 
     path = Path(path)
     exists = Workspace.exists(path)
     if not exists and (no_model or not create):
         raise WorkspaceError(f"no workspace at {path}; build one first with `n2g build --workspace {path}`")
-    ws = Workspace(path) if exists else None
+    mode = "read" if no_model else ("write" if writer else "auto")
+    ws = Workspace(path, mode=mode, purpose=writer) if exists else None
     if no_model:
         return ws, ModelHost(ws.model_name, None)
     name = model or (ws.model_name if ws is not None else None) or vocab.DEFAULT_MODEL
@@ -184,7 +187,8 @@ def open_workspace(path: str | Path, *, model: str | None = None, no_model: bool
         # a new workspace records its model, hook and corpus (the hook needs the model loaded)
         loaded = load_named_model(name, device=device, hook=hook)
         if ws is None:
-            ws = Workspace(path, create=True, model=name, hook=loaded.hook, corpus=corpus or vocab.DEFAULT_CORPUS)
+            ws = Workspace(path, create=True, model=name, hook=loaded.hook, corpus=corpus or vocab.DEFAULT_CORPUS,
+                           mode=mode, purpose=writer)
         for k, v in (("model", name), ("hook", loaded.hook), ("corpus", corpus or vocab.DEFAULT_CORPUS)):
             if ws.get_meta(k) is None:
                 ws.set_meta(k, v)
@@ -215,7 +219,8 @@ class N2GApp:
         self.host = host
         self.limits = limits
         self.graphs = GraphIndex(ws)
-        self.jobs = JobQueue(ws, host.get, host.lock, on_commit=self.graphs.invalidate)
+        self.jobs = JobQueue(ws, host.get, host.lock, on_commit=self.graphs.invalidate,
+                             check_request=self._check_stored_request)
         self._report_lock = threading.Lock()
         self._shape: tuple[int, int, int] | None = None
         # Long-lived streams (watching a job, pairs, export, report) each hold a server thread:
@@ -224,11 +229,13 @@ class N2GApp:
         self.max_streams = max_streams
 
     def start_jobs(self, resume: bool = True) -> list[str]:
-        """Starts the build worker (with a model) and resumes unfinished jobs; returns their ids."""
+        """Starts the build worker (the workspace's writer, with a model). Unfinished jobs are
+        resumed (`resume`) or failed as interrupted; a stored job that cannot run fails once with
+        its reason. Returns the ids resumed."""
         if not self.host.enabled:
             return []
         self.jobs.start()
-        return self.jobs.resume_pending() if resume else []
+        return self.jobs.resume_pending(resume=resume)
 
     def close(self) -> None:
         self.jobs.stop()
@@ -451,12 +458,30 @@ class N2GApp:
             req.validate(model.n_layers, model.d_mlp)
         except (ValueError, TypeError) as e:
             raise invalid(str(e)) from None
-        if req.scan.k > MAX_K or req.scan.window_tokens > MAX_WINDOW_TOKENS:
-            raise invalid(f"scan.k must be at most {MAX_K} and scan.window_tokens at most {MAX_WINDOW_TOKENS}")
-        planned = len(set(req.layers)) * (len(set(req.neurons)) if req.neurons else req.sample)
+        self._check_bounds(req, model.n_layers)
+        return req
+
+    def _check_bounds(self, req, n_layers: int) -> None:
+        """Sizes that would exhaust the machine, refused before any work (also for stored jobs)."""
+        if req.scan.k > MAX_K or req.scan.window_tokens > MAX_WINDOW_TOKENS or req.group_size > MAX_GROUP_SIZE:
+            raise too_big(f"scan.k must be at most {MAX_K}, scan.window_tokens at most {MAX_WINDOW_TOKENS} and "
+                          f"group_size at most {MAX_GROUP_SIZE}")
+        layers = req.resolved_layers(n_layers)
+        planned = len(layers) * (len(set(req.neurons)) if req.neurons else req.sample)
         if self.limits.max_build_neurons and planned > self.limits.max_build_neurons:
             raise too_big(f"the build plans {planned} neurons; the limit per job is {self.limits.max_build_neurons}")
-        return req
+
+    def _check_stored_request(self, request: dict[str, Any]) -> None:
+        """For the job queue: raises ValueError when a stored request cannot run here."""
+        from .jobs import BuildRequest
+
+        model = self.host.get()
+        req = BuildRequest.from_dict(request)
+        req.validate(model.n_layers, model.d_mlp)
+        try:
+            self._check_bounds(req, model.n_layers)
+        except N2GError as e:
+            raise ValueError(e.message) from None
 
     def start_build(self, layers: Sequence[int], neurons: Sequence[int] | None = None, sample: int | None = None,
                     seed: int = 0, group_size: int | None = None, k: int | None = None,

@@ -203,7 +203,8 @@ def serve(workspace: str | Path, model: str | None = None, *, no_model: bool = F
 
     t0 = time.perf_counter()
     ws, model_host = open_workspace(workspace, model=model, no_model=no_model, corpus=corpus, device=device,
-                                    hook=hook, create=not no_model, load_now=not no_model)
+                                    hook=hook, create=not no_model, writer=None if no_model else "n2g serve",
+                                    load_now=not no_model)
     app = N2GApp(ws, model_host, limits, max_streams=max_streams or max(1, max_workers // 4))
     if model_host.loaded:
         m = model_host.get()

@@ -4,7 +4,7 @@
 
     out_dir/index.html            model, corpus, hook, settings, per-layer table, plots, neuron list
     out_dir/neurons/L_N.html      one page per built neuron
-    out_dir/graphs/L_N.svg        the neuron's graph (n2g_fast's renderer, else the fallback here)
+    out_dir/graphs/L_N.svg        the neuron's graph (n2g_fast.NeuronGraph.to_svg)
     out_dir/plots/*.svg           matplotlib plots (Agg, SVG)
     out_dir/static/report.css|js  local assets (no CDN)
 
@@ -29,8 +29,7 @@ import numpy as np
 from ..workspace import Workspace
 from . import plots
 from .cells import example_cells
-from .graph_svg import graph_svg
-from .similarity import SCORE, python_neighbours, rust_neighbours
+from .similarity import SCORE, neighbours
 from .tokens import TokenTexts, example_tokens, visible_html, visible_text
 
 __all__ = ["write_report", "METHODS"]
@@ -167,8 +166,7 @@ def write_report(workspace_path: str | Path, out_dir: str | Path, *, use_model_t
     _prepare_out(out)
     env = _env()
     meta_rows, request_rows = _settings(ws)
-    if semantics is None:
-        semantics = dict(request_rows).get("eval.semantics", "").strip('"') or DEFAULT_SEMANTICS
+    semantics = semantics or DEFAULT_SEMANTICS
     if semantics not in SEMANTICS:
         raise ValueError(f"unknown semantics {semantics!r}: use one of {', '.join(SEMANTICS)}")
     default_method = f"n2g_{semantics}"
@@ -181,7 +179,6 @@ def write_report(workspace_path: str | Path, out_dir: str | Path, *, use_model_t
     per_layer: dict[int, dict[str, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
     f1s: dict[str, list[float]] = defaultdict(list)
     traj_by_layer: dict[int, list] = defaultdict(list)
-    renderers: set[str] = set()
     for rec in ws.iter_neurons(with_examples=False):
         key = (rec.layer, rec.neuron)
         g = rec.graph()
@@ -189,9 +186,7 @@ def write_report(workspace_path: str | Path, out_dir: str | Path, *, use_model_t
         act, ctx = g.activating_labels(), g.context_labels()
         labels[key] = (frozenset(act), frozenset(ctx))
         blobs.append(rec.graph_bytes)
-        svg, renderer = graph_svg(g, doc)
-        renderers.add(renderer)
-        (out / "graphs" / f"{_page_name(*key)}.svg").write_text(svg, encoding="utf-8")
+        (out / "graphs" / f"{_page_name(*key)}.svg").write_text(g.to_svg(), encoding="utf-8")
         for method, m in (rec.metrics or {}).items():
             if isinstance(m, dict) and "f1" in m:
                 per_layer[rec.layer][method].append(m)
@@ -219,15 +214,8 @@ def write_report(workspace_path: str | Path, out_dir: str | Path, *, use_model_t
     plots.plot_trajectories(curves, out / "plots" / "trajectory_per_layer.svg")
 
     # -- most similar neurons ------------------------------------------------------------------
-    failure = ""
-    try:
-        neigh = rust_neighbours([(r["layer"], r["neuron"]) for r in rows], blobs, neighbours_k)
-        similarity_note = f"n2g_fast.GraphStore.neighbours: {SCORE}"
-    except Exception as e:  # an early or broken GraphStore: the fallback below still answers
-        neigh, failure = None, f"; n2g_fast.GraphStore failed: {type(e).__name__}: {e}"
-    if neigh is None:
-        neigh = python_neighbours(labels, neighbours_k)
-        similarity_note = f"computed by the report (fallback{failure or ', no n2g_fast.GraphStore'}): {SCORE}"
+    neigh = neighbours([(r["layer"], r["neuron"]) for r in rows], blobs, neighbours_k)
+    similarity_note = f"n2g_fast.GraphStore.neighbours: {SCORE}"
     blobs.clear()
 
     # -- pass 2: one page per neuron -------------------------------------------------------------
@@ -281,7 +269,7 @@ def write_report(workspace_path: str | Path, out_dir: str | Path, *, use_model_t
     index.write_text(env.get_template("index.html.j2").render(
         root="", title="n2g report", model=ws.model_name or "?", corpus=ws.corpus or "?", hook=ws.hook or "?",
         meta=meta_rows, request=request_rows, methods=METHODS, layer_table=layer_table, rows=rows,
-        default_method=default_method, renderers=sorted(renderers), similarity_note=similarity_note,
+        default_method=default_method, similarity_note=similarity_note,
         token_source=texts.source, token_note=texts.note, n_neurons=len(rows),
         generated=time.strftime("%Y-%m-%d %H:%M:%S"), seconds=time.perf_counter() - t0,
     ), encoding="utf-8")

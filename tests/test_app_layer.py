@@ -1,0 +1,178 @@
+"""The application layer (issue 8): local and remote commands run the same code below the
+transport, the clients share one body, and the defects found in review stay fixed."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import io
+import json
+import re
+import zipfile
+from pathlib import Path
+
+import grpc
+import pytest
+
+from n2g.client import AsyncN2GClient, N2GClient, N2GError
+from n2g_servers import NATIVE_MODEL, REPO, ServerProcess, native_workspace, run_cli
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Two copies of the native workspace (32-token windows): one used locally, one served with
+    the model."""
+    local = native_workspace(tmp_path_factory, "app-local")
+    remote = native_workspace(tmp_path_factory, "app-remote")
+    with ServerProcess(remote, "--model", NATIVE_MODEL, "--device", "cpu").running() as srv:
+        yield local, srv
+
+
+def _unbuilt(ws: Path, layer: int) -> list[int]:
+    from n2g_service.workspace import Workspace
+
+    built = {n for l, n in Workspace(ws).built_keys() if l == layer}
+    return [n for n in range(128) if n not in built][:2]
+
+
+def test_build_local_and_remote_are_the_same_calls(pair):
+    """Before: a local build on a workspace of 32-token windows failed unless --window-tokens was
+    repeated (the local path assumed 64); the server used the stored length."""
+    local, srv = pair
+    neurons = [str(n) for n in _unbuilt(local, 1)]
+    for where in (("--workspace", str(local)), ("--server", srv.address)):
+        p = run_cli("build", *where, "--layers", "1", "--neurons", *neurons, "--json")
+        last = json.loads(p.stdout.splitlines()[-1])
+        assert last["stage"] == "done" and last["job"]["state"] == "succeeded", p.stdout
+    for n in neurons:
+        got = [json.loads(run_cli("graph", "1", n, *where, "--json").stdout)
+               for where in (("--workspace", str(local)), ("--server", srv.address))]
+        assert got[0] == got[1]  # byte-identical graphs, through either path
+    # the job is recorded locally too (the report's "build settings" come from it)
+    jobs = json.loads(run_cli("jobs", "--workspace", str(local), "--json").stdout)
+    assert any(j["request"]["neurons"] == [int(n) for n in neurons] and j["state"] == "succeeded" for j in jobs)
+
+
+def test_config_mistakes_refused_the_same_both_ways(pair):
+    """Before: the local path ignored a misspelt top-level --config key that the server refused."""
+    local, srv = pair
+    for config, needle in (('{"fitt": {}}', "unknown key"), ('{"scan": 5}', "must be an object"),
+                           ('{"fit": {"no_such_field": 1}}', "unknown field")):
+        out = []
+        for where in (("--workspace", str(local)), ("--server", srv.address)):
+            p = run_cli("build", *where, "--layers", "0", "--neurons", "1", "--config", config, check=False)
+            assert p.returncode == 1 and "INVALID_ARGUMENT" in p.stderr and needle in p.stderr, p.stderr
+            out.append(p.stderr.strip().splitlines()[-1])
+        assert out[0] == out[1]
+
+
+def test_async_client_has_every_method_of_the_sync_one():
+    public = {n for n, f in inspect.getmembers(N2GClient, inspect.isfunction) if not n.startswith("_")}
+    for name in public - {"close"}:
+        fn = getattr(AsyncN2GClient, name)
+        assert getattr(N2GClient, name).__doc__ == fn.__doc__ or fn.__doc__ is None or name in (
+            "wait_job", "export_to", "report", "report_to"), name
+        # calling it in a loop yields a coroutine or an async iterator
+        assert name in dir(AsyncN2GClient)
+    assert inspect.iscoroutinefunction(AsyncN2GClient.export_to)
+    assert inspect.iscoroutinefunction(AsyncN2GClient.report_to)
+
+
+def test_async_export_and_report(pair, tmp_path):
+    local, srv = pair
+
+    async def go():
+        async with AsyncN2GClient(srv.address) as c:
+            n = await c.export_to(tmp_path / "export")
+            index = await c.report_to(tmp_path / "report")
+            jobs = await c.list_jobs()
+            return n, index, jobs
+
+    n, index, jobs = asyncio.run(go())
+    with N2GClient(srv.address) as c:
+        assert n == c.model_info().neurons_built == len(list((tmp_path / "export" / "graphs").glob("*.json")))
+        assert [j.id for j in jobs] == [j.id for j in c.list_jobs()]
+    assert index.exists() and "n2g report" in index.read_text()
+
+
+def _zip(entries: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_report_unzip_refuses_a_sibling_folder(tmp_path):
+    """Before: a string-prefix check let '../out2/x' through for out_dir /tmp/out."""
+    from n2g.client import _unzip
+
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="unsafe path"):
+        _unzip(_zip({"index.html": b"ok", "../out2/evil.html": b"x"}), out)
+    assert not (tmp_path / "out2").exists() and not (out / "index.html").exists()
+    assert _unzip(_zip({"index.html": b"ok", "neurons/0_1.html": b"y"}), out) == out / "index.html"
+
+
+def test_report_unzip_and_stream_are_bounded(tmp_path, monkeypatch):
+    """Before: a 0.31 MB archive unpacked to 315 MB, and an endless stream was held in memory."""
+    import n2g.client as client
+
+    monkeypatch.setattr(client, "MAX_REPORT_UNPACKED_BYTES", 100_000)
+    bomb = _zip({"index.html": b"\0" * 1_000_000})
+    assert len(bomb) < 5_000
+    with pytest.raises(ValueError, match="unpacks past"):
+        client._unzip(bomb, tmp_path / "out")
+    assert (tmp_path / "out" / "index.html").stat().st_size <= 100_000 + (1 << 20)
+    monkeypatch.setattr(client, "MAX_REPORT_BYTES", 10)
+    sink = client._ReportSink()
+    sink.add(b"12345")
+    with pytest.raises(N2GError) as e:
+        sink.add(b"678901")
+    assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_report_shows_the_build_settings(pair, tmp_path):
+    """Before: a workspace built locally said "Build settings: none recorded" (no job stored) and
+    the report read an `eval.semantics` setting that does not exist."""
+    local, _ = pair
+    run_cli("report", "--workspace", str(local), "--out", str(tmp_path / "r"))
+    html = (tmp_path / "r" / "index.html").read_text()
+    assert "none recorded" not in html and "group_size" in html
+
+
+def test_layers_stay_in_their_lane():
+    """No module outside the workspace runs SQL; the servicer holds no pipeline code."""
+    service = REPO / "service" / "n2g_service"
+    for path in list(service.rglob("*.py")) + list((REPO / "python_client" / "n2g").rglob("*.py")):
+        if path.name == "workspace.py" or "_pb2" in path.name:
+            continue
+        text = path.read_text()
+        assert "._conn(" not in text and not re.search(r"\bexecute\(\s*[\"']", text), path
+    server = (service / "server.py").read_text()
+    for needle in ("import torch", "from .jobs", "from .evaluate", "from .activations", "np.", "json.loads"):
+        assert needle not in server, needle
+
+
+def test_every_rpc_is_translated_once():
+    from n2g.convert import OPS
+    from n2g.v1 import n2g_pb2 as pb
+
+    rpcs = {m.name for m in pb.DESCRIPTOR.services_by_name["N2G"].methods}
+    assert rpcs == {op.rpc for op in OPS.values()}
+    from n2g_service.app import N2GApp
+
+    for op in OPS.values():
+        params = inspect.signature(getattr(N2GApp, op.name)).parameters
+        assert "deadline" in params, op.name
+        assert hasattr(N2GClient, op.name), op.name
+
+
+def test_vocabulary_is_defined_once():
+    """Job states, semantics, roles and pair kinds are spelt out in n2g.vocab only."""
+    tuples = {"JOB_STATES": '"queued", "running"', "SEMANTICS": '"all_paths_max", "greedy_deepest"',
+              "ROLES": '"activating", "context", "either"'}
+    files = [p for p in (REPO / "service").rglob("*.py")] + [p for p in (REPO / "python_client").rglob("*.py")]
+    for name, literal in tuples.items():
+        holders = [p.name for p in files if literal in p.read_text() and "_pb2" not in p.name]
+        assert holders == ["vocab.py"], (name, holders)
