@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from n2g_service.activations import ActivationRunner, layer_activations, neuron_activations
@@ -102,3 +103,33 @@ def test_logits_at_matches_full_logits(native_model, native_windows):
     got = logits_at(native_model, toks, [0, 2, 2], [9, 0, 4])
     for j, (r, p) in enumerate([(0, 9), (2, 0), (2, 4)]):
         torch.testing.assert_close(got[j], full[r, p], atol=1e-5, rtol=1e-5)
+
+
+def test_scan_of_a_shard_with_excluded_windows(native_model, native_windows):
+    """A shard's windows keep their corpus ids; excluded windows are never run nor ranked."""
+    w = native_windows[10:40]
+    ids = np.arange(10, 40)
+    excluded = {12, 15, 33, 99}
+    s = scan_layers(native_model, w, [1], ScanConfig(k=4, batch_size=7), progress=False, window_ids=ids,
+                    exclude=excluded)[1]
+    keep = ~np.isin(ids, list(excluded))
+    per_window = _full_run(native_model, torch.as_tensor(w[keep]), [1])[1].numpy()[:, 1:, :].max(axis=1)
+    np.testing.assert_allclose(s.max_activation, per_window.max(axis=0), rtol=1e-5, atol=1e-6)
+    for n in (0, 64, 127):
+        expect = ids[keep][np.argsort(-per_window[:, n], kind="stable")[:4]]
+        assert s.top_window_ids[n].tolist() == expect.tolist()
+    assert not np.isin(s.top_window_ids, list(excluded)).any()
+    with pytest.raises(ValueError, match="one id per window"):
+        scan_layers(native_model, w, [1], progress=False, window_ids=ids[:3])
+    with pytest.raises(ValueError, match="unknown precision"):
+        scan_layers(native_model, w, [1], progress=False, precision="int8")
+
+
+def test_bfloat16_scan_checked_against_float32(native_model, native_windows):
+    from n2g_service.scan import compare_precision
+
+    same = compare_precision(native_model, native_windows[:64], [0, 1], "float32", ScanConfig(k=5))
+    assert same["max_rel_amax_error"] == 0.0 and same["topk_overlap"] == 1.0
+    bf = compare_precision(native_model, native_windows[:64], [0, 1], "bfloat16", ScanConfig(k=5))
+    assert 0.0 < bf["max_rel_amax_error"] < 0.05  # bf16 keeps 8 bits of mantissa
+    assert bf["topk_overlap"] > 0.8

@@ -21,6 +21,22 @@ class _StopForward(Exception):
     """Raised from the deepest hook to end the forward pass early."""
 
 
+# Tokens fed to forward passes by this process (every pass of the pipeline goes through this
+# module), for measuring what a fit costs: read with forward_tokens().
+_FORWARD = {"tokens": 0, "passes": 0}
+
+
+def forward_tokens() -> tuple[int, int]:
+    """(tokens, forward passes) run so far by this process."""
+    return _FORWARD["tokens"], _FORWARD["passes"]
+
+
+def _count(toks: torch.Tensor) -> torch.Tensor:
+    _FORWARD["tokens"] += int(toks.numel())
+    _FORWARD["passes"] += 1
+    return toks
+
+
 def _as_tokens(model: LoadedModel, tokens: torch.Tensor | np.ndarray | Sequence) -> torch.Tensor:
     t = torch.as_tensor(tokens, dtype=torch.long)
     if t.ndim == 1:
@@ -57,7 +73,7 @@ def layer_reductions(
     layers = sorted({int(l) for l in layers})
     if not layers:
         return {}
-    toks = _as_tokens(model, tokens)
+    toks = _count(_as_tokens(model, tokens))
     deepest = layers[-1]
     store: dict[int, Any] = {}
 
@@ -111,7 +127,7 @@ def next_token_logits(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Full forward pass to the logits ``[batch, tokens, d_vocab]``; with ``layer`` also that
     layer's activations ``[batch, tokens, d_mlp]`` read on the way (else ``None``)."""
-    toks = _as_tokens(model, tokens)
+    toks = _count(_as_tokens(model, tokens))
     store: dict[str, torch.Tensor] = {}
 
     def hook_fn(act: torch.Tensor, hook=None) -> None:
@@ -134,7 +150,7 @@ def logits_at(
     The forward pass stops at the final norm's output; the unembedding runs on the rows asked
     alone (the full ``[batch, tokens, d_vocab]`` logits are never built).
     """
-    toks = _as_tokens(model, tokens)
+    toks = _count(_as_tokens(model, tokens))
     store: dict[str, torch.Tensor] = {}
 
     def hook_fn(act: torch.Tensor, hook=None) -> None:

@@ -208,14 +208,17 @@ def _examples(tokens: np.ndarray, acts: np.ndarray) -> list[dict[str, Any]]:
 
 
 def compute_group(model, layer: int, neurons: list[int], windows: np.ndarray, max_activation: list[float],
-                  top_window_ids: list[list[int]], req: BuildRequest, job_id: str | None) -> list[NeuronRecord]:
+                  top_window_ids: list[list[int]], req: BuildRequest, job_id: str | None,
+                  heldout: np.ndarray | None = None) -> list[NeuronRecord]:
     """Fits and evaluates a group of neurons of one layer from their scan rows (a_max and top
-    window ids, one per neuron); returns the records without committing them."""
-    from .activations import ActivationRunner
+    window ids, one per neuron); returns the records without committing them. ``heldout``: the
+    windows no fit may learn from (the evaluation's ordinary text)."""
+    from .activations import ActivationRunner, forward_tokens
     from .evaluate import evaluate_neuron, split_train_test
     from .fit import fit_neurons
 
     t0 = time.perf_counter()
+    tokens0 = forward_tokens()[0]
     amax = {n: float(a) for n, a in zip(neurons, max_activation)}
     ex_tokens: dict[int, np.ndarray] = {}
     for n, ids in zip(neurons, top_window_ids):
@@ -230,8 +233,19 @@ def compute_group(model, layer: int, neurons: list[int], windows: np.ndarray, ma
                for n in neurons}
     splits = {n: split_train_test(len(ex_tokens[n]), req.eval.n_train, req.eval.seed, layer, n) for n in neurons}
     train = {n: [ex_tokens[n][i] for i in splits[n][0]] for n in neurons}
-    fitted = fit_neurons(model, layer, neurons, train, amax, req.fit)
+    tops = {n: np.asarray(ids, dtype=np.int64) for n, ids in zip(neurons, top_window_ids)}
+    extra = None
+    with contextlib.suppress(ImportError):
+        from .fit import training_pool
+
+        n_paper = {n: int((tops[n] >= 0).sum().clip(max=req.scan.k)) for n in neurons}
+        extra = training_pool(windows, tops, neurons, min(n_paper.values()),
+                              {n: tops[n][: n_paper[n]][splits[n][1]].tolist() for n in neurons},
+                              heldout if heldout is not None else ())
+    fitted = (fit_neurons(model, layer, neurons, train, amax, req.fit, extra=extra) if extra is not None
+              else fit_neurons(model, layer, neurons, train, amax, req.fit))
     seconds = (time.perf_counter() - t0) / len(neurons)
+    fit_tokens = (forward_tokens()[0] - tokens0) / len(neurons)
     records = []
     for n in neurons:
         tr, te = splits[n]
@@ -241,6 +255,7 @@ def compute_group(model, layer: int, neurons: list[int], windows: np.ndarray, ma
         metrics = evaluate_neuron(result.graph, train_pairs, test_pairs, req.eval)
         stats = dict(result.stats)
         stats["seconds_per_neuron_in_group"] = seconds
+        stats["fit_tokens"] = fit_tokens  # forward-pass tokens a neuron of the group cost
         examples = {
             "layer": layer, "neuron": n, "max_activation": amax[n],
             "train": _examples(ex_tokens[n][tr], ex_acts[n][tr]),
@@ -405,7 +420,7 @@ def run_build(ws: Workspace, model, req: BuildRequest, *, job_id: str | None = N
             units.append(Unit(u.unit_id, "fit", {
                 "layer": g.layer, "neurons": neurons, "request": fit_req.to_dict(), "job_id": job_id,
                 "max_activation": [float(s["max_activation"][n]) for n in neurons],
-                "top_window_ids": [s["top_window_ids"][n].tolist() for n in neurons]}))
+                "top_window_ids": [s["top_window_ids"][n].tolist() for n in neurons], "heldout": excluded}))
         if units:
             for r in get_executor().run(units, windows, cancel=cancel, on_start=on_start):
                 store.commit_fit_unit(plan_id, r.unit.unit_id, r.value, r.seconds, r.worker)

@@ -125,5 +125,37 @@ def merge_partials(parts: Sequence[LayerScan], k: int) -> LayerScan:
 
 
 def _rust_merge(parts: Sequence[LayerScan], k: int):
-    """``n2g_fast.TopK.merge`` where the installed extension has it, else None."""
-    return None
+    """``n2g_fast.TopK.merge`` (bit-exact with a single pass), or None with an older extension."""
+    import n2g_fast
+
+    if not hasattr(n2g_fast.TopK, "merge"):
+        return None
+    acc = n2g_fast.TopK(int(parts[0].max_activation.shape[0]), k)
+    for p in parts:
+        acc.merge(n2g_fast.TopK.from_arrays(np.ascontiguousarray(p.top_window_ids, np.int64),
+                                            np.ascontiguousarray(p.top_scores, np.float32),
+                                            np.ascontiguousarray(p.max_activation, np.float32)))
+    ids, scores = acc.top()
+    return (np.asarray(acc.max_activation(), np.float32), np.asarray(ids, np.int64), np.asarray(scores, np.float32))
+
+
+def compare_precision(model: LoadedModel, windows: np.ndarray, layers: Iterable[int], precision: str,
+                      cfg: ScanConfig = ScanConfig()) -> dict[str, float]:
+    """Scans ``windows`` in ``precision`` and in float32 and says how far apart they are: the
+    largest a_max error relative to the layer's largest a_max, and the share of each neuron's
+    float32 top-k windows that the reduced precision also finds (mean over neurons), plus both
+    scans' seconds."""
+    ref = scan_layers(model, windows, layers, cfg, progress=False)
+    got = scan_layers(model, windows, layers, cfg, progress=False, precision=precision)
+    err, overlap = 0.0, []
+    for l, r in ref.items():
+        g = got[l]
+        finite = np.isfinite(r.max_activation)
+        scale = float(np.abs(r.max_activation[finite]).max()) if finite.any() else 1.0
+        err = max(err, float(np.abs(g.max_activation[finite] - r.max_activation[finite]).max()) / max(scale, 1e-12))
+        for a, b in zip(r.top_window_ids, g.top_window_ids):
+            a, b = set(a[a >= 0].tolist()), set(b[b >= 0].tolist())
+            overlap.append(len(a & b) / max(len(a), 1))
+    return {"max_rel_amax_error": err, "topk_overlap": float(np.mean(overlap)),
+            "seconds_float32": sum(s.seconds for s in ref.values()) / max(len(ref), 1),
+            "seconds": sum(s.seconds for s in got.values()) / max(len(got), 1)}

@@ -1220,11 +1220,11 @@ class UnitRecord:
 class BuildStore:
     """Plans, units and scan partials of whole-model builds, in the workspace's database."""
 
-    def __init__(self, ws: Workspace) -> None:
+    def __init__(self, ws: Workspace, *, create: bool = True) -> None:
         self.ws = ws
         have = {r[0] for r in ws._conn().execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         self._ready = {"build_plans", "build_units", "scan_partials"} <= have
-        if not self._ready and ws.mode != "read":
+        if not self._ready and create and ws.mode != "read":
             self._create()
 
     def _create(self) -> None:

@@ -84,7 +84,7 @@ def execute_unit(model, unit: Unit, windows) -> Any:
 
         req = BuildRequest.from_dict(p["request"])
         return compute_group(model, p["layer"], p["neurons"], windows, p["max_activation"], p["top_window_ids"],
-                             req, p.get("job_id"))
+                             req, p.get("job_id"), p.get("heldout"))
     raise ValueError(f"unknown unit kind {unit.kind!r}")
 
 

@@ -1,0 +1,146 @@
+"""The build plan: layer specs, shards, fit groups, the exact merge of shard top-k (against a
+single pass, ties included), request compatibility with stored jobs, the dry run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import n2g_fast
+from n2g_service.build.plan import PartialTopK, fit_groups, merge_topk_reference, parse_layers, shard_ranges
+from n2g_service.build.summary import plan_summary
+from n2g_service.config import ScanConfig
+from n2g_service.jobs import BuildRequest, run_build
+from n2g_service.scan import LayerScan, merge_partials
+from n2g_service.workspace import BuildStore, Workspace
+
+
+@pytest.mark.parametrize("spec, n_layers, want", [
+    ("all", 30, list(range(30))),
+    ("0-5", 30, [0, 1, 2, 3, 4, 5]),
+    ("0,2,4-6", 30, [0, 2, 4, 5, 6]),
+    ("7 3 3", 30, [3, 7]),
+    ([1, "3-4", 0], 30, [0, 1, 3, 4]),
+    (29, 30, [29]),
+    (["all"], 3, [0, 1, 2]),
+])
+def test_parse_layers(spec, n_layers, want):
+    assert parse_layers(spec, n_layers) == want
+
+
+@pytest.mark.parametrize("spec, n_layers, error", [
+    ("", 30, "no layers"), ([], 30, "no layers"), ("5-2", 30, "end is before"), ("a-b", 30, "bad layer spec"),
+    ("0-30", 30, "layer 30 out of range"), ("all", None, "needs the model"), ("-1", 30, "bad layer spec"),
+])
+def test_parse_layers_errors(spec, n_layers, error):
+    with pytest.raises(ValueError, match=error):
+        parse_layers(spec, n_layers)
+
+
+def test_shards_and_groups():
+    assert shard_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert shard_ranges(0, 4) == []
+    with pytest.raises(ValueError):
+        shard_ranges(10, 0)
+    groups = fit_groups([(1, 5), (0, 3), (0, 1), (1, 2), (0, 2), (0, 1)], 2)
+    assert [(g.layer, g.neurons) for g in groups] == [(0, (1, 2)), (0, (3,)), (1, (2, 5))]
+    assert len({g.unit_id for g in groups}) == 3
+
+
+def _single_and_sharded(rng, n_windows, tokens, d, k, bounds, integer_scores):
+    acts = rng.normal(size=(n_windows, tokens, d)).astype(np.float32)
+    if integer_scores:  # many ties, across shards too
+        acts = np.round(acts * 2).astype(np.float32)
+    ids = np.arange(n_windows, dtype=np.int64)
+    single = n2g_fast.TopK(d, k)
+    single.update(acts, ids)
+    parts = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        t = n2g_fast.TopK(d, k)
+        for s in range(a, b, 3):  # any batch size
+            e = min(s + 3, b)
+            t.update(np.ascontiguousarray(acts[s:e]), ids[s:e])
+        top_ids, top_scores = t.top()
+        parts.append(LayerScan(0, np.asarray(t.max_activation()), np.asarray(top_ids), np.asarray(top_scores)))
+    return single, parts
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_merge_equals_single_pass(seed):
+    """Property: random data, random shard boundaries, shards merged in a random order."""
+    rng = np.random.default_rng(seed)
+    n, d, k = int(rng.integers(1, 60)), int(rng.integers(1, 40)), int(rng.integers(1, 12))
+    cuts = sorted(set(rng.integers(0, n + 1, size=int(rng.integers(0, 6))).tolist()) | {0, n})
+    single, parts = _single_and_sharded(rng, n, 4, d, k, cuts, integer_scores=seed % 2 == 0)
+    order = rng.permutation(len(parts))
+    want_ids, want_scores = single.top()
+    merged = merge_partials([parts[i] for i in order], k)
+    ref = merge_topk_reference([PartialTopK(p.max_activation, p.top_window_ids, p.top_scores) for p in
+                                (parts[i] for i in order)], k)
+    for got in (merged, ref):
+        assert np.array_equal(got.top_window_ids, want_ids)
+        assert np.array_equal(got.top_scores, want_scores)
+        assert np.array_equal(got.max_activation, single.max_activation())
+
+
+def test_request_round_trip_and_old_requests():
+    old = {"layers": [0, 1], "neurons": [3], "sample": None, "seed": 0, "group_size": 8,
+           "scan": ScanConfig().to_dict(), "fit": BuildRequest([0]).fit.to_dict(), "eval": BuildRequest([0]).eval.to_dict()}
+    req = BuildRequest.from_dict(old)
+    assert req.executor == "inprocess" and req.shard_windows == 1024 and req.precision == "float32"
+    assert req.to_dict() == old  # a job stored before the plan existed compares equal
+    new = BuildRequest(layers="all", sample=4, executor="ray", ray_address="ray://h:10001", workers=2,
+                       worker_threads=3, shard_windows=64, precision="bfloat16", group_size=0)
+    back = BuildRequest.from_dict(new.to_dict())
+    assert back == new and back.to_dict()["layers"] == "all"
+    for bad, msg in [(dict(executor="dask"), "unknown executor"), (dict(precision="int8"), "unknown precision"),
+                     (dict(shard_windows=0), "shard_windows"), (dict(layers="0-9"), "layer 2 out of range"),
+                     (dict(group_size=-1), "group_size")]:
+        with pytest.raises(ValueError, match=msg):
+            BuildRequest(**{"layers": [0], "neurons": [1], **bad}).validate(2, 128)
+
+
+def _ws(path, model, windows):
+    ws = Workspace(path, create=True, model=model.name, corpus="fortunes", hook=model.hook)
+    ws.save_windows(windows)
+    return ws
+
+
+def test_layers_all_plans_every_layer(native_model, native_windows, tmp_path):
+    """`layers="all"` plans (and builds) every layer; the scan shards and the fit groups are
+    persisted units, and the sharded scan equals one pass over the same windows."""
+    from n2g_service.evaluate import heldout_window_ids
+    from n2g_service.scan import scan_layers
+
+    windows = native_windows[:150]
+    ws = _ws(tmp_path, native_model, windows)
+    req = BuildRequest(layers="all", neurons=[5, 9, 60], group_size=2, scan=ScanConfig(k=5, window_tokens=32),
+                       shard_windows=40)
+    dry = plan_summary(ws, native_model, req)
+    assert dry.layers == dry.layers_to_scan == [0, 1] and dry.deepest_layer == 1
+    assert dry.scan_shards == 4 and dry.neurons == 6 and dry.fit_groups == 4 and dry.neurons_built == 0
+    assert dry.scan_tokens == (150 - dry.excluded_windows) * 32
+    assert dry.total_seconds > 0 and set(dry.forward_tokens_per_s) == {0, 1}
+    assert "layers        0,1" in dry.format()
+    assert BuildStore(ws).plans() == []  # the dry run wrote no plan
+    keys = run_build(ws, native_model, req)
+    assert keys == [(l, n) for l in (0, 1) for n in (5, 9, 60)]
+    store = BuildStore(ws)
+    plan_id, = store.plans()
+    units = store.units(plan_id)
+    assert [u.unit_id for u in units if u.kind == "scan"] == ["scan:0-40", "scan:40-80", "scan:80-120", "scan:120-150"]
+    assert sorted(u.spec["layer"] for u in units if u.kind == "fit") == [0, 0, 1, 1]
+    assert all(u.state == "done" and u.attempts == 1 for u in units)
+    held = heldout_window_ids(ws, req.eval)
+    assert held.size > 0
+    single = scan_layers(native_model, windows, [0, 1], req.scan, progress=False, exclude=held)
+    for l in (0, 1):
+        s = ws.load_layer_scan(l)
+        assert np.array_equal(s["top_window_ids"], single[l].top_window_ids)
+        assert np.array_equal(s["top_scores"], single[l].top_scores)
+        assert not np.isin(s["top_window_ids"], held).any()
+    after = plan_summary(ws, native_model, req, calibrate=False)
+    assert after.scan_shards == 0 and after.fit_groups == 0 and after.neurons_built == 6
+    # the same request again: nothing to do, no unit runs twice
+    assert run_build(ws, native_model, req) == keys
+    assert all(u.attempts == 1 for u in store.units(plan_id))

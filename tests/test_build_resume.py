@@ -1,0 +1,115 @@
+"""A build whose driver is killed with SIGKILL (during the scan, then during the fit) resumes on
+rerun at unit granularity: every neuron present once, no finished unit run again, results
+identical to a build that was never interrupted. The driver runs in a subprocess that the test
+kills as soon as the workspace shows the progress it waits for."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from n2g_service.config import ScanConfig
+from n2g_service.jobs import BuildRequest, run_build
+from n2g_service.workspace import BuildStore, Workspace
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAIN = dict(layers="0-1", neurons=list(range(0, 128, 16)), group_size=2, shard_windows=32)
+SCAN = dict(k=6, window_tokens=32)
+REQ = dict(**PLAIN, scan=ScanConfig(**SCAN))
+# the driver: the same model (weights from its seed), request and job as the reference build
+SCRIPT = f"""
+import sys
+sys.path.insert(0, {str(ROOT / 'service')!r})
+from n2g_service.config import ScanConfig
+from n2g_service.jobs import BuildRequest, run_build
+from n2g_service.models import native_random_model
+from n2g_service.workspace import Workspace
+model = native_random_model(n_layers=2, d_model=64, d_mlp=128, seed=0)
+req = BuildRequest(**{PLAIN!r}, scan=ScanConfig(**{SCAN!r}))
+run_build(Workspace(sys.argv[1]), model, req, job_id="j1")
+"""
+
+
+def _new_ws(path, model, windows):
+    ws = Workspace(path, create=True, model=model.name, corpus="fortunes", hook=model.hook)
+    ws.save_windows(windows)
+    ws.create_job("j1", {}, 0)
+    return ws
+
+
+def _units(ws):
+    store = BuildStore(ws)
+    plans = store.plans()
+    return store.units(plans[0]) if plans else []
+
+
+def _run_until(ws_path, stop) -> int:
+    """Runs the driver in a subprocess and SIGKILLs it as soon as ``stop(units)`` holds; returns
+    its exit status (-9 when killed)."""
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(ws_path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    ws = Workspace(ws_path, mode="read")
+    try:
+        while proc.poll() is None:
+            if stop(_units(ws)):
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode in (0, -signal.SIGKILL), proc.stderr.read().decode()[-2000:]
+    return proc.returncode
+
+
+def _done(units, kind):
+    return [u for u in units if u.kind == kind and u.state == "done"]
+
+
+def test_sigkill_during_scan_and_fit_resumes_exactly(native_model, native_windows, tmp_path):
+    windows = native_windows[:320]
+    ref = _new_ws(tmp_path / "ref", native_model, windows)
+    keys = run_build(ref, native_model, BuildRequest(**REQ), job_id="j1")
+    assert len(keys) == 16
+
+    ws = _new_ws(tmp_path / "ws", native_model, windows)
+    ws.release_writer()  # the driver subprocess is the writer
+    n_shards = 320 // 32
+    # 1. killed in the middle of the scan
+    rc = _run_until(ws.path, lambda u: 0 < len(_done(u, "scan")) < n_shards - 2)
+    assert rc == -signal.SIGKILL
+    before = {u.unit_id: u.finished_at for u in _done(_units(ws), "scan")}
+    assert 0 < len(before) < n_shards and ws.built_keys() == []
+    # 2. resumed, killed in the middle of the fit
+    rc = _run_until(ws.path, lambda u: 0 < len(_done(u, "fit")) < 6)
+    assert rc == -signal.SIGKILL
+    units = _units(ws)
+    scan_units = [u for u in units if u.kind == "scan"]
+    assert len(scan_units) == n_shards and all(u.state == "done" for u in scan_units)
+    for u in scan_units:  # shards finished before the first kill were not scanned again
+        if u.unit_id in before:
+            assert u.finished_at == before[u.unit_id] and u.attempts == 1
+    fit_before = {u.unit_id: u.finished_at for u in _done(units, "fit")}
+    assert 0 < len(fit_before) < 8
+    assert len(ws.built_keys()) == 2 * len(fit_before)  # a group is committed whole or not at all
+    # 3. resumed to the end (here: the driver is any process that runs the same request)
+    ws = Workspace(ws.path)
+    assert run_build(ws, native_model, BuildRequest(**REQ), job_id="j1") == keys
+    units = _units(ws)
+    assert len([u for u in units if u.kind == "fit"]) == 8 and all(u.state == "done" for u in units)
+    for u in units:
+        if u.unit_id in fit_before:
+            assert u.finished_at == fit_before[u.unit_id] and u.attempts == 1
+    assert sum(u.attempts for u in units) <= len(units) + 2  # at most the two killed units ran twice
+    assert ws.built_keys() == sorted(keys)
+    assert ws.get_job("j1").done == 16  # every neuron counted once
+    assert ws.graph_bytes() == ref.graph_bytes()
+    for l in (0, 1):
+        a, b = ws.load_layer_scan(l), ref.load_layer_scan(l)
+        for f in ("max_activation", "top_window_ids", "top_scores"):
+            assert (a[f] == b[f]).all()

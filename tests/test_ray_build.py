@@ -1,0 +1,95 @@
+"""Ray executor: a local cluster of 2 CPU workers builds a native random model's neurons
+byte-identical to the in-process executor, and a unit whose worker is killed is retried on
+another. One cluster (and its two actors) is shared by the module: Ray start-up is slow."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from n2g_service.build.executors import RayExecutor, model_spec
+from n2g_service.config import ScanConfig
+from n2g_service.jobs import BuildRequest, run_build
+from n2g_service.workspace import BuildStore, Workspace
+
+REQ = dict(layers="all", neurons=[3, 17, 40, 77, 101], group_size=2, scan=ScanConfig(k=6, window_tokens=32),
+           shard_windows=64)
+
+
+def _workspace(path, model, windows):
+    ws = Workspace(path, create=True, model=model.name, corpus="fortunes", hook=model.hook)
+    ws.save_windows(windows)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def windows(native_windows):
+    return native_windows[:256]
+
+
+@pytest.fixture(scope="module")
+def ray_executor(native_model):
+    kills: list = []
+    ex = RayExecutor(model_spec(native_model), workers=2, threads=1, on_submit=lambda u, pid: [k(u, pid) for k in kills])
+    ex.kill_hooks = kills
+    yield ex
+    ex.close()
+
+
+@pytest.fixture(scope="module")
+def inprocess_graphs(native_model, windows, tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the actors run 1 thread each: same kernels, same floats
+    try:
+        ws = _workspace(tmp_path_factory.mktemp("inproc"), native_model, windows)
+        keys = run_build(ws, native_model, BuildRequest(**REQ))
+    finally:
+        torch.set_num_threads(threads)
+    return {(l, n): g for l, n, g in ws.graph_bytes()}, {l: ws.load_layer_scan(l) for l in (0, 1)}, keys
+
+
+def test_ray_build_is_identical_to_inprocess(native_model, windows, ray_executor, inprocess_graphs, tmp_path):
+    graphs, scans, keys = inprocess_graphs
+    ws = _workspace(tmp_path, native_model, windows)
+    got = run_build(ws, native_model, BuildRequest(**REQ, executor="ray"), executor=ray_executor)
+    assert got == keys and len(keys) == 10
+    assert {(l, n): g for l, n, g in ws.graph_bytes()} == graphs
+    for l in (0, 1):
+        s = ws.load_layer_scan(l)
+        assert np.array_equal(s["top_window_ids"], scans[l]["top_window_ids"])
+        assert np.array_equal(s["top_scores"], scans[l]["top_scores"])
+        assert np.array_equal(s["max_activation"], scans[l]["max_activation"])
+    store = BuildStore(ws)
+    units = store.units(store.plans()[0])
+    workers = {u.worker for u in units}
+    assert len(workers) == 2 and all(w.startswith("ray:") for w in workers)  # both actors took units
+
+
+def test_killed_worker_unit_is_retried(native_model, windows, ray_executor, inprocess_graphs, tmp_path):
+    graphs, _, keys = inprocess_graphs
+    killed: dict = {}
+
+    def kill_first_fit(unit, pid):
+        if unit.kind == "fit" and not killed:
+            killed[unit.unit_id] = pid
+            os.kill(pid, signal.SIGKILL)
+
+    ray_executor.kill_hooks.append(kill_first_fit)
+    try:
+        ws = _workspace(tmp_path, native_model, windows)
+        got = run_build(ws, native_model, BuildRequest(**REQ, executor="ray"), executor=ray_executor)
+    finally:
+        ray_executor.kill_hooks.clear()
+    assert got == keys and len(killed) == 1
+    assert {(l, n): g for l, n, g in ws.graph_bytes()} == graphs  # nothing lost, nothing different
+    store = BuildStore(ws)
+    plan_id, = store.plans()
+    (unit_id, pid), = killed.items()
+    unit = next(u for u in store.units(plan_id) if u.unit_id == unit_id)
+    assert unit.state == "done" and unit.attempts == 2 and unit.worker != f"ray:{pid}"
+    assert all(u.attempts == 1 for u in store.units(plan_id) if u.unit_id != unit_id)
+    assert len(ray_executor.actors) == 2  # the dead worker was replaced
