@@ -3,6 +3,8 @@ model: a build, then every registered method on the paper, ordinary-text and det
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -34,6 +36,8 @@ def built(native_model, native_windows, tmp_path_factory):
     req = BuildRequest(layers=LAYERS, sample=2, scan=ScanConfig(k=20, window_tokens=native_windows.shape[1]),
                        eval=CFG)
     keys = run_build(ws, native_model, req)
+    ws.close()
+    shutil.copytree(ws.path, ws.path.parent / "copy")  # built, nothing scored on ordinary text yet
     before = evaluate_workspace(ws, None, None, CFG)
     events = []
     with_model = evaluate_workspace(ws, native_model, None, CFG, progress=events.append)
@@ -146,3 +150,22 @@ def test_unbuilt_keys_are_refused(built):
     ws = built[0]
     with pytest.raises(ValueError, match="not built"):
         evaluate_workspace(ws, None, [(0, 10_000)], CFG)
+
+
+def test_a_read_only_workspace_is_scored_without_writing(built, native_model):
+    ws, _, _, report, _, _ = built
+    reader = Workspace(ws.path, mode="read")
+    assert reader.load_ordinary_activations(0, [n for l, n in ws.built_keys() if l == 0])
+    assert evaluate_workspace(reader, None, None, CFG).to_dict() == report.to_dict()
+    # built but never scored on ordinary text: with the model, scored in memory, nothing written
+    copy = Workspace(ws.path.parent / "copy", mode="read")
+    fresh = evaluate_workspace(copy, native_model, None, CFG)
+    assert fresh.unavailable == {} and {s.test_set for s in fresh.neurons} == set(TEST_SETS)
+    assert all(not copy.load_ordinary_activations(l, [n]) for l, n in copy.built_keys())
+    for a, b in zip(fresh.neurons, report.neurons):
+        assert (a.layer, a.neuron, a.method, a.test_set) == (b.layer, b.neuron, b.method, b.test_set)
+        # the stored activations are float16: a token (or window) at the threshold may flip
+        counts = {"n_tokens", "n_fires", "n_predicted", "tp", "fp", "fn", "tn", "n_positive", "n_negative"}
+        for k, v in a.metrics.items():
+            tol = 2 if k in counts else 0.5 if k == "false_fires_per_1k" else 0.1 if a.test_set == "detection" else 0.02
+            assert v == pytest.approx(b.metrics[k], abs=tol), (a.layer, a.neuron, a.method, a.test_set, k)

@@ -37,6 +37,7 @@ import numpy as np
 
 from . import methods, metrics
 from .config import EvalConfig
+from .workspace import WorkspaceError
 from .methods import (  # noqa: F401  (re-exported: the baselines' fit / predict)
     Example,
     ngram_lookup_fit,
@@ -204,7 +205,12 @@ def heldout_window_ids(ws_or_n_windows: Any, cfg: EvalConfig = EvalConfig()) -> 
     if n is None:
         raise ValueError(f"workspace {ws.path} holds no corpus windows yet: tokenise the corpus (build) first")
     ids = heldout_window_ids(n, cfg)
-    return ws.record_heldout_windows(ids, cfg.heldout_seed, cfg.ordinary_windows, n)["ids"]
+    try:
+        return ws.record_heldout_windows(ids, cfg.heldout_seed, cfg.ordinary_windows, n)["ids"]
+    except WorkspaceError as e:
+        if e.kind != "read_only":
+            raise
+        return ids  # a reader: the same seeded sample, recorded by the next writer
 
 
 def _row_keys(rows: np.ndarray) -> list[bytes]:
@@ -267,8 +273,14 @@ def ensure_ordinary_activations(ws, model, layer: int, neurons: Sequence[int], c
                     idx = torch.as_tensor(chunk, dtype=torch.long, device=acts.device)
                 out[s: s + rows] = acts.index_select(2, idx).cpu().numpy()
         got = {nn: np.ascontiguousarray(out[:, :, j]) for j, nn in enumerate(chunk)}
-        ws.save_ordinary_activations(layer, got)
-    return ws.load_ordinary_activations(layer, neurons)
+        try:
+            ws.save_ordinary_activations(layer, got)
+        except WorkspaceError as e:
+            if e.kind != "read_only":
+                raise
+            have.update(got)  # a read-only workspace: use them now, compute them again next time
+    have.update(ws.load_ordinary_activations(layer, [nn for nn in missing if nn not in have]))
+    return have
 
 
 # ---- the report ------------------------------------------------------------------------------
@@ -549,7 +561,8 @@ def _signed(x: float) -> str:
 def format_report(report: EvaluationReport, baseline: str = "token_lookup") -> str:
     """The report as text: per test set and layer, P/R/F1, false fires per 1,000 tokens and r
     (token sets) or balanced accuracy (detection), each mean with its 95% interval; then every
-    N2G method's paired differences against ``baseline`` (wins / ties / losses)."""
+    N2G method's paired differences against ``baseline`` (wins / ties / losses). Token sets show
+    n (neurons) and fire (neurons that fire there at least once: the P/R/F1 means are over them)."""
     titles = {m.id: m.title for m in methods.all_methods()}
     pct = f"{round(report.config.confidence * 100)}%"
     lines: list[str] = []
@@ -567,7 +580,7 @@ def format_report(report: EvaluationReport, baseline: str = "token_lookup") -> s
         if ts == "detection":
             head = f"{'layer':>5} {'n':>4}  {'method':<24} {'balanced acc. [CI]':<15}  {'TPR':>5} {'TNR':>5}"
         else:
-            head = (f"{'layer':>5} {'n':>4}  {'method':<24} {'P':>5} {'R':>5}  {'F1 [CI]':<15}  "
+            head = (f"{'layer':>5} {'n':>4} {'fire':>4}  {'method':<24} {'P':>5} {'R':>5}  {'F1 [CI]':<15}  "
                     f"{'FF/1k [CI]':<19}  {'r [CI]':<15}")
         lines += [head, "-" * len(head)]
         for s in rows:
@@ -579,7 +592,7 @@ def format_report(report: EvaluationReport, baseline: str = "token_lookup") -> s
                 ff = mm["false_fires_per_1k"]
                 ffs = f"{ff.mean:.1f} [{ff.low:.1f},{ff.high:.1f}]" if ff.n else "-"
                 nf = mm["f1"].n
-                lines.append(f"{s.layer:>5} {s.n_neurons:>4}  {titles.get(s.method, s.method):<24} "
+                lines.append(f"{s.layer:>5} {s.n_neurons:>4} {nf:>4}  {titles.get(s.method, s.method):<24} "
                              f"{_fmt(mm['precision'].mean) if nf else '-':>5} {_fmt(mm['recall'].mean) if nf else '-':>5}  "
                              f"{_ci(mm['f1'])}  {ffs:<19}  {_ci(mm['pearson'])}".rstrip())
         if ts in report.unavailable:

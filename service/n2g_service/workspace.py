@@ -1140,7 +1140,14 @@ class Workspace:
                       (int(seed), int(requested), int(n_windows), _blob(a)))
         return self.load_heldout_windows()  # type: ignore[return-value]
 
+    def _has_eval_table(self, name: str) -> bool:
+        # a reader (mode "read") of a workspace written before these tables existed finds none
+        return self._conn().execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                    (name,)).fetchone() is not None
+
     def load_heldout_windows(self) -> dict[str, Any] | None:
+        if not self._has_eval_table("eval_heldout"):
+            return None
         row = self._conn().execute("SELECT seed, requested, n_windows, ids FROM eval_heldout WHERE id = 0").fetchone()
         if row is None:
             return None
@@ -1165,6 +1172,8 @@ class Workspace:
     def load_ordinary_activations(self, layer: int, neurons: list[int]) -> dict[int, np.ndarray]:
         """float32 ``{neuron: [n_windows, length]}`` for the neurons that have them stored."""
         out: dict[int, np.ndarray] = {}
+        if not self._has_eval_table("eval_ordinary_acts"):
+            return out
         conn = self._conn()
         for n in neurons:
             row = conn.execute(
