@@ -49,7 +49,7 @@ def _plain(obj: Any) -> Any:
 
 
 def _print_json(obj: Any) -> None:
-    print(json.dumps(_plain(obj), indent=2))
+    print(json.dumps(_plain(obj), indent=2, sort_keys=True))
 
 
 def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
@@ -554,7 +554,7 @@ def _cmd_eval(args) -> int:
         ev = c.evaluate(_neurons(args.neurons) if args.neurons else None, layers=args.layers)
         info = c.model_info() if not args.json else None
     if args.json:
-        print(json.dumps(ev.summary, indent=2))
+        print(json.dumps(ev.summary, indent=2, sort_keys=True))
         return 0
     print(f"model {info.model}, corpus {info.corpus}, hook {info.hook}")
     print(ev.table)

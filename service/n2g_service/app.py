@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 import zipfile
+from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,8 @@ MAX_GROUP_SIZE = 4096          # neurons fitted together
 MAX_CONFIG_JSON = 64 << 10     # bytes of a build's or an evaluation's JSON overrides
 MAX_NEIGHBOURS = 10_000
 MAX_PAIR_BATCH = 100_000
-MIN_PAIR_THRESHOLD = 0.5       # below, nearly every pair of a whole model matches: quadratic output
+MIN_PAIR_THRESHOLD = 0.25      # below, nearly every two graphs sharing a token pair up: quadratic output
+HEAVY_SLOTS = 2                # whole-store computations (all pairs) running at once
 CHARS_PER_TOKEN = 16           # texts are measured in characters before they are tokenised
 
 
@@ -74,10 +76,16 @@ class Deadline:
     """When the caller stops waiting: `remaining()` seconds (None = never) and `active()` (false
     once the deadline passed or the caller went away)."""
 
+    NEVER = 1e7  # seconds; gRPC reports "no deadline" as a huge number
+
     def __init__(self, remaining: Callable[[], float | None] = lambda: None,
                  active: Callable[[], bool] = lambda: True):
-        self.remaining = remaining
+        self._remaining = remaining
         self._active = active
+
+    def remaining(self) -> float | None:
+        r = self._remaining()
+        return None if r is None or r > self.NEVER else r
 
     @classmethod
     def after(cls, seconds: float | None) -> "Deadline":
@@ -227,6 +235,10 @@ class N2GApp:
         # past this many at once, new ones are refused so short calls always find a thread.
         self._streams = threading.BoundedSemaphore(max_streams)
         self.max_streams = max_streams
+        # Whole-store work (all pairs) runs in its own threads so that a request stops waiting at
+        # its deadline, and at most HEAVY_SLOTS of them run at once.
+        self._heavy = futures.ThreadPoolExecutor(HEAVY_SLOTS, thread_name_prefix="n2g-heavy")
+        self._heavy_slots = threading.BoundedSemaphore(HEAVY_SLOTS)
 
     def start_jobs(self, resume: bool = True) -> list[str]:
         """Starts the build worker (the workspace's writer, with a model). Unfinished jobs are
@@ -239,7 +251,22 @@ class N2GApp:
 
     def close(self) -> None:
         self.jobs.stop()
+        self._heavy.shutdown(wait=False, cancel_futures=True)
         self.ws.close()
+
+    def _heavy_call(self, fn: Callable[[], Any], deadline: Deadline, what: str) -> Any:
+        """`fn()` on a heavy-work thread; DEADLINE_EXCEEDED when the caller's deadline passes
+        first (the thread finishes on its own), RESOURCE_EXHAUSTED when every slot is busy."""
+        if not self._heavy_slots.acquire(blocking=False):
+            raise too_big(f"{HEAVY_SLOTS} whole-store computations are running already ({what} is one); retry "
+                          f"shortly")
+        future = self._heavy.submit(fn)
+        future.add_done_callback(lambda _: self._heavy_slots.release())
+        try:
+            return future.result(timeout=deadline.remaining())
+        except futures.TimeoutError:
+            raise N2GError(C.DEADLINE_EXCEEDED, f"{what} did not finish before the request's deadline; give a "
+                                                f"longer deadline or a higher threshold") from None
 
     @contextmanager
     def _stream_slot(self, what: str):
@@ -736,8 +763,9 @@ class N2GApp:
         threshold = self._threshold(threshold)
         if k is not None and not 0 < k <= MAX_NEIGHBOURS:
             raise invalid(f"k must be between 1 and {MAX_NEIGHBOURS} (0 = {vocab.DEFAULT_NEIGHBOURS}), got {k}")
-        pairs = {kind: [_pair(p) for p in self.graphs.pairs(kind, threshold) if key in (p.a, p.b)]
-                 for kind in vocab.PAIR_KINDS}
+        found = self._heavy_call(lambda: {kind: self.graphs.pairs(kind, threshold) for kind in vocab.PAIR_KINDS},
+                                 deadline, "finding similar pairs")
+        pairs = {kind: [_pair(p) for p in found[kind] if key in (p.a, p.b)] for kind in vocab.PAIR_KINDS}
         deadline.check()
         neighbours = [T.Neighbour(n.key, n.score, n.activating_overlap, n.context_overlap)
                       for n in self.graphs.neighbours(key, k or vocab.DEFAULT_NEIGHBOURS)]
@@ -755,7 +783,7 @@ class N2GApp:
                           f"got {batch_size}")
         size = batch_size or vocab.DEFAULT_PAIR_BATCH
         with self._stream_slot("streaming pairs"):
-            found = self.graphs.pairs(kind, threshold)
+            found = self._heavy_call(lambda: self.graphs.pairs(kind, threshold), deadline, "finding pairs")
             for i in range(0, len(found), size):
                 if not deadline.active():
                     return
