@@ -45,6 +45,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from n2g.vocab import JOB_FINAL, JOB_STATES
+
 log = logging.getLogger("n2g.workspace")
 
 SCHEMA_VERSION = 1
@@ -94,10 +96,9 @@ CREATE TABLE IF NOT EXISTS eval_ordinary_acts (
 );
 """
 
-# The job states, defined once (jobqueue, the server and the client map these).
-ACTIVE_JOB_STATES = ("queued", "running")
-TERMINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
-JOB_STATES = ACTIVE_JOB_STATES + TERMINAL_JOB_STATES
+# The job states come from the shared vocabulary (n2g.vocab).
+ACTIVE_JOB_STATES = tuple(s for s in JOB_STATES if s not in JOB_FINAL)
+TERMINAL_JOB_STATES = JOB_FINAL
 MAX_JOB_ID_CHARS = 128
 MAX_JOB_REQUEST_BYTES = 64 * 1024
 # columns `jobs` gained after the first release: a writer adds them to an older workspace
@@ -220,20 +221,13 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"holds {name}")
 
 
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # e.g. 1e999
-        raise ValueError(f"holds {text}")
-    return value
-
-
 def _strict_json(text: Any, what: str) -> dict[str, Any]:
     """A stored JSON object; raises ValueError naming `what` for anything else (bad JSON, NaN or
     infinity, not an object)."""
     if not isinstance(text, str):
         raise ValueError(f"{what} is not text (found {type(text).__name__})")
     try:
-        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"{what} is not valid JSON ({msg[:120]})") from None
@@ -830,11 +824,12 @@ class Workspace:
         return [r[0] for r in self._conn().execute("SELECT layer FROM layer_scans ORDER BY layer")]
 
     # -- neurons --------------------------------------------------------------------------------
-    # A row's fingerprint (created_at and the lengths of graph, stats and metrics) tells whether it
-    # changed since it was last checked; SQLite reads a blob's length without reading the blob.
-    _FP = "created_at, length(graph), length(stats), length(metrics)"
+    # A row's fingerprint, its rowid (new at every INSERT OR REPLACE), tells whether it changed
+    # since it was last checked; the primary-key index holds it, so a listing reads no row. An
+    # edit in place by another tool is caught where the row is read, and by every new handle.
+    _FP = "rowid"
     _ROW = ("SELECT layer, neuron, max_activation, graph, {examples}, stats, metrics, job_id, created_at, "
-            "length(graph), length(stats), length(metrics) FROM neurons")
+            "rowid FROM neurons")
 
     @staticmethod
     def neuron_row(rec: NeuronRecord) -> tuple:
@@ -910,7 +905,7 @@ class Workspace:
                 reason = None if row[4] else "examples is not valid JSON"
             except ValueError as e:
                 reason = str(e)
-            self._note((row[0], row[1]), tuple(row[8:12]), reason)
+            self._note((row[0], row[1]), tuple(row[9:10]), reason)
 
     def _healthy_keys(self) -> list[tuple[int, int]]:
         rows = self._conn().execute(f"SELECT layer, neuron, {self._FP} FROM neurons ORDER BY layer, neuron").fetchall()
@@ -944,7 +939,7 @@ class Workspace:
         try:
             return self._decode(row, with_examples=True)
         except ValueError as e:
-            self._note((row[0], row[1]), tuple(row[8:12]), str(e))
+            self._note((row[0], row[1]), tuple(row[9:10]), str(e))
             raise WorkspaceError(f"neuron ({layer}, {neuron}) is damaged in workspace {self.path}: {e}; rebuild it",
                                  "damaged_neuron", layer=layer, neuron=neuron, reason=str(e)) from None
 
@@ -954,7 +949,7 @@ class Workspace:
         cur = self._conn().execute(self._ROW.format(examples="examples" if with_examples else "NULL")
                                    + " ORDER BY layer, neuron")
         for row in cur:
-            key, fp = (row[0], row[1]), tuple(row[8:12])
+            key, fp = (row[0], row[1]), tuple(row[9:10])
             if self._known_damaged(key, fp):
                 continue
             try:
@@ -986,7 +981,7 @@ class Workspace:
             try:
                 self._decode(row, with_examples=True)
             except ValueError as e:
-                self._note((row[0], row[1]), tuple(row[8:12]), str(e))
+                self._note((row[0], row[1]), tuple(row[9:10]), str(e))
                 out.append(DamagedRow(row[0], row[1], str(e)))
         return out
 
