@@ -241,10 +241,18 @@ class Browser:
         return list(self.errors), [u for u in self.requested if not u.startswith("file://")]
 
     def screenshot(self, path: Path, max_height: int = 5000) -> Path:
+        # Through the DevTools session: Page.screenshot waits for web fonts, which Debian's
+        # headless Chromium never reports as loaded for file:// pages.
+        import base64
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        h = self.eval("document.documentElement.scrollHeight")
-        self.page.screenshot(path=str(path), full_page=True,
-                             clip={"x": 0, "y": 0, "width": 1280, "height": min(int(h) + 1, max_height)})
+        cdp = self.page.context.new_cdp_session(self.page)
+        h = cdp.send("Page.getLayoutMetrics")["cssContentSize"]["height"]
+        shot = cdp.send("Page.captureScreenshot", {
+            "format": "png", "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": 1280, "height": min(int(h) + 1, max_height), "scale": 1}})
+        cdp.detach()
+        path.write_bytes(base64.b64decode(shot["data"]))
         return path
 
     def close(self) -> None:

@@ -26,6 +26,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from n2g.vocab import DEFAULT_SEMANTICS, SEMANTICS
+
+from ..methods import all_methods
 from ..workspace import Workspace
 from . import plots
 from .cells import example_cells
@@ -34,14 +37,7 @@ from .tokens import TokenTexts, example_tokens, visible_html, visible_text
 
 __all__ = ["write_report", "METHODS"]
 
-METHODS = {
-    "n2g_all_paths_max": "N2G, all paths (max)",
-    "n2g_greedy_deepest": "N2G, greedy (deepest)",
-    "token_lookup": "token lookup",
-    "ngram_lookup": "5-gram lookup",
-}
-SEMANTICS = ("all_paths_max", "greedy_deepest")
-DEFAULT_SEMANTICS = "all_paths_max"
+METHODS = {m.id: m.title for m in all_methods()}  # the evaluation's registry (methods.py)
 TOP_TOKENS = 6
 MARKER = ".n2g-report"
 _HERE = Path(__file__).parent
