@@ -74,7 +74,7 @@ def test_a_job_that_kills_its_process_fails_after_max_stalls_instead_of_looping(
     assert codes == [-9] * MAX_STALLS + [0, 0]  # then the job is failed, not resumed again
     job = Workspace(ws.path, mode="read").get_job("oom")
     assert job.state == "failed" and job.attempts == MAX_STALLS
-    assert f"interrupted {MAX_STALLS} times in a row before committing a neuron" in job.error
+    assert f"interrupted {MAX_STALLS} times in a row before committing any work" in job.error
     assert "stage corpus" in job.error  # where it died, recorded as it went
 
 
@@ -86,6 +86,19 @@ def test_an_interrupted_job_that_made_progress_is_resumed(ws):
     assert q.resume_pending() == ["progress"]
     job = ws.get_job("progress")
     assert job.state == "queued" and job.stalls == 0
+
+
+def test_interruptions_after_committed_scan_work_are_not_stalls(ws):
+    ws.create_job("long-scan", REQUEST, total=0)
+    for _ in range(MAX_STALLS + 1):  # killed again and again in a long scan, each time after a shard
+        ws.start_job("long-scan")
+        ws.mark_job_progress("long-scan")
+        assert _queue(ws).resume_pending() == ["long-scan"]
+    job = ws.get_job("long-scan")
+    assert job.state == "queued" and job.stalls == 0 and job.attempts == MAX_STALLS + 1
+    ws.start_job("long-scan")  # but an attempt that commits nothing counts
+    _queue(ws).resume_pending()
+    assert ws.get_job("long-scan").stalls == 1
 
 
 def test_without_resume_an_interrupted_job_is_failed_not_left_running(ws):

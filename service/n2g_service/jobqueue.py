@@ -5,8 +5,9 @@ Jobs live in the workspace's `jobs` table, so they outlive the process: on start
 mid-build) back in the queue; `jobs.run_build` skips the neurons already committed, so a resumed
 job loses and duplicates nothing. The server holds the workspace's writer lock, so a job found
 `running` at start was left by a process that died. A job is never resumed into a crash loop:
-each start is counted with the `done` it started from, and a job whose attempts died
-MAX_STALLS times in a row without committing a neuron (it kills its process, e.g. by asking for
+each start is counted with the `done` it started from (and marked once it commits a scan shard
+or a neuron group), and a job whose attempts died MAX_STALLS times in a row without committing
+anything (it kills its process, e.g. by asking for
 more memory than there is) is failed with that reason; so is a job whose stored request cannot
 run (damaged, too big, refused by the application layer's `check_request`), once.
 
@@ -94,14 +95,14 @@ class JobQueue:
         for job in self.ws.list_jobs(ACTIVE_JOB_STATES, with_request=False):
             if job.state == "running":
                 stage = job.stage or "unknown"
-                stalls = job.stalls + 1 if job.done <= job.start_done else 0
+                stalls = job.stalls + 1 if job.done <= job.start_done else 0  # start_done -1: it progressed
                 if not resume:
                     self._fail(job, f"interrupted: the process running it stopped (stage {stage}, {job.done}/{job.total} "
                                     "neurons committed) and the server started without resuming jobs; start the "
                                     "build again to finish it")
                     continue
                 if stalls >= MAX_STALLS:
-                    self._fail(job, f"interrupted {stalls} times in a row before committing a neuron (its process died "
+                    self._fail(job, f"interrupted {stalls} times in a row before committing any work (its process died "
                                     f"in stage {stage}, e.g. out of memory): not resumed again; start a smaller job")
                     continue
                 self.ws.update_job(job.id, state="queued", stalls=stalls)
@@ -222,11 +223,19 @@ class JobQueue:
         self._publish(job_id, BuildEvent("state", job.done, job.total, "running"))
         t0 = time.perf_counter()
         stage = [job.stage]
+        first_done: dict[str, int] = {}
+        progressed = [False]
 
         def progress(ev) -> None:
             if ev.stage != stage[0] and ev.stage != "done":  # kept for the reason of an interruption
                 stage[0] = ev.stage
                 self.ws.update_job(job_id, stage=ev.stage)
+            if not progressed[0]:  # the first committed scan shard or neuron group of this attempt
+                base = first_done.setdefault(ev.stage, ev.done)
+                if (ev.stage == "fit" and ev.neuron is not None) or ev.stage == "merge" or (
+                        ev.stage == "scan" and ev.done > base):
+                    progressed[0] = True
+                    self.ws.mark_job_progress(job_id)
             if ev.stage == "fit" and ev.neuron is not None:
                 self._on_commit()
                 if self.ws.get_job(job_id).state == "cancelled":  # cancelled from another process

@@ -148,7 +148,7 @@ class JobRecord:
     updated_at: float
     attempts: int = 0  # how many times a runner started it
     stalls: int = 0  # consecutive interrupted attempts that committed no neuron
-    start_done: int = 0  # `done` when the last attempt started
+    start_done: int = 0  # `done` when the last attempt started; -1 once that attempt committed work
     stage: str | None = None  # the build stage it last reported (corpus | scan | fit | ...)
     request_bytes: int = 0  # size of the stored request (a listing may leave the request out)
 
@@ -1093,6 +1093,12 @@ class Workspace:
             c.execute("UPDATE jobs SET state = 'running', attempts = attempts + 1, start_done = done, stage = 'start', "
                       "updated_at = ? WHERE id = ? AND state IN ('queued', 'running')", (time.time(), job_id))
         return self.get_job(job_id)
+
+    def mark_job_progress(self, job_id: str) -> None:
+        """Records that the running attempt committed work (a scan shard, a neuron group), so an
+        interruption from now on is not a stall: `start_done` = -1 means exactly that."""
+        with self.transaction() as c:
+            c.execute("UPDATE jobs SET start_done = -1, stalls = 0, updated_at = ? WHERE id = ?", (time.time(), job_id))
 
     def get_job(self, job_id: str) -> JobRecord | None:
         try:
