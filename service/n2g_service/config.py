@@ -96,6 +96,10 @@ class FitConfig(_Config):
     # "calibrated" only. More positives: the training windows plus up to extra_top further top
     # windows of the scan (ranks after the paper's train + test windows), through the whole fit.
     extra_top: int = 10
+    # Ordinary windows: a seeded random sample of random_windows usable corpus windows (the same
+    # for every neuron of a layer: one shared pass), where the neuron fires at all the levels and
+    # rates it has on ordinary text.
+    random_windows: int = 128
     # Real occurrences: per activating label of the fitted graph, up to occurrence_windows corpus
     # windows holding it (at most max_occurrence_windows per neuron), run through the model.
     occurrence_windows: int = 12
@@ -114,9 +118,10 @@ class FitConfig(_Config):
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or not self.method:
             raise ValueError("FitConfig.method must name a fit method (e.g. 'paper', 'calibrated')")
-        if min(self.extra_top, self.occurrence_windows, self.max_occurrence_windows, self.context_offsets) < 0:
-            raise ValueError("FitConfig: extra_top, occurrence_windows, max_occurrence_windows and "
-                             "context_offsets must be >= 0")
+        if min(self.extra_top, self.random_windows, self.occurrence_windows, self.max_occurrence_windows,
+               self.context_offsets) < 0:
+            raise ValueError("FitConfig: extra_top, random_windows, occurrence_windows, "
+                             "max_occurrence_windows and context_offsets must be >= 0")
         if self.calibrate_min_support < 1:
             raise ValueError("FitConfig.calibrate_min_support must be >= 1")
         if not 0.0 <= self.calibrate_fire_rate <= 1.0:

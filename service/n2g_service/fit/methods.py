@@ -170,6 +170,19 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
     pos_of: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {n: [] for n in fr.neurons}
     for (x, n), a in zip(originals, orig_acts):
         pos_of[n].append((x, a))
+    # ordinary windows: one seeded sample for the layer, each neuron keeping those it may see
+    rand_ids: dict[int, list[int]] = {n: [] for n in fr.neurons}
+    if pool is not None and cfg.random_windows > 0:
+        usable = np.flatnonzero(pool.usable)
+        rng = np.random.default_rng([cfg.calibration_seed, fr.layer, 1])
+        sample = np.sort(rng.choice(usable, size=min(cfg.random_windows, usable.size), replace=False))
+        for n in live:
+            ok, top = pool.allowed(n), set(top_ids[n])
+            rand_ids[n] = [int(w) for w in sample if ok[w] and int(w) not in top]
+    jobs = [(w, n) for n in fr.neurons for w in rand_ids[n]]
+    rand_of: dict[int, list[tuple[int, np.ndarray]]] = {n: [] for n in fr.neurons}
+    for (w, n), a in zip(jobs, fr.run([pool.windows[w] for w, _ in jobs], [n for _, n in jobs]) if jobs else []):
+        rand_of[n].append((w, a))
     occ_ids: dict[int, list[int]] = {n: [] for n in fr.neurons}
     if pool is not None:
         for n in live:
@@ -177,13 +190,15 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
             for activating, _, _ in paths[n]:
                 if activating[0] not in order:
                     order.append(activating[0])
-            firing = [(float(a[i]), names[label_of[int(x[i])]]) for x, a in pos_of[n]
+            seen = pos_of[n] + [(pool.windows[w], a) for w, a in rand_of[n]]
+            firing = [(float(a[i]), names[label_of[int(x[i])]]) for x, a in seen
                       for i in range(1, len(x)) if a[i] / fr.a_max[n] >= thr]
             for _, lab in sorted(firing, key=lambda p: -p[0]):
                 if lab not in order:
                     order.append(lab)
             rng = np.random.default_rng([cfg.calibration_seed, fr.layer, n])
-            occ_ids[n] = select_occurrences(pool, n, [model.label_token_ids(l) for l in order], top_ids[n], cfg, rng)
+            occ_ids[n] = select_occurrences(pool, n, [model.label_token_ids(l) for l in order],
+                                            top_ids[n] + rand_ids[n], cfg, rng)
     jobs = [(w, n) for n in fr.neurons for w in occ_ids[n]]
     occ_acts = fr.run([pool.windows[w] for w, _ in jobs], [n for _, n in jobs]) if jobs else []
     occ_of: dict[int, list[tuple[int, np.ndarray]]] = {n: [] for n in fr.neurons}
@@ -200,11 +215,12 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
 
         cal = Calibration()
         final = list(paths[n])
-        rows = [x for x, _ in pos_of[n]] + [pool.windows[w] for w, _ in occ_of[n]]
+        seen = rand_of[n] + occ_of[n]
+        rows = [x for x, _ in pos_of[n]] + [pool.windows[w] for w, _ in seen]
         if rows and a_max > 0:
             tokens, valid = _stack(rows, model.pad_id)
             true = np.zeros(tokens.shape, dtype=np.float32)
-            for r, a in enumerate([a for _, a in pos_of[n]] + [a for _, a in occ_of[n]]):
+            for r, a in enumerate([a for _, a in pos_of[n]] + [a for _, a in seen]):
                 true[r, : len(a)] = a / a_max
             final = calibrate_paths(paths[n], tokens, true, valid, factory, cfg, cal)
             predicted = np.asarray(make_graph(fr, n, final).predict(tokens, semantics="all_paths_max"))
@@ -213,9 +229,10 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
         graph = make_graph(fr, n, final)
         stats = paper_stats(fr, n, [examples[i] for i in ex_of[n]], aug_of[n], proposers, graph, len(paths[n]))
         extra = [(w, pool.windows[w], a) for w, a in zip(top_ids[n], [a for _, a in pos_of[n][len(pos_of[n]) - len(top_ids[n]):]])]
-        extra += [(w, pool.windows[w], a) for w, a in occ_of[n]]
+        extra += [(w, pool.windows[w], a) for w, a in seen]
         stats.update({
             "n_extra_top": len(top_ids[n]),
+            "n_random_windows": len(rand_of[n]),
             "n_occurrence_windows": len(occ_of[n]),
             "extra_train_windows": [int(w) for w, _, _ in extra],
             "n_paths_unique": cal.n_paths_in,
