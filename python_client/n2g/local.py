@@ -53,14 +53,30 @@ class LocalN2GClient(_Api):
         return Deadline.after(timeout if timeout is not None else self.timeout)
 
     def _call(self, name: str, args: dict[str, Any], timeout: float | None):
-        return getattr(self.app, name)(**args, deadline=self._deadline(timeout))
+        try:
+            return getattr(self.app, name)(**args, deadline=self._deadline(timeout))
+        except Exception as e:
+            self._reraise(e)
 
     def _stream_call(self, name: str, args: dict[str, Any], timeout: float | None) -> Iterator:
-        for item in getattr(self.app, name)(**args, deadline=self._deadline(timeout)):
-            if isinstance(item, list):
-                yield from item
-            else:
-                yield item
+        try:
+            for item in getattr(self.app, name)(**args, deadline=self._deadline(timeout)):
+                if isinstance(item, list):
+                    yield from item
+                else:
+                    yield item
+        except Exception as e:
+            self._reraise(e)
+
+    @staticmethod
+    def _reraise(e: Exception):
+        """Raises what a server would answer: the same N2GError (a bug stays what it is)."""
+        from n2g_service.app import as_n2g_error
+
+        err = as_n2g_error(e)
+        if err is None or err is e:
+            raise e
+        raise err from None
 
     def health(self, service: str = "", timeout: float = 5.0) -> str:
         return "SERVING"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import logging
 import math
 import re
@@ -51,7 +52,22 @@ MAX_NEIGHBOURS = 10_000
 MAX_PAIR_BATCH = 100_000
 MIN_PAIR_THRESHOLD = 0.25      # below, nearly every two graphs sharing a token pair up: quadratic output
 HEAVY_SLOTS = 2                # whole-store computations (all pairs) running at once
-CHARS_PER_TOKEN = 16           # texts are measured in characters before they are tokenised
+CHARS_PER_TOKEN = 8            # texts are measured in characters before they are tokenised
+STOP_WAIT_S = 120              # on shutdown, how long the build worker may take to finish its group
+
+
+# What each kind of workspace failure is for a caller (WorkspaceError.kind -> status code).
+_WORKSPACE_CODES = {"full": C.RESOURCE_EXHAUSTED, "locked": C.UNAVAILABLE, "read_only": C.FAILED_PRECONDITION,
+                    "damaged": C.DATA_LOSS, "damaged_neuron": C.DATA_LOSS}
+
+
+def as_n2g_error(e: Exception) -> N2GError | None:
+    """The N2GError a caller sees for `e`, or None for a bug (the transport reports INTERNAL)."""
+    if isinstance(e, N2GError):
+        return e
+    if isinstance(e, WorkspaceError):
+        return N2GError(_WORKSPACE_CODES.get(getattr(e, "kind", ""), C.FAILED_PRECONDITION), str(e))
+    return None
 
 
 def invalid(message: str) -> N2GError:
@@ -250,7 +266,11 @@ class N2GApp:
         return self.jobs.resume_pending(resume=resume)
 
     def close(self) -> None:
+        """Stops cleanly: the build worker finishes its current neuron group (committed; the job
+        is queued again and resumes at the next start) before the workspace closes."""
         self.jobs.stop()
+        if not self.jobs.join(STOP_WAIT_S):
+            log.warning("the build worker did not stop within %d s", STOP_WAIT_S)
         self._heavy.shutdown(wait=False, cancel_futures=True)
         self.ws.close()
 
@@ -386,7 +406,7 @@ class N2GApp:
             raise too_big(f"{n} sequences in one request; the limit is {lim.max_texts}")
         if texts:
             longest = max(len(t) for t in texts)
-            if lim.max_tokens_per_sequence and longest > CHARS_PER_TOKEN * lim.max_tokens_per_sequence:
+            if lim.max_tokens_per_sequence and longest > 2 * CHARS_PER_TOKEN * lim.max_tokens_per_sequence:
                 raise too_big(f"a text of {longest} characters is far past the limit of "
                               f"{lim.max_tokens_per_sequence} tokens per sequence")
             chars = sum(len(t) for t in texts)
@@ -875,10 +895,12 @@ def _pairs(examples: list[dict[str, Any]]) -> list[tuple[np.ndarray, np.ndarray]
 
 def report_zip(workspace_path: str | Path) -> bytes:
     """The workspace's report (n2g_service.report.write_report) as a zip archive in memory. The
-    pages are written to a temporary folder that is removed even if writing fails."""
+    pages are written to a temporary folder under the system's temporary directory, removed
+    even if writing fails; one a killed process left behind is removed by the next report."""
     from .report import write_report
 
-    with tempfile.TemporaryDirectory(prefix="n2g-report-") as tmp:
+    _remove_stale_report_dirs()
+    with tempfile.TemporaryDirectory(prefix=f"n2g-report-{os.getpid()}-") as tmp:
         out = Path(tmp) / "report"
         write_report(Path(workspace_path), out)
         buf = io.BytesIO()
@@ -887,3 +909,22 @@ def report_zip(workspace_path: str | Path) -> bytes:
                 if f.is_file():
                     zf.write(f, f.relative_to(out).as_posix())
         return buf.getvalue()
+
+
+def _remove_stale_report_dirs() -> None:
+    """Removes report folders whose process is gone (killed while writing a report)."""
+    import shutil
+
+    for d in Path(tempfile.gettempdir()).glob("n2g-report-*-*"):
+        try:
+            pid = int(d.name.split("-")[2])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:  # another user's live process
+            pass

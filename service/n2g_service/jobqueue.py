@@ -85,6 +85,13 @@ class JobQueue:
 
     _stopping = False
 
+    def join(self, timeout: float | None = None) -> bool:
+        """Waits for the worker to finish its current neuron group after stop(); True if it did."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
     def resume_pending(self, *, resume: bool = True) -> list[str]:
         """Called once at start by the workspace's writer: queues the unfinished jobs that can
         run and returns their ids. Fails, with the reason, a `running` job (its process died)

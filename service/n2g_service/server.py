@@ -32,8 +32,7 @@ from n2g.types import Limits, N2GError
 from n2g.v1 import n2g_pb2 as pb
 from n2g.vocab import DEFAULT_PORT  # noqa: F401 - re-exported for callers of serve()
 
-from .app import Deadline, N2GApp, open_workspace
-from .workspace import WorkspaceError
+from .app import Deadline, N2GApp, as_n2g_error, open_workspace
 
 log = logging.getLogger("n2g.server")
 
@@ -67,10 +66,9 @@ def _deadline(context) -> Deadline:
 
 
 def _abort(context, rpc: str, e: Exception):
-    if isinstance(e, N2GError):
-        context.abort(e.code, e.message)
-    if isinstance(e, WorkspaceError):  # the workspace cannot answer (damaged, read-only, ...)
-        context.abort(C.FAILED_PRECONDITION, str(e))
+    err = as_n2g_error(e)
+    if err is not None:
+        context.abort(err.code, err.message)
     log.exception("internal error in %s", rpc)
     context.abort(C.INTERNAL, f"internal error in {rpc}: {type(e).__name__}: {str(e)[:500]}")
 
