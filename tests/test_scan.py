@@ -133,3 +133,24 @@ def test_bfloat16_scan_checked_against_float32(native_model, native_windows):
     bf = compare_precision(native_model, native_windows[:64], [0, 1], "bfloat16", ScanConfig(k=5))
     assert 0.0 < bf["max_rel_amax_error"] < 0.05  # bf16 keeps 8 bits of mantissa
     assert bf["topk_overlap"] > 0.8
+
+
+def test_runner_reads_back_shared_activations(native_model, native_windows):
+    from n2g_service.activations import shared_activations
+
+    seqs = [native_windows[3], native_windows[4][:9], native_windows[5]]
+    fresh = ActivationRunner(native_model, 1).run(seqs, [7, 7, 9])
+    with shared_activations():
+        first = ActivationRunner(native_model, 1)
+        a = first.run(seqs[:2], [7, 7])
+        second = ActivationRunner(native_model, 1)
+        b = second.run(seqs, [7, 7, 9])
+        assert first.n_rows == 2 and second.n_rows == 1  # only the new job ran
+        b[0][:] = -1  # callers get copies: the block's store is not changed through them
+        c = ActivationRunner(native_model, 1).run(seqs[:1], [7])
+    assert np.array_equal(c[0], a[0])
+    for x, y in zip(b[1:], fresh[1:]):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    outside = ActivationRunner(native_model, 1)
+    outside.run(seqs[:1], [7])
+    assert outside.n_rows == 1  # nothing is remembered outside the block

@@ -169,6 +169,22 @@ def logits_at(
         return model.bridge.unembed(store["h"][r, p]).float()
 
 
+_SHARED: list[dict | None] = [None]
+
+
+@contextlib.contextmanager
+def shared_activations():
+    """A block in which every :class:`ActivationRunner` remembers the (layer, sequence, neuron)
+    activations it ran and reads them back when asked again (the build reads a group's true
+    activations on its examples, then the fit asks for those of the training windows again)."""
+    prev = _SHARED[0]
+    _SHARED[0] = {} if prev is None else prev
+    try:
+        yield
+    finally:
+        _SHARED[0] = prev
+
+
 class ActivationRunner:
     """Runs many (token sequence, neuron) jobs of one layer in few, full forward passes.
 
@@ -188,9 +204,27 @@ class ActivationRunner:
     def run(
         self, sequences: Sequence[Sequence[int]], neurons: Sequence[int]
     ) -> list[np.ndarray]:
-        """One float32 array (len(sequence),) per job: neuron ``neurons[j]`` on ``sequences[j]``."""
+        """One float32 array (len(sequence),) per job: neuron ``neurons[j]`` on ``sequences[j]``.
+
+        Inside :func:`shared_activations`, jobs already run in that block are read back instead
+        of being run again."""
         if len(sequences) != len(neurons):
             raise ValueError("one neuron per sequence")
+        cache = _SHARED[0]
+        if cache is None:
+            return self._run(sequences, neurons)
+        base = (id(self.model), self.layer)
+        keys = [(base, np.asarray(s, dtype=np.int64).tobytes(), int(n)) for s, n in zip(sequences, neurons)]
+        out: list[np.ndarray | None] = [None if (hit := cache.get(k)) is None else hit.copy() for k in keys]
+        todo = [j for j, o in enumerate(out) if o is None]
+        if todo:
+            got = self._run([sequences[j] for j in todo], [neurons[j] for j in todo])
+            for j, g in zip(todo, got):
+                cache[keys[j]] = g
+                out[j] = g.copy()
+        return out  # type: ignore[return-value]
+
+    def _run(self, sequences: Sequence[Sequence[int]], neurons: Sequence[int]) -> list[np.ndarray]:
         rows: dict[tuple[int, ...], int] = {}
         uniq: list[tuple[int, ...]] = []
         job_row = []

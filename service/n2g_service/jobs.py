@@ -213,6 +213,14 @@ def compute_group(model, layer: int, neurons: list[int], windows: np.ndarray, ma
     """Fits and evaluates a group of neurons of one layer from their scan rows (a_max and top
     window ids, one per neuron); returns the records without committing them. ``heldout``: the
     windows no fit may learn from (the evaluation's ordinary text)."""
+    from .activations import shared_activations
+
+    # the fit asks for the true activations of the training windows again: read them back
+    with shared_activations():
+        return _compute_group(model, layer, neurons, windows, max_activation, top_window_ids, req, job_id, heldout)
+
+
+def _compute_group(model, layer, neurons, windows, max_activation, top_window_ids, req, job_id, heldout):
     from .activations import ActivationRunner, forward_tokens
     from .evaluate import evaluate_neuron, split_train_test
     from .fit import fit_neurons
@@ -223,7 +231,7 @@ def compute_group(model, layer: int, neurons: list[int], windows: np.ndarray, ma
     ex_tokens: dict[int, np.ndarray] = {}
     for n, ids in zip(neurons, top_window_ids):
         ids = np.asarray(ids, dtype=np.int64)
-        ex_tokens[n] = windows[ids[ids >= 0][: req.scan.k]]
+        ex_tokens[n] = windows[ids[ids >= 0][: min(req.scan.k, 2 * req.eval.n_train)]]  # the paper's windows
     # True activations of every neuron on its examples: one runner for the group, so windows that
     # several neurons share run once and the passes are full.
     seqs = [t for n in neurons for t in ex_tokens[n]]
@@ -238,7 +246,9 @@ def compute_group(model, layer: int, neurons: list[int], windows: np.ndarray, ma
     with contextlib.suppress(ImportError):
         from .fit import training_pool
 
-        n_paper = {n: int((tops[n] >= 0).sum().clip(max=req.scan.k)) for n in neurons}
+        # the paper's train + test windows are the first 2 x n_train ranks; further ranks (a scan
+        # with k above that) are extra training windows for a fit method that learns from more
+        n_paper = {n: int((tops[n] >= 0).sum().clip(max=min(req.scan.k, 2 * req.eval.n_train))) for n in neurons}
         extra = training_pool(windows, tops, neurons, min(n_paper.values()),
                               {n: tops[n][: n_paper[n]][splits[n][1]].tolist() for n in neurons},
                               heldout if heldout is not None else ())
@@ -249,16 +259,18 @@ def compute_group(model, layer: int, neurons: list[int], windows: np.ndarray, ma
     records = []
     for n in neurons:
         tr, te = splits[n]
-        train_pairs = [(ex_tokens[n][i], ex_acts[n][i]) for i in tr]
-        test_pairs = [(ex_tokens[n][i], ex_acts[n][i]) for i in te]
         result = fitted[n]
+        train_pairs = [(ex_tokens[n][i], ex_acts[n][i]) for i in tr] + [(t, a) for _, t, a in result.extra_train]
+        test_pairs = [(ex_tokens[n][i], ex_acts[n][i]) for i in te]
         metrics = evaluate_neuron(result.graph, train_pairs, test_pairs, req.eval)
         stats = dict(result.stats)
         stats["seconds_per_neuron_in_group"] = seconds
         stats["fit_tokens"] = fit_tokens  # forward-pass tokens a neuron of the group cost
         examples = {
             "layer": layer, "neuron": n, "max_activation": amax[n],
-            "train": _examples(ex_tokens[n][tr], ex_acts[n][tr]),
+            # + the windows the fit learnt from beyond them: the baselines are fitted on the same
+            "train": _examples(ex_tokens[n][tr], ex_acts[n][tr])
+            + _examples([t for _, t, _ in result.extra_train], [a for _, _, a in result.extra_train]),
             "test": _examples(ex_tokens[n][te], ex_acts[n][te]),
         }
         records.append(NeuronRecord(layer, n, amax[n], result.graph.to_bytes(), examples, stats, metrics, job_id))
