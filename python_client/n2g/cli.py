@@ -241,7 +241,8 @@ def _add_build(sub) -> None:
     p.add_argument("--model", default=None, help=f"local: model name (default {DEFAULT_MODEL}, offline)")
     p.add_argument("--corpus", default=None,
                    help="local: 'fortunes' (default), a .txt/.jsonl file or directory, or hf:<dataset>")
-    p.add_argument("--layers", type=int, nargs="+", required=True, help="layers to build")
+    p.add_argument("--layers", nargs="+", required=True,
+                   help="layers to build: numbers, a range (0-5), or all")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--neurons", type=int, nargs="+", help="neuron indices (in every layer asked)")
     g.add_argument("--sample", type=int, help="a seeded random sample of this many live neurons per layer")
@@ -252,6 +253,17 @@ def _add_build(sub) -> None:
     p.add_argument("--k", type=int, default=None, help="top-k examples per neuron (default 20)")
     p.add_argument("--window-tokens", type=int, default=None, help="tokens per corpus window (default 64)")
     p.add_argument("--config", default=None, help='JSON config overrides, e.g. \'{"fit": {"n_substitutes": 3}}\'')
+    p.add_argument("--method", default=None, help="fit method: paper (the paper's N2G) or calibrated "
+                                                  "(learns from more windows); default: the server's")
+    run = p.add_argument_group("how the build runs (results are the same)")
+    run.add_argument("--executor", choices=("inprocess", "ray"), default=None, help="default inprocess")
+    run.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local cluster)")
+    run.add_argument("--workers", type=int, default=None, help="Ray actors (default: one per GPU, else 1)")
+    run.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default=None,
+                     help="scan forward passes (GPU; default float32)")
+    run.add_argument("--shard-windows", type=int, default=None, help="corpus windows per scan shard (default 1024)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (units, tokens, layers) and a time estimate; build nothing")
     p.add_argument("--detach", action="store_true", help="remote: start the job and print its id, do not watch")
     p.add_argument("--job-id", default=None, help="name the job (default: a new random id)")
 
@@ -290,10 +302,20 @@ def _cmd_build(args) -> int:
     """Local (--workspace) and remote (--server) builds are the same calls: start the job, watch it."""
     if args.detach and args.server is None:
         raise CliError("--detach needs --server: a local build runs in this process")
+    config = _config(args.config) or {}
+    if args.method:
+        config.setdefault("fit", {})["method"] = args.method
+    kw = dict(sample=args.sample, seed=args.seed, group_size=args.group_size, k=args.k,
+              window_tokens=args.window_tokens, config=config or None, executor=args.executor,
+              ray_address=args.ray_address, workers=args.workers, precision=args.precision,
+              shard_windows=args.shard_windows)
+    layers = _layers(args.layers)
     with _client(args, create=True) as c:
-        job = c.start_build(args.layers, args.neurons, sample=args.sample, seed=args.seed,
-                            group_size=args.group_size, k=args.k, window_tokens=args.window_tokens,
-                            config=_config(args.config), job_id=args.job_id)
+        if args.dry_run:
+            plan = c.plan_build(layers, args.neurons, **kw)
+            _print_json(plan) if args.json else print(plan.summary)
+            return 0
+        job = c.start_build(layers, args.neurons, job_id=args.job_id, **kw)
         if args.detach:
             _print_json(job) if args.json else print(job.id)
             return 0
@@ -309,6 +331,14 @@ def _cmd_build(args) -> int:
     if not args.json:  # with --json, the last line is the final event (it holds the job)
         print(f"job {job.id}: built {job.total} neurons in {args.workspace or args.server}")
     return 0
+
+
+def _layers(specs: Sequence[str]) -> list[int] | str:
+    """Layer numbers, or one spec string ("all", "0-5", "0,2,4-6") for the server to resolve."""
+    try:
+        return [int(x) for x in specs]
+    except ValueError:
+        return ",".join(specs)
 
 
 def _config(text: str | None) -> dict[str, Any] | None:

@@ -161,12 +161,12 @@ def _tokenized_pb(items: list[T.TokenizedText]) -> pb.TokenizeResponse:
 
 def _job_event(r) -> T.JobEvent:
     return T.JobEvent(_job(r.job), r.stage, r.done, r.total, r.message,
-                      key(r.last_neuron) if r.HasField("last_neuron") else None, r.elapsed_s)
+                      key(r.last_neuron) if r.HasField("last_neuron") else None, r.elapsed_s, r.eta_s or None)
 
 
 def _job_event_pb(e: T.JobEvent) -> pb.JobEvent:
     out = pb.JobEvent(job=_job_pb(e.job), stage=e.stage, done=e.done, total=e.total, message=e.message,
-                      elapsed_s=e.elapsed_s)
+                      elapsed_s=e.elapsed_s, eta_s=e.eta_s or 0.0)
     if e.last_neuron is not None:
         out.last_neuron.CopyFrom(key_pb(e.last_neuron))
     return out
@@ -253,16 +253,38 @@ def _in_context_pb(x: T.InContextResult) -> pb.ListInContextNeuronsResponse:
 # enums as vocabulary names (None = the server's default). Both sides use the same keyword names,
 # which are the parameters of the application layer's methods (n2g_service.app.N2GApp).
 
-def _start_build_args(r) -> dict[str, Any]:
-    return dict(layers=list(r.layers), neurons=list(r.neurons) or None, sample=r.sample or None, seed=r.seed,
-                group_size=r.group_size or None, k=r.k or None, window_tokens=r.window_tokens or None,
-                config_json=r.config_json or None, job_id=r.job_id or None)
+_RUN_FIELDS = ("executor", "ray_address", "precision")  # strings: "" = the default
 
 
-def _start_build_pb(layers, neurons, sample, seed, group_size, k, window_tokens, config_json, job_id):
-    return pb.StartBuildRequest(layers=list(layers), neurons=list(neurons or []), sample=sample or 0, seed=seed,
-                                group_size=group_size or 0, k=k or 0, window_tokens=window_tokens or 0,
-                                config_json=config_json or "", job_id=job_id or "")
+def _build_args(r, *, with_job_id: bool = True) -> dict[str, Any]:
+    out = dict(layers=list(r.layers), layer_spec=r.layer_spec or None, neurons=list(r.neurons) or None,
+               sample=r.sample or None, seed=r.seed, group_size=r.group_size or None, k=r.k or None,
+               window_tokens=r.window_tokens or None, config_json=r.config_json or None,
+               workers=r.workers or None, shard_windows=r.shard_windows or None,
+               **{f: getattr(r, f) or None for f in _RUN_FIELDS})
+    if with_job_id:
+        out["job_id"] = r.job_id or None
+    return out
+
+
+def _build_pb(layers, layer_spec, neurons, sample, seed, group_size, k, window_tokens, config_json, executor,
+              ray_address, workers, precision, shard_windows, job_id=None):
+    return pb.StartBuildRequest(layers=list(layers or []), layer_spec=layer_spec or "", neurons=list(neurons or []),
+                                sample=sample or 0, seed=seed, group_size=group_size or 0, k=k or 0,
+                                window_tokens=window_tokens or 0, config_json=config_json or "", job_id=job_id or "",
+                                executor=executor or "", ray_address=ray_address or "", workers=workers or 0,
+                                precision=precision or "", shard_windows=shard_windows or 0)
+
+
+def _plan(r) -> T.BuildPlan:
+    return T.BuildPlan(list(r.layers), r.neurons, r.neurons_built, r.scan_shards, r.scan_tokens, r.fit_groups,
+                       r.total_seconds or None, r.summary, json.loads(r.plan_json) if r.plan_json else {})
+
+
+def _plan_pb(p: T.BuildPlan) -> pb.BuildPlan:
+    return pb.BuildPlan(layers=p.layers, neurons=p.neurons, neurons_built=p.neurons_built, scan_shards=p.scan_shards,
+                        scan_tokens=p.scan_tokens, fit_groups=p.fit_groups, total_seconds=p.total_seconds or 0.0,
+                        summary=p.summary, plan_json=json.dumps(p.details, sort_keys=True))
 
 
 def _search_pb(clauses, limit):
@@ -316,7 +338,8 @@ OPS: dict[str, Op] = {op.name: op for op in (
                                                               token_ids=_token_ids_pb(token_ids), skip_bos=skip_bos),
         lambda r: dict(texts=list(r.texts), token_ids=_token_ids(r.token_ids), skip_bos=r.skip_bos),
         _tokenized, _tokenized_pb),
-    _op("start_build", "StartBuild", _start_build_pb, _start_build_args, _job, _job_pb),
+    _op("start_build", "StartBuild", _build_pb, _build_args, _job, _job_pb),
+    _op("plan_build", "PlanBuild", _build_pb, lambda r: _build_args(r, with_job_id=False), _plan, _plan_pb),
     _op("get_job", "GetJob", lambda job_id: pb.GetJobRequest(job_id=job_id), lambda r: dict(job_id=r.job_id),
         _job, _job_pb),
     _op("cancel_job", "CancelJob", lambda job_id: pb.CancelJobRequest(job_id=job_id),

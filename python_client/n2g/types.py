@@ -101,6 +101,7 @@ class JobEvent:
     message: str
     last_neuron: Key | None
     elapsed_s: float
+    eta_s: float | None = None  # seconds left in this stage at this run's rate
 
 
 @dataclass(frozen=True)
@@ -257,3 +258,17 @@ class ReportChunk:
     data: bytes
     total_bytes: int
     filename: str
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """A dry run of a build request: its units, what is left to do, and a time estimate."""
+    layers: list[int]
+    neurons: int
+    neurons_built: int
+    scan_shards: int
+    scan_tokens: int
+    fit_groups: int
+    total_seconds: float | None
+    summary: str
+    details: dict[str, Any]

@@ -467,14 +467,24 @@ class N2GApp:
         return [T.TokenizedText(np.asarray(s, dtype=np.int64), l) for s, l in zip(seqs, labels)]
 
     # -- build jobs ---------------------------------------------------------------------------------
-    def build_request(self, layers: Sequence[int], neurons: Sequence[int] | None, sample: int | None, seed: int,
-                      group_size: int | None, k: int | None, window_tokens: int | None,
-                      config_json: str | None):
+    def build_request(self, layers: Sequence[int], layer_spec: str | None, neurons: Sequence[int] | None,
+                      sample: int | None, seed: int, group_size: int | None, k: int | None,
+                      window_tokens: int | None, config_json: str | None, executor: str | None = None,
+                      ray_address: str | None = None, workers: int | None = None, precision: str | None = None,
+                      shard_windows: int | None = None):
         """The BuildRequest these arguments describe, checked against the model and the limits."""
         from .config import EvalConfig, FitConfig, ScanConfig
         from .jobs import BuildRequest
 
         model = self.host.get()
+        if layers and layer_spec:
+            raise invalid("give layers or layer_spec, not both")
+        if layer_spec is not None and len(layer_spec) > 200:
+            raise invalid(f"layer_spec {_shown(layer_spec)} is too long: write e.g. all, 0-5 or 0,2,4-6")
+        if workers is not None and not 0 < workers <= 1024:
+            raise invalid(f"workers must be between 1 and 1024 (0 = automatic), got {workers}")
+        if shard_windows is not None and not 0 < shard_windows <= 1 << 20:
+            raise invalid(f"shard_windows must be between 1 and {1 << 20} (0 = default), got {shard_windows}")
         if sample is not None and sample < 0:
             raise invalid(f"sample must be positive, got {sample}")
         if seed < 0:
@@ -498,10 +508,13 @@ class N2GApp:
         elif stored_len is not None:
             scan_d.setdefault("window_tokens", stored_len)
         try:
+            run = {k: v for k, v in (("executor", executor), ("ray_address", ray_address), ("workers", workers),
+                                     ("precision", precision), ("shard_windows", shard_windows)) if v is not None}
             req = BuildRequest(
-                layers=list(layers), neurons=list(neurons) if neurons else None, sample=sample or None, seed=int(seed),
-                group_size=group_size or vocab.DEFAULT_GROUP_SIZE, scan=ScanConfig.from_dict(scan_d),
-                fit=FitConfig.from_dict(overrides.get("fit")), eval=EvalConfig.from_dict(overrides.get("eval")))
+                layers=layer_spec if layer_spec else list(layers), neurons=list(neurons) if neurons else None,
+                sample=sample or None, seed=int(seed), group_size=group_size or vocab.DEFAULT_GROUP_SIZE,
+                scan=ScanConfig.from_dict(scan_d), fit=FitConfig.from_dict(overrides.get("fit")),
+                eval=EvalConfig.from_dict(overrides.get("eval")), **run)
             req.validate(model.n_layers, model.d_mlp)
         except (ValueError, TypeError) as e:
             raise invalid(str(e)) from None
@@ -530,15 +543,18 @@ class N2GApp:
         except N2GError as e:
             raise ValueError(e.message) from None
 
-    def start_build(self, layers: Sequence[int], neurons: Sequence[int] | None = None, sample: int | None = None,
-                    seed: int = 0, group_size: int | None = None, k: int | None = None,
-                    window_tokens: int | None = None, config_json: str | None = None, job_id: str | None = None,
-                    *, deadline: Deadline = NO_DEADLINE) -> T.Job:
+    def start_build(self, layers: Sequence[int] = (), layer_spec: str | None = None,
+                    neurons: Sequence[int] | None = None, sample: int | None = None, seed: int = 0,
+                    group_size: int | None = None, k: int | None = None, window_tokens: int | None = None,
+                    config_json: str | None = None, executor: str | None = None, ray_address: str | None = None,
+                    workers: int | None = None, precision: str | None = None, shard_windows: int | None = None,
+                    job_id: str | None = None, *, deadline: Deadline = NO_DEADLINE) -> T.Job:
         from .jobs import new_job_id
 
-        if job_id and not _JOB_ID_RE.match(job_id):
+        if job_id and not _JOB_ID_RE.fullmatch(job_id):
             raise invalid(f"job_id {_shown(job_id)} is not 1-64 characters of A-Z a-z 0-9 _ -")
-        req = self.build_request(layers, neurons, sample, seed, group_size, k, window_tokens, config_json)
+        req = self.build_request(layers, layer_spec, neurons, sample, seed, group_size, k, window_tokens,
+                                 config_json, executor, ray_address, workers, precision, shard_windows)
         job_id = job_id or new_job_id()
         existing = self.ws.get_job(job_id)
         if existing is not None:
@@ -550,10 +566,31 @@ class N2GApp:
         except OSError as e:  # e.g. a full disk while storing the job
             raise N2GError(C.UNAVAILABLE, f"could not store the job: {e}") from None
 
+    def plan_build(self, layers: Sequence[int] = (), layer_spec: str | None = None,
+                   neurons: Sequence[int] | None = None, sample: int | None = None, seed: int = 0,
+                   group_size: int | None = None, k: int | None = None, window_tokens: int | None = None,
+                   config_json: str | None = None, executor: str | None = None, ray_address: str | None = None,
+                   workers: int | None = None, precision: str | None = None, shard_windows: int | None = None, *,
+                   deadline: Deadline = NO_DEADLINE) -> T.BuildPlan:
+        """What start_build with these arguments would run, and how long it should take here (a
+        short calibration of the forward pass under the model lock). Writes nothing."""
+        from .build.summary import plan_summary
+
+        req = self.build_request(layers, layer_spec, neurons, sample, seed, group_size, k, window_tokens,
+                                 config_json, executor, ray_address, workers, precision, shard_windows)
+        with self.host.forward(deadline) as model:
+            try:
+                s = plan_summary(self.ws, model, req)
+            except FileNotFoundError as e:  # the workspace's corpus is gone
+                raise N2GError(C.FAILED_PRECONDITION, str(e)) from None
+        return T.BuildPlan(list(s.layers), int(s.neurons), int(s.neurons_built), int(s.scan_shards),
+                           int(s.scan_tokens), int(s.fit_groups), s.total_seconds, s.format(),
+                           json.loads(json.dumps(s.to_dict(), default=float)))
+
     def _job_record(self, job_id: str) -> JobRecord:
         if not job_id:
             raise invalid("no job_id given")
-        if not _JOB_ID_RE.match(job_id):
+        if not _JOB_ID_RE.fullmatch(job_id):
             raise not_found(f"no job {_shown(job_id)} in this workspace (job ids are 1-64 characters of "
                             f"A-Z a-z 0-9 _ -)")
         job = self.ws.get_job(job_id)
@@ -611,7 +648,8 @@ class N2GApp:
                 last_done = up.job.done
                 b = up.event
                 last = (b.layer, b.neuron) if b.layer is not None and b.neuron is not None else None
-                yield T.JobEvent(_job(up.job), b.stage, b.done, b.total, b.message, last, b.elapsed_s)
+                yield T.JobEvent(_job(up.job), b.stage, b.done, b.total, b.message, last, b.elapsed_s,
+                                 getattr(b, "eta_s", None))
                 if up.final:
                     return
         finally:
