@@ -1345,13 +1345,12 @@ class BuildStore:
                         worker: str | None = None) -> None:
         """Commits every neuron of a fit group and marks the unit done, in one transaction (the
         group is built whole or not at all); counts the neurons into their job's `done`."""
+        rows = [Workspace.neuron_row(rec) for rec in records]  # refuses NaN/inf and misplaced graph blobs
         with self.ws.transaction() as c:
-            for rec in records:
+            for row in rows:
                 c.execute(
                     "INSERT OR REPLACE INTO neurons (layer, neuron, max_activation, graph, examples, stats, metrics, "
-                    "job_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (rec.layer, rec.neuron, rec.max_activation, rec.graph_bytes, json.dumps(rec.examples),
-                     json.dumps(rec.stats), json.dumps(rec.metrics), rec.job_id, rec.created_at))
+                    "job_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
             jobs: dict[str, int] = {}
             for rec in records:
                 if rec.job_id is not None:
