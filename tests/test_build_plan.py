@@ -144,3 +144,16 @@ def test_layers_all_plans_every_layer(native_model, native_windows, tmp_path):
     # the same request again: nothing to do, no unit runs twice
     assert run_build(ws, native_model, req) == keys
     assert all(u.attempts == 1 for u in store.units(plan_id))
+
+
+def test_work_sizes_follow_the_device():
+    from n2g_service.jobs import device_sizes
+
+    req = BuildRequest(layers=[0], neurons=[1])
+    dims = {"d_model": 576, "d_mlp": 1536, "n_heads": 9}
+    assert device_sizes(dims, "cpu", None, req) == {"group_size": 8, "batch_tokens": 4096, "scan_batch": 16}
+    small = device_sizes(dims, "cuda", 8 * 2**30, req)
+    big = device_sizes(dims, "cuda", 70 * 2**30, req)
+    assert 64 <= small["group_size"] < big["group_size"] and 4096 < small["batch_tokens"] < big["batch_tokens"]
+    assert big["scan_batch"] == 256
+    assert device_sizes(dims, "cuda", 70 * 2**30, BuildRequest(layers=[0], neurons=[1], group_size=5))["group_size"] == 5

@@ -33,7 +33,9 @@ EXECUTORS = ("inprocess", "ray")
 PRECISIONS = ("float32", "bfloat16", "float16")
 # fit sizes on a GPU: many more neurons a group and tokens a forward pass than on a CPU
 GPU_GROUP_SIZE = 64
-GPU_BATCH_TOKENS = 65536
+GPU_MAX_GROUP_SIZE = 512
+GPU_MAX_BATCH_TOKENS = 1 << 18
+GPU_SCAN_BATCH = 256
 
 
 class BuildCancelled(Exception):
@@ -46,7 +48,7 @@ class BuildRequest:
     neurons: list[int] | None = None  # the same neuron indices in every layer asked
     sample: int | None = None  # or a seeded random sample of live neurons per layer
     seed: int = 0
-    group_size: int = 8  # neurons fitted together (shared forward passes); 0 = sized to the device
+    group_size: int = 0  # neurons fitted together (shared forward passes); 0: sized to the device (8 on a CPU)
     scan: ScanConfig = field(default_factory=ScanConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -195,12 +197,33 @@ def heldout_window_ids(ws: Workspace, req: BuildRequest) -> np.ndarray:
     return np.unique(np.asarray(held(ws, req.eval), dtype=np.int64))
 
 
+def device_sizes(model_dims: dict[str, int], device: str, free_bytes: int | None, req: BuildRequest) -> dict[str, int]:
+    """Work sizes for a device: neurons a fit group, tokens a fit forward pass, windows a scan
+    batch. On a CPU the request's. On a GPU the fit's batches take about a quarter of the free
+    memory (activations of one layer at a time: no gradients), groups grow so their passes stay
+    full, and scan batches grow to 256 windows; an explicit group_size is kept."""
+    if not device.startswith("cuda"):
+        return {"group_size": req.group_size or 8, "batch_tokens": req.fit.batch_tokens,
+                "scan_batch": req.scan.batch_size}
+    d_model, d_mlp = model_dims.get("d_model", 1024), model_dims.get("d_mlp", 4096)
+    heads, t = model_dims.get("n_heads", 16), req.scan.window_tokens
+    per_token = 4 * (16 * d_model + 4 * d_mlp + 2 * heads * t)  # float32 bytes alive a token
+    free = free_bytes if free_bytes else 16 * 2**30
+    batch_tokens = int(min(max(free // 4 // per_token, req.fit.batch_tokens), GPU_MAX_BATCH_TOKENS))
+    # a neuron's fit runs about 40 windows of examples per stage: enough neurons to fill a pass
+    group = req.group_size or int(min(max(batch_tokens // (40 * t), GPU_GROUP_SIZE), GPU_MAX_GROUP_SIZE))
+    return {"group_size": group, "batch_tokens": batch_tokens, "scan_batch": max(req.scan.batch_size, GPU_SCAN_BATCH)}
+
+
+def model_dims(model) -> dict[str, int]:
+    cfg = model.bridge.cfg
+    return {k: int(getattr(cfg, k)) for k in ("d_model", "d_mlp", "n_heads") if getattr(cfg, k, None)}
+
+
 def resolve_fit_sizes(req: BuildRequest, device: str) -> tuple[int, int]:
-    """(neurons a fit group, tokens a forward pass): the request's on a CPU; on a GPU a group of
-    0 (auto) becomes GPU_GROUP_SIZE and the fit's batches grow to GPU_BATCH_TOKENS."""
-    if device.startswith("cuda"):
-        return req.group_size or GPU_GROUP_SIZE, max(req.fit.batch_tokens, GPU_BATCH_TOKENS)
-    return req.group_size or 8, req.fit.batch_tokens
+    """(neurons a fit group, tokens a forward pass) on ``device`` (see :func:`device_sizes`)."""
+    s = device_sizes({}, device, None, req)
+    return s["group_size"], s["batch_tokens"]
 
 
 def _examples(tokens: np.ndarray, acts: np.ndarray) -> list[dict[str, Any]]:
@@ -307,6 +330,18 @@ def make_executor(req: BuildRequest, model, model_lock: ContextManager | None = 
     return InProcessExecutor(model, model_lock)
 
 
+def _device_memory(req: BuildRequest, model, get_executor) -> tuple[str, int | None]:
+    """(device the units run on, its free bytes or None)."""
+    if req.executor == "ray":
+        ex = get_executor()
+        return ex.device, ex.free_device_bytes()
+    if model.device.type == "cuda":
+        import torch
+
+        return "cuda", int(torch.cuda.mem_get_info(model.device)[0])
+    return str(model.device), None
+
+
 def _scan_identity(req: BuildRequest, windows: np.ndarray, excluded: np.ndarray) -> str:
     return scan_key(windows.shape[0], windows.shape[1], req.scan.k, excluded)
 
@@ -365,6 +400,10 @@ def run_build(ws: Workspace, model, req: BuildRequest, *, job_id: str | None = N
     try:
         # -- scan shards ------------------------------------------------------------------------
         missing = _layers_to_scan(ws, layers, req.scan.k, key)
+        scan_cfg = req.scan
+        if missing and (req.executor == "ray" or model.device.type == "cuda"):
+            scan_cfg = dataclasses.replace(req.scan, batch_size=device_sizes(
+                {}, *_device_memory(req, model, get_executor), req)["scan_batch"])
         ranges = shard_ranges(windows.shape[0], req.shard_windows)
         if missing:
             have = {l: store.partial_ranges(key, l) for l in missing}
@@ -377,7 +416,7 @@ def run_build(ws: Workspace, model, req: BuildRequest, *, job_id: str | None = N
             progress(BuildEvent("scan", done_w, total_w, f"{len(todo)} of {len(shards)} shards to scan for layers "
                                 f"{missing[0]}..{missing[-1]}", elapsed_s=time.perf_counter() - start))
             units = [Unit(s.unit_id, "scan", {"start": s.start, "stop": s.stop, "layers": list(s.layers),
-                                              "scan": req.scan.to_dict(), "precision": req.precision,
+                                              "scan": scan_cfg.to_dict(), "precision": req.precision,
                                               "exclude": excluded[(excluded >= s.start) & (excluded < s.stop)]})
                      for s in todo]
             if units:
@@ -406,9 +445,9 @@ def run_build(ws: Workspace, model, req: BuildRequest, *, job_id: str | None = N
 
         # -- fit groups -------------------------------------------------------------------------
         keys = plan_neurons(req, {l: s["max_activation"] for l, s in scans.items()})
-        device = getattr(get_executor(), "device", None) if req.executor == "ray" else str(model.device)
-        group_size, batch_tokens = resolve_fit_sizes(req, device or "cpu")
-        fit_req = dataclasses.replace(req, fit=dataclasses.replace(req.fit, batch_tokens=batch_tokens))
+        sizes = device_sizes(model_dims(model), *_device_memory(req, model, get_executor), req)
+        group_size = sizes["group_size"]
+        fit_req = dataclasses.replace(req, fit=dataclasses.replace(req.fit, batch_tokens=sizes["batch_tokens"]))
         if not store.fit_planned(plan_id):
             built = set(ws.built_keys())
             groups = fit_groups([k for k in keys if k not in built], group_size)

@@ -133,6 +133,13 @@ class _Worker:
     def pid(self) -> int:
         return os.getpid()
 
+    def free_device_bytes(self) -> int | None:
+        import torch
+
+        if self.model.device.type != "cuda":
+            return None
+        return int(torch.cuda.mem_get_info(self.model.device)[0])
+
     def run(self, unit: Unit, windows) -> tuple[Any, float]:
         t0 = time.perf_counter()
         value = execute_unit(self.model, unit, windows)
@@ -175,6 +182,10 @@ class RayExecutor:
         for _ in range(self.n_workers):
             self._spawn()
         ray.get([a.pid.remote() for a in self.actors])
+
+    def free_device_bytes(self) -> int | None:
+        """Free memory of a worker's GPU (None on CPU workers)."""
+        return self.ray.get(self.actors[0].free_device_bytes.remote()) if self.actors else None
 
     def _spawn(self) -> Any:
         actor = self._actor_cls.remote(self.spec, self.device, self.threads)
