@@ -230,12 +230,15 @@ impl<'a> Reader<'a> {
     pub(crate) fn new(buf: &'a [u8], what: &'static str) -> Self {
         Reader { buf, pos: 0, what }
     }
+    #[cold]
+    #[inline(never)]
     fn truncated(&self, field: &str) -> N2GError {
         corrupt!("{} is truncated or corrupt: cannot read {field} at byte {}", self.what, self.pos)
     }
     pub(crate) fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }
+    #[inline]
     pub(crate) fn bytes(&mut self, n: usize, field: &str) -> Result<&'a [u8]> {
         if self.remaining() < n {
             return Err(self.truncated(field));
@@ -244,29 +247,37 @@ impl<'a> Reader<'a> {
         self.pos += n;
         Ok(s)
     }
+    #[inline]
     pub(crate) fn array<const N: usize>(&mut self, field: &str) -> Result<[u8; N]> {
         let mut a = [0u8; N];
         a.copy_from_slice(self.bytes(N, field)?);
         Ok(a)
     }
+    #[inline]
     pub(crate) fn u8(&mut self, field: &str) -> Result<u8> {
         Ok(self.array::<1>(field)?[0])
     }
+    #[inline]
     pub(crate) fn u16(&mut self, field: &str) -> Result<u16> {
         Ok(u16::from_le_bytes(self.array(field)?))
     }
+    #[inline]
     pub(crate) fn u32(&mut self, field: &str) -> Result<u32> {
         Ok(u32::from_le_bytes(self.array(field)?))
     }
+    #[inline]
     pub(crate) fn u64(&mut self, field: &str) -> Result<u64> {
         Ok(u64::from_le_bytes(self.array(field)?))
     }
+    #[inline]
     fn f32(&mut self, field: &str) -> Result<f32> {
         Ok(f32::from_le_bytes(self.array(field)?))
     }
+    #[inline]
     fn f64(&mut self, field: &str) -> Result<f64> {
         Ok(f64::from_le_bytes(self.array(field)?))
     }
+    #[inline]
     fn varint(&mut self, field: &str) -> Result<u64> {
         // Fast path: most counts, indices and ids gaps fit one byte.
         if let Some(&b) = self.buf.get(self.pos) {
@@ -275,6 +286,10 @@ impl<'a> Reader<'a> {
                 return Ok(b as u64);
             }
         }
+        self.varint_slow(field)
+    }
+    #[inline(never)]
+    fn varint_slow(&mut self, field: &str) -> Result<u64> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
             let b = self.u8(field)?;
@@ -288,12 +303,14 @@ impl<'a> Reader<'a> {
         }
         Err(corrupt!("{} is corrupt: bad varint for {field} at byte {}", self.what, self.pos))
     }
+    #[inline]
     fn varint_u32(&mut self, field: &str) -> Result<u32> {
         let v = self.varint(field)?;
         u32::try_from(v).map_err(|_| corrupt!("{} is corrupt: {field} = {v} out of range", self.what))
     }
     /// A count of items that each take at least one byte, so it cannot exceed what is left
     /// (keeps a corrupt count from allocating gigabytes).
+    #[inline]
     fn count(&mut self, field: &str) -> Result<usize> {
         let v = self.varint(field)?;
         if v > self.remaining() as u64 {
@@ -301,6 +318,7 @@ impl<'a> Reader<'a> {
         }
         Ok(v as usize)
     }
+    #[inline]
     fn str(&mut self, field: &str) -> Result<&'a str> {
         let n = self.count(field)?;
         let b = self.bytes(n, field)?;
@@ -383,6 +401,78 @@ pub(crate) fn checksum(header: &[u8], body: &[u8]) -> u32 {
 /// Decodes [`graph_to_bytes`] output; refuses a wrong magic, an unknown version, a length
 /// mismatch (truncated or trailing bytes), a checksum mismatch or a malformed trie.
 pub fn graph_from_bytes(data: &[u8]) -> Result<NeuronGraph> {
+    Ok(raw_graph_from_bytes(data)?.to_graph())
+}
+
+/// A decoded and fully validated graph blob whose strings still point into the blob: the
+/// store packs it without building a [`NeuronGraph`] first (and reuses it for the next blob).
+#[derive(Default)]
+pub(crate) struct RawGraph<'a> {
+    pub model: &'a str,
+    pub layer: u32,
+    pub neuron: u32,
+    pub hook: &'a str,
+    pub max_activation: f64,
+    pub finalized: bool,
+    /// The blob's label table.
+    pub labels: Vec<&'a str>,
+    /// Index 0 = the root, then breadth-first: node `i`'s children are the `n_children` nodes
+    /// after those of every earlier node.
+    pub nodes: Vec<RawNode>,
+    pub ids: Vec<u32>,
+    /// Decoder scratch.
+    expected: Vec<(u64, u32)>,
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct RawNode {
+    /// Index into `labels`, or [`RAW_IGNORE`].
+    pub label: u32,
+    pub value: f32,
+    pub end: Option<f32>,
+    /// `ids[ids_start..ids_start + n_ids]`, sorted, unique.
+    pub ids_start: u32,
+    pub n_ids: u32,
+    pub n_children: u32,
+}
+
+pub(crate) const RAW_IGNORE: u32 = u32::MAX;
+
+impl RawGraph<'_> {
+    pub fn ids_of(&self, n: &RawNode) -> &[u32] {
+        &self.ids[n.ids_start as usize..(n.ids_start + n.n_ids) as usize]
+    }
+
+    pub fn to_graph(&self) -> NeuronGraph {
+        let labels: Vec<SmolStr> = self.labels.iter().map(|l| SmolStr::new(l)).collect();
+        let mut nodes: Vec<Node> = Vec::with_capacity(self.nodes.len());
+        let mut next_child = 1u32;
+        for (i, n) in self.nodes.iter().enumerate() {
+            let mut node = if i == 0 {
+                Node::root()
+            } else {
+                let label = if n.label == RAW_IGNORE { Label::Ignore } else { Label::Token(labels[n.label as usize].clone()) };
+                Node::new(label, Ids::from_slice(self.ids_of(n)), n.value, n.end)
+            };
+            node.children = (next_child..next_child + n.n_children).collect();
+            next_child += n.n_children;
+            nodes.push(node);
+        }
+        let g = NeuronGraph::from_checked_nodes(self.model.to_owned(), self.layer, self.neuron, self.hook.to_owned(), self.max_activation, nodes, self.finalized);
+        debug_assert!(g.validate().is_ok());
+        g
+    }
+}
+
+/// [`graph_from_bytes`] up to the raw form.
+pub(crate) fn raw_graph_from_bytes(data: &[u8]) -> Result<RawGraph<'_>> {
+    let mut g = RawGraph::default();
+    decode_raw_into(data, &mut g)?;
+    Ok(g)
+}
+
+/// [`raw_graph_from_bytes`] into `out`, reusing its buffers.
+pub(crate) fn decode_raw_into<'a>(data: &'a [u8], out: &mut RawGraph<'a>) -> Result<()> {
     let mut r = Reader::new(data, "graph bytes");
     let magic = r.array::<4>("the magic")?;
     if &magic != GRAPH_MAGIC {
@@ -409,35 +499,43 @@ pub fn graph_from_bytes(data: &[u8]) -> Result<NeuronGraph> {
     if checksum(&data[..12], body) != crc {
         return Err(corrupt!("graph bytes are corrupt: checksum mismatch"));
     }
-    decode_body(body, flags & FLAG_FINALIZED != 0)
+    decode_body(body, flags & FLAG_FINALIZED != 0, out)
 }
 
-fn decode_body(body: &[u8], finalized: bool) -> Result<NeuronGraph> {
+fn decode_body<'a>(body: &'a [u8], finalized: bool, out: &mut RawGraph<'a>) -> Result<()> {
     let mut r = Reader::new(body, "graph bytes");
-    let model = r.str("model")?.to_owned();
+    let model = r.str("model")?;
     let layer = r.varint_u32("layer")?;
     let neuron = r.varint_u32("neuron")?;
-    let hook = r.str("hook")?.to_owned();
+    let hook = r.str("hook")?;
     let max_activation = r.f64("max_activation")?;
     let n_labels = r.count("label count")?;
-    let mut labels: Vec<SmolStr> = Vec::with_capacity(n_labels);
+    let mut labels = std::mem::take(&mut out.labels);
+    labels.clear();
     for _ in 0..n_labels {
-        labels.push(SmolStr::new(r.str("label")?));
+        labels.push(r.str("label")?);
     }
     let n_nodes = r.count("node count")?;
     let n_roots = r.varint("root count")?;
-    let mut nodes: Vec<Node> = Vec::with_capacity(n_nodes + 1);
-    nodes.push(Node::root());
+    let root = RawNode { label: RAW_IGNORE, value: 0.0, end: None, ids_start: 0, n_ids: 0, n_children: 0 };
+    let (mut nodes, mut ids) = (std::mem::take(&mut out.nodes), std::mem::take(&mut out.ids));
+    nodes.clear();
+    nodes.reserve(n_nodes + 1);
+    nodes.push(root);
+    ids.clear();
     // Breadth-first: each node's children are the next `n_children` nodes not yet placed, so
     // the shape is a tree by construction; the other invariants of `NeuronGraph::validate` are
-    // checked inline (this is the store's load path). Per node: (expected children, depth).
-    let mut expected: Vec<(u64, u32)> = Vec::with_capacity(n_nodes + 1);
+    // checked inline (this is the store's load path). Per node: (expected children, depth);
+    // `placed` counts the children placed under `parent` so far.
+    let mut expected = std::mem::take(&mut out.expected);
+    expected.clear();
     expected.push((n_roots, 0));
-    let mut parent = 0usize;
+    let (mut parent, mut placed) = (0usize, 0u64);
     let bad = |what: &str| corrupt!("graph bytes are corrupt: {what}");
     for _ in 0..n_nodes {
-        while parent < expected.len() && expected[parent].0 as usize == nodes[parent].children.len() {
+        while parent < expected.len() && expected[parent].0 == placed {
             parent += 1;
+            placed = 0;
         }
         if parent >= expected.len() {
             return Err(bad("more nodes than the child counts place"));
@@ -450,13 +548,19 @@ fn decode_body(body: &[u8], finalized: bool) -> Result<NeuronGraph> {
             if parent == 0 {
                 return Err(bad("an activating token cannot be IGNORE"));
             }
-            Label::Ignore
+            RAW_IGNORE
         } else {
             let i = r.varint("label index")? as usize;
-            Label::Token(labels.get(i).cloned().ok_or_else(|| bad(&format!("label index {i} out of range")))?)
+            if i >= labels.len() {
+                return Err(bad(&format!("label index {i} out of range")));
+            }
+            i as u32
         };
-        if let Some(&prev) = nodes[parent].children.last() {
-            if nodes[prev as usize].label >= label {
+        // Siblings sit next to each other: the previous node is the previous sibling. Order:
+        // tokens by label, IGNORE last (as `Label`'s derived order).
+        if placed > 0 {
+            let prev = nodes[nodes.len() - 1].label;
+            if prev == RAW_IGNORE || (label != RAW_IGNORE && labels[prev as usize] >= labels[label as usize]) {
                 return Err(bad("children are not sorted or repeat a label"));
             }
         }
@@ -466,10 +570,10 @@ fn decode_body(body: &[u8], finalized: bool) -> Result<NeuronGraph> {
             return Err(bad("a node has a non-finite value"));
         }
         let n_ids = r.count("token id count")?;
-        if label.is_ignore() && (n_ids != 0 || end.is_some()) {
+        if label == RAW_IGNORE && (n_ids != 0 || end.is_some()) {
             return Err(bad("an IGNORE node has token ids or an END"));
         }
-        let mut ids = Ids::with_capacity(n_ids);
+        let ids_start = ids.len() as u32;
         let mut prev = 0u32;
         for k in 0..n_ids {
             let v = r.varint_u32("token id")?;
@@ -483,13 +587,13 @@ fn decode_body(body: &[u8], finalized: bool) -> Result<NeuronGraph> {
         if depth as usize > MAX_PATH_NODES {
             return Err(bad(&format!("path deeper than {MAX_PATH_NODES} nodes")));
         }
-        let id = nodes.len() as NodeId;
-        nodes[parent].children.push(id);
-        nodes.push(Node::new(label, ids, value, end));
+        placed += 1;
+        nodes[parent].n_children += 1;
+        nodes.push(RawNode { label, value, end, ids_start, n_ids: n_ids as u32, n_children: 0 });
         expected.push((n_children, depth));
     }
     for (i, (&(e, _), n)) in expected.iter().zip(&nodes).enumerate() {
-        if e as usize != n.children.len() {
+        if e != n.n_children as u64 {
             return Err(bad("child counts do not match the node count"));
         }
         if i > 0 && e == 0 && n.end.is_none() {
@@ -500,9 +604,8 @@ fn decode_body(body: &[u8], finalized: bool) -> Result<NeuronGraph> {
         return Err(bad(&format!("{} unread bytes after the nodes", r.remaining())));
     }
     check_finite_meta(max_activation)?;
-    let g = NeuronGraph::from_checked_nodes(model, layer, neuron, hook, max_activation, nodes, finalized);
-    debug_assert!(g.validate().is_ok());
-    Ok(g)
+    *out = RawGraph { model, layer, neuron, hook, max_activation, finalized, labels, nodes, ids, expected };
+    Ok(())
 }
 
 fn check_finite_meta(max_activation: f64) -> Result<()> {

@@ -4,6 +4,7 @@
 
 pub mod error;
 pub mod format;
+pub mod packed;
 pub mod parallel;
 pub mod predict;
 pub mod render;

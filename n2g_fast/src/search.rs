@@ -111,14 +111,15 @@ impl TokenPostings {
     }
 }
 
-struct Extract<'a> {
-    act_labels: Vec<&'a SmolStr>,
-    ctx_labels: Vec<&'a SmolStr>,
-    act_tokens: Vec<u32>,
-    ctx_tokens: Vec<u32>,
+/// One graph's labels (borrowed, repeats allowed: they are deduplicated as ids) and sorted
+/// unique token ids, by role.
+pub(crate) struct Extract<'a> {
+    pub act_labels: Vec<&'a SmolStr>,
+    pub ctx_labels: Vec<&'a SmolStr>,
+    pub act_tokens: Vec<u32>,
+    pub ctx_tokens: Vec<u32>,
 }
 
-/// Labels (borrowed, repeats allowed: they are deduplicated as ids) and sorted unique token ids.
 fn extract(g: &NeuronGraph) -> Extract<'_> {
     let roots = g.roots();
     let mut e = Extract { act_labels: Vec::new(), ctx_labels: Vec::new(), act_tokens: Vec::new(), ctx_tokens: Vec::new() };
@@ -189,6 +190,11 @@ impl StoreIndex {
         all.sort_by_key(|x| x.0);
         let (keys, gs): (Vec<Key>, Vec<&NeuronGraph>) = all.into_iter().unzip();
         let extracted: Vec<Extract> = parallel::install(|| gs.par_iter().map(|g| extract(g)).collect());
+        Self::build_extracted(keys, extracted)
+    }
+
+    /// Builds the index from each graph's extract; `keys` sorted and unique, in the same order.
+    pub(crate) fn build_extracted(keys: Vec<Key>, extracted: Vec<Extract>) -> StoreIndex {
         let mut ix = StoreIndex { keys, ..Default::default() };
         let (mut act_tok, mut ctx_tok) = (Vec::new(), Vec::new());
         let label_id = |ix: &mut StoreIndex, s: &SmolStr| -> u32 {

@@ -103,9 +103,7 @@ impl PyGraphStore {
         let owned = self::blobs(blobs)?;
         py.detach(|| {
             let slices: Vec<&[u8]> = owned.iter().map(|b| &**b).collect();
-            let graphs = GraphStore::decode_blobs(&slices)?;
-            self.write().extend(graphs);
-            Ok::<_, crate::error::N2GError>(())
+            self.write().add_blobs(&slices)
         })?;
         Ok(())
     }
@@ -127,7 +125,7 @@ impl PyGraphStore {
     /// A copy of the graph stored under `key`.
     fn get(&self, key: &Bound<'_, PyAny>) -> PyResult<PyNeuronGraph> {
         let k = self::key(key)?;
-        Ok(PyNeuronGraph::wrap(self.read().get(k)?.clone()))
+        Ok(PyNeuronGraph::wrap(self.read().get(k)?))
     }
 
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
