@@ -176,3 +176,28 @@ def test_vocabulary_is_defined_once():
     for name, literal in tuples.items():
         holders = [p.name for p in files if literal in p.read_text() and "_pb2" not in p.name]
         assert holders == ["vocab.py"], (name, holders)
+
+
+def test_eval_on_every_test_set_local_and_remote(pair):
+    """`n2g eval --compute` stores the held-out activations once; afterwards every reader (here the
+    server) scores ordinary text and detection from them without computing anything."""
+    local, srv = pair
+    before = json.loads(run_cli("eval", "--workspace", str(local), "--json").stdout)["test_sets"]
+    assert "ordinary" in before["unavailable"]  # nothing stored yet, and no model asked for
+    after = json.loads(run_cli("eval", "--workspace", str(local), "--json", "--compute").stdout)["test_sets"]
+    assert after["unavailable"] == {} and after["heldout"]["size"] > 0
+    sets = {(n["layer"], n["neuron"], n["test_set"]) for n in after["neurons"]}
+    assert {t for _, _, t in sets} == {"paper", "ordinary", "detection"}
+    again = json.loads(run_cli("eval", "--workspace", str(local), "--json").stdout)["test_sets"]
+    assert again["neurons"] == after["neurons"]  # read back, the same scores
+
+
+def test_dry_run_plans_every_layer_both_ways(pair):
+    local, srv = pair
+    plans = [json.loads(run_cli("build", *where, "--layers", "all", "--sample", "3", "--dry-run", "--json").stdout)
+             for where in (("--workspace", str(local)), ("--server", srv.address))]
+    for p in plans:
+        assert p["layers"] == [0, 1] and p["scan_shards"] == 0  # the layers are scanned already
+        assert "forward" in p["summary"] and "tok/s" in p["summary"]
+    assert {k: v for k, v in plans[0].items() if k not in ("summary", "details", "total_seconds")} == \
+        {k: v for k, v in plans[1].items() if k not in ("summary", "details", "total_seconds")}

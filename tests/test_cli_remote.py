@@ -57,8 +57,10 @@ def test_same_answers_remote_and_local(capsys, setup):
     both(capsys, setup, "search", "--in-context", "--json")
     both(capsys, setup, "similar", str(key[0]), str(key[1]), "--threshold", "0.5", "--json")
     both(capsys, setup, "similar", "--all", "--kind", "subset", "--threshold", "0.5", "--json")
-    summary = json.loads(both(capsys, setup, "eval", "--json"))
-    assert set(summary) == {str(l) for l in {g["key"][0] for g in graphs}}
+    ev = json.loads(both(capsys, setup, "eval", "--json"))
+    assert set(ev["paper"]) == {str(l) for l in {g["key"][0] for g in graphs}}
+    assert ev["test_sets"]["test_sets"] == ["paper", "ordinary", "detection"]
+    assert set(json.loads(both(capsys, setup, "eval", "--json", "--paper-only"))) == set(ev["paper"])
     both(capsys, setup, "jobs", "--json")
 
 

@@ -580,14 +580,19 @@ def _cmd_similar(args) -> int:
 # eval, export, report
 
 def _cmd_eval(args) -> int:
-    with _client(args, needs_model=False) as c:
-        ev = c.evaluate(_neurons(args.neurons) if args.neurons else None, layers=args.layers)
+    with _client(args, needs_model=args.compute) as c:
+        ev = c.evaluate(_neurons(args.neurons) if args.neurons else None, layers=args.layers,
+                        test_sets=not args.paper_only, compute_heldout=args.compute)
         info = c.model_info() if not args.json else None
     if args.json:
-        print(json.dumps(ev.summary, indent=2, sort_keys=True))
+        print(json.dumps(ev.summary if args.paper_only else {"paper": ev.summary, "test_sets": ev.details},
+                         indent=2, sort_keys=True))
         return 0
     print(f"model {info.model}, corpus {info.corpus}, hook {info.hook}")
     print(ev.table)
+    if ev.report:
+        print()
+        print(ev.report)
     return 0
 
 
@@ -668,9 +673,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None, help="overlap threshold (default 0.9)")
     p.add_argument("--k", type=int, default=None, help="nearest neighbours to show (default 10)")
     _add_conn(p)
-    p = sub.add_parser("eval", help="the per-layer precision/recall/F1 table")
+    p = sub.add_parser("eval", help="scores per layer: the paper's table, then every method on ordinary text and "
+                                    "detection with 95%% intervals and paired differences")
     p.add_argument("--layers", type=int, nargs="+", default=None)
     p.add_argument("--neurons", nargs="+", default=None, metavar="L:N")
+    p.add_argument("--paper-only", action="store_true", help="only the paper protocol's table")
+    p.add_argument("--compute", action="store_true",
+                   help="compute the held-out activations not stored yet (loads the model; stored for next time)")
+    p.add_argument("--device", default=None, help="local --compute: cpu, cuda, ...")
     _add_conn(p)
     p = sub.add_parser("export", help="write graphs/L_N.json and examples/L_N.json for every built neuron")
     p.add_argument("--out", required=True, type=Path)

@@ -265,9 +265,15 @@ class _Api:
 
     # -- evaluation, search, similarity ---------------------------------------------------------
     def evaluate(self, neurons: Sequence | None = None, *, layers: Sequence[int] | None = None,
-                 eval_config: dict[str, Any] | None = None, timeout: float | None = None) -> Evaluation:
+                 eval_config: dict[str, Any] | None = None, test_sets: bool = False, compute_heldout: bool = False,
+                 timeout: float | None = None) -> Evaluation:
+        """Per-neuron and per-layer scores of every method. `test_sets` adds the ordinary-text and
+        detection test sets with intervals and paired comparisons (`Evaluation.report`,
+        `.details`); `compute_heldout` first computes missing true activations on the held-out
+        windows (needs the model)."""
         return self._call("evaluate", dict(neurons=_keys(neurons) or None, layers=list(layers) if layers else None,
-                                           eval_config_json=_json.dumps(eval_config) if eval_config else None),
+                                           eval_config_json=_json.dumps(eval_config) if eval_config else None,
+                                           test_sets=test_sets or compute_heldout, compute_heldout=compute_heldout),
                           timeout)
 
     def search(self, clauses: Sequence[tuple[str | int, str]], *, limit: int = 0,

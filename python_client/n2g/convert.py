@@ -212,7 +212,8 @@ def _evaluation(r) -> T.Evaluation:
     return T.Evaluation(
         [T.NeuronEvaluation(key(n.key), _scores(n.scores), json.loads(n.metrics_json or "{}")) for n in r.neurons],
         [T.LayerEvaluation(l.layer, l.n_neurons, _scores(l.scores)) for l in r.layers],
-        r.table, json.loads(r.summary_json) if r.summary_json else None)
+        r.table, json.loads(r.summary_json) if r.summary_json else None, r.report,
+        json.loads(r.report_json) if r.report_json else None)
 
 
 def _evaluation_pb(e: T.Evaluation) -> pb.EvaluateResponse:
@@ -221,7 +222,8 @@ def _evaluation_pb(e: T.Evaluation) -> pb.EvaluateResponse:
                                      metrics_json=json.dumps(n.metrics, sort_keys=True)) for n in e.neurons],
         layers=[pb.LayerEvaluation(layer=l.layer, n_neurons=l.n_neurons, scores=_scores_pb(l.scores))
                 for l in e.layers],
-        table=e.table, summary_json=json.dumps(e.summary, sort_keys=True) if e.summary is not None else "")
+        table=e.table, summary_json=json.dumps(e.summary, sort_keys=True) if e.summary is not None else "",
+        report=e.report, report_json=json.dumps(e.details, sort_keys=True) if e.details is not None else "")
 
 
 def _similar(r) -> T.Similar:
@@ -379,10 +381,12 @@ OPS: dict[str, Op] = {op.name: op for op in (
                        normalise=r.normalise, skip_bos=r.skip_bos),
         _activations, _activations_pb),
     _op("evaluate", "Evaluate",
-        lambda neurons, layers, eval_config_json: pb.EvaluateRequest(
-            neurons=_keys_pb(neurons), layers=list(layers or []), eval_config_json=eval_config_json or ""),
+        lambda neurons, layers, eval_config_json, test_sets, compute_heldout: pb.EvaluateRequest(
+            neurons=_keys_pb(neurons), layers=list(layers or []), eval_config_json=eval_config_json or "",
+            test_sets=test_sets, compute_heldout=compute_heldout),
         lambda r: dict(neurons=[key(k) for k in r.neurons] or None, layers=list(r.layers) or None,
-                       eval_config_json=r.eval_config_json or None),
+                       eval_config_json=r.eval_config_json or None, test_sets=r.test_sets,
+                       compute_heldout=r.compute_heldout),
         _evaluation, _evaluation_pb),
     _op("search", "Search", _search_pb, _search_args, lambda r: T.SearchResult([key(k) for k in r.neurons], r.total),
         lambda s: pb.SearchResponse(neurons=_keys_pb(s.neurons), total=s.total)),

@@ -200,6 +200,8 @@ class Evaluation:
     layers: list[LayerEvaluation]
     table: str
     summary: Any
+    report: str = ""  # with test_sets: every method on the three test sets, with intervals
+    details: dict[str, Any] | None = None  # with test_sets: every score of that report
 
 
 @dataclass(frozen=True)

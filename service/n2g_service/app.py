@@ -57,8 +57,10 @@ STOP_WAIT_S = 120              # on shutdown, how long the build worker may take
 
 
 # What each kind of workspace failure is for a caller (WorkspaceError.kind -> status code).
-_WORKSPACE_CODES = {"full": C.RESOURCE_EXHAUSTED, "locked": C.UNAVAILABLE, "read_only": C.FAILED_PRECONDITION,
-                    "damaged": C.DATA_LOSS, "damaged_neuron": C.DATA_LOSS}
+_WORKSPACE_CODES = {"full": C.RESOURCE_EXHAUSTED, "too_large": C.RESOURCE_EXHAUSTED, "locked": C.UNAVAILABLE,
+                    "busy": C.UNAVAILABLE, "read_only": C.FAILED_PRECONDITION, "damaged": C.DATA_LOSS,
+                    "damaged_neuron": C.DATA_LOSS, "invalid": C.INVALID_ARGUMENT, "non_finite": C.INVALID_ARGUMENT,
+                    "conflict": C.ALREADY_EXISTS, "missing": C.NOT_FOUND}
 
 
 def as_n2g_error(e: Exception) -> N2GError | None:
@@ -349,6 +351,8 @@ class N2GApp:
             have = self.graphs.keys()
             missing = [k for k in out if k not in have]
             if missing:
+                for k in missing[:5]:  # a damaged row is DATA_LOSS with its reason, not "not built"
+                    self.ws.get_neuron(*k)
                 shown = ", ".join(f"{l}:{n}" for l, n in missing[:5]) + (" ..." if len(missing) > 5 else "")
                 raise not_found(f"no graph built for {len(missing)} neuron(s): {shown}; build them first "
                                 f"(StartBuild, `n2g build`)")
@@ -450,7 +454,9 @@ class N2GApp:
         from n2g import __version__ as version
 
         n_layers, d_mlp, d_vocab = self.shape()
-        per_layer = self.ws.built_counts()
+        per_layer: dict[int, int] = {}
+        for l, _ in self.ws.built_keys():  # damaged rows left out
+            per_layer[l] = per_layer.get(l, 0) + 1
         scanned = set(self.ws.scanned_layers())
         layers = [T.LayerStatus(l, l in scanned, per_layer.get(l, 0)) for l in sorted(scanned | set(per_layer))]
         return T.ModelInfo(
@@ -733,9 +739,12 @@ class N2GApp:
 
     # -- evaluation ---------------------------------------------------------------------------------
     def evaluate(self, neurons: Sequence[Key] | None = None, layers: Sequence[int] | None = None,
-                 eval_config_json: str | None = None, *, deadline: Deadline = NO_DEADLINE) -> T.Evaluation:
+                 eval_config_json: str | None = None, test_sets: bool = False, compute_heldout: bool = False, *,
+                 deadline: Deadline = NO_DEADLINE) -> T.Evaluation:
         """Per-neuron and per-layer scores of every method: the stored ones, or recomputed from the
-        stored examples with `eval_config_json`'s settings."""
+        stored examples with `eval_config_json`'s settings. `test_sets` adds every method on the
+        three test sets (paper, ordinary text, detection) with intervals and paired comparisons;
+        `compute_heldout` first computes, with the model, the held-out activations not stored."""
         from . import evaluate as ev
         from .config import EvalConfig
 
@@ -782,7 +791,13 @@ class N2GApp:
                                             float(np.mean([v.recall for v in vals])),
                                             float(np.mean([v.f1 for v in vals]))))
             layers_out.append(T.LayerEvaluation(layer, len(per), scores))
-        return T.Evaluation(per_neuron, layers_out, ev.format_table(summary), summary)
+        report, details = "", None
+        if test_sets or compute_heldout:
+            model = self.host.get() if compute_heldout else None
+            full = ev.evaluate_workspace(self.ws, model, [n.key for n in per_neuron], cfg or EvalConfig(),
+                                         model_lock=self.host.lock if model is not None else None)
+            report, details = ev.format_report(full), full.to_dict()
+        return T.Evaluation(per_neuron, layers_out, ev.format_table(summary), summary, report, details)
 
     # -- search and similarity ----------------------------------------------------------------------
     def search(self, clauses: Sequence[tuple[int | str, str | None]], limit: int = 0, *,
