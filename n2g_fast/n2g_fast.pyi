@@ -168,7 +168,11 @@ class GraphStore:
     Thread-safe: queries share a read lock and run without the GIL (several threads can query at
     once); add/remove take the write lock, also without the GIL. Graphs go in and out as copies.
     The search index and the last all-pairs result are built on first use and dropped by any
-    change."""
+    change.
+
+    Memory: graphs are held packed, 16 bytes per node (label and token-id set interned once per
+    store as one symbol; value, END, child offset), one allocation per graph; predictions walk
+    that form directly (no per-graph compiled copy). `heap_bytes()` gives the accounted size."""
 
     def __init__(self) -> None: ...
     def __len__(self) -> int: ...
@@ -187,13 +191,19 @@ class GraphStore:
         """N2GError for an unknown key."""
     def get(self, key: Key) -> NeuronGraph:
         """A copy; N2GError for an unknown key."""
+    def heap_bytes(self) -> int:
+        """Bytes the graphs hold in memory: packed nodes, map entries and the shared symbol
+        tables (lazily built search index and allocator overhead not counted)."""
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Writes the store file atomically (temporary file + rename). Format: magic "N2GSTORE",
-        format version, graph count, payload length, CRC-32 over header and payload, then each
-        graph's to_bytes() blob (each with its own checksum), sorted by key."""
+        """Writes the store file atomically (temporary file + rename). Format version 2: magic
+        "N2GSTORE", version, graph count, payload length, CRC-32 over header and payload, then
+        the packed form (names, labels, symbols numbered in order of first use, then each graph's
+        words sorted by key), so loading is checking and copying."""
     @staticmethod
     def load(path: str | os.PathLike[str]) -> GraphStore:
-        """Refuses a missing, truncated, corrupt or newer-version file with N2GError."""
+        """Reads format versions 2 and 1 (earlier builds: a list of to_bytes() blobs). Every
+        graph invariant is checked. Refuses a missing, truncated, corrupt or newer-version file
+        with N2GError."""
     def to_bytes(self) -> bytes:
         """The store file's content."""
     @staticmethod

@@ -134,6 +134,46 @@ def test_save_load(tmp_path, graphs, store):
     assert len(GraphStore.load(tmp_path / "empty.n2gs")) == 0
 
 
+def version_1_file(graphs) -> bytes:
+    """A store file as builds before format version 2 wrote it: each graph's to_bytes() blob,
+    sorted by key, behind the 40-byte header."""
+    import struct
+    import zlib
+
+    blobs = [g.to_bytes() for g in sorted(graphs, key=lambda g: (g.layer, g.neuron))]
+    payload = b"".join(struct.pack("<I", len(b)) + b for b in blobs)
+    head = b"N2GSTORE" + struct.pack("<IIQQ", 1, 0, len(blobs), len(payload))
+    return head + struct.pack("<II", zlib.crc32(payload, zlib.crc32(head)), 0) + payload
+
+
+def test_version_1_files_still_load(tmp_path, graphs, store):
+    path = tmp_path / "old.n2gs"
+    path.write_bytes(version_1_file(graphs))
+    back = GraphStore.load(path)
+    assert back.keys() == store.keys()
+    for g in graphs:
+        assert back.get((g.layer, g.neuron)) == g
+    # Saving writes version 2, the same bytes as a store built from the graphs directly.
+    assert back.to_bytes()[8:12] == (2).to_bytes(4, "little")
+    assert back.to_bytes() == store.to_bytes()
+    damaged = bytearray(version_1_file(graphs))
+    damaged[-5] ^= 0x10
+    with pytest.raises(N2GError, match="checksum"):
+        GraphStore.from_bytes(bytes(damaged))
+
+
+def test_heap_bytes_grow_with_graphs_and_stay_compact(graphs):
+    s = GraphStore()
+    assert s.heap_bytes() < 4096
+    s.add_bytes([g.to_bytes() for g in graphs])
+    full = s.heap_bytes()
+    nodes = sum(g.n_nodes + 1 for g in graphs)
+    # 16 bytes per node plus per-graph and shared-table overhead, far below a node struct each.
+    assert 16 * nodes < full < 16 * nodes + 200 * len(graphs) + 64 * 1024
+    s.remove((graphs[0].layer, graphs[0].neuron))
+    assert s.heap_bytes() < full
+
+
 def test_corrupt_files_refused(tmp_path, store):
     data = store.to_bytes()
     cases = {

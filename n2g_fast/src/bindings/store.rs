@@ -128,6 +128,11 @@ impl PyGraphStore {
         Ok(PyNeuronGraph::wrap(self.read().get(k)?))
     }
 
+    /// Bytes the graphs hold in memory (see `GraphStore::heap_bytes`).
+    fn heap_bytes(&self) -> usize {
+        self.read().heap_bytes()
+    }
+
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
         py.detach(|| self.read().save(&path))?;
         Ok(())
