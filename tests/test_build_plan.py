@@ -157,3 +157,23 @@ def test_work_sizes_follow_the_device():
     assert 64 <= small["group_size"] < big["group_size"] and 4096 < small["batch_tokens"] < big["batch_tokens"]
     assert big["scan_batch"] == 256
     assert device_sizes(dims, "cuda", 70 * 2**30, BuildRequest(layers=[0], neurons=[1], group_size=5))["group_size"] == 5
+
+
+def test_progress_bars_one_per_stage():
+    import io
+
+    from n2g_service.build.progress import ProgressBars
+    from n2g_service.jobs import BuildEvent
+
+    out = io.StringIO()
+    with ProgressBars(file=out) as bars:
+        bars(BuildEvent("corpus", 0, 1, "tokenising corpus"))
+        bars(BuildEvent("scan", 0, 300, "3 shards"))
+        bars(BuildEvent("scan", 100, 300, "shard scan:0-100", eta_s=4.0))
+        scan = bars.bars["scan"]
+        assert (scan.n, scan.total, scan.unit) == (100, 300, "win")
+        bars(BuildEvent("fit", 4, 10, "6 neurons to build"))
+        bars(BuildEvent("fit", 6, 10, "layer 0: built [3, 4]", 0, 4))
+        assert set(bars.bars) == {"scan", "fit"} and bars.bars["fit"].n == 6 and bars.bars["fit"].unit == "neuron"
+    text = out.getvalue()
+    assert "[corpus] tokenising corpus" in text and "scan" in text and "6/10" in text
