@@ -2,7 +2,9 @@
 
     python benchmarks/bench_fast.py            # defaults below; about a minute on 2 cores
     options: --graphs 1000 --sequences 100 --tokens 128 --pair-graphs 20000 --pair-ref 2000
-             --store-graphs 46080 --pred-ref-graphs 1000 --seed 0
+             --store-graphs 46080 --pred-ref-graphs 1000 --memory-graphs 10000 --seed 0
+             --baseline DIR   (d) also measures the n2g_fast package found in DIR (e.g. a copy of
+                              an earlier build's site-packages/n2g_fast), same inputs, same run
 
 Same inputs, one run, results checked equal before any ratio is printed:
 (a) prediction: Python dict tries built from each graph's JSON export and the reference walk
@@ -10,7 +12,13 @@ Same inputs, one run, results checked equal before any ratio is printed:
 (b) all pairs: the quadratic overlap loop over label sets vs GraphStore.similar_pairs +
     subset_pairs. The loop is timed on the first --pair-ref graphs (compared for equality with
     n2g_fast on exactly those graphs) and extrapolated to all graphs by n^2;
-(c) GraphStore.save / GraphStore.load time and file bytes per graph.
+(c) GraphStore.save / GraphStore.load time and file bytes per graph;
+(d) a whole model's graphs in memory (issue 9): bytes per graph held by a GraphStore (RSS growth
+    of a fresh process loading the store file, the same after malloc_trim, and the store's own
+    accounted heap_bytes), load time of --memory-graphs graphs from the store file (fresh
+    process, best of 3) and from to_bytes() blobs, and prediction throughput on 1,000 of them;
+    with --baseline, the same for an earlier build, side by side. The figures quoted for
+    albertsgarde's n2g-rs come from issue 9 (measured there; n2g-rs is not installed here).
 
 Synthetic graphs (seeded): a vocabulary of 8,000 token ids; ids 0..1999 share labels in pairs
 (like " the" / "the"), the rest have a label each. Each neuron draws 1-5 activating tokens from a
@@ -280,6 +288,112 @@ def bench_store(args, synth: Synth) -> None:
           f"file {size / 1e6:.1f} MB = {size / n:.0f} bytes per graph")
 
 
+# --- (d) memory and load, each measurement in a fresh interpreter ---------------------------------
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _trim() -> None:
+    """Returns freed heap to the OS, so RSS shows what is held, not what the allocator keeps."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def memory_child(mode: str, workdir: str) -> None:
+    """Runs in a fresh interpreter with the n2g_fast under test first on sys.path."""
+    import pickle
+
+    if mode == "prep":  # the store file in this build's own format
+        with open(os.path.join(workdir, "blobs.pkl"), "rb") as f:
+            blobs = pickle.load(f)
+        n2g_fast.GraphStore.from_bytes_list(blobs).save(os.path.join(workdir, "store.n2gs"))
+        return
+    path = os.path.join(workdir, "store.n2gs")
+    _trim()
+    r0 = _rss()
+    t0 = time.perf_counter()
+    store = n2g_fast.GraphStore.load(path)
+    t_load = time.perf_counter() - t0
+    r1 = _rss()
+    _trim()
+    r2 = _rss()
+    out = {"load_s": t_load, "rss": r1 - r0, "rss_trim": r2 - r0, "n": len(store),
+           "heap": store.heap_bytes() if hasattr(store, "heap_bytes") else None,
+           "file": os.path.getsize(path), "version": n2g_fast.__file__}
+    if mode == "full":
+        seqs = np.load(os.path.join(workdir, "seqs.npy"))
+        keys = store.keys()[:1000]
+        store.predict(keys, seqs[:1])  # pool start, first touches; the output is freed
+        _trim()
+        out["rss_after_predict"] = _rss() - r0
+        for sem in ("greedy_deepest", "all_paths_max"):
+            _, t = timed(store.predict, keys, seqs, sem, repeat=5)
+            out[sem] = len(keys) * seqs.size / t
+        with open(os.path.join(workdir, "blobs.pkl"), "rb") as f:
+            blobs = pickle.load(f)
+        t0 = time.perf_counter()
+        other = n2g_fast.GraphStore.from_bytes_list(blobs)
+        out["blobs_s"] = time.perf_counter() - t0
+        del other
+    print(json.dumps(out))
+
+
+def bench_memory(args, synth: Synth) -> None:
+    import pickle
+    import subprocess
+
+    n = args.memory_graphs
+    print(f"(d) a whole model's graphs in memory: {n} graphs")
+    blobs = [synth.graph(i // 4096, i % 4096).to_bytes() for i in range(n)]
+    nodes = sum(n2g_fast.NeuronGraph.from_bytes(b).n_nodes for b in blobs[:2000]) / min(n, 2000)
+    builds = [("this build", None)] + ([("baseline", args.baseline)] if args.baseline else [])
+    results = {}
+    with tempfile.TemporaryDirectory() as root:
+        for name, path in builds:
+            d = os.path.join(root, name.replace(" ", "_"))
+            os.makedirs(d)
+            with open(os.path.join(d, "blobs.pkl"), "wb") as f:
+                pickle.dump(blobs, f)
+            np.save(os.path.join(d, "seqs.npy"), synth.sequences(args.sequences, args.tokens))
+            env = dict(os.environ)
+            if path:
+                env["PYTHONPATH"] = os.path.abspath(path) + os.pathsep + env.get("PYTHONPATH", "")
+
+            def child(mode):
+                p = subprocess.run([sys.executable, os.path.abspath(__file__), "--_memory-child", mode, d],
+                                   env=env, capture_output=True, text=True, check=True)
+                return json.loads(p.stdout.strip().splitlines()[-1]) if p.stdout.strip() else None
+
+            child("prep")
+            runs = [child("full" if r == 0 else "load") for r in range(3)]
+            results[name] = (runs, runs[0])
+    print(f"    synthetic graphs as in (a), mean {nodes:.0f} nodes; every figure from fresh processes")
+    print("    n2g-rs (issue 9, measured there): 1.0-1.3 KB per graph; loads 10,000 graphs about 2x faster than the GraphStore before this change")
+    for name, (runs, full) in results.items():
+        load = min(r["load_s"] for r in runs)
+        print(f"    {name}: {full['version']}")
+        print(f"        bytes per graph: RSS growth {full['rss'] / n:,.0f}, after malloc_trim {full['rss_trim'] / n:,.0f}"
+              + (f", accounted heap_bytes {full['heap'] / n:,.0f}" if full["heap"] else "")
+              + f"; after a first prediction over 1,000 graphs (trimmed) {full['rss_after_predict'] / n:,.0f}")
+        print(f"        load {n} graphs from the store file: {load * 1e3:.0f} ms best of 3 (file {full['file'] / n:.0f} bytes per graph); "
+              f"from to_bytes() blobs: {full['blobs_s'] * 1e3:.0f} ms")
+        print(f"        predict 1,000 graphs x {args.sequences} x {args.tokens}: greedy_deepest {full['greedy_deepest'] / 1e6:.0f} M, "
+              f"all_paths_max {full['all_paths_max'] / 1e6:.0f} M neuron-tokens/s (best of 5)")
+    if len(results) == 2:
+        (a, fa), (b, fb) = results["this build"], results["baseline"]
+        la, lb = min(r["load_s"] for r in a), min(r["load_s"] for r in b)
+        print(f"    this build vs baseline: {fb['rss_trim'] / max(fa['rss_trim'], 1):.1f}x less memory (after trim), "
+              f"load {lb / la:.1f}x faster, greedy {fa['greedy_deepest'] / fb['greedy_deepest']:.2f}x, "
+              f"all_paths {fa['all_paths_max'] / fb['all_paths_max']:.2f}x the prediction throughput")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--graphs", type=int, default=1000)
@@ -289,17 +403,25 @@ def main(argv=None) -> None:
     ap.add_argument("--pair-graphs", type=int, default=20000)
     ap.add_argument("--pair-ref", type=int, default=2000, help="graphs the quadratic loop runs on")
     ap.add_argument("--store-graphs", type=int, default=46080)
+    ap.add_argument("--memory-graphs", type=int, default=10000)
+    ap.add_argument("--baseline", help="directory holding an earlier build's n2g_fast package, for (d)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", choices=["a", "b", "c"], nargs="*")
+    ap.add_argument("--only", choices=["a", "b", "c", "d"], nargs="*")
+    ap.add_argument("--_memory-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args._memory_child:
+        memory_child(*args._memory_child)
+        return
     print(f"n2g_fast {n2g_fast.__version__}; {os.cpu_count()} CPUs; RAYON_NUM_THREADS={os.environ.get('RAYON_NUM_THREADS', 'unset')}; Python {sys.version.split()[0]}")
-    only = set(args.only or "abc")
+    only = set(args.only or "abcd")
     if "a" in only:
         bench_predict(args, Synth(args.seed))
     if "b" in only:
         bench_pairs(args, Synth(args.seed + 1))
     if "c" in only:
         bench_store(args, Synth(args.seed + 2))
+    if "d" in only:
+        bench_memory(args, Synth(args.seed + 3))
 
 
 if __name__ == "__main__":
