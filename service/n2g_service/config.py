@@ -13,6 +13,23 @@ from typing import Any, Mapping, TypeVar
 T = TypeVar("T", bound="_Config")
 
 
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    """Whether `value` has the type of a setting whose default is `default` (an int passes for a
+    float; a bool never passes for a number). Settings without a plain default are not checked."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    return True
+
+
 class _Config:
     """Shared (de)serialisation for the frozen config dataclasses."""
 
@@ -35,6 +52,8 @@ class _Config:
         for k, v in data.items():
             if isinstance(names[k].default, tuple) and v is not None:
                 v = tuple(v)
+            if v is not None and not _same_kind(v, names[k].default):  # e.g. {"k": "x"} from JSON
+                raise ValueError(f"{cls.__name__}.{k} must be {_KINDS[type(names[k].default)]}, got {v!r:.40}")
             kwargs[k] = v
         return cls(**kwargs)
 

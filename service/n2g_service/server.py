@@ -154,6 +154,29 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _server_credentials(tls_cert: str | Path, tls_key: str | Path) -> grpc.ServerCredentials:
+    """TLS credentials from PEM files, checked with the ssl module first: gRPC reports a key it
+    cannot use only as a failed bind, which reads like a port in use."""
+    import ssl
+
+    try:
+        cert_pem, key_pem = Path(tls_cert).read_bytes(), Path(tls_key).read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read the TLS certificate or key: {e}") from None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_verify_locations(cadata=cert_pem.decode("ascii", "replace"))
+    except (ssl.SSLError, ValueError) as e:
+        raise ValueError(f"--tls-cert {tls_cert} is not a PEM certificate ({getattr(e, 'reason', None) or e})") from None
+    try:
+        ctx.load_cert_chain(tls_cert, tls_key, password=lambda: b"")  # never prompt for a passphrase
+    except ssl.SSLError as e:
+        why = ("it belongs to another certificate" if e.reason == "KEY_VALUES_MISMATCH"
+               else "not an unencrypted PEM private key")
+        raise ValueError(f"--tls-key {tls_key} is not the private key of --tls-cert {tls_cert}: {why}") from None
+    return grpc.ssl_server_credentials([(key_pem, cert_pem)])
+
+
 @dataclass
 class RunningServer:
     """A started server: `port` is the bound port; `stop()` shuts it down cleanly (the build
@@ -192,12 +215,7 @@ def serve(workspace: str | Path, model: str | None = None, *, no_model: bool = F
                          f"or --allow-remote-without-token if the network is trusted")
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("TLS needs both --tls-cert and --tls-key")
-    creds = None
-    if tls_cert is not None:
-        try:
-            creds = grpc.ssl_server_credentials([(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])
-        except OSError as e:
-            raise ValueError(f"cannot read the TLS certificate or key: {e}") from None
+    creds = _server_credentials(tls_cert, tls_key) if tls_cert is not None else None
 
     t0 = time.perf_counter()
     ws, model_host = open_workspace(workspace, model=model, no_model=no_model, corpus=corpus, device=device,
@@ -225,11 +243,8 @@ def serve(workspace: str | Path, model: str | None = None, *, no_model: bool = F
     address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
     try:
         bound = server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
-    except RuntimeError as e:  # grpc reports a failed bind, and a TLS key it cannot use, this way
+    except RuntimeError as e:  # grpc reports a failed bind this way (the TLS files were checked above)
         app.close()
-        if creds is not None:
-            raise ValueError(f"could not listen on {address} with TLS ({e}): check that --tls-key is the PEM private "
-                             f"key of --tls-cert, and that the port is free") from None
         raise OSError(f"could not listen on {address} ({e}); is the port in use?") from None
     if not bound:
         app.close()
