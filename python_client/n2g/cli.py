@@ -247,8 +247,8 @@ def _add_build(sub) -> None:
     g.add_argument("--neurons", type=int, nargs="+", help="neuron indices (in every layer asked)")
     g.add_argument("--sample", type=int, help="a seeded random sample of this many live neurons per layer")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--group-size", type=int, default=vocab.DEFAULT_GROUP_SIZE,
-                   help="neurons fitted together (shared forward passes)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="neurons fitted together (shared forward passes); default: sized to the device (8 on a CPU)")
     p.add_argument("--device", default=None, help="local: cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--k", type=int, default=None, help="top-k examples per neuron (default 20)")
     p.add_argument("--window-tokens", type=int, default=None, help="tokens per corpus window (default 64)")

@@ -45,7 +45,6 @@ DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_CORPUS = "fortunes"
 DEFAULT_PORT = 50051
 DEFAULT_TARGET = f"localhost:{DEFAULT_PORT}"
-DEFAULT_GROUP_SIZE = 8  # neurons fitted together (shared forward passes)
 
 # Job ids: what a client may choose (also what the server generates).
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"

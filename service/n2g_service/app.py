@@ -518,7 +518,7 @@ class N2GApp:
                                      ("precision", precision), ("shard_windows", shard_windows)) if v is not None}
             req = BuildRequest(
                 layers=layer_spec if layer_spec else list(layers), neurons=list(neurons) if neurons else None,
-                sample=sample or None, seed=int(seed), group_size=group_size or vocab.DEFAULT_GROUP_SIZE,
+                sample=sample or None, seed=int(seed), group_size=group_size or 0,
                 scan=ScanConfig.from_dict(scan_d), fit=FitConfig.from_dict(overrides.get("fit")),
                 eval=EvalConfig.from_dict(overrides.get("eval")), **run)
             req.validate(model.n_layers, model.d_mlp)
