@@ -221,3 +221,45 @@ def test_ngram_lookup_vectorised_equals_the_plain_loop():
     out = methods.get("ngram_lookup").make_predictor(methods.Artefacts.from_graph(None, train))(ragged)
     np.testing.assert_array_equal(out[0], got[0][:7])
     np.testing.assert_array_equal(out[1], got[1])
+
+
+def test_layer_means_and_paired_rules_on_hand_scores():
+    import json
+    import math
+
+    from n2g_service import methods
+    from n2g_service.evaluate import EvaluationReport, NeuronScore, format_report, summarise_scores
+
+    def tok(f1, n_fires, ff, r):
+        return {"precision": f1, "recall": f1, "f1": f1, "n_fires": n_fires, "false_fires_per_1k": ff,
+                "pearson": r, "n_tokens": 100, "n_predicted": 1, "tp": 0, "fp": 0, "fn": 0}
+
+    scores = []
+    # neuron 1 fires on ordinary text, neuron 2 never does (its F1 0/0 = 0 is left out of the means)
+    for m in methods.method_ids():
+        better = 0.2 if m.startswith("n2g") else 0.0
+        scores.append(NeuronScore(0, 1, m, "ordinary", tok(0.5 + better, 3, 1.0, 0.3 + better)))
+        scores.append(NeuronScore(0, 2, m, "ordinary", tok(0.0, 0, 3.0 - 10 * better, 0.1)))
+        scores.append(NeuronScore(0, 3, m, "paper", tok(0.0, 0, 0.0, 0.0)))  # a set where nothing fires
+    cfg = EvalConfig(n_bootstrap=200)
+    layers, paired = summarise_scores(scores, cfg)
+    by = {(s.method, s.test_set): s for s in layers}
+    tl = by[("token_lookup", "ordinary")].metrics
+    assert (tl["f1"].mean, tl["f1"].n) == (0.5, 1)  # the firing neuron only
+    assert (tl["false_fires_per_1k"].mean, tl["false_fires_per_1k"].n) == (2.0, 2)  # every neuron
+    assert tl["pearson"].mean == pytest.approx(0.2)
+    empty = by[("token_lookup", "paper")].metrics["f1"]
+    assert empty.n == 0 and math.isnan(empty.mean)
+    p = {(x.method, x.baseline, x.test_set, x.metric): x.diff for x in paired}
+    d = p[("n2g_all_paths_max", "token_lookup", "ordinary", "f1")]
+    assert (d.mean_diff, d.wins, d.n) == (pytest.approx(0.2), 1, 1)
+    ff = p[("n2g_all_paths_max", "token_lookup", "ordinary", "false_fires_per_1k")]
+    assert (ff.mean_diff, ff.wins, ff.ties, ff.losses) == (pytest.approx(-1.0), 1, 1, 0)  # fewer false fires win
+    assert p[("n2g_greedy_deepest", "ngram_lookup", "paper", "f1")].n == 0
+    assert not any(x.method in methods.baseline_ids() for x in paired)  # baselines are not compared
+    report = EvaluationReport(cfg, list(methods.method_ids()), ["paper", "ordinary"], scores, layers, paired, {})
+    d = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    f1 = [x for x in d["layers"] if x["test_set"] == "paper"][0]["metrics"]["f1"]
+    assert f1 == {"mean": None, "low": None, "high": None, "n": 0}
+    text = format_report(report)
+    assert "ordinary text" in text and "+.20" in text

@@ -169,3 +169,15 @@ def test_a_read_only_workspace_is_scored_without_writing(built, native_model):
         for k, v in a.metrics.items():
             tol = 2 if k in counts else 0.5 if k == "false_fires_per_1k" else 0.1 if a.test_set == "detection" else 0.02
             assert v == pytest.approx(b.metrics[k], abs=tol), (a.layer, a.neuron, a.method, a.test_set, k)
+
+
+def test_report_to_dict_is_strict_json(built):
+    import json
+
+    report = built[3]
+    d = report.to_dict()
+    text = json.dumps(d, allow_nan=False)  # an empty interval (NaN) would fail here
+    back = json.loads(text)
+    assert back["test_sets"] == list(TEST_SETS) and len(back["neurons"]) == len(report.neurons)
+    assert {(p["layer"], p["test_set"], p["metric"], p["method"], p["baseline"]) for p in back["paired"]} == \
+        {(p.layer, p.test_set, p.metric, p.method, p.baseline) for p in report.paired}

@@ -359,7 +359,8 @@ class EvaluationReport:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """Plain JSON values (an undefined mean or bound, NaN, becomes None)."""
+        return _json_safe({
             "config": self.config.to_dict(), "methods": list(self.methods), "test_sets": list(self.test_sets),
             "heldout": dict(self.heldout), "unavailable": dict(self.unavailable),
             "neurons": [asdict(s) for s in self.neurons],
@@ -367,7 +368,17 @@ class EvaluationReport:
                         "metrics": {k: v.to_dict() for k, v in s.metrics.items()}} for s in self.layers],
             "paired": [{"layer": p.layer, "test_set": p.test_set, "metric": p.metric, "method": p.method,
                         "baseline": p.baseline, **p.diff.to_dict()} for p in self.paired],
-        }
+        })
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    return x
 
 
 def _token_metrics(true: np.ndarray, pred: np.ndarray, threshold: float) -> dict[str, float]:
