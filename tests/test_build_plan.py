@@ -177,3 +177,24 @@ def test_progress_bars_one_per_stage():
         assert set(bars.bars) == {"scan", "fit"} and bars.bars["fit"].n == 6 and bars.bars["fit"].unit == "neuron"
     text = out.getvalue()
     assert "[corpus] tokenising corpus" in text and "scan" in text and "6/10" in text
+
+
+def test_a_neuron_that_never_fires_gets_an_empty_graph(native_model, native_windows):
+    """A whole-layer build meets neurons with a_max <= 0: they are stored (finite values, an
+    empty graph, no fires), not fitted, and do not stop their group."""
+    import n2g_fast
+    from n2g_service.activations import layer_activations
+    from n2g_service.jobs import compute_group
+
+    ids = list(range(20))
+    recs = compute_group(native_model, 0, [4, 9], native_windows, [-0.25, 1.5], [ids, ids],
+                         BuildRequest(layers=[0], neurons=[4, 9]), None)
+    dead, live = recs
+    g = n2g_fast.NeuronGraph.from_bytes(dead.graph_bytes)
+    assert dead.stats["dead"] and g.max_activation == -0.25 and dead.stats["n_paths"] == 0
+    assert "dead" not in live.stats
+    Workspace.neuron_row(dead)  # storable: every value finite
+    # its examples hold raw activations (not divided by a non-positive a_max)
+    ex = dead.examples["train"][0]
+    raw = layer_activations(native_model, np.array([ex["token_ids"]]), [0])[0][0, :, 4].numpy()
+    np.testing.assert_allclose(ex["activations"], raw, atol=1e-5)

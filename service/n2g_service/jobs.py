@@ -260,7 +260,11 @@ def _compute_group(model, layer, neurons, windows, max_activation, top_window_id
     seqs = [t for n in neurons for t in ex_tokens[n]]
     owners = [n for n in neurons for _ in ex_tokens[n]]
     acts = iter(ActivationRunner(model, layer, req.fit.batch_tokens).run(seqs, owners))
-    ex_acts = {n: np.array([next(acts) for _ in ex_tokens[n]], dtype=np.float32).reshape(ex_tokens[n].shape) / amax[n]
+    # a neuron that never fires on the corpus (a_max <= 0) has nothing for a graph to explain: it
+    # gets an empty graph and its raw activations (no fires), not a fit
+    live = [n for n in neurons if amax[n] > 0]
+    scale = {n: amax[n] if amax[n] > 0 else 1.0 for n in neurons}
+    ex_acts = {n: np.array([next(acts) for _ in ex_tokens[n]], dtype=np.float32).reshape(ex_tokens[n].shape) / scale[n]
                for n in neurons}
     splits = {n: split_train_test(len(ex_tokens[n]), req.eval.n_train, req.eval.seed, layer, n) for n in neurons}
     train = {n: [ex_tokens[n][i] for i in splits[n][0]] for n in neurons}
@@ -275,14 +279,17 @@ def _compute_group(model, layer, neurons, windows, max_activation, top_window_id
         extra = training_pool(windows, tops, neurons, min(n_paper.values()),
                               {n: tops[n][: n_paper[n]][splits[n][1]].tolist() for n in neurons},
                               heldout if heldout is not None else ())
-    fitted = (fit_neurons(model, layer, neurons, train, amax, req.fit, extra=extra) if extra is not None
-              else fit_neurons(model, layer, neurons, train, amax, req.fit))
+    fitted = {}
+    if live:
+        train_live, amax_live = {n: train[n] for n in live}, {n: amax[n] for n in live}
+        fitted = (fit_neurons(model, layer, live, train_live, amax_live, req.fit, extra=extra) if extra is not None
+                  else fit_neurons(model, layer, live, train_live, amax_live, req.fit))
     seconds = (time.perf_counter() - t0) / len(neurons)
     fit_tokens = (forward_tokens()[0] - tokens0) / len(neurons)
     records = []
     for n in neurons:
         tr, te = splits[n]
-        result = fitted[n]
+        result = fitted[n] if n in fitted else _dead_result(model, layer, n, amax[n])
         train_pairs = [(ex_tokens[n][i], ex_acts[n][i]) for i in tr] + [(t, a) for _, t, a in result.extra_train]
         test_pairs = [(ex_tokens[n][i], ex_acts[n][i]) for i in te]
         metrics = evaluate_neuron(result.graph, train_pairs, test_pairs, req.eval)
@@ -298,6 +305,16 @@ def _compute_group(model, layer, neurons, windows, max_activation, top_window_id
         }
         records.append(NeuronRecord(layer, n, amax[n], result.graph.to_bytes(), examples, stats, metrics, job_id))
     return records
+
+
+def _dead_result(model, layer: int, neuron: int, amax: float):
+    import n2g_fast
+
+    from .fit import FitResult
+
+    graph = n2g_fast.NeuronGraph(model.name, layer, neuron, model.hook, amax)
+    graph.finalize()
+    return FitResult(graph, {"dead": True, "n_paths": 0, "n_nodes": 0})
 
 
 def build_group(ws: Workspace, model, layer: int, neurons: list[int], windows: np.ndarray,
@@ -435,24 +452,30 @@ def run_build(ws: Workspace, model, req: BuildRequest, *, job_id: str | None = N
                 merged = merge_partials([LayerScan(l, parts[r]["max_activation"], parts[r]["top_window_ids"],
                                                    parts[r]["top_scores"], parts[r]["seconds"]) for r in ranges], req.scan.k)
                 ws.save_layer_scan(l, merged.max_activation, merged.top_window_ids, merged.top_scores, merged.seconds)
-                keys = ws.get_meta_json("scan_keys", {}) or {}
-                keys[str(l)] = key
-                ws.set_meta_json("scan_keys", keys)
+                scan_keys = ws.get_meta_json("scan_keys", {}) or {}
+                scan_keys[str(l)] = key
+                ws.set_meta_json("scan_keys", scan_keys)
                 store.delete_partials(key, l)
             progress(BuildEvent("merge", len(missing), len(missing), f"layers {missing} scanned",
                                 elapsed_s=time.perf_counter() - start))
+        for l in set(layers) - set(missing):  # partials left by a run killed after its merge
+            if store.partial_ranges(key, l):
+                store.delete_partials(key, l)
         scans = {l: ws.load_layer_scan(l) for l in layers}
 
         # -- fit groups -------------------------------------------------------------------------
         keys = plan_neurons(req, {l: s["max_activation"] for l, s in scans.items()})
-        sizes = device_sizes(model_dims(model), *_device_memory(req, model, get_executor), req)
-        group_size = sizes["group_size"]
-        fit_req = dataclasses.replace(req, fit=dataclasses.replace(req.fit, batch_tokens=sizes["batch_tokens"]))
+        sizes: dict[str, int] = {}
+        if not store.fit_planned(plan_id) or any(u.state != "done" for u in store.units(plan_id, "fit")):
+            # (a Ray cluster is started only when there is work for it)
+            sizes = device_sizes(model_dims(model), *_device_memory(req, model, get_executor), req)
         if not store.fit_planned(plan_id):
             built = set(ws.built_keys())
-            groups = fit_groups([k for k in keys if k not in built], group_size)
+            groups = fit_groups([k for k in keys if k not in built], sizes["group_size"])
             store.add_units(plan_id, "fit", [(g.unit_id, g.to_dict()) for g in groups], fit_planned=True)
         fit_units = [u for u in store.units(plan_id, "fit") if u.state != "done"]
+        fit_req = dataclasses.replace(req, fit=dataclasses.replace(req.fit, batch_tokens=sizes.get(
+            "batch_tokens", req.fit.batch_tokens)))
         done = store.count_built(keys)
         if job_id is not None:
             ws.update_job(job_id, state="running", total=len(keys), done=done)
