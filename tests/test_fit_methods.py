@@ -22,7 +22,13 @@ from n2g_service.fit import (
     register_fit_method,
     training_pool,
 )
-from n2g_service.fit.calibrate import Calibration, calibrate_paths, learn_from_misses, select_occurrences
+from n2g_service.fit.calibrate import (
+    Calibration,
+    calibrate_paths,
+    learn_from_misses,
+    select_occurrences,
+    vocabulary_sweep,
+)
 from n2g_service.fit.methods import _labels
 from n2g_service.fit.pipeline import collect_paths, make_graph, run_paper_stages
 from n2g_service.scan import scan_layers
@@ -202,6 +208,20 @@ def test_pool_rules(native_windows):
         TrainingPool(native_windows, usable=np.ones(3, dtype=bool))
 
 
+def test_vocabulary_sweep_reads_the_neutral_prompt(native_model):
+    m = native_model
+    prefix = m.token_id_for(" the")
+    swept = vocabulary_sweep(m, 1, prefix, batch_tokens=3000)
+    assert swept.shape == (m.d_vocab, m.d_mlp)
+    assert vocabulary_sweep(m, 1, prefix) is swept  # cached for the layer
+    ids = [0, 17, m.d_vocab // 2, m.d_vocab - 1]
+    seqs = [[m.bos_id, prefix, t] for t in ids]
+    direct = ActivationRunner(m, 1).run(seqs * 2, [3] * 4 + [100] * 4)
+    for j, t in enumerate(ids):
+        assert swept[t, 3] == pytest.approx(direct[j][2], rel=2e-3, abs=2e-3)  # stored as float16
+        assert swept[t, 100] == pytest.approx(direct[4 + j][2], rel=2e-3, abs=2e-3)
+
+
 # ---- calibrated, end to end --------------------------------------------------------------------
 def _check_calibrated(model, layer, neurons, train, test_ids, amax, heldout, pool, res, cfg):
     runner = ActivationRunner(model, layer)
@@ -215,6 +235,7 @@ def _check_calibrated(model, layer, neurons, train, test_ids, amax, heldout, poo
         assert not (set(ids) & forbidden) and not (set(ids) & set(test_ids[n]))  # never held-out or test
         assert st["n_extra_top"] == len(pool.top_windows(n, cfg.extra_top)) > 0
         assert st["n_random_windows"] > 0 and st["n_occurrence_windows"] > 0
+        assert st["n_sweep_candidates"] <= cfg.sweep_tokens
         assert len(ids) == st["n_extra_top"] + st["n_random_windows"] + st["n_occurrence_windows"]
         # the activations stored with each window are the neuron's, normalised by a_max
         true = runner.run([t for _, t, _ in r.extra_train], [n] * len(ids))

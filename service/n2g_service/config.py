@@ -121,13 +121,19 @@ class FitConfig(_Config):
     random_windows: int = 128
     # Real occurrences: per activating label of the fitted graph, up to occurrence_windows corpus
     # windows holding it (at most max_occurrence_windows per neuron), run through the model.
-    occurrence_windows: int = 12
-    max_occurrence_windows: int = 96
+    occurrence_windows: int = 8
+    max_occurrence_windows: int = 192
     # A path (or learnt context) matched at >= calibrate_min_support occurrence tokens takes the
     # mean true activation there as its END, on the firing side only if >= calibrate_fire_rate of
     # them fire; tokens that fire in the training windows without a path get one (learn_tokens);
     # an over-firing token learns context tokens at offsets 1..context_offsets that separate its
     # firing occurrences from the rest.
+    # Vocabulary sweep: every token t in the neutral prompt [BOS, mask token, t]; tokens at or
+    # above sweep_threshold x a_max (at most sweep_tokens, highest first) are candidates whose
+    # real occurrences are drawn too; one that never occurs in the usable corpus keeps a path
+    # (END = its sweep activation) when that fires. 0 tokens: no sweep.
+    sweep_tokens: int = 48
+    sweep_threshold: float = 0.4
     calibrate_min_support: int = 4
     calibrate_fire_rate: float = 0.4
     learn_tokens: bool = True
@@ -138,9 +144,9 @@ class FitConfig(_Config):
         if not isinstance(self.method, str) or not self.method:
             raise ValueError("FitConfig.method must name a fit method (e.g. 'paper', 'calibrated')")
         if min(self.extra_top, self.random_windows, self.occurrence_windows, self.max_occurrence_windows,
-               self.context_offsets) < 0:
+               self.context_offsets, self.sweep_tokens) < 0:
             raise ValueError("FitConfig: extra_top, random_windows, occurrence_windows, "
-                             "max_occurrence_windows and context_offsets must be >= 0")
+                             "max_occurrence_windows, context_offsets and sweep_tokens must be >= 0")
         if self.calibrate_min_support < 1:
             raise ValueError("FitConfig.calibrate_min_support must be >= 1")
         if not 0.0 <= self.calibrate_fire_rate <= 1.0:

@@ -6,16 +6,21 @@ same token mostly leaves the neuron silent. The calibrated fit adds:
 
 - more positives: further top windows of the scan (:attr:`TrainingPool.top`, ranks after the
   paper's train and test windows) go through the whole paper fit with the training windows;
-- real occurrences: for each activating label of the fitted graph (and each label that fires in
-  the training windows), corpus windows holding it (:func:`select_occurrences`), run through the
-  model for their true activations;
+- ordinary windows: a seeded random sample of the usable corpus windows (one shared pass for the
+  layer), where the neuron fires at the levels and rates it has on ordinary text;
+- a vocabulary sweep (:func:`vocabulary_sweep`): every token in a neutral prompt; the tokens on
+  which the neuron fires there are candidates the windows never showed;
+- real occurrences: for each activating label of the fitted graph, each label that fires in the
+  windows above and each swept candidate, corpus windows holding it (:func:`select_occurrences`),
+  run through the model for their true activations;
 - calibration (:func:`calibrate_paths`), on those occurrences and the training windows:
   every path matched at >= calibrate_min_support tokens takes the mean true activation there as
   its END, kept on the firing side only if >= calibrate_fire_rate of those tokens fire (a context
   path survives as a firing path only where it separates firing from non-firing occurrences;
   a token that alone over-fires stops firing alone); tokens that fire without any path get one
   (learn_tokens); an over-firing token learns context tokens at offsets 1..context_offsets whose
-  matches do fire (:func:`learn_contexts`).
+  matches do fire (:func:`learn_contexts`); a swept candidate that never occurs in the usable
+  corpus keeps its sweep activation as END if that fires (nothing real contradicts it).
 
 Windows the evaluation holds out (:attr:`TrainingPool.usable` False) and each neuron's test
 windows (:attr:`TrainingPool.exclude`) are never drawn. Every window drawn is returned with its
@@ -195,6 +200,7 @@ class Calibration:
     n_stopped_firing: int = 0  # calibrated paths that fired before and no longer do
     n_tokens_learnt: int = 0
     n_contexts_learnt: int = 0
+    n_tokens_swept: int = 0  # swept tokens with no occurrence to check them, kept on their sweep value
 
 
 def calibrate_paths(
@@ -308,4 +314,30 @@ def learn_from_misses(
         learnt = learn_contexts(name, ids, tokens, true, valid, label_of, label_names, ids_of, cfg)
         cal.n_contexts_learnt += len(learnt)
         out.extend(learnt)
+    return out
+
+
+_SWEEP_CACHE: dict[tuple, np.ndarray] = {}
+
+
+def vocabulary_sweep(model, layer: int, prefix_id: int, batch_tokens: int = 4096) -> np.ndarray:
+    """float32 [d_vocab, d_mlp]: every neuron of ``layer`` on every vocabulary token t in the
+    neutral prompt [BOS, prefix, t] (read at t). Candidate tokens for a graph that its training
+    windows never showed; real occurrences then decide (:func:`learn_from_misses`). The last layer
+    swept is cached (one pass over the vocabulary serves every neuron group of a layer)."""
+    from ..activations import layer_activations
+
+    key = (id(model), model.name, int(layer), int(prefix_id))
+    got = _SWEEP_CACHE.get(key)
+    if got is not None:
+        return got
+    _SWEEP_CACHE.clear()
+    v = model.d_vocab
+    rows = max(1, batch_tokens // 3)
+    out = np.empty((v, model.d_mlp), dtype=np.float16)
+    for s in range(0, v, rows):
+        ids = np.arange(s, min(v, s + rows), dtype=np.int64)
+        seq = np.stack([np.full_like(ids, model.bos_id), np.full_like(ids, prefix_id), ids], axis=1)
+        out[s : s + ids.size] = layer_activations(model, seq, [layer])[layer][:, 2].cpu().numpy()
+    _SWEEP_CACHE[key] = out
     return out

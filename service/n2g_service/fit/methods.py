@@ -26,6 +26,7 @@ from .calibrate import (
     calibrate_paths,
     learn_from_misses,
     select_occurrences,
+    vocabulary_sweep,
 )
 from .pipeline import (
     FitRun,
@@ -183,6 +184,18 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
     rand_of: dict[int, list[tuple[int, np.ndarray]]] = {n: [] for n in fr.neurons}
     for (w, n), a in zip(jobs, fr.run([pool.windows[w] for w, _ in jobs], [n for _, n in jobs]) if jobs else []):
         rand_of[n].append((w, a))
+    # vocabulary sweep: candidate labels the windows never showed firing, highest first
+    sweep: dict[int, dict[str, float]] = {n: {} for n in fr.neurons}
+    if pool is not None and cfg.sweep_tokens > 0 and live:
+        swept = vocabulary_sweep(model, fr.layer, fr.mask_id, cfg.batch_tokens)
+        special = model.special_ids()
+        for n in live:
+            col = swept[:, n].astype(np.float32) / fr.a_max[n]
+            for t in np.argsort(-col, kind="stable"):
+                if col[t] < cfg.sweep_threshold or len(sweep[n]) >= cfg.sweep_tokens:
+                    break
+                if int(t) not in special:
+                    sweep[n].setdefault(names[label_of[t]], float(col[t]))
     occ_ids: dict[int, list[int]] = {n: [] for n in fr.neurons}
     if pool is not None:
         for n in live:
@@ -196,6 +209,7 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
             for _, lab in sorted(firing, key=lambda p: -p[0]):
                 if lab not in order:
                     order.append(lab)
+            order += [lab for lab in sweep[n] if lab not in order]
             rng = np.random.default_rng([cfg.calibration_seed, fr.layer, n])
             occ_ids[n] = select_occurrences(pool, n, [model.label_token_ids(l) for l in order],
                                             top_ids[n] + rand_ids[n], cfg, rng)
@@ -226,6 +240,14 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
             predicted = np.asarray(make_graph(fr, n, final).predict(tokens, semantics="all_paths_max"))
             final += learn_from_misses(predicted, tokens, true, valid, label_of, names,
                                        model.label_token_ids, cfg, cal)
+        # a swept token that fires and never occurs in the corpus it may learn from: nothing
+        # real contradicts it, its sweep activation is the END
+        ok = pool.allowed(n) if sweep[n] else None
+        for lab, value in sweep[n].items():
+            ids = model.label_token_ids(lab)
+            if value >= thr and not ok[pool.windows_with(ids)].any():
+                final.append(((lab, ids, value), [], value))
+                cal.n_tokens_swept += 1
         graph = make_graph(fr, n, final)
         stats = paper_stats(fr, n, [examples[i] for i in ex_of[n]], aug_of[n], proposers, graph, len(paths[n]))
         extra = [(w, pool.windows[w], a) for w, a in zip(top_ids[n], [a for _, a in pos_of[n][len(pos_of[n]) - len(top_ids[n]):]])]
@@ -240,6 +262,8 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
             "n_paths_stopped_firing": cal.n_stopped_firing,
             "n_tokens_learnt": cal.n_tokens_learnt,
             "n_contexts_learnt": cal.n_contexts_learnt,
+            "n_sweep_candidates": len(sweep[n]),
+            "n_tokens_swept": cal.n_tokens_swept,
         })
         results[n] = FitResult(
             graph, stats, paper_details(ex_of[n], examples, aug_of[n]) if details else None,
