@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 
 # Forward-pass tokens the fit of one neuron runs (true activations, pruning, saliency, augmented
-# prompts), measured on SmolLM2 with the paper's settings (benchmarks/bench_build.py); used when
-# the workspace holds no built neuron of its own to learn it from.
-FIT_TOKENS_PER_NEURON = 60_000
+# prompts), measured on SmolLM2 with the paper's settings (benchmarks/bench_build.py: 2,200-2,500
+# at layers 0-1); used when the workspace holds no built neuron of its own to learn it from.
+FIT_TOKENS_PER_NEURON = 3_000
 
 
 @dataclass
