@@ -31,6 +31,11 @@ TEXT = st.one_of(st.text(max_size=40), st.sampled_from(["", "all", "0-1", "the c
                                                         '{"scan": 5}', '{"fit": {"x": 1}}', "[" * 3000]))
 
 
+def _repeated(f) -> bool:
+    """A repeated field (protobuf 7 has `is_repeated` only; older ones `label`)."""
+    return f.is_repeated if hasattr(f, "is_repeated") else f.label == F.LABEL_REPEATED
+
+
 def message(desc, depth: int = 0) -> st.SearchStrategy:
     """A strategy for any message of type `desc`, built from its fields."""
     fields = {}
@@ -53,7 +58,7 @@ def message(desc, depth: int = 0) -> st.SearchStrategy:
             one = st.binary(max_size=64)
         else:
             continue
-        if f.label == F.LABEL_REPEATED:
+        if _repeated(f):
             one = st.lists(one, max_size=6 if f.type == F.TYPE_MESSAGE else 40)
         fields[f.name] = st.one_of(st.none(), one)
     cls = getattr(pb, desc.name) if hasattr(pb, desc.name) else None
@@ -65,7 +70,7 @@ def message(desc, depth: int = 0) -> st.SearchStrategy:
                 continue
             f = desc.fields_by_name[name]
             try:
-                if f.label == F.LABEL_REPEATED:
+                if _repeated(f):
                     target = getattr(msg, name)
                     if f.type == F.TYPE_MESSAGE:
                         for x in v:
