@@ -88,9 +88,9 @@ def scan_layers(
         batch = windows[start: start + cfg.batch_size]
         scores = layer_reductions(model, torch.from_numpy(batch), layers, _window_max, PRECISIONS[precision])
         batch_ids = np.ascontiguousarray(ids[start: start + batch.shape[0]])
-        for l in layers:
-            s = scores[l].cpu().numpy()[:, None, :]  # one "token" per window: its max
-            acc[l].update(np.ascontiguousarray(s, dtype=np.float32), batch_ids)
+        host = torch.stack([scores[l] for l in layers]).cpu().numpy()  # one device->host copy a batch
+        for i, l in enumerate(layers):
+            acc[l].update(np.ascontiguousarray(host[i][:, None, :]), batch_ids)  # one "token" a window: its max
         bar.update(batch.shape[0])
     bar.close()
     seconds = time.perf_counter() - t0
