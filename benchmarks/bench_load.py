@@ -1,7 +1,8 @@
 """Load benchmark of the n2g server's Predict RPC (not a test).
 
 N concurrent clients (each its own channel, all in one asyncio loop) call Predict back to back for
-a fixed duration; prints requests/s, p50/p99 latency and errors per client count.
+a fixed duration; prints requests/s, p50/p99 latency and errors per client count, and the slowest
+health check made twice a second meanwhile (the server must stay available under load).
 
     python benchmarks/bench_load.py                       # builds a small native workspace, serves it
     python benchmarks/bench_load.py --workspace W         # serves W (--no-model) on a free port
@@ -72,20 +73,37 @@ async def _client_loop(address: str, token: str | None, stop_at: float, make_req
                 errors[e.code.name] += 1
 
 
+async def _health_loop(address: str, stop_at: float, lat: list, errors: Counter) -> None:
+    async with AsyncN2GClient(address, retries=0) as c:
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            try:
+                status = await c.health(timeout=10)
+                lat.append(time.perf_counter() - t0)
+                if status != "SERVING":
+                    errors[f"health {status}"] += 1
+            except N2GError as e:
+                errors[f"health {e.code.name}"] += 1
+            await asyncio.sleep(0.5)
+
+
 async def _run(address: str, token: str | None, n_clients: int, duration: float, make_request,
                timeout: float) -> dict:
     lat: list[float] = []
+    health_lat: list[float] = []
     errors: Counter = Counter()
     t0 = time.perf_counter()
     stop_at = t0 + duration
-    await asyncio.gather(*(_client_loop(address, token, stop_at, make_request, lat, errors, timeout)
+    await asyncio.gather(_health_loop(address, stop_at, health_lat, errors),
+                         *(_client_loop(address, token, stop_at, make_request, lat, errors, timeout)
                            for _ in range(n_clients)))
     wall = time.perf_counter() - t0
     a = np.asarray(lat) * 1000 if lat else np.zeros(1)
     return {"clients": n_clients, "requests": len(lat), "seconds": round(wall, 1),
             "rps": round(len(lat) / wall, 1), "p50_ms": round(float(np.percentile(a, 50)), 2),
             "p99_ms": round(float(np.percentile(a, 99)), 2), "errors": sum(errors.values()),
-            "error_codes": dict(errors)}
+            "error_codes": dict(errors), "health_checks": len(health_lat),
+            "health_max_ms": round(max(health_lat, default=float("nan")) * 1000, 2)}
 
 
 def main() -> int:
@@ -142,9 +160,12 @@ def main() -> int:
             if not args.json:
                 print(f"{n:>4} clients: {row['requests']:>7} requests  {row['rps']:>8.1f} req/s  "
                       f"p50 {row['p50_ms']:>8.2f} ms  p99 {row['p99_ms']:>8.2f} ms  errors {row['errors']}"
-                      + (f" {row['error_codes']}" if row["errors"] else ""), flush=True)
+                      + (f" {row['error_codes']}" if row["errors"] else "")
+                      + f"  health max {row['health_max_ms']:.1f} ms ({row['health_checks']} checks)", flush=True)
         if args.json:
             print(json.dumps(rows, indent=2))
+        else:
+            print(f"failed calls: {sum(r['errors'] for r in rows) or 'none'}", flush=True)
         return 0 if all(r["errors"] == 0 for r in rows) else 1
     finally:
         if proc is not None:
