@@ -317,27 +317,38 @@ def learn_from_misses(
     return out
 
 
-_SWEEP_CACHE: dict[tuple, np.ndarray] = {}
+_SWEEP_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
 
-def vocabulary_sweep(model, layer: int, prefix_id: int, batch_tokens: int = 4096) -> np.ndarray:
-    """float32 [d_vocab, d_mlp]: every neuron of ``layer`` on every vocabulary token t in the
-    neutral prompt [BOS, prefix, t] (read at t). Candidate tokens for a graph that its training
-    windows never showed; real occurrences then decide (:func:`learn_from_misses`). The last layer
-    swept is cached (one pass over the vocabulary serves every neuron group of a layer)."""
+def vocabulary_sweep(model, layer: int, prefix_id: int, k: int, batch_tokens: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` vocabulary tokens t on which each neuron of ``layer`` is highest in the neutral
+    prompt [BOS, prefix, t] (read at t): (activations float32 [k, d_mlp], token ids int64
+    [k, d_mlp]), highest first. Candidate tokens for a graph that its training windows never
+    showed; real occurrences then decide (:func:`learn_from_misses`). The top-k is kept on the
+    device batch by batch (never [d_vocab, d_mlp]); the last sweep is cached (one pass over the
+    vocabulary serves every neuron group of a layer)."""
+    import torch
+
     from ..activations import layer_activations
 
-    key = (id(model), model.name, int(layer), int(prefix_id))
+    key = (id(model), model.name, int(layer), int(prefix_id), int(k))
     got = _SWEEP_CACHE.get(key)
     if got is not None:
         return got
     _SWEEP_CACHE.clear()
     v = model.d_vocab
+    k = min(int(k), v)
     rows = max(1, batch_tokens // 3)
-    out = np.empty((v, model.d_mlp), dtype=np.float16)
+    best_v = best_i = None
     for s in range(0, v, rows):
-        ids = np.arange(s, min(v, s + rows), dtype=np.int64)
-        seq = np.stack([np.full_like(ids, model.bos_id), np.full_like(ids, prefix_id), ids], axis=1)
-        out[s : s + ids.size] = layer_activations(model, seq, [layer])[layer][:, 2].cpu().numpy()
+        ids = torch.arange(s, min(v, s + rows), dtype=torch.long)
+        seq = torch.stack([torch.full_like(ids, model.bos_id), torch.full_like(ids, prefix_id), ids], dim=1)
+        acts = layer_activations(model, seq, [layer])[layer][:, 2]  # [rows, d_mlp]
+        cand_i = ids.to(acts.device)[:, None].expand_as(acts)
+        if best_v is not None:
+            acts, cand_i = torch.cat([best_v, acts]), torch.cat([best_i, cand_i])
+        top = torch.topk(acts, k=min(k, acts.shape[0]), dim=0)
+        best_v, best_i = top.values, torch.gather(cand_i, 0, top.indices)
+    out = (best_v.float().cpu().numpy(), best_i.cpu().numpy().astype(np.int64))
     _SWEEP_CACHE[key] = out
     return out

@@ -187,15 +187,16 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
     # vocabulary sweep: candidate labels the windows never showed firing, highest first
     sweep: dict[int, dict[str, float]] = {n: {} for n in fr.neurons}
     if pool is not None and cfg.sweep_tokens > 0 and live:
-        swept = vocabulary_sweep(model, fr.layer, fr.mask_id, cfg.batch_tokens)
         special = model.special_ids()
+        # room for special tokens and ids that share a label
+        values, ids = vocabulary_sweep(model, fr.layer, fr.mask_id, 2 * cfg.sweep_tokens + len(special),
+                                       cfg.batch_tokens)
         for n in live:
-            col = swept[:, n].astype(np.float32) / fr.a_max[n]
-            for t in np.argsort(-col, kind="stable"):
-                if col[t] < cfg.sweep_threshold or len(sweep[n]) >= cfg.sweep_tokens:
+            for value, t in zip(values[:, n] / fr.a_max[n], ids[:, n]):
+                if value < cfg.sweep_threshold or len(sweep[n]) >= cfg.sweep_tokens:
                     break
                 if int(t) not in special:
-                    sweep[n].setdefault(names[label_of[t]], float(col[t]))
+                    sweep[n].setdefault(names[label_of[t]], float(value))
     occ_ids: dict[int, list[int]] = {n: [] for n in fr.neurons}
     if pool is not None:
         for n in live:
