@@ -396,6 +396,47 @@ def test_tiny_similarity_threshold_is_refused(stub, built):
     list(stub.StreamPairs(pb.StreamPairsRequest(threshold=0.25), timeout=30))
 
 
+def test_whole_store_work_stops_waiting_at_the_deadline_and_is_bounded(stored_srv, stored_stub):
+    """Pair work slower than the caller's deadline (made slow here: the small store is quick)
+    answers DEADLINE_EXCEEDED at the deadline, at most HEAVY_SLOTS run at once, and short calls
+    answer meanwhile."""
+    from n2g_service.app import HEAVY_SLOTS
+
+    stub, graphs = stored_stub.stub, stored_srv.app.graphs
+    release = threading.Event()
+    original = graphs.pairs
+
+    def slow_pairs(kind, threshold):
+        release.wait(30)
+        return original(kind, threshold)
+
+    key = K(layer=stored_srv.healthy[0][0], neuron=stored_srv.healthy[0][1])
+    graphs.pairs = slow_pairs
+    try:
+        for _ in range(HEAVY_SLOTS):  # both slots taken by work the callers stopped waiting for
+            _, seconds = _timed(lambda: _expect(
+                lambda: stub.FindSimilar(pb.FindSimilarRequest(neuron=key), timeout=0.5), C.DEADLINE_EXCEEDED))
+            assert seconds < 3
+        _expect(lambda: list(stub.StreamPairs(pb.StreamPairsRequest(), timeout=5)), C.RESOURCE_EXHAUSTED,
+                "whole-store computations are running already")
+        _, seconds = _timed(lambda: stub.ListGraphs(pb.ListGraphsRequest(), timeout=2))
+        assert seconds < 2 and _serving(stored_stub)
+    finally:
+        graphs.pairs = original
+        release.set()
+    _wait_for(lambda: _ok(lambda: stub.FindSimilar(pb.FindSimilarRequest(neuron=key), timeout=10)), 20,
+              "a free slot")
+
+
+def _ok(call) -> bool:
+    try:
+        call()
+        return True
+    except grpc.RpcError as e:
+        assert e.code() == C.RESOURCE_EXHAUSTED, e.details()
+        return False
+
+
 # ---------------------------------------------------------------------------------------------
 # 8, 9. evaluation settings and client mistakes in JSON
 
@@ -623,12 +664,13 @@ def test_a_damaged_database_ends_serve_and_eval_in_one_line(tmp_path_factory, da
         rc, err = _cli(*args)
         _one_line_error(rc, err, words)
     if damage is _zero:  # never served as an empty workspace (and never SERVING), in a real process
-        srv = ServerProcess(ws, "--no-model", "--port", "0")
+        srv = ServerProcess(ws, "--no-model")
         srv.start()
-        assert srv.proc.wait(120) != 0
+        with pytest.raises(RuntimeError, match="n2g serve exited with 2"):  # health never said SERVING
+            srv.wait_ready(timeout=120)
         srv.stop()
         log = srv.log()
-        assert "Traceback" not in log and words in log and "SERVING" not in log
+        assert "Traceback" not in log and words in log
 
 
 @contextlib.contextmanager
