@@ -512,6 +512,7 @@ fn decode_body<'a>(body: &'a [u8], finalized: bool, out: &mut RawGraph<'a>) -> R
     let n_labels = r.count("label count")?;
     let mut labels = std::mem::take(&mut out.labels);
     labels.clear();
+    labels.reserve(n_labels);
     for _ in 0..n_labels {
         labels.push(r.str("label")?);
     }
@@ -523,12 +524,14 @@ fn decode_body<'a>(body: &'a [u8], finalized: bool, out: &mut RawGraph<'a>) -> R
     nodes.reserve(n_nodes + 1);
     nodes.push(root);
     ids.clear();
+    ids.reserve(2 * n_nodes);
     // Breadth-first: each node's children are the next `n_children` nodes not yet placed, so
     // the shape is a tree by construction; the other invariants of `NeuronGraph::validate` are
     // checked inline (this is the store's load path). Per node: (expected children, depth);
     // `placed` counts the children placed under `parent` so far.
     let mut expected = std::mem::take(&mut out.expected);
     expected.clear();
+    expected.reserve(n_nodes + 1);
     expected.push((n_roots, 0));
     let (mut parent, mut placed) = (0usize, 0u64);
     let bad = |what: &str| corrupt!("graph bytes are corrupt: {what}");

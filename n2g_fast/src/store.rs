@@ -58,18 +58,24 @@ pub struct GraphStore {
     pairs_cache: Mutex<Option<(u32, Arc<PairLists>)>>,
 }
 
-/// Blobs decoded in parallel per chunk before the chunk's new symbols are interned.
-const DECODE_CHUNK: usize = 1024;
+/// Blobs decoded in parallel per chunk before the chunk's new symbols are interned: a small
+/// first chunk learns the common symbols; later chunks reuse the scratch graphs.
+const FIRST_CHUNK: usize = 256;
+const MAX_CHUNK: usize = 2048;
 
 /// Decodes and packs blobs (messages name the blob). Per chunk: decode into reused scratch
 /// graphs and pack against the symbols known so far, in parallel; then intern what was new, in
-/// order (after the first chunks, little is). The packed graphs are the only allocations left
+/// order (after the first chunk, little is). The packed graphs are the only allocations left
 /// behind, so no freed per-graph garbage inflates the heap.
 fn decode_and_pack(blobs: &[&[u8]], syms: &mut Symbols) -> Result<Vec<(Key, PackedGraph)>> {
     let mut scratch: Vec<(RawGraph, Vec<u32>)> = Vec::new();
-    scratch.resize_with(DECODE_CHUNK.min(blobs.len()), Default::default);
     let mut out: Vec<(Key, PackedGraph)> = Vec::with_capacity(blobs.len());
-    for (c, chunk) in blobs.chunks(DECODE_CHUNK).enumerate() {
+    let (mut done, mut size) = (0, FIRST_CHUNK);
+    while done < blobs.len() {
+        let chunk = &blobs[done..(done + size).min(blobs.len())];
+        if scratch.len() < chunk.len() {
+            scratch.resize_with(chunk.len(), Default::default);
+        }
         let work = &mut scratch[..chunk.len()];
         let known: &Symbols = syms;
         let packed: Vec<Option<(PackedGraph, bool)>> = parallel::install(|| {
@@ -77,7 +83,7 @@ fn decode_and_pack(blobs: &[&[u8]], syms: &mut Symbols) -> Result<Vec<(Key, Pack
                 .zip(chunk.par_iter())
                 .enumerate()
                 .map(|(i, ((raw, label_map), b))| {
-                    decode_raw_into(b, raw).map_err(|e| corrupt!("blob {}: {e}", c * DECODE_CHUNK + i))?;
+                    decode_raw_into(b, raw).map_err(|e| corrupt!("blob {}: {e}", done + i))?;
                     Ok(raw.finalized.then(|| PackedGraph::pack_raw(raw, known, label_map)))
                 })
                 .collect::<Result<_>>()
@@ -98,6 +104,8 @@ fn decode_and_pack(blobs: &[&[u8]], syms: &mut Symbols) -> Result<Vec<(Key, Pack
                 }
             });
         }
+        done += chunk.len();
+        size = (size * 2).min(MAX_CHUNK);
     }
     Ok(out)
 }
