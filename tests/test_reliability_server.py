@@ -514,15 +514,23 @@ ALL_NEURONS = list(range(128))  # every neuron of a native layer: long enough to
 
 
 def test_sigterm_resumes_kill_9_leaves_no_report_folder_and_no_resume_fails_the_job(tmp_path_factory):
-    """Three lives of one workspace (each `n2g serve` start costs seconds, so they share it):
-    SIGTERM during a build; the restart resumes it; kill -9 during a report and a build; a
-    restart with --no-resume."""
+    """Lives of one workspace (each `n2g serve` start costs seconds, so they share it): SIGTERM
+    while starting; SIGTERM during a build; the restart resumes it; kill -9 during a report and
+    a build; a restart with --no-resume."""
     from n2g_service.workspace import Workspace
 
     ws = native_workspace(tmp_path_factory, "rel-lifecycle")
     tmp = ws.parent / "tmp"  # the servers' temporary directory, watched for report folders
     tmp.mkdir()
     env = {"TMPDIR": str(tmp)}
+
+    # SIGTERM while the server is still starting (loading its model): exit 0, the lock released
+    srv = ServerProcess(ws, *MODEL_ARGS, extra_env=env).start()
+    _wait_for(lambda: "starting on workspace" in srv.log(), 120, "the start-up")
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(120) == 0, srv.log()[-3000:]
+    assert "stopped before serving" in srv.log() and "Traceback" not in srv.log()
+    srv.stop()
 
     # SIGTERM during a build: a clean stop (exit 0; it used to abort with -6), the job kept
     with ServerProcess(ws, *MODEL_ARGS, extra_env=env).running() as srv, N2GClient(srv.address, retries=0) as c:

@@ -177,6 +177,10 @@ def _server_credentials(tls_cert: str | Path, tls_key: str | Path) -> grpc.Serve
     return grpc.ssl_server_credentials([(key_pem, cert_pem)])
 
 
+class _StoppedWhileStarting(BaseException):
+    """SIGINT/SIGTERM before the server serves (a BaseException: no `except Exception` keeps it)."""
+
+
 @dataclass
 class RunningServer:
     """A started server: `port` is the bound port; `stop()` shuts it down cleanly (the build
@@ -204,10 +208,10 @@ def serve(workspace: str | Path, model: str | None = None, *, no_model: bool = F
           host: str = "127.0.0.1", port: int = DEFAULT_PORT, device: str | None = None, hook: str | None = None,
           token: str | None = None, tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
           limits: Limits = Limits(), max_workers: int = 32, max_streams: int | None = None, resume: bool = True,
-          allow_remote_without_token: bool = False, block: bool = True) -> RunningServer:
-    """Starts the n2g server. `block=True` waits until SIGINT/SIGTERM; `block=False` returns the
-    running server (tests, embedding). Binding beyond loopback without a token needs
-    `allow_remote_without_token`."""
+          allow_remote_without_token: bool = False, block: bool = True) -> RunningServer | None:
+    """Starts the n2g server. `block=True` waits until SIGINT/SIGTERM (None when one came before
+    it served); `block=False` returns the running server (tests, embedding). Binding beyond
+    loopback without a token needs `allow_remote_without_token`."""
     if token is not None and not token.strip():
         raise ValueError("an empty --token would switch auth off: give a real token or none")
     if not _is_loopback(host) and not token and not allow_remote_without_token:
@@ -217,41 +221,65 @@ def serve(workspace: str | Path, model: str | None = None, *, no_model: bool = F
         raise ValueError("TLS needs both --tls-cert and --tls-key")
     creds = _server_credentials(tls_cert, tls_key) if tls_cert is not None else None
 
-    t0 = time.perf_counter()
-    ws, model_host = open_workspace(workspace, model=model, no_model=no_model, corpus=corpus, device=device,
-                                    hook=hook, create=not no_model, writer=None if no_model else "n2g serve",
-                                    load_now=not no_model)
-    app = N2GApp(ws, model_host, limits, max_streams=max_streams or max(1, max_workers // 4))
-    if model_host.loaded:
-        m = model_host.get()
-        log.info("model %s loaded on %s in %.1f s (%d layers x %d neurons, hook %s)", model_host.name, m.device,
-                 time.perf_counter() - t0, m.n_layers, m.d_mlp, m.hook)
-    app.record_shape()
-    graphs = len(app.graphs)  # load the graph store now: a damaged workspace fails here, not later
+    # A signal while starting (loading the model can take minutes) stops the start-up at once;
+    # once serving, it stops the server cleanly (the loop below).
+    stop = threading.Event()
+    starting = True
+    if block:
+        def on_signal(signum, frame):
+            if starting:
+                raise _StoppedWhileStarting(signum)
+            log.info("signal %d: shutting down", signum)
+            stop.set()
 
-    interceptors = [_AuthInterceptor(token)] if token else []
-    opts = [("grpc.max_receive_message_length", limits.max_message_bytes),
-            ("grpc.max_send_message_length", limits.max_message_bytes),
-            ("grpc.so_reuseport", 0)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="n2g-rpc"),
-                         interceptors=interceptors, options=opts)
-    server.add_generic_rpc_handlers((N2GServicer(app).generic_handler(),))
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-
-    address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+    app = server = None
     try:
-        bound = server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
-    except RuntimeError as e:  # grpc reports a failed bind this way (the TLS files were checked above)
-        app.close()
-        raise OSError(f"could not listen on {address} ({e}); is the port in use?") from None
-    if not bound:
-        app.close()
-        raise OSError(f"could not listen on {address}; is the port in use?")
-    server.start()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("starting on workspace %s", workspace)
+        t0 = time.perf_counter()
+        ws, model_host = open_workspace(workspace, model=model, no_model=no_model, corpus=corpus, device=device,
+                                        hook=hook, create=not no_model, writer=None if no_model else "n2g serve",
+                                        load_now=not no_model)
+        app = N2GApp(ws, model_host, limits, max_streams=max_streams or max(1, max_workers // 4))
+        if model_host.loaded:
+            m = model_host.get()
+            log.info("model %s loaded on %s in %.1f s (%d layers x %d neurons, hook %s)", model_host.name, m.device,
+                     time.perf_counter() - t0, m.n_layers, m.d_mlp, m.hook)
+        app.record_shape()
+        graphs = len(app.graphs)  # load the graph store now: a damaged workspace fails here, not later
+
+        interceptors = [_AuthInterceptor(token)] if token else []
+        opts = [("grpc.max_receive_message_length", limits.max_message_bytes),
+                ("grpc.max_send_message_length", limits.max_message_bytes),
+                ("grpc.so_reuseport", 0)]
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="n2g-rpc"),
+                             interceptors=interceptors, options=opts)
+        server.add_generic_rpc_handlers((N2GServicer(app).generic_handler(),))
+        health_servicer = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+
+        address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        try:
+            bound = server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
+        except RuntimeError as e:  # grpc reports a failed bind this way (the TLS files were checked above)
+            app.close()
+            raise OSError(f"could not listen on {address} ({e}); is the port in use?") from None
+        if not bound:
+            app.close()
+            raise OSError(f"could not listen on {address}; is the port in use?")
+        server.start()
+        for name in ("", SERVICE_NAME):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        starting = False
+    except _StoppedWhileStarting as e:
+        log.info("signal %d while starting: stopped before serving", e.args[0])
+        if server is not None:
+            server.stop(0)
+        if app is not None:
+            app.close()
+        return None
 
     log.info("workspace %s: model %s, corpus %s, %d graphs", ws.path, ws.model_name, ws.corpus, graphs)
     if not model_host.enabled:
@@ -269,14 +297,6 @@ def serve(workspace: str | Path, model: str | None = None, *, no_model: bool = F
         log.info("resuming %d unfinished job(s): %s", len(resumed), ", ".join(resumed))
     running = RunningServer(server, app, health_servicer, bound, actual)
     if block:
-        stop = threading.Event()
-
-        def on_signal(signum, frame):
-            log.info("signal %d: shutting down", signum)
-            stop.set()
-
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
         while not stop.wait(1.0):
             pass
         running.stop()
