@@ -47,6 +47,17 @@ class TopK:
         A window with every token masked is not scored. A non C-contiguous array is copied once.
         NaN activations raise N2GError and the batch is not applied. Window ids are not
         deduplicated across batches."""
+    def update_window_max(
+        self,
+        window_max: npt.NDArray[np.float32],  # [batch, n_neurons]
+        window_ids: npt.NDArray[np.int64],  # [batch]
+    ) -> None:
+        """Folds in window scores reduced elsewhere, e.g. on the GPU so that only
+        [batch, n_neurons] crosses to the host: window_max[w, j] = neuron j's largest activation
+        over window w's scored tokens, -inf where none was scored, e.g.
+        `acts.masked_fill(~mask[..., None], float("-inf")).amax(dim=1)`. Same result as
+        `update` on those activations (up to the sign of a zero maximum, which a device
+        reduction may pick differently). NaN raises N2GError and the batch is not applied."""
     def max_activation(self) -> npt.NDArray[np.float32]:
         """[n_neurons]; -inf for a neuron that saw no token."""
     def top(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:

@@ -105,3 +105,30 @@ def test_merge_and_readers_refuse_bad_input():
         TopK.from_arrays(ids, np.array([[2.0, 1.0]]), np.array([2.0], np.float32))
     with pytest.raises(N2GError, match="rows"):
         TopK.from_arrays(ids, np.array([[2.0, 1.0]], np.float32), np.array([2.0, 1.0], np.float32))
+
+
+def test_update_window_max_equals_update():
+    """Window maxima reduced outside (as a GPU scan does before copying to the host) give the
+    same accumulator as the activations themselves."""
+    rng = np.random.default_rng(5)
+    n, k = 70, 3
+    a, b = TopK(n, k), TopK(n, k)
+    for start in (0, 6, 13):
+        acts = rng.integers(-3, 4, size=(6, 5, n)).astype(np.float32)
+        mask = rng.random((6, 5)) < 0.6
+        mask[0] = False  # a window with no scored token
+        ids = np.arange(start, start + 6, dtype=np.int64)[::-1].copy()
+        a.update(acts, ids, mask)
+        wmax = np.where(mask[..., None], acts, -np.inf).max(axis=1).astype(np.float32)
+        b.update_window_max(wmax, ids)
+    assert a.to_bytes() == b.to_bytes()
+    before = b.to_bytes()
+    with pytest.raises(N2GError, match="NaN"):
+        b.update_window_max(np.full((2, n), np.nan, np.float32), np.array([90, 91]))
+    with pytest.raises(N2GError, match="float32"):
+        b.update_window_max(np.zeros((2, n)), np.array([90, 91]))
+    with pytest.raises(N2GError, match="neurons"):
+        b.update_window_max(np.zeros((2, n + 1), np.float32), np.array([90, 91]))
+    with pytest.raises(N2GError, match="rows"):
+        b.update_window_max(np.zeros((2, n), np.float32), np.array([90]))
+    assert b.to_bytes() == before

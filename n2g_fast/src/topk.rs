@@ -171,8 +171,51 @@ impl TopK {
         if let Some((w, tok, j)) = nan_at {
             return Err(invalid!("activations[{w}, {tok}, {j}] is NaN; the batch was not applied"));
         }
-        // Phase 2: insertion, neurons independent.
-        let k = self.k;
+        self.insert(&window_max, b.window_ids);
+        Ok(())
+    }
+
+    /// Folds in window scores computed elsewhere (e.g. reduced on the GPU, so only
+    /// `[batch, n_neurons]` crosses to the host): `window_max[w * n_neurons + j]` is neuron j's
+    /// largest activation over window w's scored tokens, -inf when none was scored. Same
+    /// result as [`TopK::update`] on the activations they come from; NaN is refused (nothing
+    /// changes).
+    pub fn update_window_max(&mut self, window_max: &[f32], window_ids: &[i64]) -> Result<()> {
+        let n = self.n_neurons;
+        let bsz = window_ids.len();
+        if Some(window_max.len()) != bsz.checked_mul(n) {
+            return Err(invalid!(
+                "window_max holds {} values, expected batch * n_neurons = {bsz} * {n} (one row per window id)",
+                window_max.len()
+            ));
+        }
+        if let Some(i) = window_max.iter().position(|v| v.is_nan()) {
+            return Err(invalid!("window_max[{}, {}] is NaN; the batch was not applied", i / n, i % n));
+        }
+        if bsz == 0 {
+            return Ok(());
+        }
+        // Transposed to `[n, batch]` (insertion runs per neuron), per block of neurons.
+        let mut by_neuron = vec![0f32; n * bsz];
+        parallel::install(|| {
+            by_neuron.par_chunks_mut(BLOCK * bsz).enumerate().for_each(|(blk, out)| {
+                let j0 = blk * BLOCK;
+                let width = out.len() / bsz;
+                for w in 0..bsz {
+                    for (x, &v) in window_max[w * n + j0..][..width].iter().enumerate() {
+                        out[x * bsz + w] = v;
+                    }
+                }
+            })
+        });
+        self.insert(&by_neuron, window_ids);
+        Ok(())
+    }
+
+    /// Phase 2: inserts window scores `[n_neurons, batch]` (-inf = not scored); neurons
+    /// independent.
+    fn insert(&mut self, window_max: &[f32], window_ids: &[i64]) {
+        let (k, bsz) = (self.k, window_ids.len());
         parallel::install(|| {
             self.ids
                 .par_chunks_mut(k)
@@ -186,7 +229,7 @@ impl TopK {
                             continue;
                         }
                         raise_max(amax, s);
-                        let id = b.window_ids[w];
+                        let id = window_ids[w];
                         let l = *len as usize;
                         if l == k && !better(s, id, scores[k - 1], ids[k - 1]) {
                             continue;
@@ -204,7 +247,6 @@ impl TopK {
                     }
                 })
         });
-        Ok(())
     }
 
     /// Folds in another accumulator's result, as if its windows had been folded into this one.
@@ -465,6 +507,40 @@ mod tests {
             .unwrap();
             s = e;
         }
+    }
+
+    #[test]
+    fn update_window_max_equals_update_and_refuses_bad_input() {
+        let (n, w, t) = (300, 9, 3);
+        let scan = random_scan(n, w, t, 7);
+        let mut a = TopK::new(n, 4).unwrap();
+        fold(&mut a, &scan, t, 0, w, 4);
+        // Window maxima as a device would reduce them: masked tokens are -inf, max over tokens
+        // in token order (first of equal values kept, as `update` does).
+        let mut b = TopK::new(n, 4).unwrap();
+        let mut wmax = vec![f32::NEG_INFINITY; w * n];
+        for win in 0..w {
+            for tok in 0..t {
+                if scan.1[win * t + tok] {
+                    for j in 0..n {
+                        let v = scan.0[(win * t + tok) * n + j];
+                        if v > wmax[win * n + j] {
+                            wmax[win * n + j] = v;
+                        }
+                    }
+                }
+            }
+        }
+        for (lo, hi) in [(0, 4), (4, 9)] {
+            b.update_window_max(&wmax[lo * n..hi * n], &scan.2[lo..hi]).unwrap();
+        }
+        assert_eq!(b.to_bytes(), a.to_bytes());
+        let before = b.to_bytes();
+        assert!(b.update_window_max(&wmax[..n], &scan.2[..2]).is_err());
+        let mut nan = wmax[..n].to_vec();
+        nan[5] = f32::NAN;
+        assert!(b.update_window_max(&nan, &scan.2[..1]).unwrap_err().to_string().contains("[0, 5]"));
+        assert_eq!(b.to_bytes(), before);
     }
 
     #[test]

@@ -94,6 +94,32 @@ impl PyTopK {
         Ok(())
     }
 
+    /// Folds in window scores reduced elsewhere (e.g. on the GPU): `[batch, n_neurons]`.
+    fn update_window_max(&mut self, py: Python<'_>, window_max: &Bound<'_, PyAny>, window_ids: &Bound<'_, PyAny>) -> PyResult<()> {
+        let arr = window_max.cast::<PyArray2<f32>>().map_err(|_| {
+            bad_input(format!(
+                "window_max must be a float32 numpy array [batch, n_neurons], got {} (use .astype(np.float32))",
+                describe(window_max)
+            ))
+        })?;
+        let (b, n) = (arr.shape()[0], arr.shape()[1]);
+        if n != self.inner.n_neurons() {
+            return Err(bad_input(format!("window_max has {n} neurons on axis 1; this TopK holds {}", self.inner.n_neurons())));
+        }
+        let ids = int64_vec(window_ids, "window_ids")?;
+        if ids.len() != b {
+            return Err(bad_input(format!("window_ids has {} entries; window_max has {b} rows", ids.len())));
+        }
+        let ro = arr.try_readonly().map_err(|e| bad_input(format!("window_max: cannot read the array ({e})")))?;
+        let data: Cow<[f32]> = match ro.as_slice().ok().filter(|_| arr.is_c_contiguous()) {
+            Some(s) => Cow::Borrowed(s),
+            None => Cow::Owned(ro.as_array().iter().copied().collect()),
+        };
+        let inner = &mut self.inner;
+        py.detach(|| inner.update_window_max(&data, &ids))?;
+        Ok(())
+    }
+
     /// `[n_neurons]` float32; -inf for a neuron that saw no token.
     fn max_activation<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f32>> {
         PyArray1::from_slice(py, self.inner.max_activation())
