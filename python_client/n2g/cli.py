@@ -174,7 +174,12 @@ def _add_serve(sub) -> None:
 
 def _cmd_serve(args) -> int:
     import logging
+    import signal
 
+    # a stop asked while the service is still importing ends cleanly; serve() installs its own
+    # handlers once it starts (they stop the start-up or the server just as cleanly)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: sys.exit(0))
     from n2g_service.server import serve
 
     from .types import Limits
