@@ -90,7 +90,10 @@ def scan_layers(
         batch_ids = np.ascontiguousarray(ids[start: start + batch.shape[0]])
         host = torch.stack([scores[l] for l in layers]).cpu().numpy()  # one device->host copy a batch
         for i, l in enumerate(layers):
-            acc[l].update(np.ascontiguousarray(host[i][:, None, :]), batch_ids)  # one "token" a window: its max
+            if hasattr(acc[l], "update_window_max"):
+                acc[l].update_window_max(np.ascontiguousarray(host[i]), batch_ids)
+            else:  # an older extension: one "token" a window, its max
+                acc[l].update(np.ascontiguousarray(host[i][:, None, :]), batch_ids)
         bar.update(batch.shape[0])
     bar.close()
     seconds = time.perf_counter() - t0
