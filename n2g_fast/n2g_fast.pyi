@@ -6,9 +6,10 @@ All errors raised by the core are `N2GError` (a `ValueError` subclass) with a me
 to fix; the core never panics across the FFI.
 
 Token ids are non-negative ints below 2**32. Batch calls release the GIL and run on the module's
-own thread pool (size: RAYON_NUM_THREADS, else the CPU count); a fork handler gives a forked child
-(e.g. `multiprocessing` with the fork start method) a fresh pool, so forking after a batch call is
-safe.
+own thread pool (size: RAYON_NUM_THREADS, else the CPU count), never on rayon's global pool; a fork
+handler gives a forked child (e.g. `multiprocessing` with the fork start method) a fresh pool, so
+forking after a batch call is safe. Should the system refuse every thread, batch calls raise
+N2GError ("could not start n2g_fast's thread pool: ...") rather than run elsewhere.
 """
 
 import os
@@ -150,7 +151,14 @@ class NeuronGraph:
     def to_json(self) -> str:
         """The `n2g.graph/v1` document (export format of the foundation issue)."""
     @staticmethod
-    def from_json(text: str) -> NeuronGraph: ...
+    def from_json(text: str) -> NeuronGraph:
+        """Reads an `n2g.graph/v1` document (N2GError saying what is wrong otherwise). Children may
+        come in any order; token ids are sorted and deduplicated; a root's importance is unused.
+        `"ignore": true` alone makes a node IGNORE: any label is accepted there and read as
+        "<IGNORE>" (other tools write their own); IGNORE nodes must still have no token_ids and
+        end null, and roots cannot be IGNORE. Reading re-applies the IGNORE merge (finalize), so
+        the graph read back is the canonical form: its to_json may differ from the text read
+        (merged paths, the "<IGNORE>" label) and is what this module writes for that graph."""
     def to_bytes(self) -> bytes:
         """Versioned, checksummed binary form (what the workspace stores)."""
     @staticmethod

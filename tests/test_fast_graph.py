@@ -247,6 +247,8 @@ def test_json_document_and_round_trip():
         (lambda d: d["roots"][0]["children"][0].update(end=None), "leaf without END"),
         (lambda d: d["roots"].append(dict(d["roots"][0])), "repeat label"),
         (lambda d: d["roots"][0].update(token_ids=[-1]), "invalid value"),
+        (lambda d: d["roots"][0]["children"][1].update(label="*", token_ids=[4]), "must have no token_ids"),
+        (lambda d: d["roots"][0]["children"][1].update(label="*", end=0.5), "end null"),
     ],
 )
 def test_json_refusals(mutate, needle):
@@ -254,6 +256,38 @@ def test_json_refusals(mutate, needle):
     mutate(doc)
     with pytest.raises(N2GError, match=needle):
         NeuronGraph.from_json(json.dumps(doc))
+
+
+@pytest.mark.parametrize("label", ["*", "", "IGNORE", "b"])
+def test_json_ignore_node_with_another_label_is_read_as_ignore(label):
+    # The schema marks IGNORE by "ignore": true; other tools may write their own label.
+    g = differing_graph()
+    text = g.to_json()
+    doc = json.loads(text)
+    ig = doc["roots"][0]["children"][1]
+    assert ig["ignore"] is True
+    ig["label"] = label
+    back = NeuronGraph.from_json(json.dumps(doc))
+    assert back == g and back.to_json() == text
+    assert back.predict([[3, 9, 1]], "all_paths_max")[0].tolist() == pytest.approx([0, 0, 0.9])
+
+
+def test_json_reading_reapplies_the_ignore_merge():
+    # a <- b <- c and a <- IGNORE <- d: finalize copies c under the IGNORE and drops b (no END).
+    # A document with b kept and c not copied (another tool's output) reads as that canonical graph.
+    g = NeuronGraph("m", 1, 2, "h", 3.5)
+    g.add_path(("a", [1], 1.0), [("b", [2], 0.8), ("c", [3], 0.9)], 0.7)
+    g.add_path(("a", [1], 1.0), [None, ("d", [4], 0.9)], 0.6)
+    text = g.to_json()
+    doc = json.loads(text)
+    (ig,) = doc["roots"][0]["children"]
+    assert ig["ignore"] and [c["label"] for c in ig["children"]] == ["c", "d"]
+    c = ig["children"].pop(0)
+    b = {"label": "b", "token_ids": [2], "ignore": False, "importance": 0.8, "activation": None, "end": None}
+    doc["roots"][0]["children"].insert(0, {**b, "children": [c]})
+    back = NeuronGraph.from_json(json.dumps(doc))
+    assert back == g and back.to_json() == text
+    assert back.predict([[3, 9, 1]])[0].tolist() == pytest.approx([0, 0, 0.7])
 
 
 def test_json_not_json():

@@ -19,6 +19,9 @@ pub enum N2GError {
     /// Reading or writing a file failed.
     #[error("{0}")]
     Io(String),
+    /// The system refused a resource the core needs (the threads of its pool).
+    #[error("{0}")]
+    Resource(String),
 }
 
 pub type Result<T> = std::result::Result<T, N2GError>;

@@ -8,8 +8,12 @@
 //! have `activation` = null; IGNORE nodes are `{"label": "<IGNORE>", "token_ids": [],
 //! "ignore": true, ...}`. Children are sorted (tokens by label, IGNORE last), so the output is
 //! deterministic. On import a root's `importance` is not used (a root's value is its
-//! activation), children may come in any order, token ids are sorted and deduplicated, and the
-//! trie is finalized.
+//! activation), children may come in any order, token ids are sorted and deduplicated, and
+//! `"ignore": true` alone makes a node IGNORE: its label may be anything (other tools write their
+//! own) and is read as `<IGNORE>`; an IGNORE node still may not carry token ids or an END, nor be
+//! a root. Reading re-applies the IGNORE merge (the trie is finalized), so a graph read back is
+//! in canonical form: writing it again may differ from the document read (merged paths, the
+//! `<IGNORE>` label), and equals what this crate would have written for the same graph.
 //!
 //! Binary graph (all integers little-endian):
 //! ```text
@@ -27,7 +31,7 @@
 //! Breadth-first order with child counts rebuilds the exact arena, so a round trip is exact.
 
 use crate::error::{corrupt, invalid, N2GError, Result};
-use crate::trie::{sorted_unique, Children, Ids, Label, NeuronGraph, Node, NodeId, IGNORE_LABEL, MAX_PATH_NODES, ROOT};
+use crate::trie::{sorted_unique, Children, Ids, Label, NeuronGraph, Node, NodeId, MAX_PATH_NODES, ROOT};
 use smol_str::SmolStr;
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -138,7 +142,8 @@ fn json_depth(text: &str) -> usize {
     max
 }
 
-/// Parses and validates an `n2g.graph/v1` document; the result is finalized.
+/// Parses and validates an `n2g.graph/v1` document; the result is finalized (see the module
+/// doc: IGNORE nodes may carry any label).
 pub fn graph_from_json(text: &str) -> Result<NeuronGraph> {
     // graph object + roots array + 2 levels per node.
     let limit = 2 + 2 * MAX_PATH_NODES;
@@ -168,8 +173,9 @@ pub fn graph_from_json(text: &str) -> Result<NeuronGraph> {
             if is_root {
                 return Err(bad("an activating token (root) cannot be IGNORE"));
             }
-            if d.label != IGNORE_LABEL || !d.token_ids.is_empty() || d.end.is_some() {
-                return Err(bad("an IGNORE node must have label \"<IGNORE>\", no token_ids and end null"));
+            // The schema marks IGNORE by the flag, not the label: any label is read as <IGNORE>.
+            if !d.token_ids.is_empty() || d.end.is_some() {
+                return Err(bad("an IGNORE node (\"ignore\": true) must have no token_ids and end null"));
             }
             Label::Ignore
         } else {
@@ -661,6 +667,54 @@ pub(crate) mod tests {
         let ig = &v["roots"][0]["children"][0];
         assert_eq!((ig["label"].as_str(), ig["ignore"].as_bool(), ig["activation"].is_null()), (Some("<IGNORE>"), Some(true), true));
         assert_eq!(graph_to_json(&back), text, "deterministic");
+    }
+
+    #[test]
+    fn json_ignore_node_may_carry_any_label() {
+        let text = graph_to_json(&sample());
+        assert!(text.contains("\"label\":\"<IGNORE>\",\"token_ids\":[],\"ignore\":true"), "{text}");
+        for other in ["*", "", "IGNORE", "of"] {
+            let relabelled = text.replace("\"label\":\"<IGNORE>\"", &format!("\"label\":{}", serde_json::to_string(other).unwrap()));
+            let back = graph_from_json(&relabelled).unwrap_or_else(|e| panic!("label {other:?}: {e}"));
+            assert_eq!(back, sample(), "label {other:?}");
+            assert_eq!(graph_to_json(&back), text, "label {other:?} is read as <IGNORE>");
+        }
+        // The flag still forbids token ids and an END whatever the label, and IGNORE roots.
+        let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for (field, value, at_root) in [("token_ids", serde_json::json!([3]), false), ("end", serde_json::json!(0.5), false), ("ignore", serde_json::json!(true), true)] {
+            for label in ["<IGNORE>", "*"] {
+                let mut bad = doc.clone();
+                let node = if at_root { &mut bad["roots"][0] } else { &mut bad["roots"][0]["children"][0] };
+                assert!(at_root || node["ignore"] == true);
+                node[field] = value.clone();
+                node["label"] = label.into();
+                let err = graph_from_json(&bad.to_string()).unwrap_err().to_string();
+                let needle = if at_root { "cannot be IGNORE" } else { "must have no token_ids and end null" };
+                assert!(err.contains(needle), "{field} {label}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn json_reading_reapplies_the_ignore_merge() {
+        // a <- b <- c and a <- IGNORE <- d: finalize copies c under the IGNORE and drops b (no
+        // END). A document with b kept and c not copied (another tool's output) is read into
+        // that canonical graph.
+        let mut g = graph();
+        g.add_path(&tok("a", &[1], 0.9), &[ctx("b", &[2], 0.8), ctx("c", &[3], 0.95)], 0.7).unwrap();
+        g.add_path(&tok("a", &[1], 0.9), &[None, ctx("d", &[4], 0.95)], 0.6).unwrap();
+        g.finalize();
+        let text = graph_to_json(&g);
+        let mut doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let children = doc["roots"][0]["children"].as_array_mut().unwrap();
+        assert_eq!((children.len(), &children[0]["ignore"]), (1, &serde_json::Value::Bool(true)));
+        let c = children[0]["children"].as_array_mut().unwrap().remove(0);
+        assert_eq!(c["label"], "c");
+        children.push(serde_json::json!({"label": "b", "token_ids": [2], "ignore": false, "importance": 0.8,
+            "activation": null, "end": null, "children": [c]}));
+        let back = graph_from_json(&doc.to_string()).unwrap();
+        assert_eq!(back, g);
+        assert_eq!(graph_to_json(&back), text);
     }
 
     #[test]

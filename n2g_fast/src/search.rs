@@ -185,12 +185,12 @@ fn union(a: &[u32], b: &[u32]) -> Vec<u32> {
 
 impl StoreIndex {
     /// Builds the index over `graphs` (keys unique). Per-graph extraction runs in parallel.
-    pub fn build<'a>(graphs: impl Iterator<Item = (Key, &'a NeuronGraph)>) -> StoreIndex {
+    pub fn build<'a>(graphs: impl Iterator<Item = (Key, &'a NeuronGraph)>) -> Result<StoreIndex> {
         let mut all: Vec<(Key, &NeuronGraph)> = graphs.collect();
         all.sort_by_key(|x| x.0);
         let (keys, gs): (Vec<Key>, Vec<&NeuronGraph>) = all.into_iter().unzip();
-        let extracted: Vec<Extract> = parallel::install(|| gs.par_iter().map(|g| extract(g)).collect());
-        Self::build_extracted(keys, extracted)
+        let extracted: Vec<Extract> = parallel::install(|| gs.par_iter().map(|g| extract(g)).collect())?;
+        Ok(Self::build_extracted(keys, extracted))
     }
 
     /// Builds the index from each graph's extract; `keys` sorted and unique, in the same order.
@@ -323,7 +323,7 @@ pub(crate) mod tests {
     }
 
     fn index(gs: &[NeuronGraph]) -> StoreIndex {
-        StoreIndex::build(gs.iter().map(|g| (g.key(), g)))
+        StoreIndex::build(gs.iter().map(|g| (g.key(), g))).unwrap()
     }
 
     /// Brute force: does graph `g` hold `term` in `role`?

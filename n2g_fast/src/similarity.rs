@@ -133,14 +133,20 @@ fn prefix<'a>(set: &[u32], freq: &[u32], t: f32, buf: &'a mut Vec<u32>) -> &'a [
     &buf[..len]
 }
 
-/// (similar pairs, subset pairs), each sorted by (a, b); similar pairs have a < b.
-pub fn all_pairs(ix: &StoreIndex, t: f32) -> (Vec<Pair>, Vec<Pair>) {
+/// (similar pairs, subset pairs), each sorted by (a, b); similar pairs have a < b. Errors only
+/// when the crate's thread pool cannot start.
+pub fn all_pairs(ix: &StoreIndex, t: f32) -> Result<(Vec<Pair>, Vec<Pair>)> {
     all_pairs_by(ix, t, None)
 }
 
 /// `family`: Some(0) = activating-set prefixes, Some(1) = context-set prefixes, None = the
 /// cheaper (tests force each).
-fn all_pairs_by(ix: &StoreIndex, t: f32, family: Option<usize>) -> (Vec<Pair>, Vec<Pair>) {
+fn all_pairs_by(ix: &StoreIndex, t: f32, family: Option<usize>) -> Result<(Vec<Pair>, Vec<Pair>)> {
+    parallel::install(|| all_pairs_in_pool(ix, t, family))
+}
+
+/// [`all_pairs_by`]'s work; its parallel iterators need the crate's pool around them.
+fn all_pairs_in_pool(ix: &StoreIndex, t: f32, family: Option<usize>) -> (Vec<Pair>, Vec<Pair>) {
     let n = ix.len();
     let usable = |g: usize| !ix.act_sets[g].is_empty() && !ix.ctx_sets[g].is_empty();
     // Pick the family (activating or context sets) whose prefixes touch fewer postings.
@@ -149,78 +155,74 @@ fn all_pairs_by(ix: &StoreIndex, t: f32, family: Option<usize>) -> (Vec<Pair>, V
         .iter()
         .map(|(sets, by_label)| {
             let freq: Vec<u32> = by_label.iter().map(|p| p.len() as u32).collect();
-            parallel::install(|| {
-                (0..n)
-                    .into_par_iter()
-                    .filter(|&g| usable(g))
-                    .map_init(Vec::new, |buf, g| prefix(&sets[g], &freq, t, buf).iter().map(|&l| by_label[l as usize].len() as u64).sum::<u64>())
-                    .sum()
-            })
+            (0..n)
+                .into_par_iter()
+                .filter(|&g| usable(g))
+                .map_init(Vec::new, |buf, g| prefix(&sets[g], &freq, t, buf).iter().map(|&l| by_label[l as usize].len() as u64).sum::<u64>())
+                .sum()
         })
         .collect();
     let fam = family.unwrap_or(if costs[1] < costs[0] { 1 } else { 0 });
     let (sets, by_label) = families[fam];
     let freq: Vec<u32> = by_label.iter().map(|p| p.len() as u32).collect();
-    let sigs: Vec<Sig> = parallel::install(|| (0..n).into_par_iter().map(|g| Sig::new(&ix.act_sets[g], &ix.ctx_sets[g])).collect());
+    let sigs: Vec<Sig> = (0..n).into_par_iter().map(|g| Sig::new(&ix.act_sets[g], &ix.ctx_sets[g])).collect();
     let max_size = sigs.iter().map(|s| s.n_act.max(s.n_ctx) as usize).max().unwrap_or(0);
     // need[s] = least intersection that reaches t against a smaller set of size s.
     let need: Vec<u32> = (0..=max_size).map(|s| if s == 0 { u32::MAX } else { min_overlap(s, t) as u32 }).collect();
     let by_act = fam == 0;
     let size = |sig: &Sig| if by_act { sig.n_act } else { sig.n_ctx };
-    let found: Vec<(bool, Pair)> = parallel::install(|| {
-        (0..n)
-            .into_par_iter()
-            .map_init(
-                || (vec![u32::MAX; n], Vec::new(), Vec::new(), Vec::new()),
-                |(seen, buf, act_bits, ctx_bits), i| {
-                    let mut out = Vec::new();
-                    let si = sigs[i];
-                    if si.n_act == 0 || si.n_ctx == 0 {
-                        return out;
-                    }
-                    act_bits.clear();
-                    act_bits.extend(ix.act_sets[i].iter().map(|&l| Sig::bit(l, 64)));
-                    ctx_bits.clear();
-                    ctx_bits.extend(ix.ctx_sets[i].iter().map(|&l| Sig::bit(l, 256)));
-                    let order_i = (size(&si), i);
-                    for &l in prefix(&sets[i], &freq, t, buf) {
-                        for &j in &by_label[l as usize] {
-                            let j = j as usize;
-                            let sj = &sigs[j];
-                            if (size(sj), j) <= order_i || seen[j] == i as u32 || sj.n_act == 0 || sj.n_ctx == 0 {
-                                continue;
-                            }
-                            seen[j] = i as u32;
-                            // Signature test: labels of i whose bit is absent from j's signature
-                            // are surely not in j, so the bit count bounds the intersection.
-                            let act_present = act_bits.iter().filter(|&&(w, m)| sj.act[w] & m != 0).count() as u32;
-                            if act_present < need[si.n_act.min(sj.n_act) as usize] {
-                                continue;
-                            }
-                            let ctx_present = ctx_bits.iter().filter(|&&(w, m)| sj.ctx[w] & m != 0).count() as u32;
-                            if ctx_present < need[si.n_ctx.min(sj.n_ctx) as usize] {
-                                continue;
-                            }
-                            if let Some((similar, pa, pc)) = classify(ix, i, j, t) {
-                                let (a, b) = if similar {
-                                    if ix.keys[i] < ix.keys[j] {
-                                        (i, j)
-                                    } else {
-                                        (j, i)
-                                    }
+    let found: Vec<(bool, Pair)> = (0..n)
+        .into_par_iter()
+        .map_init(
+            || (vec![u32::MAX; n], Vec::new(), Vec::new(), Vec::new()),
+            |(seen, buf, act_bits, ctx_bits), i| {
+                let mut out = Vec::new();
+                let si = sigs[i];
+                if si.n_act == 0 || si.n_ctx == 0 {
+                    return out;
+                }
+                act_bits.clear();
+                act_bits.extend(ix.act_sets[i].iter().map(|&l| Sig::bit(l, 64)));
+                ctx_bits.clear();
+                ctx_bits.extend(ix.ctx_sets[i].iter().map(|&l| Sig::bit(l, 256)));
+                let order_i = (size(&si), i);
+                for &l in prefix(&sets[i], &freq, t, buf) {
+                    for &j in &by_label[l as usize] {
+                        let j = j as usize;
+                        let sj = &sigs[j];
+                        if (size(sj), j) <= order_i || seen[j] == i as u32 || sj.n_act == 0 || sj.n_ctx == 0 {
+                            continue;
+                        }
+                        seen[j] = i as u32;
+                        // Signature test: labels of i whose bit is absent from j's signature
+                        // are surely not in j, so the bit count bounds the intersection.
+                        let act_present = act_bits.iter().filter(|&&(w, m)| sj.act[w] & m != 0).count() as u32;
+                        if act_present < need[si.n_act.min(sj.n_act) as usize] {
+                            continue;
+                        }
+                        let ctx_present = ctx_bits.iter().filter(|&&(w, m)| sj.ctx[w] & m != 0).count() as u32;
+                        if ctx_present < need[si.n_ctx.min(sj.n_ctx) as usize] {
+                            continue;
+                        }
+                        if let Some((similar, pa, pc)) = classify(ix, i, j, t) {
+                            let (a, b) = if similar {
+                                if ix.keys[i] < ix.keys[j] {
+                                    (i, j)
                                 } else {
-                                    subset_order(ix, i, j)
-                                };
-                                out.push((similar, Pair { a: ix.keys[a], b: ix.keys[b], activating: pa, context: pc }));
-                            }
+                                    (j, i)
+                                }
+                            } else {
+                                subset_order(ix, i, j)
+                            };
+                            out.push((similar, Pair { a: ix.keys[a], b: ix.keys[b], activating: pa, context: pc }));
                         }
                     }
-                    out
-                },
-            )
-            .flatten_iter()
-            .collect()
-    });
+                }
+                out
+            },
+        )
+        .flatten_iter()
+        .collect();
     let (mut sim, mut sub): (Vec<_>, Vec<_>) = found.into_iter().partition(|(s, _)| *s);
     sim.sort_by_key(|x| (x.1.a, x.1.b));
     sub.sort_by_key(|x| (x.1.a, x.1.b));
@@ -315,8 +317,8 @@ mod tests {
             graph(3, &["a"], &[]),                         // no context: never paired
             graph(4, &["a"], &[]),
         ];
-        let ix = StoreIndex::build(gs.iter().map(|g| (g.key(), g)));
-        let (sim, sub) = all_pairs(&ix, 0.9);
+        let ix = StoreIndex::build(gs.iter().map(|g| (g.key(), g))).unwrap();
+        let (sim, sub) = all_pairs(&ix, 0.9).unwrap();
         assert_eq!(sim, vec![Pair { a: (0, 0), b: (0, 1), activating: 1.0, context: 1.0 }]);
         assert_eq!(sub.iter().map(|p| (p.a, p.b)).collect::<Vec<_>>(), vec![((0, 0), (0, 2)), ((0, 1), (0, 2))]);
         assert_eq!((sim.clone(), sub.clone()), all_pairs_brute(&ix, 0.9));
@@ -339,15 +341,15 @@ mod tests {
     proptest! {
         #[test]
         fn pairs_equal_brute_force(gs in arb_graphs(), t in prop_oneof![Just(0.9f32), Just(0.5), Just(1.0), 0.05f32..1.0]) {
-            let ix = StoreIndex::build(gs.iter().map(|g| (g.key(), g)));
+            let ix = StoreIndex::build(gs.iter().map(|g| (g.key(), g))).unwrap();
             let want = all_pairs_brute(&ix, t);
-            prop_assert_eq!(all_pairs_by(&ix, t, Some(0)), want.clone());
-            prop_assert_eq!(all_pairs_by(&ix, t, Some(1)), want);
+            prop_assert_eq!(all_pairs_by(&ix, t, Some(0)).unwrap(), want.clone());
+            prop_assert_eq!(all_pairs_by(&ix, t, Some(1)).unwrap(), want);
         }
 
         #[test]
         fn neighbours_equal_brute_force(gs in arb_graphs(), k in 1usize..6) {
-            let ix = StoreIndex::build(gs.iter().map(|g| (g.key(), g)));
+            let ix = StoreIndex::build(gs.iter().map(|g| (g.key(), g))).unwrap();
             for g in 0..ix.len() {
                 let mut want: Vec<(Key, f32, f32, f32)> = (0..ix.len()).filter(|&j| j != g).map(|j| {
                     let (a, b, c, d) = (&ix.act_sets[g], &ix.act_sets[j], &ix.ctx_sets[g], &ix.ctx_sets[j]);

@@ -87,7 +87,7 @@ fn decode_and_pack(blobs: &[&[u8]], syms: &mut Symbols) -> Result<Vec<(Key, Pack
                     Ok(raw.finalized.then(|| PackedGraph::pack_raw(raw, known, label_map)))
                 })
                 .collect::<Result<_>>()
-        })?;
+        })??;
         for ((raw, label_map), p) in work.iter_mut().zip(packed) {
             let key = (raw.layer, raw.neuron);
             out.push(match p {
@@ -267,7 +267,7 @@ fn read_v2(r: &mut Reader, count: usize) -> Result<GraphStore> {
                 Ok(PackedGraph::from_words(words, g.max_activation, str_ids[g.model as usize], str_ids[g.hook as usize]))
             })
             .collect::<Result<_>>()
-    })?;
+    })??;
     // Sorted entries built in bulk, so the map's nodes are full.
     store.graphs = at.iter().map(|g| g.key).zip(packed).collect();
     Ok(store)
@@ -554,7 +554,7 @@ impl GraphStore {
                     found
                 })
                 .collect()
-        });
+        })?;
         // 2. Bucket by graph (counting sort), then walk graph by graph in parallel.
         let mut start = vec![0u32; graphs.len() + 1];
         for m in &matches {
@@ -602,26 +602,29 @@ impl GraphStore {
                     }
                 },
             )
-        });
-        Ok(())
+        })
     }
 
     // --- search and similarity -----------------------------------------------------------
 
-    pub fn index(&self) -> &StoreIndex {
-        self.index.get_or_init(|| {
-            let entries: Vec<(&Key, &PackedGraph)> = self.graphs.iter().collect();
-            let extracted: Vec<Extract> = parallel::install(|| entries.par_iter().map(|(_, p)| extract(&p.view(), &self.syms)).collect());
-            StoreIndex::build_extracted(entries.iter().map(|e| *e.0).collect(), extracted)
-        })
+    /// The search and similarity index, built on first use (an error only when the crate's
+    /// thread pool cannot start; nothing is cached then).
+    pub fn index(&self) -> Result<&StoreIndex> {
+        if let Some(ix) = self.index.get() {
+            return Ok(ix);
+        }
+        let entries: Vec<(&Key, &PackedGraph)> = self.graphs.iter().collect();
+        let extracted: Vec<Extract> = parallel::install(|| entries.par_iter().map(|(_, p)| extract(&p.view(), &self.syms)).collect())?;
+        // A concurrent caller may have set it first; both built the same index.
+        Ok(self.index.get_or_init(|| StoreIndex::build_extracted(entries.iter().map(|e| *e.0).collect(), extracted)))
     }
 
     pub fn search(&self, clauses: &[(Term, Role)]) -> Result<Vec<Key>> {
-        self.index().search(clauses)
+        self.index()?.search(clauses)
     }
 
-    pub fn in_context_neurons(&self) -> Vec<(Key, Vec<String>, f32)> {
-        self.index().in_context()
+    pub fn in_context_neurons(&self) -> Result<Vec<(Key, Vec<String>, f32)>> {
+        Ok(self.index()?.in_context())
     }
 
     /// (similar pairs, subset pairs); see `similarity`. The last result is cached.
@@ -633,7 +636,7 @@ impl GraphStore {
             }
         }
         // Computed outside the lock: concurrent callers may both compute, none waits.
-        let res = Arc::new(similarity::all_pairs(self.index(), t));
+        let res = Arc::new(similarity::all_pairs(self.index()?, t)?);
         *self.pairs_cache.lock().unwrap_or_else(|e| e.into_inner()) = Some((t.to_bits(), res.clone()));
         Ok(res)
     }
@@ -642,7 +645,7 @@ impl GraphStore {
         if k == 0 {
             return Err(invalid!("k must be at least 1"));
         }
-        let ix = self.index();
+        let ix = self.index()?;
         let g = ix.keys.binary_search(&key).map_err(|_| N2GError::UnknownKey { layer: key.0, neuron: key.1 })?;
         Ok(similarity::neighbours(ix, g, k))
     }

@@ -167,12 +167,11 @@ impl TopK {
                 })
                 .find_any(|r| r.is_some())
                 .flatten()
-        });
+        })?;
         if let Some((w, tok, j)) = nan_at {
             return Err(invalid!("activations[{w}, {tok}, {j}] is NaN; the batch was not applied"));
         }
-        self.insert(&window_max, b.window_ids);
-        Ok(())
+        self.insert(&window_max, b.window_ids)
     }
 
     /// Folds in window scores computed elsewhere (e.g. reduced on the GPU, so only
@@ -207,14 +206,13 @@ impl TopK {
                     }
                 }
             })
-        });
-        self.insert(&by_neuron, window_ids);
-        Ok(())
+        })?;
+        self.insert(&by_neuron, window_ids)
     }
 
     /// Phase 2: inserts window scores `[n_neurons, batch]` (-inf = not scored); neurons
     /// independent.
-    fn insert(&mut self, window_max: &[f32], window_ids: &[i64]) {
+    fn insert(&mut self, window_max: &[f32], window_ids: &[i64]) -> Result<()> {
         let (k, bsz) = (self.k, window_ids.len());
         parallel::install(|| {
             self.ids
@@ -246,7 +244,7 @@ impl TopK {
                         *len = (l + 1).min(k) as u32;
                     }
                 })
-        });
+        })
     }
 
     /// Folds in another accumulator's result, as if its windows had been folded into this one.
@@ -296,8 +294,7 @@ impl TopK {
                     }
                     *len = total as u32;
                 })
-        });
-        Ok(())
+        })
     }
 
     /// `[n_neurons]` filled slots per neuron.

@@ -3,8 +3,7 @@
 SQLite (WAL mode) keeps metadata, the corpus windows, the dataset scan, every built neuron (its
 graph in n2g_fast's versioned binary form, its examples, stats and evaluation) and the build jobs.
 Each neuron is committed in its own transaction as soon as it is built, so a build that is killed
-loses nothing and resumes where it stopped. A graph store file (`graphs.n2gs`, n2g_fast's format)
-is a derived cache of the graphs table for fast loading of whole models.
+loses nothing and resumes where it stopped.
 
 Reliability (issue 10):
 - One writer per workspace: a writer holds an exclusive `flock` on `writer.lock` (the kernel

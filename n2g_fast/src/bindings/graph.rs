@@ -154,7 +154,7 @@ impl PyNeuronGraph {
                     })
                     .collect()
             })
-        });
+        })?;
         PyList::new(py, outs.into_iter().map(|v| PyArray1::from_vec(py, v)))
     }
 

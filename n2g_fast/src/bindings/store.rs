@@ -220,12 +220,12 @@ impl PyGraphStore {
     /// in-context / repeated-token neurons): `[(key, shared labels, fraction)]` with fraction =
     /// shared / activating labels, ranked by number shared, then fraction, then key.
     #[pyo3(signature = (limit = None))]
-    fn in_context_neurons(&self, py: Python<'_>, limit: Option<usize>) -> Vec<(Key, Vec<String>, f32)> {
-        let mut v = py.detach(|| self.read().in_context_neurons());
+    fn in_context_neurons(&self, py: Python<'_>, limit: Option<usize>) -> PyResult<Vec<(Key, Vec<String>, f32)>> {
+        let mut v = py.detach(|| self.read().in_context_neurons())?;
         if let Some(l) = limit {
             v.truncate(l);
         }
-        v
+        Ok(v)
     }
 
     /// `[(key_a, key_b, activating_overlap, context_overlap)]`, key_a < key_b, overlaps by max.
