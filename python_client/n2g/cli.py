@@ -264,6 +264,8 @@ def _add_build(sub) -> None:
     run.add_argument("--executor", choices=("inprocess", "ray"), default=None, help="default inprocess")
     run.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local cluster)")
     run.add_argument("--workers", type=int, default=None, help="Ray actors (default: one per GPU, else 1)")
+    run.add_argument("--worker-threads", type=int, default=None,
+                     help="torch threads per CPU actor (default: the CPU count / workers)")
     run.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default=None,
                      help="scan forward passes (GPU; default float32)")
     run.add_argument("--shard-windows", type=int, default=None, help="corpus windows per scan shard (default 1024)")
@@ -273,31 +275,38 @@ def _add_build(sub) -> None:
     p.add_argument("--job-id", default=None, help="name the job (default: a new random id)")
 
 
+# Stages with a countable amount of work, each drawn as its own bar (with tqdm's ETA).
+_BAR_UNITS = {"scan": ("scanning the corpus", "window"), "merge": ("merging scan shards", "layer"),
+              "fit": ("building neurons", "neuron")}
+
+
 def _progress_printer(json_mode: bool):
-    """A JobEvent callback drawing a progress bar (or JSON lines with --json)."""
-    state: dict[str, Any] = {"bar": None}
+    """A JobEvent callback drawing one progress bar per stage (or JSON lines with --json)."""
+    bars: dict[str, Any] = {}
 
     def on_event(ev) -> None:
         if json_mode:
             print(json.dumps(_plain(ev)), flush=True)
             return
-        if ev.stage == "fit" and ev.total:
-            if state["bar"] is None:
+        if ev.stage in _BAR_UNITS and ev.total:
+            bar = bars.get(ev.stage)
+            if bar is None:
                 from tqdm import tqdm
 
-                state["bar"] = tqdm(total=ev.total, initial=ev.done, desc="building neurons", unit="neuron",
-                                    file=sys.stderr)
-            bar = state["bar"]
+                for other in bars.values():  # the previous stage is over
+                    other.close()
+                desc, unit = _BAR_UNITS[ev.stage]
+                bar = bars[ev.stage] = tqdm(total=ev.total, initial=ev.done, desc=desc, unit=unit, file=sys.stderr)
             bar.total = ev.total
             bar.n = ev.done
             bar.set_postfix_str(ev.message[-40:])
             bar.refresh()
-        elif ev.stage in ("corpus", "scan", "state"):
+        elif ev.stage in ("corpus", "state") or (ev.stage in _BAR_UNITS and ev.message):
             print(f"[{ev.stage}] {ev.message}", file=sys.stderr)
 
     def close() -> None:
-        if state["bar"] is not None:
-            state["bar"].close()
+        for bar in bars.values():
+            bar.close()
 
     on_event.close = close  # type: ignore[attr-defined]
     return on_event
@@ -312,7 +321,8 @@ def _cmd_build(args) -> int:
         config.setdefault("fit", {})["method"] = args.method
     kw = dict(sample=args.sample, seed=args.seed, group_size=args.group_size, k=args.k,
               window_tokens=args.window_tokens, config=config or None, executor=args.executor,
-              ray_address=args.ray_address, workers=args.workers, precision=args.precision,
+              ray_address=args.ray_address, workers=args.workers, worker_threads=args.worker_threads,
+              precision=args.precision,
               shard_windows=args.shard_windows)
     layers = _layers(args.layers)
     with _client(args, create=True) as c:

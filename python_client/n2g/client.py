@@ -86,13 +86,13 @@ def _choice(value: str | None, names: Sequence[str], what: str) -> str | None:
 
 
 def _build_args(layers, neurons, sample, seed, group_size, k, window_tokens, config, executor, ray_address,
-                workers, precision, shard_windows) -> dict[str, Any]:
+                workers, worker_threads, precision, shard_windows) -> dict[str, Any]:
     spec = layers if isinstance(layers, str) else None
     return dict(layers=[] if spec else [int(l) for l in layers], layer_spec=spec,
                 neurons=[int(n) for n in neurons] if neurons else None, sample=sample, seed=int(seed),
                 group_size=group_size, k=k, window_tokens=window_tokens,
                 config_json=_json.dumps(config) if config else None, executor=executor, ray_address=ray_address,
-                workers=workers, precision=precision, shard_windows=shard_windows)
+                workers=workers, worker_threads=worker_threads, precision=precision, shard_windows=shard_windows)
 
 
 def _error(e: grpc.RpcError) -> N2GError:
@@ -179,25 +179,26 @@ class _Api:
                     sample: int | None = None, seed: int = 0, group_size: int | None = None, k: int | None = None,
                     window_tokens: int | None = None, config: dict[str, Any] | None = None,
                     executor: str | None = None, ray_address: str | None = None, workers: int | None = None,
-                    precision: str | None = None, shard_windows: int | None = None, job_id: str | None = None,
+                    worker_threads: int | None = None, precision: str | None = None,
+                    shard_windows: int | None = None, job_id: str | None = None,
                     timeout: float | None = None) -> Job:
         """Queues a build of `neurons` (or a seeded `sample` of live neurons) in each of `layers`
         (a list, or a spec: "all", "0-5", "0,2,4-6"). `config` overrides the scan/fit/eval
         settings ({"fit": {"method": "paper"}, ...}); `executor` ("inprocess" or "ray"),
         `ray_address`, `workers`, `precision` and `shard_windows` say how the plan runs."""
         args = _build_args(layers, neurons, sample, seed, group_size, k, window_tokens, config, executor,
-                           ray_address, workers, precision, shard_windows)
+                           ray_address, workers, worker_threads, precision, shard_windows)
         return self._call("start_build", dict(args, job_id=job_id or uuid.uuid4().hex[:12]), timeout)
 
     def plan_build(self, layers: Sequence[int] | str, neurons: Sequence[int] | None = None, *,
                    sample: int | None = None, seed: int = 0, group_size: int | None = None, k: int | None = None,
                    window_tokens: int | None = None, config: dict[str, Any] | None = None,
                    executor: str | None = None, ray_address: str | None = None, workers: int | None = None,
-                   precision: str | None = None, shard_windows: int | None = None,
-                   timeout: float | None = None) -> BuildPlan:
+                   worker_threads: int | None = None, precision: str | None = None,
+                   shard_windows: int | None = None, timeout: float | None = None) -> BuildPlan:
         """A dry run of `start_build` with the same arguments: the plan and a time estimate."""
         args = _build_args(layers, neurons, sample, seed, group_size, k, window_tokens, config, executor,
-                           ray_address, workers, precision, shard_windows)
+                           ray_address, workers, worker_threads, precision, shard_windows)
         return self._call("plan_build", args, timeout)
 
     def get_job(self, job_id: str, *, timeout: float | None = None) -> Job:

@@ -262,7 +262,8 @@ def _build_args(r, *, with_job_id: bool = True) -> dict[str, Any]:
     out = dict(layers=list(r.layers), layer_spec=r.layer_spec or None, neurons=list(r.neurons) or None,
                sample=r.sample or None, seed=r.seed, group_size=r.group_size or None, k=r.k or None,
                window_tokens=r.window_tokens or None, config_json=r.config_json or None,
-               workers=r.workers or None, shard_windows=r.shard_windows or None,
+               workers=r.workers or None, worker_threads=r.worker_threads or None,
+               shard_windows=r.shard_windows or None,
                **{f: getattr(r, f) or None for f in _RUN_FIELDS})
     if with_job_id:
         out["job_id"] = r.job_id or None
@@ -270,11 +271,12 @@ def _build_args(r, *, with_job_id: bool = True) -> dict[str, Any]:
 
 
 def _build_pb(layers, layer_spec, neurons, sample, seed, group_size, k, window_tokens, config_json, executor,
-              ray_address, workers, precision, shard_windows, job_id=None):
+              ray_address, workers, worker_threads, precision, shard_windows, job_id=None):
     return pb.StartBuildRequest(layers=list(layers or []), layer_spec=layer_spec or "", neurons=list(neurons or []),
                                 sample=sample or 0, seed=seed, group_size=group_size or 0, k=k or 0,
                                 window_tokens=window_tokens or 0, config_json=config_json or "", job_id=job_id or "",
                                 executor=executor or "", ray_address=ray_address or "", workers=workers or 0,
+                                worker_threads=worker_threads or 0,
                                 precision=precision or "", shard_windows=shard_windows or 0)
 
 

@@ -477,7 +477,7 @@ class N2GApp:
                       sample: int | None, seed: int, group_size: int | None, k: int | None,
                       window_tokens: int | None, config_json: str | None, executor: str | None = None,
                       ray_address: str | None = None, workers: int | None = None, precision: str | None = None,
-                      shard_windows: int | None = None):
+                      shard_windows: int | None = None, worker_threads: int | None = None):
         """The BuildRequest these arguments describe, checked against the model and the limits."""
         from .config import EvalConfig, FitConfig, ScanConfig
         from .jobs import BuildRequest
@@ -489,6 +489,8 @@ class N2GApp:
             raise invalid(f"layer_spec {_shown(layer_spec)} is too long: write e.g. all, 0-5 or 0,2,4-6")
         if workers is not None and not 0 < workers <= 1024:
             raise invalid(f"workers must be between 1 and 1024 (0 = automatic), got {workers}")
+        if worker_threads is not None and not 0 < worker_threads <= 1024:
+            raise invalid(f"worker_threads must be between 1 and 1024 (0 = automatic), got {worker_threads}")
         if shard_windows is not None and not 0 < shard_windows <= 1 << 20:
             raise invalid(f"shard_windows must be between 1 and {1 << 20} (0 = default), got {shard_windows}")
         if sample is not None and sample < 0:
@@ -515,7 +517,8 @@ class N2GApp:
             scan_d.setdefault("window_tokens", stored_len)
         try:
             run = {k: v for k, v in (("executor", executor), ("ray_address", ray_address), ("workers", workers),
-                                     ("precision", precision), ("shard_windows", shard_windows)) if v is not None}
+                                     ("worker_threads", worker_threads), ("precision", precision),
+                                     ("shard_windows", shard_windows)) if v is not None}
             req = BuildRequest(
                 layers=layer_spec if layer_spec else list(layers), neurons=list(neurons) if neurons else None,
                 sample=sample or None, seed=int(seed), group_size=group_size or 0,
@@ -554,13 +557,15 @@ class N2GApp:
                     group_size: int | None = None, k: int | None = None, window_tokens: int | None = None,
                     config_json: str | None = None, executor: str | None = None, ray_address: str | None = None,
                     workers: int | None = None, precision: str | None = None, shard_windows: int | None = None,
-                    job_id: str | None = None, *, deadline: Deadline = NO_DEADLINE) -> T.Job:
+                    worker_threads: int | None = None, job_id: str | None = None, *,
+                    deadline: Deadline = NO_DEADLINE) -> T.Job:
         from .jobs import new_job_id
 
         if job_id and not _JOB_ID_RE.fullmatch(job_id):
             raise invalid(f"job_id {_shown(job_id)} is not 1-64 characters of A-Z a-z 0-9 _ -")
         req = self.build_request(layers, layer_spec, neurons, sample, seed, group_size, k, window_tokens,
-                                 config_json, executor, ray_address, workers, precision, shard_windows)
+                                 config_json, executor, ray_address, workers, precision, shard_windows,
+                                 worker_threads)
         job_id = job_id or new_job_id()
         existing = self.ws.get_job(job_id)
         if existing is not None:
@@ -576,14 +581,15 @@ class N2GApp:
                    neurons: Sequence[int] | None = None, sample: int | None = None, seed: int = 0,
                    group_size: int | None = None, k: int | None = None, window_tokens: int | None = None,
                    config_json: str | None = None, executor: str | None = None, ray_address: str | None = None,
-                   workers: int | None = None, precision: str | None = None, shard_windows: int | None = None, *,
-                   deadline: Deadline = NO_DEADLINE) -> T.BuildPlan:
+                   workers: int | None = None, precision: str | None = None, shard_windows: int | None = None,
+                   worker_threads: int | None = None, *, deadline: Deadline = NO_DEADLINE) -> T.BuildPlan:
         """What start_build with these arguments would run, and how long it should take here (a
         short calibration of the forward pass under the model lock). Writes nothing."""
         from .build.summary import plan_summary
 
         req = self.build_request(layers, layer_spec, neurons, sample, seed, group_size, k, window_tokens,
-                                 config_json, executor, ray_address, workers, precision, shard_windows)
+                                 config_json, executor, ray_address, workers, precision, shard_windows,
+                                 worker_threads)
         with self.host.forward(deadline) as model:
             try:
                 s = plan_summary(self.ws, model, req)
