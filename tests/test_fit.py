@@ -176,7 +176,7 @@ def test_fit_neurons_native(native_model, native_windows, native_scan):
     neurons = [int(n) for n in order[:3]]
     train = {n: [native_windows[i] for i in native_scan.top_window_ids[n][:8]] for n in neurons}
     amax = {n: float(native_scan.max_activation[n]) for n in neurons}
-    res = fit_neurons(m, 1, neurons, train, amax, FitConfig(), details=True)
+    res = fit_neurons(m, 1, neurons, train, amax, FitConfig(method="paper"), details=True)
     assert sorted(res) == sorted(neurons)
     n_aug = 0
     for n, r in res.items():
@@ -218,7 +218,8 @@ def real_fit(real_model, real_windows, real_scan0):
     amax = {n: float(real_scan0.max_activation[n]) for n in neurons}
     # The reference's mask (the padding token): on layer 0 it leaves important context positions,
     # so augmentation is exercised; the default "auto" mask (" the") rarely does on layer 0.
-    res = fit_neurons(real_model, 0, neurons, train, amax, FitConfig(mask_token=REAL_FIT_MASK), details=True)
+    res = fit_neurons(real_model, 0, neurons, train, amax, FitConfig(method="paper", mask_token=REAL_FIT_MASK),
+                      details=True)
     return neurons, train, amax, res
 
 

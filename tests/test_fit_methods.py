@@ -123,7 +123,7 @@ def test_paper_is_byte_identical_native(native_model, native_setup):
 
 @pytest.mark.real_model
 def test_paper_is_byte_identical_real_layer0(real_model, real_windows, real_scan0):
-    neurons = pick_neurons(real_scan0, range(3, 1536, 61), 3)
+    neurons = pick_neurons(real_scan0, range(3, 1536, 61), 6)  # test_fit's real neurons
     train = {n: [real_windows[i] for i in real_scan0.top_window_ids[n][:10]] for n in neurons}
     amax = {n: float(real_scan0.max_activation[n]) for n in neurons}
     res = _same_as_reference(real_model, 0, neurons, train, amax, preset("paper", mask_token="pad"))

@@ -182,11 +182,14 @@ def unique_paths(paths: Sequence[Path]) -> list[Path]:
 
 def path_matches(graph_factory, path: Path, tokens: np.ndarray) -> np.ndarray:
     """bool [W, T]: where ``path`` alone predicts on ``tokens`` (BOS column never)."""
-    g = graph_factory()
     activating, context, _ = path
+    m = np.zeros(tokens.shape, dtype=bool)
+    rows = np.flatnonzero(np.isin(tokens[:, 1:], np.asarray(activating[1], dtype=np.int64)).any(axis=1))
+    if rows.size == 0:  # only windows holding the activating token can match
+        return m
+    g = graph_factory()
     g.add_path((activating[0], activating[1], 1.0), context, 1.0)
-    pred = np.asarray(g.predict(tokens, semantics="all_paths_max"))
-    m = pred > 0
+    m[rows] = np.asarray(g.predict(tokens[rows], semantics="all_paths_max")) > 0
     m[:, 0] = False
     return m
 
