@@ -206,6 +206,30 @@ def test_fit_neurons_native(native_model, native_windows, native_scan):
     assert sum(r.stats["n_augmented_positive"] + r.stats["n_augmented_negative"] for r in res.values()) == n_aug
 
 
+def test_augment_pivot_substitutes_the_pivot(native_model, native_windows, native_scan):
+    """Before: the pivot's own saliency row was never computed (masked copies stopped before it),
+    so alpha[pivot, pivot] was 0 and augment_pivot almost never acted."""
+    m = native_model
+    neurons = [int(n) for n in np.argsort(-native_scan.max_activation)[:3]]
+    train = {n: [native_windows[i] for i in native_scan.top_window_ids[n][:4]] for n in neurons}
+    amax = {n: float(native_scan.max_activation[n]) for n in neurons}
+    res = fit_neurons(m, 1, neurons, train, amax, FitConfig(method="paper", augment_pivot=True,
+                                                            augment_importance=0.3), details=True)
+    checked = 0
+    for n, r in res.items():
+        for e in r.details["examples"]:
+            piv = e["pivot"]
+            if not e["important"] and e["acts"][piv] / amax[n] * e["scale"] <= 0.5:
+                continue  # a pivot that does not fire gets no important positions
+            checked += 1  # the pivot's own row is computed: 1 - a(pivot masked) / a
+            assert e["alpha"][piv][piv] != 0.0
+            assert (piv in e["important"]) == (e["alpha"][piv][piv] >= 0.3)
+    assert checked > 0
+    assert any(e["pivot"] in e["important"] for r in res.values() for e in r.details["examples"])
+    assert any(a["position"] == r.details["examples"][a["example"]]["pivot"]
+               for r in res.values() for a in r.details["augmented"])
+
+
 # ---- the real default model, layer 0 -----------------------------------------------------------
 REAL_FIT_MASK = "pad"
 

@@ -170,6 +170,10 @@ def saliency_stage(fr: FitRun, examples: list[Example]) -> None:
         norm = a / fr.a_max[e.neuron] * e.pruned.scale
         fire = firing_positions(norm, cfg.activation_threshold)
         upto = max([e.pruned.pivot] + fire) if fire else 0  # nothing fires: nothing to explain
+        if fire and cfg.augment_pivot:
+            # the pivot's own row (masking the pivot itself) is what augment_pivot reads; masked
+            # copies stop before `upto`, so without this it was never computed (alpha 0)
+            upto = max(upto, e.pruned.pivot + 1)
         sal_items.append((e.pruned.tokens, e.neuron, a, upto))
     for e, alpha in zip(examples, saliency_batch(fr.run, sal_items, fr.mask_id)):
         e.alpha = alpha
