@@ -12,7 +12,7 @@ PROTO_SRC := $(wildcard proto/n2g/v1/*.proto)
 DEB_PACKAGES := fortunes chromium
 
 DEMO_WORKSPACE ?= workspaces/demo
-DEMO_ARGS ?= --layers 0 1 3 --sample 16
+DEMO_ARGS ?= --layers 0 1 3 --sample 8
 
 .PHONY: setup demo test test-rust test-python bench clean proto
 
@@ -56,7 +56,7 @@ $(STAMPS)/pth: $(STAMPS)/pydeps
 
 demo: setup
 	$(VENV)/bin/n2g build --workspace $(DEMO_WORKSPACE) $(DEMO_ARGS)
-	$(VENV)/bin/n2g eval --workspace $(DEMO_WORKSPACE)
+	$(VENV)/bin/n2g eval --workspace $(DEMO_WORKSPACE) --compute
 	$(VENV)/bin/n2g report --workspace $(DEMO_WORKSPACE) --out $(DEMO_WORKSPACE)/report
 
 test: setup test-rust test-python
