@@ -25,6 +25,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from n2g.vocab import METHOD_TITLES  # the built-in methods' ids and titles, shared with the client
+
 __all__ = [
     "Example", "Artefacts", "Predictor", "Method", "register", "unregister", "get", "all_methods", "method_ids",
     "baseline_ids", "token_lookup_fit", "token_lookup_predict", "ngram_lookup_fit",
@@ -270,11 +272,11 @@ def _ngram_lookup(n: int) -> Callable[[Artefacts], Predictor]:
     return make
 
 
-register(Method("n2g_all_paths_max", "N2G (all paths, max)", "n2g", _n2g("all_paths_max"),
+register(Method("n2g_all_paths_max", METHOD_TITLES["n2g_all_paths_max"], "n2g", _n2g("all_paths_max"),
                 "the stored graph; every matching path, the maximum END value"))
-register(Method("n2g_greedy_deepest", "N2G (greedy, deepest)", "n2g", _n2g("greedy_deepest"),
+register(Method("n2g_greedy_deepest", METHOD_TITLES["n2g_greedy_deepest"], "n2g", _n2g("greedy_deepest"),
                 "the stored graph; the reference code's greedy walk, the deepest END reached"))
-register(Method("token_lookup", "token lookup", "baseline", _token_lookup,
+register(Method("token_lookup", METHOD_TITLES["token_lookup"], "baseline", _token_lookup,
                 "each token's maximum normalised activation in the stored training examples"))
-register(Method("ngram_lookup", "5-gram lookup", "baseline", _ngram_lookup(5),
+register(Method("ngram_lookup", METHOD_TITLES["ngram_lookup"], "baseline", _ngram_lookup(5),
                 "the same keyed by the token and its 5 preceding tokens"))
