@@ -202,3 +202,22 @@ def self_signed_cert(directory: Path) -> tuple[Path, Path]:
                     "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
                    check=True, capture_output=True)
     return cert, key
+
+
+@contextlib.contextmanager
+def read_only_dir(path: Path):
+    """The directory made unwritable: by its mode for an ordinary user, by a read-only bind
+    mount for root (whom modes do not stop)."""
+    if os.geteuid() != 0:
+        os.chmod(path, 0o555)
+        try:
+            yield
+        finally:
+            os.chmod(path, 0o755)
+        return
+    subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)

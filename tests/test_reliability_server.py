@@ -31,7 +31,7 @@ from n2g.cli import main as cli_main
 from n2g.client import N2GClient, N2GError
 from n2g.v1 import n2g_pb2 as pb
 from n2g.v1 import n2g_pb2_grpc as pbg
-from n2g_servers import NATIVE_MODEL, ServerProcess, run_cli, native_workspace, self_signed_cert
+from n2g_servers import NATIVE_MODEL, ServerProcess, native_workspace, read_only_dir, run_cli, self_signed_cert
 
 C = grpc.StatusCode
 K = pb.NeuronKey
@@ -681,32 +681,13 @@ def test_a_damaged_database_ends_serve_and_eval_in_one_line(tmp_path_factory, da
         assert "Traceback" not in log and words in log
 
 
-@contextlib.contextmanager
-def _read_only(path: Path):
-    """The directory made unwritable: by its mode for an ordinary user, by a read-only bind
-    mount for root (whom modes do not stop)."""
-    if os.geteuid() != 0:
-        os.chmod(path, 0o555)
-        try:
-            yield
-        finally:
-            os.chmod(path, 0o755)
-        return
-    subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
-    try:
-        subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], check=True)
-        yield
-    finally:
-        subprocess.run(["umount", "--lazy", str(path)], check=True)
-
-
 def test_a_read_only_workspace_is_served_read_only_and_refused_for_writing(tmp_path_factory):
     from n2g_service.server import serve
 
     ws = native_workspace(tmp_path_factory, "rel-readonly")
     for p in ws.glob(_db(ws).name + "-*"):
         p.unlink()
-    with _read_only(ws):
+    with read_only_dir(ws):
         rc, err = _cli("serve", "--workspace", str(ws), "--model", NATIVE_MODEL, "--device", "cpu", "--port", "0")
         _one_line_error(rc, err, "read-only")
         rc, err = _cli("eval", "--workspace", str(ws))

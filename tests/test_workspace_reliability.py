@@ -5,7 +5,6 @@ Damage is made with the sqlite3 module directly, as a bad disk, a stray tool or 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sqlite3
@@ -17,6 +16,7 @@ import n2g_fast
 import numpy as np
 import pytest
 
+from n2g_servers import read_only_dir
 from n2g_service.workspace import (DB_NAME, LOCK_NAME, NeuronRecord, Workspace, WorkspaceError,
                                    check_graph_blob)
 
@@ -322,29 +322,10 @@ def test_creation_is_atomic_and_writes_no_temporary_files(tmp_path):
     assert Workspace(tmp_path / "killed", mode="read").get_meta("schema_version") == "1"
 
 
-@contextlib.contextmanager
-def _read_only(path: Path):
-    """The directory made unwritable: by its mode for an ordinary user, by a read-only bind
-    mount for root (whom modes do not stop)."""
-    if os.geteuid() != 0:
-        os.chmod(path, 0o555)
-        try:
-            yield
-        finally:
-            os.chmod(path, 0o755)
-        return
-    subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
-    try:
-        subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], check=True)
-        yield
-    finally:
-        subprocess.run(["umount", "--lazy", str(path)], check=True)
-
-
 def test_read_only_workspace_is_read_and_refused_for_writing(ws_path):
     for p in ws_path.glob(DB_NAME + "-*"):
         p.unlink()
-    with _read_only(ws_path):
+    with read_only_dir(ws_path):
         assert not os.access(ws_path, os.W_OK)
         with pytest.raises(WorkspaceError) as e:
             Workspace(ws_path, mode="write")
