@@ -167,6 +167,7 @@ class NeuronGraph:
         """Graphviz DOT (n2g-method.md section 7): IGNORE dropped, same label at the same depth
         merged into one node, activating tokens red by activation, context tokens blue by
         importance, END nodes bold, rankdir RL, edges drawn from context towards activating.
+        Paths that cannot fire (every END on them below 0.5) are not drawn.
         Labels shown as the report shows tokens: space '·', newline '⏎', CR '␍', tab '⇥', other
         invisible characters (Unicode Cc Cf Cs Co Cn Zl Zp Zs) as \\xNN / U+XXXX, empty as '∅'."""
     def to_svg(self) -> str:
@@ -245,14 +246,16 @@ class GraphStore:
     def search(self, clauses: Sequence[tuple[int | str, Role]]) -> list[Key]:
         """Keys of graphs matching every clause, sorted. An int matches nodes whose token-id set
         holds it, a str matches node labels exactly. "activating" = depth-0 nodes, "context" =
-        context nodes (IGNORE never matches), "either" = both. No clause: N2GError."""
+        context nodes (IGNORE never matches), "either" = both. Only nodes on paths that can fire
+        count (an END >= 0.5, the paper's threshold, at or below them): paths that carry a graded
+        level below it are not what a graph fires on. No clause: N2GError."""
     def in_context_neurons(self, limit: int | None = None) -> list[tuple[Key, list[str], float]]:
         """Graphs with an activating label that is also one of their context labels (the paper's
         in-context / repeated-token neurons): (key, shared labels sorted, fraction = shared /
         activating labels), ranked by number of shared labels, then fraction, then key."""
     def similar_pairs(self, threshold: float = 0.9) -> list[PairResult]:
         """Pairs with |A n A'| / max(|A|, |A'|) >= threshold and the same for context-label sets
-        (node labels, IGNORE excluded; denominators at least 1, so graphs without context tokens
+        (node labels on paths that can fire, as search counts them, IGNORE excluded; denominators at least 1, so graphs without context tokens
         never pair). (a, b) with a < b; overlaps as defined. threshold in (0, 1]."""
     def subset_pairs(self, threshold: float = 0.9) -> list[PairResult]:
         """Pairs with |A n A'| / min(|A|, |A'|) >= threshold for both sets that are not similar

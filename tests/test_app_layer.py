@@ -53,6 +53,25 @@ def test_build_local_and_remote_are_the_same_calls(pair):
     assert any(j["request"]["neurons"] == [int(n) for n in neurons] and j["state"] == "succeeded" for j in jobs)
 
 
+def test_the_scan_keeps_the_top_windows_the_fit_learns_from(pair):
+    """The default fit (calibrated) learns from extra_top further top windows after the paper's
+    2 x n_train: unless k is given, the scan keeps that many (it kept 20, so they were never there)."""
+    from n2g_service.config import EvalConfig, FitConfig
+    from n2g_service.fit import scan_k
+
+    local, _ = pair
+    assert scan_k(FitConfig(), 10, 20) == 30 and scan_k(FitConfig(method="paper"), 10, 20) == 20
+    assert scan_k(FitConfig(extra_top=25), 10, 20) == 45 and scan_k(FitConfig(method="paper"), 10, 64) == 64
+    want = {None: 2 * EvalConfig().n_train + FitConfig().extra_top, "paper": 2 * EvalConfig().n_train, "k": 24}
+    for i, (method, k) in enumerate(want.items()):
+        args = ["--method", "paper"] if method == "paper" else ["--k", "24"] if method == "k" else []
+        job = f"scan-k-{method}"
+        run_cli("build", "--workspace", str(local), "--layers", "0", "--neurons", str(60 + i),
+                "--job-id", job, *args)
+        jobs = json.loads(run_cli("jobs", "--workspace", str(local), "--json").stdout)
+        assert [j["request"]["scan"]["k"] for j in jobs if j["id"] == job] == [k]
+
+
 def test_config_mistakes_refused_the_same_both_ways(pair):
     """Before: the local path ignored a misspelt top-level --config key that the server refused."""
     local, srv = pair

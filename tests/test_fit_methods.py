@@ -4,6 +4,8 @@ native random model and on real layer-0 neurons."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -25,6 +27,7 @@ from n2g_service.fit import (
 from n2g_service.fit.calibrate import (
     Calibration,
     calibrate_paths,
+    graded_paths,
     learn_from_misses,
     select_occurrences,
     vocabulary_sweep,
@@ -189,6 +192,42 @@ def test_calibration_on_hand_made_occurrences(native_model):
     assert wrong.tolist() == [[6, 1]]  # the one silent " dog" (first in its window) is all it misses
 
 
+def test_graded_paths_on_hand_made_windows(native_model):
+    """Graded token paths: a label's mean over its occurrences as a never-firing END (either sign),
+    enough support and distance from 0 required, labels that have a token path skipped, most
+    variance (count x mean^2) first, at most graded_tokens."""
+    m = native_model
+    label_of, names = _labels(m)
+    cat, the, a, dog, sat = (m.label_token_ids(m.token_labels()[_ids(m, s)[0]])
+                             for s in (" cat", " the", " a", " dog", " sat"))
+    bos = m.bos_id
+    rows = [
+        ([bos, the[0], cat[0], sat[0], dog[0]], [0, 0.30, 0.9, -0.10, 0.01]),
+        ([bos, the[0], cat[0], sat[0], a[0]], [0, 0.20, 0.7, -0.20, 0.30]),
+        ([bos, the[0], sat[0], cat[0], a[0]], [0, 0.25, -0.15, 0.8, 0.20]),
+        ([bos, dog[0], the[0], sat[0], dog[0]], [0, 0.00, 0.25, -0.15, 0.02]),
+    ]
+    tokens = np.array([r for r, _ in rows], dtype=np.int64)
+    true = np.array([v for _, v in rows], dtype=np.float32)
+    valid = np.ones_like(tokens, dtype=bool)
+    valid[:, 0] = False
+    lab = {s: names[label_of[t[0]]] for s, t in ((" cat", cat), (" the", the), (" a", a), (" dog", dog), (" sat", sat))}
+    cfg = FitConfig(graded_tokens=10, graded_floor=0.05, graded_min_support=3)
+    got = graded_paths(tokens, true, valid, label_of, names, m.label_token_ids, set(), cfg)
+    ends = {p[0][0]: p[2] for p in got}
+    assert all(p[1] == [] for p in got)
+    # " the" 4 x .25; " cat" 3 x .8 (kept below the threshold); " sat" 4 x -.15; " a" has 2
+    # occurrences (too few), " dog" a mean of .01 (too close to 0)
+    assert set(ends) == {lab[" the"], lab[" cat"], lab[" sat"]}
+    assert ends[lab[" the"]] == pytest.approx(0.25) and ends[lab[" sat"]] == pytest.approx(-0.15)
+    assert 0.49 < ends[lab[" cat"]] < 0.5
+    assert [p[0][0] for p in got] == [lab[" cat"], lab[" the"], lab[" sat"]]  # 3 x .64 > 4 x .0625 > 4 x .0225
+    two = graded_paths(tokens, true, valid, label_of, names, m.label_token_ids, {lab[" cat"]},
+                       FitConfig(graded_tokens=1, graded_floor=0.05, graded_min_support=3))
+    assert [p[0][0] for p in two] == [lab[" the"]]  # " cat" has a path already; one at most
+    assert graded_paths(tokens, true, valid, label_of, names, m.label_token_ids, set(), FitConfig(graded_tokens=0)) == []
+
+
 def test_pool_rules(native_windows):
     n = len(native_windows)
     usable = np.ones(n, dtype=bool)
@@ -255,7 +294,8 @@ def _f1(graph, pairs):
 
 def test_calibrated_native_end_to_end(native_model, native_setup):
     neurons, train, test_ids, amax, heldout, pool = native_setup
-    cfg = preset("calibrated", extra_top=6, random_windows=40, occurrence_windows=4, max_occurrence_windows=24)
+    cfg = preset("calibrated", extra_top=6, random_windows=40, occurrence_windows=4, max_occurrence_windows=24,
+                 graded_tokens=0)
     res = fit_neurons(native_model, 1, neurons, train, amax, cfg, extra=pool, details=True)
     _check_calibrated(native_model, 1, neurons, train, test_ids, amax, heldout, pool, res, cfg)
     for n in neurons:
@@ -264,6 +304,28 @@ def test_calibrated_native_end_to_end(native_model, native_setup):
     # the same call again: the same graphs (seeded sampling)
     again = fit_neurons(native_model, 1, neurons, train, amax, cfg, extra=pool)
     assert all(again[n].graph.to_bytes() == res[n].graph.to_bytes() for n in neurons)
+    # graded paths: predictions follow the neuron below the threshold, but never fire more,
+    # and the store's search and drawings see only the paths that can fire
+    import n2g_fast
+
+    graded = fit_neurons(native_model, 1, neurons, train, amax, dataclasses.replace(cfg, graded_tokens=32),
+                         extra=pool)
+    store = n2g_fast.GraphStore()
+    for n in neurons:
+        g0, g1 = res[n].graph, graded[n].graph
+        assert graded[n].stats["n_graded_tokens"] > 0
+        assert g1.n_paths == g0.n_paths + graded[n].stats["n_graded_tokens"]
+        tok = np.stack([t for _, t, _ in graded[n].extra_train])
+        p0, p1 = np.asarray(g0.predict(tok)), np.asarray(g1.predict(tok))
+        np.testing.assert_array_equal(p1 >= 0.5, p0 >= 0.5)
+        assert (p1 != p0).any()
+        assert g1.to_svg() == g0.to_svg()
+        store.add(g1)
+    firing = {lab for n in neurons for lab in res[n].graph.activating_labels()}
+    only_graded = {lab for n in neurons for lab in graded[n].graph.activating_labels()} - firing
+    assert only_graded
+    for lab in sorted(only_graded)[:5]:
+        assert store.search([(lab, "activating")]) == []
     # without a pool it is the paper's fit on the training windows, calibrated on them alone
     alone = fit_neurons(native_model, 1, neurons, train, amax, cfg)
     assert all(r.extra_train == [] and r.stats["n_examples"] == 8 for r in alone.values())

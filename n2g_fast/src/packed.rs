@@ -16,7 +16,7 @@
 //! symbols for it, so walks need no per-graph edge tables.
 
 use crate::format::{RawGraph, RAW_IGNORE};
-use crate::trie::{Ids, Label, NeuronGraph, Node, NodeId, ROOT};
+use crate::trie::{Ids, Label, NeuronGraph, Node, NodeId, FIRING_THRESHOLD, ROOT};
 use rustc_hash::{FxBuildHasher, FxHashMap};
 use smol_str::SmolStr;
 use std::hash::BuildHasher;
@@ -271,6 +271,17 @@ impl View<'_> {
     /// Activating nodes.
     pub fn roots(&self) -> std::ops::Range<u32> {
         self.children(ROOT)
+    }
+    /// Per node: whether a path through it can fire, as [`NeuronGraph::can_fire`]. Breadth-first
+    /// order puts children after their parent, so one backward sweep resolves them first.
+    pub fn can_fire(&self) -> Vec<bool> {
+        let mut fire: Vec<bool> = (0..self.sym.len() as u32).map(|i| self.end(i) >= FIRING_THRESHOLD).collect();
+        for i in (0..self.sym.len() as u32).rev() {
+            if !fire[i as usize] && self.children(i).any(|c| fire[c as usize]) {
+                fire[i as usize] = true;
+            }
+        }
+        fire
     }
 }
 

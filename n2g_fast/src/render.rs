@@ -6,12 +6,12 @@
 //! node holds an END). Activating tokens (depth 0) are filled red by activation, context tokens
 //! blue by importance, as the reference scales them: the colour starts at `value = threshold -
 //! 0.2` (0.3 for activations, 0.55 for importances with the default thresholds 0.5 and 0.75) and
-//! is full at 1. END-bearing nodes get a bold outline. Edges run from a context token towards
+//! is full at 1. END-bearing nodes get a bold outline (an END that cannot fire, below [`FIRING_THRESHOLD`], is not drawn, nor a path that cannot fire). Edges run from a context token towards
 //! the token it precedes; activating tokens sit rightmost (rankdir RL), as text reads.
 //! Labels are made visible as in the report (see [`visible`]: '·' '⏎' '␍' '⇥', invisible and
 //! unprintable characters as their codes) and everything is escaped for DOT / XML.
 
-use crate::trie::{Label, NeuronGraph, ROOT};
+use crate::trie::{Label, NeuronGraph, FIRING_THRESHOLD, ROOT};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 
@@ -41,8 +41,12 @@ pub fn dag(g: &NeuronGraph) -> Dag {
     let mut merged: BTreeMap<DagKey, (f32, bool)> = BTreeMap::new();
     let mut edges: BTreeSet<(DagKey, DagKey)> = BTreeSet::new();
     // (trie node, key of nearest drawn ancestor, depth this node would get if drawn)
+    let fire = g.can_fire(); // paths that cannot fire are not drawn: they carry the graded level
     let mut stack: Vec<(u32, Option<DagKey>, usize)> = g.roots().iter().map(|&r| (r, None, 0)).collect();
     while let Some((id, above, depth)) = stack.pop() {
+        if !fire[id as usize] {
+            continue;
+        }
         let n = g.node(id);
         let (here, next_depth) = match &n.label {
             Label::Ignore => (above, depth),
@@ -50,7 +54,7 @@ pub fn dag(g: &NeuronGraph) -> Dag {
                 let key = (depth, &**s);
                 let e = merged.entry(key).or_insert((f32::NEG_INFINITY, false));
                 e.0 = e.0.max(n.value);
-                e.1 |= n.end.is_some();
+                e.1 |= n.end.is_some_and(|v| v >= FIRING_THRESHOLD); // an END that cannot fire is not one drawn
                 if let Some(a) = above {
                     edges.insert((key, a));
                 }
@@ -349,6 +353,16 @@ mod tests {
         assert_eq!(visible("\u{200b}\u{a0}\u{202e}\u{feff}\u{85}\u{2028}\u{fffe}\u{ffff}\u{7f}\u{0}"), "U+200B\\xa0U+202EU+FEFF\\x85U+2028U+FFFEU+FFFF\\x7f\\x00");
         assert_eq!(visible("é日"), "é日");
         assert_eq!(visible(""), "∅");
+    }
+
+    #[test]
+    fn paths_that_cannot_fire_are_not_drawn() {
+        let mut g = sample();
+        g.add_path(&tok("z", &[9], 0.3), &[ctx("y", &[8], 0.9)], 0.3).unwrap(); // graded only
+        g.add_path(&tok("a", &[4], 0.6), &[None, None, ctx("w", &[7], 0.9)], 0.1).unwrap();
+        g.add_path(&tok("a", &[4], 0.2), &[], 0.2).unwrap(); // a graded END on a drawn node
+        g.finalize();
+        assert_eq!(dag(&g), dag(&sample()));
     }
 
     #[test]

@@ -120,17 +120,26 @@ pub(crate) struct Extract<'a> {
     pub ctx_tokens: Vec<u32>,
 }
 
+/// Only nodes on paths that can fire count ([`NeuronGraph::can_fire`]): a graph is found for
+/// the tokens it says the neuron fires on, not for those that carry its graded level.
 fn extract(g: &NeuronGraph) -> Extract<'_> {
     let roots = g.roots();
+    let mut fire = g.can_fire();
     let mut e = Extract { act_labels: Vec::new(), ctx_labels: Vec::new(), act_tokens: Vec::new(), ctx_tokens: Vec::new() };
-    for &r in roots {
+    for &r in roots.iter().filter(|&&r| fire[r as usize]) {
         let n = g.node(r);
         if let Label::Token(s) = &n.label {
             e.act_labels.push(s);
         }
         e.act_tokens.extend_from_slice(&n.token_ids);
     }
-    for n in g.context_nodes() {
+    for &r in roots {
+        fire[r as usize] = false; // roots done: what is left firing below the root is context
+    }
+    for (i, n) in g.nodes().iter().enumerate().skip(1) {
+        if !fire[i] {
+            continue;
+        }
         if let Label::Token(s) = &n.label {
             e.ctx_labels.push(s);
             e.ctx_tokens.extend_from_slice(&n.token_ids);
@@ -305,15 +314,17 @@ pub(crate) mod tests {
     /// Random small stores: graph `i` gets paths over labels t0..t7 (ids k and k+20).
     pub fn arb_graphs() -> impl Strategy<Value = Vec<NeuronGraph>> {
         let elem = prop_oneof![1 => Just(None), 3 => (0u32..8).prop_map(Some)];
-        let path = (0u32..8, prop::collection::vec(elem, 0..4));
+        let path = (0u32..8, prop::collection::vec(elem, 0..4), any::<bool>());
         prop::collection::vec(prop::collection::vec(path, 0..5), 0..24).prop_map(|gs| {
             gs.into_iter()
                 .enumerate()
                 .map(|(i, paths)| {
                     let mut g = NeuronGraph::new("m".into(), (i % 3) as u32, i as u32, "h".into(), 1.0).unwrap();
-                    for (a, ctx) in paths {
+                    for (a, ctx, fires) in paths {
                         let c: Vec<Option<Element>> = ctx.iter().map(|e| e.map(|k| tok(&format!("t{k}"), &[k, k + 20], 0.9))).collect();
-                        g.add_path(&tok(&format!("t{a}"), &[a, a + 20], 0.8), &c, 0.7).unwrap();
+                        // some paths below the firing threshold: they carry a graded level only
+                        let end = if fires { 0.7 } else { 0.3 };
+                        g.add_path(&tok(&format!("t{a}"), &[a, a + 20], 0.8), &c, end).unwrap();
                     }
                     g.finalize();
                     g
@@ -326,14 +337,38 @@ pub(crate) mod tests {
         StoreIndex::build(gs.iter().map(|g| (g.key(), g))).unwrap()
     }
 
+    /// Brute force from the paths: the (activating, context) nodes of every path whose END can fire.
+    fn firing_nodes(g: &NeuronGraph) -> (Vec<u32>, Vec<u32>) {
+        let (mut act, mut ctx) = (Vec::new(), Vec::new());
+        for p in g.paths() {
+            if g.node(*p.last().unwrap()).end.unwrap() >= crate::trie::FIRING_THRESHOLD {
+                act.push(p[0]);
+                ctx.extend(p[1..].iter().copied().filter(|&i| !g.node(i).label.is_ignore()));
+            }
+        }
+        (act, ctx)
+    }
+
+    fn firing_labels(g: &NeuronGraph) -> (Vec<String>, Vec<String>) {
+        let (a, c) = firing_nodes(g);
+        let names = |ids: Vec<u32>| {
+            let mut v: Vec<String> = ids.iter().map(|&i| g.node(i).label.as_str().to_owned()).collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        (names(a), names(c))
+    }
+
     /// Brute force: does graph `g` hold `term` in `role`?
     fn holds(g: &NeuronGraph, term: &Term, role: Role) -> bool {
         let hit = |n: &crate::trie::Node| match term {
             Term::Token(t) => n.token_ids.contains(t),
             Term::Label(s) => !n.label.is_ignore() && n.label.as_str() == s,
         };
-        let act = g.roots().iter().any(|&r| hit(g.node(r)));
-        let ctx = g.context_nodes().any(hit);
+        let (a, c) = firing_nodes(g);
+        let act = a.iter().any(|&r| hit(g.node(r)));
+        let ctx = c.iter().any(|&i| hit(g.node(i)));
         match role {
             Role::Activating => act,
             Role::Context => ctx,
@@ -362,8 +397,7 @@ pub(crate) mod tests {
             let ix = index(&gs);
             let got = ix.in_context();
             for g in &gs {
-                let a = g.activating_labels();
-                let c = g.context_labels();
+                let (a, c) = firing_labels(g);
                 let shared: Vec<String> = a.iter().filter(|l| c.contains(l)).cloned().collect();
                 let entry = got.iter().find(|e| e.0 == g.key());
                 if shared.is_empty() {
@@ -376,6 +410,19 @@ pub(crate) mod tests {
             }
             prop_assert!(got.windows(2).all(|w| (w[0].1.len(), w[0].2) >= (w[1].1.len(), w[1].2)));
         }
+    }
+
+    #[test]
+    fn paths_that_cannot_fire_are_not_found() {
+        let mut g = NeuronGraph::new("m".into(), 0, 1, "h".into(), 1.0).unwrap();
+        g.add_path(&tok("a", &[1], 0.9), &[Some(tok("b", &[2], 0.9))], 0.8).unwrap();
+        g.add_path(&tok("a", &[1], 0.9), &[], 0.2).unwrap(); // graded: "a" alone
+        g.add_path(&tok("c", &[3], 0.2), &[Some(tok("d", &[4], 0.5))], 0.2).unwrap(); // graded
+        g.finalize();
+        let ix = index(&[g]);
+        let found = |t: u32, r: Role| !ix.search(&[(Term::Token(t), r)]).unwrap().is_empty();
+        assert!(found(1, Role::Activating) && found(2, Role::Context));
+        assert!(!found(3, Role::Activating) && !found(4, Role::Context) && !found(4, Role::Either));
     }
 
     #[test]

@@ -23,6 +23,12 @@ pub const IGNORE_LABEL: &str = "<IGNORE>";
 /// nesting of the JSON export, whose parser recurses.
 pub const MAX_PATH_NODES: usize = 2048;
 
+/// The paper's firing threshold on normalised activations (n2g-method.md, section 2): a path
+/// whose END is below it never predicts a fire. Such paths carry a neuron's graded level (its
+/// correlation with the prediction); what a graph says the neuron fires on (search, similarity,
+/// drawings) leaves them out.
+pub const FIRING_THRESHOLD: f32 = 0.5;
+
 pub type NodeId = u32;
 /// Token-id set of a node: inline up to 4 ids (a label rarely has more), so nodes need no
 /// allocation of their own; graphs of a 46k-neuron store decode without millions of mallocs.
@@ -235,10 +241,33 @@ impl NeuronGraph {
         out.into_iter().map(str::to_owned).collect()
     }
 
+    /// Per node id: whether a path through it can fire, i.e. an END >= [`FIRING_THRESHOLD`]
+    /// at it or below it.
+    pub fn can_fire(&self) -> Vec<bool> {
+        let mut fire: Vec<bool> = self.nodes.iter().map(|n| n.end.is_some_and(|e| e >= FIRING_THRESHOLD)).collect();
+        // post-order without recursion: children are resolved before their parent
+        let mut stack: Vec<(NodeId, bool)> = vec![(ROOT, false)];
+        while let Some((id, expanded)) = stack.pop() {
+            let children = &self.nodes[id as usize].children;
+            if expanded {
+                if children.iter().any(|&c| fire[c as usize]) {
+                    fire[id as usize] = true;
+                }
+            } else {
+                stack.push((id, true));
+                stack.extend(children.iter().map(|&c| (c, false)));
+            }
+        }
+        fire
+    }
+
     /// Every node below depth 0 (context and IGNORE nodes).
     pub fn context_nodes(&self) -> impl Iterator<Item = &Node> {
-        let roots = self.roots();
-        self.nodes.iter().enumerate().skip(1).filter(move |(i, _)| !roots.contains(&(*i as NodeId))).map(|(_, n)| n)
+        let mut root = vec![false; self.nodes.len()];
+        for &r in self.roots() {
+            root[r as usize] = true;
+        }
+        self.nodes.iter().enumerate().skip(1).filter(move |(i, _)| !root[*i]).map(|(_, n)| n)
     }
 
     fn find_child(&self, parent: NodeId, label: &Label) -> std::result::Result<usize, usize> {

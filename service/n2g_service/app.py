@@ -480,6 +480,7 @@ class N2GApp:
                       shard_windows: int | None = None, worker_threads: int | None = None):
         """The BuildRequest these arguments describe, checked against the model and the limits."""
         from .config import EvalConfig, FitConfig, ScanConfig
+        from .fit import scan_k
         from .jobs import BuildRequest
 
         model = self.host.get()
@@ -519,11 +520,13 @@ class N2GApp:
             run = {k: v for k, v in (("executor", executor), ("ray_address", ray_address), ("workers", workers),
                                      ("worker_threads", worker_threads), ("precision", precision),
                                      ("shard_windows", shard_windows)) if v is not None}
+            fit_cfg, eval_cfg = FitConfig.from_dict(overrides.get("fit")), EvalConfig.from_dict(overrides.get("eval"))
+            if "k" not in scan_d:  # unless asked, keep as many top windows as the fit learns from
+                scan_d["k"] = scan_k(fit_cfg, eval_cfg.n_train, ScanConfig.k)
             req = BuildRequest(
                 layers=layer_spec if layer_spec else list(layers), neurons=list(neurons) if neurons else None,
                 sample=sample or None, seed=int(seed), group_size=group_size or 0,
-                scan=ScanConfig.from_dict(scan_d), fit=FitConfig.from_dict(overrides.get("fit")),
-                eval=EvalConfig.from_dict(overrides.get("eval")), **run)
+                scan=ScanConfig.from_dict(scan_d), fit=fit_cfg, eval=eval_cfg, **run)
             req.validate(model.n_layers, model.d_mlp)
         except (ValueError, TypeError) as e:
             raise invalid(str(e)) from None

@@ -24,8 +24,16 @@ from .pipeline import start_run
 
 __all__ = [
     "FitMethod", "FitResult", "TrainingPool", "fit_method", "fit_methods", "fit_neurons", "preset",
-    "register_fit_method", "training_pool",
+    "register_fit_method", "scan_k", "training_pool",
 ]
+
+
+def scan_k(cfg: FitConfig, n_train: int, default: int) -> int:
+    """Top windows a neuron's scan must keep for ``cfg``'s method: the paper's 2 x n_train (train
+    + test), plus ``extra_top`` for a method that learns from further top windows; at least
+    ``default``."""
+    method = fit_method(cfg.method)
+    return max(int(default), 2 * int(n_train) + (int(cfg.extra_top) if method.uses_pool else 0))
 
 
 def fit_neurons(

@@ -20,7 +20,12 @@ same token mostly leaves the neuron silent. The calibrated fit adds:
   a token that alone over-fires stops firing alone); tokens that fire without any path get one
   (learn_tokens); an over-firing token learns context tokens at offsets 1..context_offsets whose
   matches do fire (:func:`learn_contexts`); a swept candidate that never occurs in the usable
-  corpus keeps its sweep activation as END if that fires (nothing real contradicts it).
+  corpus keeps its sweep activation as END if that fires (nothing real contradicts it);
+- graded tokens (:func:`graded_paths`): a graph that only says where the neuron fires predicts 0
+  everywhere else, so its predictions cannot follow the neuron's ordinary level (the correlation
+  score); the labels that carry most of that level in the ordinary and occurrence windows get
+  token paths whose END is their mean there, kept below the firing threshold. They change no
+  fire; search, similarity and drawings leave them out (``n2g_fast``: paths that cannot fire).
 
 Windows the evaluation holds out (:attr:`TrainingPool.usable` False) and each neuron's test
 windows (:attr:`TrainingPool.exclude`) are never drawn. Every window drawn is returned with its
@@ -204,6 +209,7 @@ class Calibration:
     n_tokens_learnt: int = 0
     n_contexts_learnt: int = 0
     n_tokens_swept: int = 0  # swept tokens with no occurrence to check them, kept on their sweep value
+    n_graded: int = 0  # token paths below the threshold that carry the neuron's ordinary level
 
 
 def calibrate_paths(
@@ -317,6 +323,42 @@ def learn_from_misses(
         learnt = learn_contexts(name, ids, tokens, true, valid, label_of, label_names, ids_of, cfg)
         cal.n_contexts_learnt += len(learnt)
         out.extend(learnt)
+    return out
+
+
+def graded_paths(
+    tokens: np.ndarray,
+    true: np.ndarray,
+    valid: np.ndarray,
+    label_of: np.ndarray,
+    label_names: Sequence[str],
+    ids_of,
+    have: Collection[str],
+    cfg: FitConfig,
+) -> list[Path]:
+    """Token paths that never fire, for the labels whose mean normalised activation in ``true``
+    [W, T] (at ``valid`` positions of ordinary and occurrence windows, not top windows: those
+    overstate a token's usual level) is at least cfg.graded_floor away from 0 (either sign: a
+    neuron held below 0 is graded too) over >= cfg.graded_min_support tokens; labels in ``have`` (already a token path) are skipped. END = the mean, kept below the
+    firing threshold; at most cfg.graded_tokens, largest count x mean^2 first (the share of the
+    activations' variance the path predicts)."""
+    if cfg.graded_tokens <= 0 or not valid.any():
+        return []
+    below = float(np.nextafter(np.float32(cfg.activation_threshold), np.float32(0)))
+    labs = label_of[tokens[valid]]
+    vals = true[valid].astype(np.float64)
+    uniq, inv = np.unique(labs, return_inverse=True)
+    n = np.bincount(inv, minlength=uniq.size)
+    mean = np.bincount(inv, weights=vals, minlength=uniq.size) / np.maximum(n, 1)
+    ok = (n >= cfg.graded_min_support) & (np.abs(mean) >= cfg.graded_floor)
+    skip = set(have)
+    picks = [j for j in np.flatnonzero(ok) if label_names[int(uniq[j])] not in skip]
+    picks.sort(key=lambda j: (-n[j] * mean[j] ** 2, int(uniq[j])))
+    out: list[Path] = []
+    for j in picks[: cfg.graded_tokens]:
+        name = label_names[int(uniq[j])]
+        end = min(float(mean[j]), below)
+        out.append(((name, ids_of(name), end), [], end))
     return out
 
 

@@ -24,6 +24,7 @@ from .calibrate import (
     Calibration,
     TrainingPool,
     calibrate_paths,
+    graded_paths,
     learn_from_misses,
     select_occurrences,
     vocabulary_sweep,
@@ -241,6 +242,12 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
             predicted = np.asarray(make_graph(fr, n, final).predict(tokens, semantics="all_paths_max"))
             final += learn_from_misses(predicted, tokens, true, valid, label_of, names,
                                        model.label_token_ids, cfg, cal)
+            ordinary = valid.copy()
+            ordinary[: len(pos_of[n])] = False  # top windows overstate a token's usual level
+            have = {act[0] for act, ctx, _ in final if not any(c is not None for c in ctx)}
+            graded = graded_paths(tokens, true, ordinary, label_of, names, model.label_token_ids, have, cfg)
+            cal.n_graded = len(graded)
+            final += graded
         # a swept token that fires and never occurs in the corpus it may learn from: nothing
         # real contradicts it, its sweep activation is the END
         ok = pool.allowed(n) if sweep[n] else None
@@ -265,6 +272,7 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
             "n_contexts_learnt": cal.n_contexts_learnt,
             "n_sweep_candidates": len(sweep[n]),
             "n_tokens_swept": cal.n_tokens_swept,
+            "n_graded_tokens": cal.n_graded,
         })
         results[n] = FitResult(
             graph, stats, paper_details(ex_of[n], examples, aug_of[n]) if details else None,
