@@ -142,8 +142,12 @@ class NeuronGraph:
         (ragged allowed; an empty list gives []). Negative ids, ids >= 2**32 and, when
         `vocab_size` is given, ids >= vocab_size raise N2GError naming sequence and position.
         Where sibling nodes share an id, greedy takes the first by label, all-paths takes all."""
-    def activating_labels(self) -> list[str]: ...
-    def context_labels(self) -> list[str]: ...
+    def activating_labels(self) -> list[str]:
+        """Sorted labels of the activating tokens on paths that can fire (an END >= 0.5 at or
+        below them): what the graph says the neuron fires on. Graded paths (ENDs below 0.5) are
+        in to_json() and predictions only."""
+    def context_labels(self) -> list[str]:
+        """Distinct sorted labels of the context tokens on paths that can fire (IGNORE excluded)."""
     @property
     def n_nodes(self) -> int: ...
     @property

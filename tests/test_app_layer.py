@@ -53,14 +53,14 @@ def test_build_local_and_remote_are_the_same_calls(pair):
     assert any(j["request"]["neurons"] == [int(n) for n in neurons] and j["state"] == "succeeded" for j in jobs)
 
 
-def test_the_scan_keeps_the_top_windows_the_fit_learns_from(pair):
+def test_the_scan_keeps_the_top_windows_the_fit_learns_from(tmp_path_factory):
     """The default fit (calibrated) learns from extra_top further top windows after the paper's
     2 x n_train: unless k is given, the scan keeps that many (it kept 20, so they were never there)."""
     from n2g_service.config import EvalConfig, FitConfig
     from n2g_service.fit import scan_k
 
-    local, _ = pair
-    assert scan_k(FitConfig(), 10, 20) == 30 and scan_k(FitConfig(method="paper"), 10, 20) == 20
+    local = native_workspace(tmp_path_factory, "scan-k")  # its rescans must not touch the pair's
+    assert scan_k(FitConfig(extra_top=10), 10, 20) == 30 and scan_k(FitConfig(method="paper"), 10, 20) == 20
     assert scan_k(FitConfig(extra_top=25), 10, 20) == 45 and scan_k(FitConfig(method="paper"), 10, 64) == 64
     want = {None: 2 * EvalConfig().n_train + FitConfig().extra_top, "paper": 2 * EvalConfig().n_train, "k": 24}
     for i, (method, k) in enumerate(want.items()):

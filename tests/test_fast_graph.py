@@ -172,8 +172,8 @@ def test_predict_refuses_bad_inputs(seqs, kwargs, needle):
 def test_finalize_merges_under_ignore():
     g = NeuronGraph("m", 0, 0, "h", 1.0)
     g.add_path(("a", [1], 1.0), [("x", [2], 0.8), ("y", [3], 0.8)], 0.5)
-    g.add_path(("a", [1], 1.0), [("z", [4], 0.8), ("w", [5], 0.9)], 0.4)
-    g.add_path(("a", [1], 1.0), [("z", [4], 0.8)], 0.3)
+    g.add_path(("a", [1], 1.0), [("z", [4], 0.8), ("w", [5], 0.9)], 0.6)
+    g.add_path(("a", [1], 1.0), [("z", [4], 0.8)], 0.55)
     g.add_path(("a", [1], 1.0), [None, ("y", [6], 0.7)], 0.9)
     g.finalize()
     g.finalize()  # idempotent
@@ -187,6 +187,11 @@ def test_finalize_merges_under_ignore():
     assert g.activating_labels() == ["a"]
     assert g.context_labels() == ["w", "y", "z"]
     assert (g.n_nodes, g.n_paths) == (6, 4)  # a, z, z<-w, IGNORE, IGNORE<-w, IGNORE<-y
+    # a path whose END is below the firing threshold (0.5) carries a graded level: predicted,
+    # but not among the labels the graph fires on
+    g.add_path(("b", [7], 0.3), [("v", [8], 0.9)], 0.3)
+    assert g.activating_labels() == ["a"] and g.context_labels() == ["w", "y", "z"]
+    assert float(g.predict([[0, 8, 7]])[0][2]) == pytest.approx(0.3)
 
 
 def test_add_path_refuses_bad_inputs():

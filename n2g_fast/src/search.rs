@@ -398,6 +398,8 @@ pub(crate) mod tests {
             let got = ix.in_context();
             for g in &gs {
                 let (a, c) = firing_labels(g);
+                prop_assert_eq!(&a, &g.activating_labels());
+                prop_assert_eq!(&c, &g.context_labels());
                 let shared: Vec<String> = a.iter().filter(|l| c.contains(l)).cloned().collect();
                 let entry = got.iter().find(|e| e.0 == g.key());
                 if shared.is_empty() {

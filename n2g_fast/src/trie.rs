@@ -224,18 +224,26 @@ impl NeuronGraph {
         self.nodes.iter().filter(|n| n.end.is_some()).count()
     }
 
-    /// Labels of the activating tokens, sorted.
+    /// Labels of the activating tokens on paths that can fire ([`Self::can_fire`]), sorted: what
+    /// the graph says the neuron fires on (search and similarity count the same).
     pub fn activating_labels(&self) -> Vec<String> {
-        self.roots().iter().map(|&r| self.node(r).label.as_str().to_owned()).collect()
+        let fire = self.can_fire();
+        self.roots().iter().filter(|&&r| fire[r as usize]).map(|&r| self.node(r).label.as_str().to_owned()).collect()
     }
 
-    /// Distinct labels of the context tokens (IGNORE excluded), sorted.
+    /// Distinct labels of the context tokens on paths that can fire (IGNORE excluded), sorted.
     pub fn context_labels(&self) -> Vec<String> {
-        let mut out: Vec<&str> = self.context_nodes().filter_map(|n| match &n.label {
-            Label::Token(s) => Some(&**s),
-            Label::Ignore => None,
-        })
-        .collect();
+        let fire = self.can_fire();
+        let mut root = vec![false; self.nodes.len()];
+        for &r in self.roots() {
+            root[r as usize] = true;
+        }
+        let mut out: Vec<&str> = self.nodes.iter().enumerate().skip(1).filter(|&(i, _)| fire[i] && !root[i])
+            .filter_map(|(_, n)| match &n.label {
+                Label::Token(s) => Some(&**s),
+                Label::Ignore => None,
+            })
+            .collect();
         out.sort_unstable();
         out.dedup();
         out.into_iter().map(str::to_owned).collect()
