@@ -6,8 +6,9 @@
 //! node holds an END). Activating tokens (depth 0) are filled red by activation, context tokens
 //! blue by importance, as the reference scales them: the colour starts at `value = threshold -
 //! 0.2` (0.3 for activations, 0.55 for importances with the default thresholds 0.5 and 0.75) and
-//! is full at 1. END-bearing nodes get a bold outline (an END that cannot fire, below [`FIRING_THRESHOLD`], is not drawn, nor a path that cannot fire). Edges run from a context token towards
-//! the token it precedes; activating tokens sit rightmost (rankdir RL), as text reads.
+//! is full at 1. END-bearing nodes get a bold outline; an END below [`FIRING_THRESHOLD`] is not
+//! drawn as one, and paths that cannot fire are not drawn at all. Edges run from a context token
+//! towards the token it precedes; activating tokens sit rightmost (rankdir RL), as text reads.
 //! Labels are made visible as in the report (see [`visible`]: '·' '⏎' '␍' '⇥', invisible and
 //! unprintable characters as their codes) and everything is escaped for DOT / XML.
 

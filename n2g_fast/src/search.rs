@@ -123,23 +123,17 @@ pub(crate) struct Extract<'a> {
 /// Only nodes on paths that can fire count ([`NeuronGraph::can_fire`]): a graph is found for
 /// the tokens it says the neuron fires on, not for those that carry its graded level.
 fn extract(g: &NeuronGraph) -> Extract<'_> {
-    let roots = g.roots();
-    let mut fire = g.can_fire();
+    let (roots, context) = g.firing_nodes();
     let mut e = Extract { act_labels: Vec::new(), ctx_labels: Vec::new(), act_tokens: Vec::new(), ctx_tokens: Vec::new() };
-    for &r in roots.iter().filter(|&&r| fire[r as usize]) {
+    for r in roots {
         let n = g.node(r);
         if let Label::Token(s) = &n.label {
             e.act_labels.push(s);
         }
         e.act_tokens.extend_from_slice(&n.token_ids);
     }
-    for &r in roots {
-        fire[r as usize] = false; // roots done: what is left firing below the root is context
-    }
-    for (i, n) in g.nodes().iter().enumerate().skip(1) {
-        if !fire[i] {
-            continue;
-        }
+    for i in context {
+        let n = g.node(i);
         if let Label::Token(s) = &n.label {
             e.ctx_labels.push(s);
             e.ctx_tokens.extend_from_slice(&n.token_ids);

@@ -227,26 +227,32 @@ impl NeuronGraph {
     /// Labels of the activating tokens on paths that can fire ([`Self::can_fire`]), sorted: what
     /// the graph says the neuron fires on (search and similarity count the same).
     pub fn activating_labels(&self) -> Vec<String> {
-        let fire = self.can_fire();
-        self.roots().iter().filter(|&&r| fire[r as usize]).map(|&r| self.node(r).label.as_str().to_owned()).collect()
+        self.firing_nodes().0.iter().map(|&r| self.node(r).label.as_str().to_owned()).collect()
     }
 
     /// Distinct labels of the context tokens on paths that can fire (IGNORE excluded), sorted.
     pub fn context_labels(&self) -> Vec<String> {
-        let fire = self.can_fire();
-        let mut root = vec![false; self.nodes.len()];
-        for &r in self.roots() {
-            root[r as usize] = true;
-        }
-        let mut out: Vec<&str> = self.nodes.iter().enumerate().skip(1).filter(|&(i, _)| fire[i] && !root[i])
-            .filter_map(|(_, n)| match &n.label {
-                Label::Token(s) => Some(&**s),
-                Label::Ignore => None,
-            })
-            .collect();
+        let mut out: Vec<&str> = self.firing_nodes().1.iter().filter_map(|&i| match &self.node(i).label {
+            Label::Token(s) => Some(&**s),
+            Label::Ignore => None,
+        })
+        .collect();
         out.sort_unstable();
         out.dedup();
         out.into_iter().map(str::to_owned).collect()
+    }
+
+    /// The nodes on paths that can fire: (activating nodes in label order, context and IGNORE
+    /// nodes below them in id order).
+    pub fn firing_nodes(&self) -> (Vec<NodeId>, Vec<NodeId>) {
+        let mut fire = self.can_fire();
+        let roots: Vec<NodeId> = self.roots().iter().copied().filter(|&r| fire[r as usize]).collect();
+        for &r in self.roots() {
+            fire[r as usize] = false; // what is left firing below the root is context
+        }
+        fire[ROOT as usize] = false;
+        let context = (0..self.nodes.len() as NodeId).filter(|&i| fire[i as usize]).collect();
+        (roots, context)
     }
 
     /// Per node id: whether a path through it can fire, i.e. an END >= [`FIRING_THRESHOLD`]
@@ -267,15 +273,6 @@ impl NeuronGraph {
             }
         }
         fire
-    }
-
-    /// Every node below depth 0 (context and IGNORE nodes).
-    pub fn context_nodes(&self) -> impl Iterator<Item = &Node> {
-        let mut root = vec![false; self.nodes.len()];
-        for &r in self.roots() {
-            root[r as usize] = true;
-        }
-        self.nodes.iter().enumerate().skip(1).filter(move |(i, _)| !root[*i]).map(|(_, n)| n)
     }
 
     fn find_child(&self, parent: NodeId, label: &Label) -> std::result::Result<usize, usize> {

@@ -339,9 +339,10 @@ def graded_paths(
     """Token paths that never fire, for the labels whose mean normalised activation in ``true``
     [W, T] (at ``valid`` positions of ordinary and occurrence windows, not top windows: those
     overstate a token's usual level) is at least cfg.graded_floor away from 0 (either sign: a
-    neuron held below 0 is graded too) over >= cfg.graded_min_support tokens; labels in ``have`` (already a token path) are skipped. END = the mean, kept below the
-    firing threshold; at most cfg.graded_tokens, largest count x mean^2 first (the share of the
-    activations' variance the path predicts)."""
+    neuron held below 0 is graded too) over >= cfg.graded_min_support tokens; labels in ``have``
+    (already a token path) are skipped. END = the mean, kept below the firing threshold; at most
+    cfg.graded_tokens, largest count x mean^2 first (the share of the activations' variance the
+    path predicts)."""
     if cfg.graded_tokens <= 0 or not valid.any():
         return []
     below = float(np.nextafter(np.float32(cfg.activation_threshold), np.float32(0)))
