@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import n2g_fast
 import numpy as np
 import pytest
 
@@ -29,8 +30,11 @@ from n2g_service.fit.calibrate import (
     Calibration,
     calibrate_paths,
     graded_paths,
+    first_token_activations,
     learn_from_misses,
     select_occurrences,
+    start_candidates,
+    start_paths,
     vocabulary_sweep,
 )
 from n2g_service.fit.methods import _labels
@@ -71,8 +75,9 @@ def test_registry_and_presets():
         register_fit_method(FitMethod("paper", "again", fit_method("paper").fit))
     with pytest.raises(ValueError, match="calibrate_fire_rate"):
         FitConfig(calibrate_fire_rate=1.5)
-    with pytest.raises(ValueError, match=">= 0"):
-        FitConfig(extra_top=-1)
+    for field in ("extra_top", "start_tokens", "start_vocab", "graded_tokens"):
+        with pytest.raises(ValueError, match=f"{field}.*>= 0"):
+            FitConfig(**{field: -1})
 
 
 def test_unknown_method_is_refused_before_any_work(native_model):
@@ -163,7 +168,6 @@ def test_calibration_on_hand_made_occurrences(native_model):
     valid = np.ones_like(tokens, dtype=bool)
     valid[:, 0] = False
     cfg = FitConfig(calibrate_min_support=4, calibrate_fire_rate=0.4)
-    import n2g_fast
 
     def factory():
         return n2g_fast.NeuronGraph(m.name, 1, 0, m.hook, 1.0)
@@ -227,6 +231,58 @@ def test_graded_paths_on_hand_made_windows(native_model):
                        FitConfig(graded_tokens=1, graded_floor=0.05, graded_min_support=3))
     assert [p[0][0] for p in two] == [lab[" the"]]  # " cat" has a path already; one at most
     assert graded_paths(tokens, true, valid, label_of, names, m.label_token_ids, set(), FitConfig(graded_tokens=0)) == []
+
+
+def test_start_paths_on_hand_made_values(native_model):
+    """Start paths: a label's value is the count-weighted mean of its ids' first-token
+    activations; it fires at >= the threshold; BOS is the context at offset 1 (importance 1); the
+    most frequent labels first, at most start_tokens; 0 turns them off."""
+    m = native_model
+    label_of, names = _labels(m)
+    lab = lambda t: names[label_of[t]]  # noqa: E731
+    # two ids of one label where there is one (" the" / "the"), else any plain ids
+    the = m.label_token_ids(lab(_ids(m, " the")[0]))
+    cat, dog, sat = (_ids(m, s)[0] for s in (" cat", " dog", " sat"))
+    ids = np.array([cat, dog, sat] + the[:2], dtype=np.int64)
+    values = np.array([0.9, 0.3, 0.55] + [0.8, 0.2][: len(the[:2])])
+    counts = np.array([5, 50, 20] + [30, 10][: len(the[:2])])
+    cfg = FitConfig(start_tokens=10)
+    got = start_paths(values, ids, counts, label_of, names, m.label_token_ids, lab(m.bos_id), cfg)
+    ends = {p[0][0]: p[2] for p in got}
+    the_mean = 0.8 * 30 / 40 + 0.2 * 10 / 40 if len(the) > 1 else 0.8  # .65 if two ids
+    assert ends == pytest.approx({lab(cat): 0.9, lab(sat): 0.55, lab(the[0]): the_mean})  # " dog" .3 does not fire
+    for (activating, context, end) in got:
+        assert activating[1] == m.label_token_ids(activating[0]) and activating[2] == end
+        assert context == [(lab(m.bos_id), m.label_token_ids(lab(m.bos_id)), 1.0)]
+    assert [p[0][0] for p in got] == [lab(the[0]), lab(sat), lab(cat)]  # 40 (or 30), 20, 5
+    one = start_paths(values, ids, counts, label_of, names, m.label_token_ids, lab(m.bos_id), FitConfig(start_tokens=1))
+    assert [p[0][0] for p in one] == [lab(the[0])]
+    assert start_paths(values, ids, counts, label_of, names, m.label_token_ids, lab(m.bos_id), FitConfig(start_tokens=0)) == []
+    # in a graph the path fires at the first token only
+    g = n2g_fast.NeuronGraph(m.name, 1, 0, m.hook, 1.0)
+    for p in got:
+        g.add_path(*p)
+    g.finalize()
+    pred = np.asarray(g.predict(np.array([[m.bos_id, cat, cat, sat]], dtype=np.int64)))[0]
+    assert pred[1] == pytest.approx(0.9) and pred[2] == 0 and pred[3] == 0
+
+
+def test_start_candidates_and_first_token_activations(native_model, native_windows):
+    m = native_model
+    pool = TrainingPool(native_windows)
+    counts = np.bincount(native_windows[:, 1:].ravel())
+    special = m.special_ids()
+    ids, c = start_candidates(pool, 6, special)
+    assert len(ids) == 6 and not set(ids.tolist()) & set(special)
+    np.testing.assert_array_equal(c, counts[ids])
+    assert (np.diff(c) <= 0).all()  # most frequent first
+    rest = np.setdiff1d(np.flatnonzero(counts), np.concatenate([ids, list(special)]))
+    assert counts[rest].max() <= c.min()
+    acts = first_token_activations(m, 1, ids, batch_tokens=6)  # several batches
+    assert acts.shape == (6, m.d_mlp)
+    assert first_token_activations(m, 1, ids, batch_tokens=6) is acts  # cached
+    direct = ActivationRunner(m, 1).run([[m.bos_id, int(t)] for t in ids], [5] * len(ids))
+    np.testing.assert_allclose(acts[:, 5], [a[1] for a in direct], rtol=1e-4, atol=1e-5)
 
 
 def test_pool_rules(native_windows):
@@ -302,13 +358,32 @@ def test_calibrated_native_end_to_end(native_model, native_setup):
     for n in neurons:
         assert res[n].stats["n_examples"] == 8 + res[n].stats["n_extra_top"]  # more positives, whole fit
         assert res[n].stats["n_paths_calibrated"] > 0
+    # start paths: the labels each neuron fires on as the first token after BOS, measured
+    m = native_model
+    label_of, names = _labels(m)
+    cand, counts = start_candidates(pool, cfg.start_vocab, m.special_ids())
+    direct = np.stack([np.array([a[1] for a in ActivationRunner(m, 1).run([[m.bos_id, int(t)] for t in cand], [n] * len(cand))])
+                       for n in neurons], axis=1)
+    n_start = 0
+    for j, n in enumerate(neurons):
+        value, weight = {}, {}
+        for t, c, a in zip(cand, counts, direct[:, j] / amax[n]):
+            lab = names[label_of[t]]
+            value[lab] = value.get(lab, 0.0) + c * a
+            weight[lab] = weight.get(lab, 0) + c
+        fires = {lab for lab in value if value[lab] / weight[lab] >= 0.5}
+        assert res[n].stats["n_start_paths"] == min(len(fires), cfg.start_tokens)
+        n_start += len(fires)
+        for lab in fires:
+            t = m.label_token_ids(lab)[0]
+            p = np.asarray(res[n].graph.predict(np.array([[m.bos_id, t]], dtype=np.int64)))[0, 1]
+            assert p >= value[lab] / weight[lab] - 1e-5
+    assert n_start > 0
     # the same call again: the same graphs (seeded sampling)
     again = fit_neurons(native_model, 1, neurons, train, amax, cfg, extra=pool)
     assert all(again[n].graph.to_bytes() == res[n].graph.to_bytes() for n in neurons)
     # graded paths: predictions follow the neuron below the threshold, but never fire more,
     # and the store's search and drawings see only the paths that can fire
-    import n2g_fast
-
     graded = fit_neurons(native_model, 1, neurons, train, amax, dataclasses.replace(cfg, graded_tokens=32),
                          extra=pool)
     store = n2g_fast.GraphStore()

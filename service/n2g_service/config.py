@@ -85,8 +85,8 @@ class FitConfig(_Config):
     "paper" ignores). :func:`n2g_service.fit.preset` gives each method's preset. The default,
     "calibrated", measured better on held-out neurons (the first 16 live odd ids >= 1001 of layers
     0, 1, 3, 1,000 held-out windows; ``benchmarks/bench_fit_methods.py --per-layer 16 --ordinary
-    1000``): ordinary-text F1 .72 / .41 / .33 vs the paper's .42 / .26 / .12, Pearson r .63 / .42 /
-    .37 vs .17 / .08 / .05, paper-protocol F1 .90 / .64 / .49 vs .85 / .64 / .43."""
+    1000``): ordinary-text F1 .74 / .45 / .33 vs the paper's .42 / .26 / .12, Pearson r .64 / .45 /
+    .37 vs .17 / .08 / .05, paper-protocol F1 .97 / .70 / .49 vs .85 / .64 / .43."""
 
     method: str = "calibrated"
     # pruning (section 2)
@@ -136,7 +136,7 @@ class FitConfig(_Config):
     # above sweep_threshold x a_max (at most sweep_tokens, highest first) are candidates whose
     # real occurrences are drawn too; one that never occurs in the usable corpus keeps a path
     # (END = its sweep activation) when that fires. 0 tokens: no sweep.
-    sweep_tokens: int = 48
+    sweep_tokens: int = 256
     sweep_threshold: float = 0.4
     calibrate_min_support: int = 4
     calibrate_fire_rate: float = 0.4
@@ -151,15 +151,23 @@ class FitConfig(_Config):
     graded_tokens: int = 512
     graded_floor: float = 0.01
     graded_min_support: int = 1
+    # Start tokens: the first token after BOS sees nothing else, so the neuron's activation there
+    # is measured for the start_vocab most frequent corpus tokens ([BOS, t], one pass per layer);
+    # up to start_tokens labels it fires on there (most frequent first) get a path [label, BOS],
+    # and the other stages learn from positions >= 2. 0 tokens: none.
+    start_tokens: int = 2048
+    start_vocab: int = 8192
     calibration_seed: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or not self.method:
             raise ValueError("FitConfig.method must name a fit method (e.g. 'paper', 'calibrated')")
         if min(self.extra_top, self.random_windows, self.occurrence_windows, self.max_occurrence_windows,
-               self.context_offsets, self.sweep_tokens, self.graded_tokens) < 0:
+               self.context_offsets, self.sweep_tokens, self.graded_tokens, self.start_tokens,
+               self.start_vocab) < 0:
             raise ValueError("FitConfig: extra_top, random_windows, occurrence_windows, "
-                             "max_occurrence_windows, context_offsets, sweep_tokens and graded_tokens must be >= 0")
+                             "max_occurrence_windows, context_offsets, sweep_tokens, graded_tokens, start_tokens and "
+                             "start_vocab must be >= 0")
         if self.calibrate_min_support < 1 or self.graded_min_support < 1:
             raise ValueError("FitConfig: calibrate_min_support and graded_min_support must be >= 1")
         if not 0.0 <= self.calibrate_fire_rate <= 1.0:

@@ -21,6 +21,12 @@ same token mostly leaves the neuron silent. The calibrated fit adds:
   (learn_tokens); an over-firing token learns context tokens at offsets 1..context_offsets whose
   matches do fire (:func:`learn_contexts`); a swept candidate that never occurs in the usable
   corpus keeps its sweep activation as END if that fires (nothing real contradicts it);
+- start tokens (:func:`start_paths`): at the first token after BOS a neuron's activation is a
+  function of that token alone, so it is measured, not estimated: each frequent corpus token t in
+  [BOS, t] (one shared pass per layer, :func:`first_token_activations`); the labels on which the
+  neuron fires there get a path [label, BOS] (BOS as the context at offset 1). Every other stage
+  then learns from positions >= 2 only: a token that fires only at the start of a text is not a
+  token that fires;
 - graded tokens (:func:`graded_paths`): a graph that only says where the neuron fires predicts 0
   everywhere else, so its predictions cannot follow the neuron's ordinary level (the correlation
   score); the labels that carry most of that level in the ordinary and occurrence windows get
@@ -63,6 +69,7 @@ class TrainingPool:
     exclude: Mapping[int, Collection[int]] = field(default_factory=dict)
     top: Mapping[int, Sequence[int]] = field(default_factory=dict)
     _index: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    _counts: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.windows = np.asarray(self.windows, dtype=np.int64)
@@ -99,6 +106,12 @@ class TrainingPool:
                 if len(out) == k:
                     break
         return out
+
+    def token_counts(self) -> np.ndarray:
+        """int64 [max id + 1]: how often each token id occurs after BOS in the usable windows."""
+        if self._counts is None:
+            self._counts = np.bincount(self.windows[self.usable, 1:].ravel())
+        return self._counts
 
     def windows_with(self, token_ids: Sequence[int]) -> np.ndarray:
         """Sorted ids of the windows holding any of ``token_ids`` after BOS."""
@@ -210,6 +223,7 @@ class Calibration:
     n_contexts_learnt: int = 0
     n_tokens_swept: int = 0  # swept tokens with no occurrence to check them, kept on their sweep value
     n_graded: int = 0  # token paths below the threshold that carry the neuron's ordinary level
+    n_start: int = 0  # paths [label, BOS]: the labels it fires on as the first token of a text
 
 
 def calibrate_paths(
@@ -360,6 +374,78 @@ def graded_paths(
         name = label_names[int(uniq[j])]
         end = min(float(mean[j]), below)
         out.append(((name, ids_of(name), end), [], end))
+    return out
+
+
+def start_candidates(pool: TrainingPool, k: int, skip: Collection[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most frequent token ids of the usable corpus (not in ``skip``), most frequent
+    first, and their counts: the tokens worth a start path."""
+    counts = pool.token_counts().copy()
+    skip_ids = [int(t) for t in skip if 0 <= int(t) < counts.size]
+    counts[skip_ids] = 0
+    order = np.argsort(-counts, kind="stable")[: max(int(k), 0)]
+    order = order[counts[order] > 0]
+    return order.astype(np.int64), counts[order].astype(np.int64)
+
+
+def start_paths(
+    values: np.ndarray,
+    token_ids: np.ndarray,
+    counts: np.ndarray,
+    label_of: np.ndarray,
+    label_names: Sequence[str],
+    ids_of,
+    bos_label: str,
+    cfg: FitConfig,
+) -> list[Path]:
+    """Paths [label, BOS] for the labels the neuron fires on as the first token after BOS:
+    ``values`` [n] its normalised activation at t in [BOS, t] for ``token_ids`` [n] (corpus
+    ``counts`` [n]). A label's value is the count-weighted mean over its ids; it fires at >=
+    cfg.activation_threshold. At most cfg.start_tokens labels, the most frequent first. END = that
+    value; the BOS context element has importance 1."""
+    if cfg.start_tokens <= 0 or len(token_ids) == 0:
+        return []
+    labs = label_of[np.asarray(token_ids, dtype=np.int64)]
+    w = np.asarray(counts, dtype=np.float64)
+    uniq, inv = np.unique(labs, return_inverse=True)
+    n = np.bincount(inv, weights=w, minlength=uniq.size)
+    mean = np.bincount(inv, weights=w * np.asarray(values, dtype=np.float64), minlength=uniq.size) / np.maximum(n, 1e-12)
+    fire = np.flatnonzero(mean >= cfg.activation_threshold)
+    picks = sorted(fire, key=lambda j: (-n[j], int(uniq[j])))[: cfg.start_tokens]
+    bos = (bos_label, ids_of(bos_label), 1.0)
+    out: list[Path] = []
+    for j in picks:
+        name = label_names[int(uniq[j])]
+        end = float(mean[j])
+        out.append(((name, ids_of(name), end), [bos], end))
+    return out
+
+
+_START_CACHE: dict[tuple, np.ndarray] = {}
+
+
+def first_token_activations(model, layer: int, token_ids: np.ndarray, batch_tokens: int = 4096) -> np.ndarray:
+    """float32 [len(token_ids), d_mlp]: every neuron of ``layer`` at t in [BOS, t], for each t of
+    ``token_ids``. The first token after BOS sees nothing else, so this is the neuron's exact
+    activation there. The last call is cached (one pass serves every neuron group of a layer)."""
+    import torch
+
+    from ..activations import layer_activations
+
+    ids = np.asarray(token_ids, dtype=np.int64)
+    key = (id(model), model.name, int(layer), ids.tobytes())
+    got = _START_CACHE.get(key)
+    if got is not None:
+        return got
+    _START_CACHE.clear()
+    rows = max(1, batch_tokens // 2)
+    parts = []
+    for s in range(0, ids.size, rows):
+        t = torch.as_tensor(ids[s: s + rows])
+        seq = torch.stack([torch.full_like(t, model.bos_id), t], dim=1)
+        parts.append(layer_activations(model, seq, [layer])[layer][:, 1].float().cpu().numpy())
+    out = np.concatenate(parts) if parts else np.zeros((0, model.d_mlp), dtype=np.float32)
+    _START_CACHE[key] = out
     return out
 
 

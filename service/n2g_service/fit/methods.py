@@ -24,9 +24,12 @@ from .calibrate import (
     Calibration,
     TrainingPool,
     calibrate_paths,
+    first_token_activations,
     graded_paths,
     learn_from_misses,
     select_occurrences,
+    start_candidates,
+    start_paths,
     vocabulary_sweep,
 )
 from .pipeline import (
@@ -221,6 +224,13 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
     for (w, n), a in zip(jobs, occ_acts):
         occ_of[n].append((w, a))
 
+    # start tokens: the frequent corpus tokens as the first token after BOS, measured (one pass)
+    start_ids = start_counts = start_acts = None
+    if pool is not None and cfg.start_tokens > 0 and cfg.start_vocab > 0 and live:
+        start_ids, start_counts = start_candidates(pool, cfg.start_vocab, model.special_ids())
+        start_acts = first_token_activations(model, fr.layer, start_ids, cfg.batch_tokens)
+    bos_label = names[label_of[model.bos_id]]
+
     ex_of, aug_of = by_neuron(fr, examples, augmented)
     results = {}
     for n in fr.neurons:
@@ -238,7 +248,13 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
             true = np.zeros(tokens.shape, dtype=np.float32)
             for r, a in enumerate([a for _, a in pos_of[n]] + [a for _, a in seen]):
                 true[r, : len(a)] = a / a_max
-            final = calibrate_paths(paths[n], tokens, true, valid, factory, cfg, cal)
+            start = []
+            if start_acts is not None:
+                start = start_paths(start_acts[:, n] / a_max, start_ids, start_counts, label_of, names,
+                                    model.label_token_ids, bos_label, cfg)
+                valid[:, 1] = False  # the first token is measured: learn the rest from positions >= 2
+            cal.n_start = len(start)
+            final = calibrate_paths(paths[n], tokens, true, valid, factory, cfg, cal) + start
             predicted = np.asarray(make_graph(fr, n, final).predict(tokens, semantics="all_paths_max"))
             final += learn_from_misses(predicted, tokens, true, valid, label_of, names,
                                        model.label_token_ids, cfg, cal)
@@ -273,6 +289,7 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
             "n_sweep_candidates": len(sweep[n]),
             "n_tokens_swept": cal.n_tokens_swept,
             "n_graded_tokens": cal.n_graded,
+            "n_start_paths": cal.n_start,
         })
         results[n] = FitResult(
             graph, stats, paper_details(ex_of[n], examples, aug_of[n]) if details else None,
