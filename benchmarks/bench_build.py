@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "service"))
 
 from n2g_service.activations import forward_to_layer, forward_tokens  # noqa: E402
-from n2g_service.config import ScanConfig  # noqa: E402
+from n2g_service.config import EvalConfig, FitConfig, ScanConfig  # noqa: E402
+from n2g_service.fit import scan_k  # noqa: E402
 from n2g_service.corpus import load_texts, make_windows  # noqa: E402
 from n2g_service.jobs import BuildRequest, compute_group, run_build  # noqa: E402
 from n2g_service.models import load_model  # noqa: E402
@@ -73,41 +74,51 @@ def compare_scan(model, windows, layers, cfg, repeats, chunk=32):
 
 
 class StageClock:
-    """Wraps the fit's stage functions to sum their seconds and forward tokens."""
+    """Wraps the fit's stage functions to sum their seconds and forward tokens. The stages are
+    looked up in every fit module that names them (``methods`` imports them from ``pipeline`` and
+    ``calibrate``), so both the paper and the calibrated fit are timed. PER_LAYER stages are one
+    pass for every neuron group of a layer (cached), not a cost per neuron."""
 
-    STAGES = [("pipeline", "original_examples"), ("pipeline", "prune_stage"), ("pipeline", "saliency_stage"),
-              ("pipeline", "augment_stage"), ("pipeline", "augmented_saliency_stage"),
-              ("methods", "collect_paths"), ("methods", "make_graph")]
+    STAGES = ["original_examples", "prune_stage", "saliency_stage", "augment_stage",
+              "augmented_saliency_stage", "collect_paths", "vocabulary_sweep", "first_token_activations",
+              "calibrate_paths", "learn_from_misses", "graded_paths", "make_graph"]
+    PER_LAYER = ("vocabulary_sweep", "first_token_activations")
 
     def __init__(self):
+        import n2g_service.fit.calibrate as calibrate
         import n2g_service.fit.methods as methods
         import n2g_service.fit.pipeline as pipeline
 
-        self.mods = {"pipeline": pipeline, "methods": methods}
+        self.mods = [pipeline, calibrate, methods]
         self.seconds: dict[str, float] = {}
         self.tokens: dict[str, int] = {}
         self.saved = []
+        self.depth = 0  # a stage called from another stage is counted once, in the outer one
 
     def __enter__(self):
-        for mod, name in self.STAGES:
-            m = self.mods[mod]
-            if not hasattr(m, name):
-                continue
-            orig = getattr(m, name)
-            self.saved.append((m, name, orig))
+        for m in self.mods:
+            for name in self.STAGES:
+                if not hasattr(m, name):
+                    continue
+                orig = getattr(m, name)
+                self.saved.append((m, name, orig))
 
-            def wrapped(*a, _orig=orig, _name=name, **k):
-                t0, n0 = time.perf_counter(), forward_tokens()[0]
-                try:
-                    return _orig(*a, **k)
-                finally:
-                    self.seconds[_name] = self.seconds.get(_name, 0.0) + time.perf_counter() - t0
-                    self.tokens[_name] = self.tokens.get(_name, 0) + forward_tokens()[0] - n0
-            setattr(m, name, wrapped)
+                def wrapped(*a, _orig=orig, _name=name, **k):
+                    if self.depth:
+                        return _orig(*a, **k)
+                    self.depth += 1
+                    t0, n0 = time.perf_counter(), forward_tokens()[0]
+                    try:
+                        return _orig(*a, **k)
+                    finally:
+                        self.depth -= 1
+                        self.seconds[_name] = self.seconds.get(_name, 0.0) + time.perf_counter() - t0
+                        self.tokens[_name] = self.tokens.get(_name, 0) + forward_tokens()[0] - n0
+                setattr(m, name, wrapped)
         return self
 
     def __exit__(self, *exc):
-        for m, name, orig in self.saved:
+        for m, name, orig in reversed(self.saved):
             setattr(m, name, orig)
 
 
@@ -115,6 +126,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=128, help="corpus windows for the scan figures")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--k", type=int, default=0, help="top windows per neuron in the scan (0: what a default build keeps)")
     ap.add_argument("--fit-layers", type=int, nargs="+", default=[0, 7, 15, 29])
     ap.add_argument("--per-layer", type=int, default=2, help="neurons fitted (one group) per layer")
     ap.add_argument("--ray-neurons", type=int, default=4, help="layer-0 neurons built in-process and on Ray (0: skip)")
@@ -130,9 +142,11 @@ def main() -> int:
     texts = load_texts("fortunes")
     all_windows = make_windows(model, texts, window_tokens=64)
     windows = all_windows[: args.windows]
-    cfg = ScanConfig(k=20, batch_size=16 if model.device.type == "cpu" else 256)
+    # the k a default build keeps (2 x 10 paper windows + the calibrated fit's extra_top)
+    k = args.k or scan_k(FitConfig(), EvalConfig().n_train, ScanConfig.k)
+    cfg = ScanConfig(k=k, batch_size=16 if model.device.type == "cpu" else 256)
     print(f"corpus: {len(all_windows)} windows x 64 tokens; figures on the first {len(windows)} "
-          f"({windows.size:,} tokens), scan batch {cfg.batch_size}")
+          f"({windows.size:,} tokens), scan batch {cfg.batch_size}, top k {cfg.k}")
 
     # 1. scan vs bare forward pass, alternated
     print(f"\n== scan vs bare forward pass to the same depth (tokens/s over {args.repeats} x {len(windows)} windows, "
@@ -153,11 +167,17 @@ def main() -> int:
               f"{c['topk_overlap']:.1%}")
 
     # 2. fit cost by depth
-    print(f"\n== fit: {args.per_layer} neurons (one group) per layer, paper settings ==")
+    fit_cfg = FitConfig()
+    print(f"\n== fit: {args.per_layer} neurons (one group) per layer, the default fit ({fit_cfg.method!r}) ==")
+    print("(s/neuron and tokens/neuron leave out the per-layer passes, listed apart: one pass serves "
+          "every neuron of the layer)")
     scans = scan_layers(model, windows, args.fit_layers, cfg, progress=False)
     req = BuildRequest(layers=args.fit_layers, neurons=[0], group_size=args.per_layer)
     fit_cost = {}
-    print("layer  s/neuron  tokens/neuron | share of fit time: " + " ".join(n[:12] for _, n in StageClock.STAGES))
+    per_layer_cost = {}
+    shown = [n for n in StageClock.STAGES if n not in StageClock.PER_LAYER]
+    print("layer  s/neuron  tokens/neuron | per-layer passes s (tokens) | share of the per-neuron time: "
+          + " ".join(n[:12] for n in shown))
     for layer in args.fit_layers:
         s = scans[layer]
         live = [int(n) for n in np.flatnonzero(s.max_activation > 0)]
@@ -167,13 +187,17 @@ def main() -> int:
             t1 = time.perf_counter()
             recs = compute_group(model, layer, neurons, all_windows, [float(s.max_activation[n]) for n in neurons],
                                  [s.top_window_ids[n].tolist() for n in neurons], req, None)
-            secs = (time.perf_counter() - t1) / len(neurons)
-        toks = (forward_tokens()[0] - tok0) / len(neurons)
+            wall = time.perf_counter() - t1
+        lay_s = sum(clock.seconds.get(n, 0.0) for n in StageClock.PER_LAYER)
+        lay_t = sum(clock.tokens.get(n, 0) for n in StageClock.PER_LAYER)
+        secs = (wall - lay_s) / len(neurons)
+        toks = (forward_tokens()[0] - tok0 - lay_t) / len(neurons)
         fit_cost[layer] = (secs, toks)
-        total = sum(clock.seconds.values()) or 1.0
-        shares = " ".join(f"{clock.seconds.get(n, 0) / (secs * len(neurons)):12.0%}" for _, n in StageClock.STAGES)
-        print(f"{layer:5d} {secs:9.2f} {toks:14,.0f} | {shares}")
-        tok_shares = ", ".join(f"{n} {clock.tokens.get(n, 0) / len(neurons):,.0f}" for _, n in StageClock.STAGES
+        per_layer_cost[layer] = lay_s
+        per_neuron = secs * len(neurons) or 1.0
+        shares = " ".join(f"{clock.seconds.get(n, 0) / per_neuron:12.0%}" for n in shown)
+        print(f"{layer:5d} {secs:9.2f} {toks:14,.0f} | {lay_s:10.1f} s ({lay_t:,}) | {shares}")
+        tok_shares = ", ".join(f"{n} {clock.tokens.get(n, 0) / len(neurons):,.0f}" for n in shown
                                if clock.tokens.get(n))
         print(f"      tokens/neuron by stage: {tok_shares}; graphs: "
               + ", ".join(str(r.stats.get('n_paths', r.stats.get('paths', '?'))) for r in recs) + " paths")
@@ -222,12 +246,14 @@ def main() -> int:
     scan_s = scan_tokens / scan_rates[deep]
     xs = sorted(fit_cost)
     per_layer = [float(np.interp(l, xs, [fit_cost[x][0] for x in xs])) for l in range(model.n_layers)]
-    fit_s = model.d_mlp * sum(per_layer)
+    layer_passes = [float(np.interp(l, xs, [per_layer_cost[x] for x in xs])) for l in range(model.n_layers)]
+    fit_s = model.d_mlp * sum(per_layer) + sum(layer_passes)
     print(f"\n== projected whole-model build here ({model.n_layers} x {model.d_mlp} = "
           f"{model.n_layers * model.d_mlp:,} neurons) ==")
     print(f"scan  {scan_tokens:,} tokens (held-out windows left out) at {scan_rates[deep]:,.0f} tok/s: "
           f"{scan_s / 60:.1f} min")
-    print(f"fit   {fit_s / 3600:.1f} h ({np.mean(per_layer):.2f} s/neuron on average, interpolated by depth)")
+    print(f"fit   {fit_s / 3600:.1f} h ({np.mean(per_layer):.2f} s/neuron on average, interpolated by depth, "
+          f"+ {sum(layer_passes) / 60:.1f} min of per-layer passes)")
     print(f"total {(scan_s + fit_s) / 3600:.1f} h on {model.device}")
     return 0
 
