@@ -28,12 +28,20 @@ pub struct DagNode {
     pub end: bool,
 }
 
-/// The DAG: nodes sorted by (depth, label); edges `(context node, node it precedes)` as indices.
+/// The DAG: nodes sorted by (depth, label); edges `(context node, node it precedes)` as indices;
+/// `hidden`: activating labels left out (see [`MAX_DRAWN_ACTIVATING`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Dag {
     pub nodes: Vec<DagNode>,
     pub edges: Vec<(usize, usize)>,
+    pub hidden: usize,
 }
+
+/// At most this many activating labels are drawn, the highest activation first (ties by label),
+/// with the context that hangs from them. A graph can fire on thousands of labels (e.g. a neuron
+/// that fires on almost any first token of a text); a drawing of all of them reads as nothing.
+/// The title says how many were left out.
+pub const MAX_DRAWN_ACTIVATING: usize = 64;
 
 /// A drawn node's identity: (depth, label).
 type DagKey<'a> = (usize, &'a str);
@@ -65,10 +73,32 @@ pub fn dag(g: &NeuronGraph) -> Dag {
         stack.extend(n.children.iter().map(|&c| (c, here, next_depth)));
     }
     debug_assert!(g.node(ROOT).label != Label::Ignore);
+    let mut roots: Vec<(DagKey, f32)> = merged.iter().filter(|(k, _)| k.0 == 0).map(|(k, v)| (*k, v.0)).collect();
+    let hidden = roots.len().saturating_sub(MAX_DRAWN_ACTIVATING);
+    if hidden > 0 {
+        // keep the highest activating labels and the context reachable from them
+        roots.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut keep: BTreeSet<DagKey> = roots[..MAX_DRAWN_ACTIVATING].iter().map(|r| r.0).collect();
+        let mut context_of: BTreeMap<DagKey, Vec<DagKey>> = BTreeMap::new();
+        for &(ctx, parent) in &edges {
+            context_of.entry(parent).or_default().push(ctx);
+        }
+        let mut frontier: Vec<DagKey> = keep.iter().copied().collect();
+        while let Some(k) = frontier.pop() {
+            for &ctx in context_of.get(&k).map(Vec::as_slice).unwrap_or(&[]) {
+                if keep.insert(ctx) {
+                    frontier.push(ctx);
+                }
+            }
+        }
+        merged.retain(|k, _| keep.contains(k));
+        edges.retain(|(c, p)| keep.contains(c) && keep.contains(p));
+    }
     let index: BTreeMap<DagKey, usize> = merged.keys().enumerate().map(|(i, k)| (*k, i)).collect();
     Dag {
         nodes: merged.iter().map(|(&(depth, label), &(value, end))| DagNode { depth, label: label.to_owned(), value, end }).collect(),
         edges: edges.iter().map(|(a, b)| (index[a], index[b])).collect(),
+        hidden,
     }
 }
 
@@ -141,8 +171,13 @@ fn colours(n: &DagNode) -> (String, &'static str) {
     }
 }
 
-fn title(g: &NeuronGraph) -> String {
-    format!("{} · layer {} · neuron {}", g.model, g.layer, g.neuron)
+fn title(g: &NeuronGraph, d: &Dag) -> String {
+    let t = format!("{} · layer {} · neuron {}", g.model, g.layer, g.neuron);
+    if d.hidden == 0 {
+        return t;
+    }
+    let drawn = d.nodes.iter().filter(|n| n.depth == 0).count();
+    format!("{t} · {drawn} of {} activating tokens drawn (highest first)", drawn + d.hidden)
 }
 
 pub fn to_dot(g: &NeuronGraph) -> String {
@@ -153,7 +188,7 @@ pub fn to_dot(g: &NeuronGraph) -> String {
     let _ = writeln!(
         out,
         "  graph [rankdir=RL, splines=spline, ranksep=1.5, nodesep=0.2, labelloc=t, label=\"{}\"];",
-        dot_escape(&title(g))
+        dot_escape(&title(g, &d))
     );
     out.push_str("  node [shape=box, style=\"filled,solid\", fontname=\"Helvetica\"];\n");
     out.push_str("  edge [penwidth=3, dir=back];\n");
@@ -245,7 +280,7 @@ pub fn to_svg(g: &NeuronGraph) -> String {
         col_x[depth] = x;
         x += col_w[depth] + H_GAP;
     }
-    let total_w = (x - H_GAP + MARGIN).max(title(g).chars().count() as f32 * CHAR_PX + 2.0 * MARGIN);
+    let total_w = (x - H_GAP + MARGIN).max(title(g, &d).chars().count() as f32 * CHAR_PX + 2.0 * MARGIN);
     let total_h = MARGIN + TITLE_H + body_h + MARGIN;
     let pos = |i: usize| {
         let depth = d.nodes[i].depth;
@@ -259,7 +294,7 @@ pub fn to_svg(g: &NeuronGraph) -> String {
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{total_w:.0}\" height=\"{total_h:.0}\" viewBox=\"0 0 {total_w:.0} {total_h:.0}\" \
          font-family=\"DejaVu Sans Mono, Menlo, Consolas, monospace\" font-size=\"{FONT_PX}\">"
     );
-    let _ = writeln!(out, "<title>{}</title>", xml_escape(&title(g)));
+    let _ = writeln!(out, "<title>{}</title>", xml_escape(&title(g, &d)));
     out.push_str(
         "<defs><marker id=\"arrow\" viewBox=\"0 0 10 10\" refX=\"10\" refY=\"5\" markerWidth=\"7\" markerHeight=\"7\" orient=\"auto\">\
          <path d=\"M0,0 L10,5 L0,10 z\" fill=\"#444\"/></marker></defs>\n",
@@ -269,7 +304,7 @@ pub fn to_svg(g: &NeuronGraph) -> String {
         out,
         "<text x=\"{MARGIN}\" y=\"{:.1}\" font-size=\"16\" font-weight=\"bold\">{}</text>",
         MARGIN + 16.0,
-        xml_escape(&title(g))
+        xml_escape(&title(g, &d))
     );
     out.push_str("<g class=\"edges\" fill=\"none\" stroke=\"#444\" stroke-width=\"2\">\n");
     for &(c, p) in &d.edges {
@@ -329,6 +364,34 @@ mod tests {
         // sit at depth 1 and 2.
         assert_eq!(names, vec![(0, " <b>&\"", false), (0, "a", false), (1, "\t", true), (1, "x y", true), (2, "\n", true)]);
         assert_eq!(d.edges.len(), 4);
+    }
+
+    #[test]
+    fn at_most_max_drawn_activating_labels_are_drawn_with_their_context() {
+        // 100 labels that fire as the first token (BOS context), activations rising with i;
+        // "t99" and "t0" also fire after "ctx"
+        let n = MAX_DRAWN_ACTIVATING + 36;
+        let mut g = graph();
+        for i in 0..n as u32 {
+            let v = 0.5 + 0.4 * i as f32 / n as f32;
+            g.add_path(&tok(&format!("t{i:02}"), &[10 + i], v), &[ctx("<bos>", &[1], 1.0)], v).unwrap();
+        }
+        g.add_path(&tok("t99", &[109], 0.95), &[ctx("ctx", &[2], 0.9), ctx("far", &[3], 0.9)], 0.95).unwrap();
+        g.add_path(&tok("t00", &[10], 0.5), &[ctx("ctx0", &[4], 0.9)], 0.5).unwrap();
+        g.finalize();
+        let d = dag(&g);
+        let roots: Vec<&str> = d.nodes.iter().filter(|x| x.depth == 0).map(|x| x.label.as_str()).collect();
+        assert_eq!(roots.len(), MAX_DRAWN_ACTIVATING);
+        assert_eq!(d.hidden, n - MAX_DRAWN_ACTIVATING);
+        assert!(roots.contains(&"t99") && !roots.contains(&"t00")); // the highest first
+        let ctx_labels: Vec<&str> = d.nodes.iter().filter(|x| x.depth > 0).map(|x| x.label.as_str()).collect();
+        assert_eq!(ctx_labels, vec!["<bos>", "ctx", "far"]); // "ctx0" hangs from a label left out
+        assert!(d.edges.iter().all(|&(c, p)| d.nodes[c].depth > d.nodes[p].depth));
+        assert_eq!(d.edges.len(), MAX_DRAWN_ACTIVATING + 2);
+        let title = format!("{MAX_DRAWN_ACTIVATING} of {n} activating tokens drawn");
+        assert!(to_svg(&g).contains(&title) && to_dot(&g).contains(&title));
+        assert!(!to_svg(&sample()).contains("activating tokens drawn"));
+        assert_eq!(dag(&sample()).hidden, 0);
     }
 
     #[test]
