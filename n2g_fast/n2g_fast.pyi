@@ -171,7 +171,9 @@ class NeuronGraph:
         """Graphviz DOT (n2g-method.md section 7): IGNORE dropped, same label at the same depth
         merged into one node, activating tokens red by activation, context tokens blue by
         importance, END nodes bold, rankdir RL, edges drawn from context towards activating.
-        Paths that cannot fire (every END on them below 0.5) are not drawn.
+        Paths that cannot fire (every END on them below 0.5) are not drawn. At most 64
+        activating labels are drawn, the highest activation first, with the context hanging from
+        them; the title then says how many were left out.
         Labels shown as the report shows tokens: space '·', newline '⏎', CR '␍', tab '⇥', other
         invisible characters (Unicode Cc Cf Cs Co Cn Zl Zp Zs) as \\xNN / U+XXXX, empty as '∅'."""
     def to_svg(self) -> str:
