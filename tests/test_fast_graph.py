@@ -340,6 +340,25 @@ def test_render_dot_and_svg():
     xml.dom.minidom.parseString(svg)  # well-formed
 
 
+def test_a_drawing_holds_at_most_64_activating_labels():
+    """A neuron that fires on hundreds of first tokens: the 64 highest are drawn, with the BOS
+    context they hang from, and the title says how many were left out; predictions keep all."""
+    import xml.dom.minidom
+
+    g = NeuronGraph("m", 1, 2, "h", 1.0)
+    n = 100
+    for i in range(n):
+        v = 0.5 + 0.4 * i / n
+        g.add_path((f"t{i:03}", [10 + i], v), [("<bos>", [1], 1.0)], v)
+    g.finalize()
+    svg, dot = g.to_svg(), g.to_dot()
+    assert "64 of 100 activating tokens drawn" in svg and "64 of 100 activating tokens drawn" in dot
+    assert "t099" in svg and "t035" not in svg and "t036" in svg and "&lt;bos&gt;" in svg
+    xml.dom.minidom.parseString(svg)
+    assert len(g.activating_labels()) == n
+    assert g.predict(np.array([[1, 10]]))[0][1] == pytest.approx(0.5)
+
+
 # --- fork safety -------------------------------------------------------------------------------
 
 
