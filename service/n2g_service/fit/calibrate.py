@@ -421,6 +421,22 @@ def start_paths(
     return out
 
 
+def _after_prefix(model, layer: int, prefix: Sequence[int], ids, batch_tokens: int):
+    """Batches of (token ids [rows], every neuron of ``layer`` at t in [*prefix, t] [rows,
+    d_mlp], on the model's device) for the tokens t of ``ids`` (a torch long tensor), at most
+    ``batch_tokens`` tokens a batch: the single pass that the sweep and the first-token
+    measurement share."""
+    import torch
+
+    from ..activations import layer_activations
+
+    rows = max(1, batch_tokens // (len(prefix) + 1))
+    for s in range(0, len(ids), rows):
+        t = ids[s: s + rows]
+        seq = torch.stack([torch.full_like(t, int(p)) for p in prefix] + [t], dim=1)
+        yield t, layer_activations(model, seq, [layer])[layer][:, len(prefix)]
+
+
 _START_CACHE: dict[tuple, np.ndarray] = {}
 
 
@@ -430,20 +446,14 @@ def first_token_activations(model, layer: int, token_ids: np.ndarray, batch_toke
     activation there. The last call is cached (one pass serves every neuron group of a layer)."""
     import torch
 
-    from ..activations import layer_activations
-
     ids = np.asarray(token_ids, dtype=np.int64)
     key = (id(model), model.name, int(layer), ids.tobytes())
     got = _START_CACHE.get(key)
     if got is not None:
         return got
     _START_CACHE.clear()
-    rows = max(1, batch_tokens // 2)
-    parts = []
-    for s in range(0, ids.size, rows):
-        t = torch.as_tensor(ids[s: s + rows])
-        seq = torch.stack([torch.full_like(t, model.bos_id), t], dim=1)
-        parts.append(layer_activations(model, seq, [layer])[layer][:, 1].float().cpu().numpy())
+    parts = [a.float().cpu().numpy()
+             for _, a in _after_prefix(model, layer, [model.bos_id], torch.as_tensor(ids), batch_tokens)]
     out = np.concatenate(parts) if parts else np.zeros((0, model.d_mlp), dtype=np.float32)
     _START_CACHE[key] = out
     return out
@@ -461,8 +471,6 @@ def vocabulary_sweep(model, layer: int, prefix_id: int, k: int, batch_tokens: in
     vocabulary serves every neuron group of a layer)."""
     import torch
 
-    from ..activations import layer_activations
-
     key = (id(model), model.name, int(layer), int(prefix_id), int(k))
     got = _SWEEP_CACHE.get(key)
     if got is not None:
@@ -470,12 +478,9 @@ def vocabulary_sweep(model, layer: int, prefix_id: int, k: int, batch_tokens: in
     _SWEEP_CACHE.clear()
     v = model.d_vocab
     k = min(int(k), v)
-    rows = max(1, batch_tokens // 3)
     best_v = best_i = None
-    for s in range(0, v, rows):
-        ids = torch.arange(s, min(v, s + rows), dtype=torch.long)
-        seq = torch.stack([torch.full_like(ids, model.bos_id), torch.full_like(ids, prefix_id), ids], dim=1)
-        acts = layer_activations(model, seq, [layer])[layer][:, 2]  # [rows, d_mlp]
+    vocab = torch.arange(v, dtype=torch.long)
+    for ids, acts in _after_prefix(model, layer, [model.bos_id, prefix_id], vocab, batch_tokens):
         cand_i = ids.to(acts.device)[:, None].expand_as(acts)
         if best_v is not None:
             acts, cand_i = torch.cat([best_v, acts]), torch.cat([best_i, cand_i])
