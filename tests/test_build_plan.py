@@ -146,6 +146,40 @@ def test_layers_all_plans_every_layer(native_model, native_windows, tmp_path):
     assert all(u.attempts == 1 for u in store.units(plan_id))
 
 
+def test_the_estimate_follows_the_fit_method(native_model, native_windows, tmp_path):
+    """The dry run prices a neuron by its fit method (the calibrated fit runs ~7x the paper's
+    forward tokens plus passes once a layer), and by the workspace's own neurons once it holds
+    some built with that method."""
+    from n2g_service.fit import fit_method, preset
+
+    ws = _ws(tmp_path, native_model, native_windows[:120])
+
+    def req(method, neurons):
+        return BuildRequest(layers=[0], neurons=neurons, group_size=2, fit=preset(method),
+                            scan=ScanConfig(k=5, window_tokens=32))
+
+    dry = {m: plan_summary(ws, native_model, req(m, [1, 2, 3])) for m in ("paper", "calibrated")}
+    for m, s in dry.items():
+        method, rate = fit_method(m), s.forward_tokens_per_s[0]
+        once = method.layer_tokens(req(m, [1]).fit, native_model.d_vocab)
+        assert s.fit_seconds == pytest.approx((3 * method.fit_tokens_per_neuron + once) / rate)
+        assert f"groups of 2, {m} fit" in s.format()
+    assert fit_method("paper").layer_tokens(preset("paper"), native_model.d_vocab) == 0
+    assert fit_method("calibrated").layer_tokens(preset("calibrated"), 1000) == 3 * 1000 + 2 * 1000
+    tokens = {m: s.fit_seconds * s.forward_tokens_per_s[0] for m, s in dry.items()}  # free of timing noise
+    assert tokens["calibrated"] > 5 * tokens["paper"]
+    run_build(ws, native_model, req("paper", [1]))
+    recorded = ws.get_neuron(0, 1).stats["fit_tokens"]
+    assert recorded > 0
+    after = plan_summary(ws, native_model, req("paper", [1, 2, 3]))
+    assert after.neurons_built == 1
+    assert after.fit_seconds == pytest.approx(2 * recorded / after.forward_tokens_per_s[0])
+    # neurons built with another method say nothing about this one's cost
+    other = plan_summary(ws, native_model, req("calibrated", [2, 3]))
+    once = fit_method("calibrated").layer_tokens(preset("calibrated"), native_model.d_vocab)
+    assert other.fit_seconds == pytest.approx((2 * fit_method("calibrated").fit_tokens_per_neuron + once) / other.forward_tokens_per_s[0])
+
+
 def test_work_sizes_follow_the_device():
     from n2g_service.jobs import device_sizes
 

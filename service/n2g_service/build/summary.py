@@ -9,12 +9,6 @@ from typing import Any
 
 import numpy as np
 
-# Forward-pass tokens the fit of one neuron runs (true activations, pruning, saliency, augmented
-# prompts), measured on SmolLM2 with the paper's settings (benchmarks/bench_build.py: 2,200-2,500
-# at layers 0-1); used when the workspace holds no built neuron of its own to learn it from.
-FIT_TOKENS_PER_NEURON = 3_000
-
-
 @dataclass
 class PlanSummary:
     layers: list[int]
@@ -29,6 +23,7 @@ class PlanSummary:
     neurons_built: int
     fit_groups: int  # groups still to fit
     group_size: int
+    method: str = "calibrated"  # the fit method
     # calibration (None without it)
     forward_tokens_per_s: dict[int, float] = field(default_factory=dict)  # by depth
     scan_seconds: float | None = None
@@ -55,7 +50,7 @@ class PlanSummary:
             + (f", forward pass to layer {self.deepest_layer}" if self.deepest_layer is not None else "")
             + f"  ~{hms(self.scan_seconds)}",
             f"fit           {self.neurons - self.neurons_built} of {self.neurons} neurons to build in "
-            f"{self.fit_groups} groups of {self.group_size}  ~{hms(self.fit_seconds)}",
+            f"{self.fit_groups} groups of {self.group_size}, {self.method} fit  ~{hms(self.fit_seconds)}",
         ]
         if self.forward_tokens_per_s:
             lines.append("forward       " + ", ".join(f"layer {l}: {v:,.0f} tok/s"
@@ -92,23 +87,24 @@ def _forward_rate(model, windows: np.ndarray, layer: int, repeats: int = 2) -> f
     return toks.numel() / best
 
 
-def _fit_tokens_per_neuron(ws) -> float:
-    """Forward tokens a fitted neuron cost, from the workspace's own built neurons when they
-    recorded it, else FIT_TOKENS_PER_NEURON."""
+def _fit_tokens_per_neuron(ws, method) -> float:
+    """Forward tokens a neuron's fit costs with ``method`` (a FitMethod): the median over the
+    workspace's own neurons built with it (up to 200 of them), else the method's figure."""
     vals = []
-    for i, rec in enumerate(ws.iter_neurons(with_examples=False)):
+    for rec in ws.iter_neurons(with_examples=False):
         t = rec.stats.get("fit_tokens")
-        if t:
+        if t and rec.stats.get("method", "paper") == method.name:
             vals.append(float(t))
-        if i >= 200:
-            break
-    return float(np.median(vals)) if vals else float(FIT_TOKENS_PER_NEURON)
+            if len(vals) >= 200:
+                break
+    return float(np.median(vals)) if vals else float(method.fit_tokens_per_neuron)
 
 
 def plan_summary(ws, model, req, *, calibrate: bool = True, calibration_windows: int = 16) -> PlanSummary:
     """The plan of ``req`` on workspace ``ws`` (what is left to do) and, with ``calibrate``, a
     time estimate from bare forward passes of ``calibration_windows`` windows at a few depths on
     this machine (seconds). Writes nothing to the workspace."""
+    from ..fit import fit_method
     from ..jobs import _layers_to_scan, _scan_identity, make_corpus_windows, resolve_fit_sizes
     from ..workspace import BuildStore
     from .plan import fit_groups, shard_ranges
@@ -148,7 +144,8 @@ def plan_summary(ws, model, req, *, calibrate: bool = True, calibration_windows:
                     window_tokens=int(windows.shape[1]), layers_to_scan=missing, scan_shards=shards,
                     scan_tokens=int(scan_windows * windows.shape[1]),
                     deepest_layer=max(missing) if missing else None, neurons=per_layer * len(layers),
-                    neurons_built=n_built, fit_groups=n_groups, group_size=group_size, device=str(model.device))
+                    neurons_built=n_built, fit_groups=n_groups, group_size=group_size, method=req.fit.method,
+                    device=str(model.device))
     if not calibrate:
         return s
     calib = windows[: max(1, min(calibration_windows, windows.shape[0]))]
@@ -161,9 +158,16 @@ def plan_summary(ws, model, req, *, calibrate: bool = True, calibration_windows:
         return float(np.interp(l, xs, [rates[x] for x in xs]))
 
     s.scan_seconds = s.scan_tokens / rate_at(s.deepest_layer) if missing else 0.0
-    fit_tokens = _fit_tokens_per_neuron(ws)
+    method = fit_method(req.fit.method)
+    fit_tokens = _fit_tokens_per_neuron(ws, method)
     s.fit_seconds_per_neuron = {l: fit_tokens / rate_at(l) for l in layers}
-    todo_per_layer = {l: per_layer - min(per_layer, sum(1 for k in built if k[0] == l)) for l in layers}
-    s.fit_seconds = sum(todo_per_layer[l] * s.fit_seconds_per_neuron[l] for l in layers)
+    if req.neurons is not None:
+        todo_per_layer = {l: sum(1 for k in todo_keys if k[0] == l) for l in layers}
+    else:
+        todo_per_layer = {l: per_layer - min(per_layer, sum(1 for k in built if k[0] == l)) for l in layers}
+    # passes the method runs once a layer (per process: a resumed build runs them again)
+    once = method.layer_tokens(req.fit, model.d_vocab)
+    s.fit_seconds = sum(todo_per_layer[l] * s.fit_seconds_per_neuron[l] + (once / rate_at(l) if todo_per_layer[l] else 0.0)
+                        for l in layers)
     s.total_seconds = s.scan_seconds + s.fit_seconds
     return s

@@ -71,6 +71,11 @@ class FitMethod:
     preset: Mapping[str, Any] = field(default_factory=dict)  # FitConfig fields the preset sets
     n_stages: int = 6  # progress-bar steps
     uses_pool: bool = False  # learns from a TrainingPool when given one
+    # what a neuron's fit costs, for the dry run's estimate before the workspace has built any
+    # neuron with this method: forward-pass tokens a neuron (its group's passes shared out), and
+    # the tokens of the passes run once a layer, from (FitConfig, d_vocab)
+    fit_tokens_per_neuron: int = 3_000
+    layer_tokens: Callable[[FitConfig, int], int] = lambda cfg, d_vocab: 0
 
 
 _REGISTRY: dict[str, FitMethod] = {}
@@ -304,6 +309,9 @@ register_fit_method(FitMethod(
     "paper",
     "the paper's fit (prune, saliency, augment, paths) on the training windows alone",
     _fit_paper,
+    # SmolLM2, benchmarks/bench_build.py: 1,300-3,750 at layers 0-29 (28,800 at layer 15, where
+    # augmented saliency runs long prompts)
+    fit_tokens_per_neuron=3_000,
 ))
 register_fit_method(FitMethod(
     "calibrated",
@@ -311,4 +319,10 @@ register_fit_method(FitMethod(
     "occurrences of the graph's tokens (firing and not)",
     _fit_calibrated,
     uses_pool=True,
+    # SmolLM2, 24 neurons a layer (benchmarks/scoring_table.sh): medians 11,700-35,700 at layers
+    # 0-29, most of it the occurrence windows no group shares
+    fit_tokens_per_neuron=20_000,
+    # the vocabulary sweep ([BOS, prefix, t] for every t) and the first-token pass ([BOS, t])
+    layer_tokens=lambda cfg, d_vocab: (3 * d_vocab if cfg.sweep_tokens > 0 else 0)
+    + (2 * min(cfg.start_vocab, d_vocab) if cfg.start_tokens > 0 else 0),
 ))
