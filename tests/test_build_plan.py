@@ -180,6 +180,54 @@ def test_the_estimate_follows_the_fit_method(native_model, native_windows, tmp_p
     assert other.fit_seconds == pytest.approx((2 * fit_method("calibrated").fit_tokens_per_neuron + once) / other.forward_tokens_per_s[0])
 
 
+def test_a_scan_shard_reports_its_batches_and_stops_within_one(native_model, native_windows, tmp_path,
+                                                                monkeypatch):
+    """Inside a scan shard the build reports its windows batch by batch (partial events, below
+    the shard's commit), and a cancel stops it within a batch with nothing of the shard stored;
+    the rerun scans it whole and equals one pass."""
+    import threading
+
+    import n2g_service.jobs as jobs
+    from n2g_service.jobs import BuildCancelled
+
+    monkeypatch.setattr(jobs, "PARTIAL_EVENT_EVERY_S", 0.0)
+    windows = native_windows[:96]
+    req = BuildRequest(layers=[0, 1], neurons=[3], scan=ScanConfig(k=4, window_tokens=32, batch_size=8),
+                       shard_windows=48)
+    ws = _ws(tmp_path / "a", native_model, windows)
+    events = []
+    run_build(ws, native_model, req, progress=events.append)
+    scan = [e for e in events if e.stage == "scan"]
+    partial = [e for e in scan if e.partial]
+    assert len(partial) >= 4  # 2 shards of ~24 scanned windows in batches of 8
+    assert [e.done for e in scan] == sorted(e.done for e in scan)  # never backwards
+    committed = [e.done for e in scan if not e.partial]
+    assert committed == [0, 48, 96]
+    for e in partial:  # within its own shard's windows
+        a, b = map(int, e.message.removeprefix("shard scan:").split("-"))
+        assert a < e.done <= b and (e.eta_s is None or e.eta_s >= 0)
+
+    ws2 = _ws(tmp_path / "b", native_model, windows)
+    cancel = threading.Event()
+    seen = []
+
+    def stop_at_first_batch(ev):
+        seen.append(ev)
+        if ev.partial:
+            cancel.set()
+
+    with pytest.raises(BuildCancelled):
+        run_build(ws2, native_model, req, progress=stop_at_first_batch, cancel=cancel)
+    assert sum(e.partial for e in seen) == 1  # stopped at the next batch
+    plan_id, = BuildStore(ws2).plans()
+    assert not any(u.state == "done" for u in BuildStore(ws2).units(plan_id, "scan"))  # nothing committed
+    run_build(ws2, native_model, req)
+    for l in (0, 1):
+        a, b = ws.load_layer_scan(l), ws2.load_layer_scan(l)
+        assert np.array_equal(a["top_window_ids"], b["top_window_ids"])
+        assert np.array_equal(a["top_scores"], b["top_scores"])
+
+
 def test_work_sizes_follow_the_device():
     from n2g_service.jobs import device_sizes
 

@@ -237,7 +237,7 @@ class JobQueue:
             if ev.stage != stage[0] and ev.stage != "done":  # kept for the reason of an interruption
                 stage[0] = ev.stage
                 self.ws.update_job(job_id, stage=ev.stage)
-            if not progressed[0]:  # the first committed scan shard or neuron group of this attempt
+            if not progressed[0] and not ev.partial:  # the first committed scan shard or neuron group
                 base = first_done.setdefault(ev.stage, ev.done)
                 if (ev.stage == "fit" and ev.neuron is not None) or ev.stage == "merge" or (
                         ev.stage == "scan" and ev.done > base):

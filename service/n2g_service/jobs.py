@@ -116,11 +116,15 @@ class BuildRequest:
             raise ValueError("workers and worker_threads must be >= 0 (0 = automatic)")
 
 
+PARTIAL_EVENT_EVERY_S = 1.0  # the most often a scan unit reports its progress before its commit
+
+
 @dataclass
 class BuildEvent:
     """One progress event; `stage` is corpus | scan | merge | fit | done. `done`/`total` count
     the stage's items (windows for the scan, neurons for the fit); `eta_s` is the stage's
-    remaining time at this run's rate (None until measurable)."""
+    remaining time at this run's rate (None until measurable). ``partial``: progress inside a
+    unit that is not committed yet (a kill now loses it; a resumed build scans it again)."""
     stage: str
     done: int
     total: int
@@ -129,6 +133,7 @@ class BuildEvent:
     neuron: int | None = None
     elapsed_s: float = 0.0
     eta_s: float | None = None
+    partial: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -437,7 +442,19 @@ def run_build(ws: Workspace, model, req: BuildRequest, *, job_id: str | None = N
                                               "exclude": excluded[(excluded >= s.start) & (excluded < s.stop)]})
                      for s in todo]
             if units:
-                for r in get_executor().run(units, windows, cancel=cancel, on_start=on_start):
+                last = [0.0]
+
+                def in_shard(unit: Unit, done: int, total: int) -> None:
+                    now = time.perf_counter()
+                    if now - last[0] < PARTIAL_EVENT_EVERY_S or total <= 0:
+                        return
+                    last[0] = now
+                    p = unit.payload
+                    d = done_w + (p["stop"] - p["start"]) * done // total
+                    progress(BuildEvent("scan", d, total_w, f"shard {unit.unit_id}", elapsed_s=now - start,
+                                        eta_s=rate.eta(d, total_w), partial=True))
+
+                for r in get_executor().run(units, windows, cancel=cancel, on_start=on_start, on_progress=in_shard):
                     p = r.unit.payload
                     store.commit_scan_unit(plan_id, r.unit.unit_id, key, p["start"], p["stop"], r.value,
                                            r.seconds, r.worker)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -54,6 +54,7 @@ def scan_layers(
     window_ids: Sequence[int] | np.ndarray | None = None,
     exclude: Iterable[int] | np.ndarray | None = None,
     precision: str = "float32",
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> dict[int, LayerScan]:
     """Scans ``windows`` (int64 [n, T], each starting with BOS) for every neuron of ``layers``.
 
@@ -61,6 +62,8 @@ def scan_layers(
     passes its own rows with their corpus ids); windows whose id is in ``exclude`` are not run
     and never appear in the top-k nor in a_max. ``precision`` ("float32", "bfloat16",
     "float16") runs the forward pass under autocast; scores are compared in float32.
+    ``on_batch(done, n)`` is called after each batch with the windows scanned so far (of ``n``
+    run); an exception it raises stops the scan.
     """
     import n2g_fast
     from tqdm.auto import tqdm
@@ -95,6 +98,8 @@ def scan_layers(
             else:  # an older extension: one "token" a window, its max
                 acc[l].update(np.ascontiguousarray(host[i][:, None, :]), batch_ids)
         bar.update(batch.shape[0])
+        if on_batch is not None:
+            on_batch(start + batch.shape[0], n)
     bar.close()
     seconds = time.perf_counter() - t0
     out = {}

@@ -65,11 +65,12 @@ def load_model_from_spec(spec: dict[str, Any], device: str | None = None):
 
 # ---- what a unit computes --------------------------------------------------------------------
 
-def execute_unit(model, unit: Unit, windows) -> Any:
+def execute_unit(model, unit: Unit, windows, on_progress: Callable[[int, int], None] | None = None) -> Any:
     """Runs one unit on ``model``; ``windows`` is the corpus (int64 [n, T]).
 
     scan -> ``{layer: LayerScan}`` of windows [start, stop) less the excluded ones;
-    fit -> the group's ``NeuronRecord`` list (not committed: the driver commits)."""
+    fit -> the group's ``NeuronRecord`` list (not committed: the driver commits).
+    ``on_progress(done, total)`` follows a scan unit batch by batch."""
     from ..config import ScanConfig
     from ..scan import scan_layers
 
@@ -78,7 +79,7 @@ def execute_unit(model, unit: Unit, windows) -> Any:
         a, b = p["start"], p["stop"]
         return scan_layers(model, windows[a:b], p["layers"], ScanConfig.from_dict(p["scan"]), progress=False,
                            window_ids=np.arange(a, b), exclude=p.get("exclude"),
-                           precision=p.get("precision", "float32"))
+                           precision=p.get("precision", "float32"), on_batch=on_progress)
     if unit.kind == "fit":
         from ..jobs import BuildRequest, compute_group
 
@@ -101,7 +102,10 @@ class InProcessExecutor:
         self.lock = model_lock if model_lock is not None else contextlib.nullcontext()
 
     def run(self, units: Sequence[Unit], windows, *, cancel=None,
-            on_start: Callable[[Unit, str], None] | None = None) -> Iterator[UnitResult]:
+            on_start: Callable[[Unit, str], None] | None = None,
+            on_progress: Callable[[Unit, int, int], None] | None = None) -> Iterator[UnitResult]:
+        """``on_progress(unit, done, total)`` follows a scan unit batch by batch; a cancel
+        stops it within a batch (nothing of the unit is committed)."""
         from ..jobs import BuildCancelled
 
         for unit in units:
@@ -109,9 +113,16 @@ class InProcessExecutor:
                 raise BuildCancelled()
             if on_start is not None:
                 on_start(unit, "inprocess")
+
+            def batch_done(done: int, total: int, unit: Unit = unit) -> None:
+                if cancel is not None and cancel.is_set():
+                    raise BuildCancelled()
+                if on_progress is not None:
+                    on_progress(unit, done, total)
+
             t0 = time.perf_counter()
             with self.lock:
-                value = execute_unit(self.model, unit, windows)
+                value = execute_unit(self.model, unit, windows, batch_done)
             yield UnitResult(unit, value, time.perf_counter() - t0, "inprocess")
 
     def close(self) -> None:
@@ -199,7 +210,9 @@ class RayExecutor:
         return self.pids[actor]
 
     def run(self, units: Sequence[Unit], windows, *, cancel=None,
-            on_start: Callable[[Unit, str], None] | None = None) -> Iterator[UnitResult]:
+            on_start: Callable[[Unit, str], None] | None = None,
+            on_progress: Callable[[Unit, int, int], None] | None = None) -> Iterator[UnitResult]:
+        """(``on_progress`` is not called: an actor's unit reports when it is done.)"""
         from ray.exceptions import RayActorError
 
         from ..jobs import BuildCancelled
