@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
-import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,17 +31,8 @@ sys.path[:0] = [str(REPO / "python_client")]
 
 from n2g.client import AsyncN2GClient, N2GClient, N2GError  # noqa: E402
 
-
-def _env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(REPO / "service"), str(REPO / "python_client"), e.get("PYTHONPATH", "")])
-    return e
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _server import env as _env, served  # noqa: E402
 
 
 def _native_workspace(root: Path) -> Path:
@@ -121,20 +111,15 @@ def main() -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
-    proc = None
     tmp = None
+    stack = contextlib.ExitStack()
     address = args.server
     if address is None:
         ws = args.workspace
         if ws is None:
             tmp = tempfile.TemporaryDirectory(prefix="n2g-bench-")
             ws = _native_workspace(Path(tmp.name))
-        port = _free_port()
-        address = f"127.0.0.1:{port}"
-        log = open(Path(tempfile.gettempdir()) / f"n2g-bench-server-{port}.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "n2g.cli", "serve", "--workspace", str(ws), "--no-model",
-                                 "--port", str(port), "--max-workers", str(args.max_workers),
-                                 "--log-level", "warning"], env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        address = stack.enter_context(served(ws, "--max-workers", str(args.max_workers)))
     try:
         with N2GClient(address, token=args.token) as c:
             c.wait_ready(120)
@@ -168,9 +153,7 @@ def main() -> int:
             print(f"failed calls: {sum(r['errors'] for r in rows) or 'none'}", flush=True)
         return 0 if all(r["errors"] == 0 for r in rows) else 1
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(20)
+        stack.close()
         if tmp is not None:
             tmp.cleanup()
 
