@@ -12,6 +12,7 @@ Screenshots go to tests/artifacts/report/ (or $N2G_ARTIFACTS); their paths are p
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import xml.etree.ElementTree as ET
@@ -174,6 +175,28 @@ def test_report_files_and_escaping(tmp_path):
     assert "http://" not in idx and "https://" not in idx
     # A second write into the same folder replaces the report.
     assert write_report(tmp_path / "ws", tmp_path / "out", use_model_tokenizer=False) == index
+
+
+def test_a_page_shows_the_strongest_training_windows(tmp_path):
+    """A neuron learnt from hundreds of windows (the calibrated fit) shows its MAX_SHOWN_EXAMPLES
+    strongest training windows, highest first, and says how many it stored."""
+    from n2g_service.report import MAX_SHOWN_EXAMPLES
+
+    ws = Workspace(tmp_path / "ws", create=True, model=MODEL, corpus="c", hook=HOOK)
+    ws.set_meta("token_strings", json.dumps(VOCAB))
+    g = _graph(0, 1, NEURONS[(1, 5)])
+    n = MAX_SHOWN_EXAMPLES + 17
+    peaks = [round(0.011 * i + 0.003, 3) for i in range(n)]  # distinct maxima, stored weakest first
+    train = [{"token_ids": [ID["cat"], ID[" dog"]], "activations": [0.0, p]} for p in peaks]
+    ws.put_neuron(NeuronRecord(0, 1, 2.5, g.to_bytes(), {"train": train, "test": train[:3]}, {"n_paths": g.n_paths},
+                               _metrics(0.5)))
+    out = write_report(tmp_path / "ws", tmp_path / "out", use_model_tokenizer=False).parent
+    html = (out / "neurons" / "0_1.html").read_text(encoding="utf-8")
+    assert f"train (the {MAX_SHOWN_EXAMPLES} strongest of {n} windows)" in html and "test (3)" in html
+    assert html.count('data-split="train"') == MAX_SHOWN_EXAMPLES and html.count('data-split="test"') == 3
+    shown = [float(x) for x in re.findall(r'data-split="train"><span class="exh">max true ([0-9.]+)', html)]
+    want = sorted(peaks, reverse=True)[:MAX_SHOWN_EXAMPLES]
+    assert shown == pytest.approx(want, abs=0.006)  # as printed (rounded)
 
 
 # Characters that draw nothing (or reorder text) and U+FFFE / U+FFFF, which XML forbids.

@@ -39,6 +39,9 @@ __all__ = ["write_report", "METHODS"]
 
 METHODS = {m.id: m.title for m in all_methods()}  # the evaluation's registry (methods.py)
 TOP_TOKENS = 6
+# a neuron page shows at most this many windows of a split (the strongest first): the calibrated
+# fit learns from ~300 windows a neuron, most of them ordinary text where it is silent
+MAX_SHOWN_EXAMPLES = 30
 MARKER = ".n2g-report"
 _HERE = Path(__file__).parent
 
@@ -228,6 +231,9 @@ def write_report(workspace_path: str | Path, out_dir: str | Path, *, use_model_t
         splits = []
         for split in ("train", "test"):
             exs = (rec.examples or {}).get(split) or []
+            stored = len(exs)
+            if stored > MAX_SHOWN_EXAMPLES:  # a calibrated fit learns from ~300 windows: its strongest
+                exs = sorted(exs, key=lambda e: -max(e["activations"], default=0.0))[:MAX_SHOWN_EXAMPLES]
             preds = g.predict([e["token_ids"] for e in exs], semantics=semantics) if exs else []
             shown = []
             for e, p in zip(exs, preds):
@@ -239,7 +245,7 @@ def write_report(workspace_path: str | Path, out_dir: str | Path, *, use_model_t
                     "pivot": pivot, "max_true": max(acts) if acts else 0.0,
                     "max_pred": float(p.max()) if len(p) else 0.0,
                 })
-            splits.append((split, shown))
+            splits.append((split, shown, stored))
         idx = position.get(key, -1)
         page = page_tpl.render(
             root="../", title=f"Neuron {rec.layer}.{rec.neuron}", rec=rec, model=ws.model_name or "?",
