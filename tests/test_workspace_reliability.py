@@ -209,6 +209,40 @@ def test_damaged_rows_are_skipped_reported_and_refused_while_healthy_ones_are_se
     assert (0, 1) in ws.built_keys() and ws.get_neuron(0, 1).graph().neuron == 1
 
 
+def test_examples_are_stored_compressed_and_text_rows_still_read(ws_path):
+    """Examples are a compressed record (a third of their JSON or less); a row written as JSON
+    text before that reads the same; a compressed record that is not zlib is left out of every
+    listing, one whose body is damaged is refused where it is read, and reported."""
+    import json
+
+    rng = np.random.default_rng(0)
+    big = {"train": [{"token_ids": rng.integers(0, 49152, 64).tolist(),
+                      "activations": np.round(rng.normal(size=64), 6).tolist()} for _ in range(300)], "test": []}
+    ws = Workspace(ws_path, mode="write")
+    ws.put_neuron(_record(0, 0, examples=big))
+    text = json.dumps(big)
+    kind, size = sqlite3.connect(ws_path / DB_NAME).execute(
+        "SELECT typeof(examples), length(examples) FROM neurons WHERE layer = 0 AND neuron = 0").fetchone()
+    assert kind == "blob" and size < len(text) / 2
+    assert ws.get_neuron(0, 0).examples == big
+    ws.close()
+
+    _sql(ws_path, "UPDATE neurons SET examples = ? WHERE layer = 0 AND neuron = 1", text)  # an older row
+    _sql(ws_path, "UPDATE neurons SET examples = x'00112233' WHERE layer = 0 AND neuron = 2")  # not zlib
+    _sql(ws_path, "UPDATE neurons SET examples = ? WHERE layer = 0 AND neuron = 3",  # a zlib header, then noise
+         b"\x78\x9c" + rng.integers(0, 256, 200, dtype=np.uint8).tobytes())
+    ro = Workspace(ws_path, mode="read")
+    assert ro.get_neuron(0, 1).examples == big
+    assert (0, 2) not in ro.built_keys() and (0, 1) in ro.built_keys()
+    with pytest.raises(WorkspaceError) as e:
+        ro.get_neuron(0, 3)
+    assert e.value.kind == "damaged_neuron" and "examples is damaged" in _one_line(e.value)
+    assert [(r.layer, r.neuron) for r in Workspace(ws_path, mode="read").iter_neurons()] == [
+        k for k in KEYS if k not in ((0, 2), (0, 3))]
+    damaged = {(d.layer, d.neuron): d.reason for d in Workspace(ws_path, mode="read").damaged()}
+    assert set(damaged) == {(0, 2), (0, 3)} and all("examples" in r for r in damaged.values())
+
+
 def test_check_graph_blob_never_passes_what_n2g_fast_refuses():
     good = _graph_bytes(2, 9)
     assert check_graph_blob(good, 2, 9) is None

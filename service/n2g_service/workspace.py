@@ -235,6 +235,26 @@ def _strict_json(text: Any, what: str) -> dict[str, Any]:
     return value
 
 
+# A neuron's examples are stored as zlib-compressed JSON (a BLOB): a calibrated fit keeps ~300
+# windows a neuron, 300 KB of JSON, a third of that compressed. Rows written as JSON text (before
+# this) read as they are.
+EXAMPLES_ZLIB_LEVEL = 6
+
+
+def _pack_examples(text: str) -> bytes:
+    return zlib.compress(text.encode("utf-8"), EXAMPLES_ZLIB_LEVEL)
+
+
+def _unpack_examples(value: Any) -> Any:
+    """The examples' JSON text of a stored value (compressed or text); ValueError if damaged."""
+    if isinstance(value, (bytes, memoryview)):
+        try:
+            return zlib.decompress(bytes(value)).decode("utf-8")
+        except (zlib.error, UnicodeDecodeError) as e:
+            raise ValueError(f"examples is damaged (not a readable compressed record: {str(e)[:80]})") from None
+    return value
+
+
 def _non_finite_path(value: Any, path: str) -> str | None:
     """Where in a JSON-able value a NaN or an infinity sits (e.g. "stats.loss[3]"), or None."""
     if isinstance(value, float) or isinstance(value, np.floating):
@@ -845,7 +865,8 @@ class Workspace:
         problem = check_graph_blob(rec.graph_bytes, *key)
         if problem:
             raise WorkspaceError(f"neuron {key} not stored: {problem}", "invalid", layer=key[0], neuron=key[1])
-        return (key[0], key[1], amax, bytes(rec.graph_bytes), _dump_finite(rec.examples, "examples", key),
+        return (key[0], key[1], amax, bytes(rec.graph_bytes),
+                _pack_examples(_dump_finite(rec.examples, "examples", key)),
                 _dump_finite(rec.stats, "stats", key), _dump_finite(rec.metrics, "metrics", key), rec.job_id,
                 float(rec.created_at))
 
@@ -871,7 +892,7 @@ class Workspace:
         if problem:
             raise ValueError(problem)
         st, me = _strict_json(stats, "stats"), _strict_json(metrics, "metrics")
-        ex = _strict_json(examples, "examples") if with_examples else {}
+        ex = _strict_json(_unpack_examples(examples), "examples") if with_examples else {}
         return NeuronRecord(layer, neuron, float(amax), bytes(graph), ex, st, me, job_id, created)
 
     def _note(self, key: tuple[int, int], fp: tuple, reason: str | None) -> None:
@@ -886,13 +907,15 @@ class Workspace:
 
     def _checked(self, fps: dict[tuple[int, int], tuple]) -> None:
         """Checks the rows whose fingerprint changed since their last check: the graph, stats
-        and metrics in full, the examples with SQLite's json_valid (no Python parsing; NaN is
-        not valid JSON there). Each row version is checked once per handle."""
+        and metrics in full; the examples without reading them into Python: compressed ones by
+        their zlib header (a damaged body is found where they are read), text ones with SQLite's
+        json_valid (NaN is not valid JSON there). Each row version is checked once per handle."""
         stale = [k for k, fp in fps.items() if self._verdicts.get(k, (None,))[0] != fp]
         if not stale:
             return
         conn = self._conn()
-        sql = self._ROW.format(examples="json_valid(examples)")
+        sql = self._ROW.format(examples="CASE WHEN typeof(examples) = 'blob' THEN hex(substr(examples, 1, 1)) = '78' "
+                                        "ELSE json_valid(examples) END")
         if len(stale) > 64:  # a first listing or a big change: one pass over the table
             wanted = set(stale)
             rows = (r for r in conn.execute(sql) if (r[0], r[1]) in wanted)
@@ -901,7 +924,7 @@ class Workspace:
         for row in rows:
             try:
                 self._decode(row, with_examples=False)
-                reason = None if row[4] else "examples is not valid JSON"
+                reason = None if row[4] else "examples is not valid JSON nor a compressed record"
             except ValueError as e:
                 reason = str(e)
             self._note((row[0], row[1]), tuple(row[9:10]), reason)
