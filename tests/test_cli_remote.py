@@ -117,3 +117,17 @@ def test_report_remote_equals_local(capsys, setup, tmp_path):
     import zipfile
 
     assert sorted(zipfile.ZipFile(tmp_path / "r.zip").namelist()) == sorted(p.as_posix() for p in remote)
+
+
+def test_a_watched_build_says_its_state_once(capsys, tmp_path_factory):
+    """The watch of a build is reopened at each call deadline (here every second) and each
+    reopening starts with the job's state: the command line says it once, not every time."""
+    from n2g_servers import NATIVE_MODEL, native_corpus
+
+    ws = tmp_path_factory.mktemp("watched") / "ws"
+    code, _, err = run(capsys, "build", "--workspace", str(ws), "--model", NATIVE_MODEL, "--corpus",
+                       str(native_corpus(tmp_path_factory)), "--layers", "0", "1", "--sample", "6",
+                       "--window-tokens", "32", "--device", "cpu", "--timeout", "1")
+    assert code == 0, err
+    assert "building neurons" in err  # it ran long enough to be watched again and again
+    assert err.count("[state] running") == 1, err[-2000:]
