@@ -148,14 +148,14 @@ def test_layers_all_plans_every_layer(native_model, native_windows, tmp_path):
 
 def test_the_estimate_follows_the_fit_method(native_model, native_windows, tmp_path):
     """The dry run prices a neuron by its fit method (the calibrated fit runs ~7x the paper's
-    forward tokens plus passes once a layer), and by the workspace's own neurons once it holds
-    some built with that method."""
+    forward tokens plus passes once a layer), then by the workspace's own neurons built with that
+    method: of the same layer, else of the nearest layer."""
     from n2g_service.fit import fit_method, preset
 
     ws = _ws(tmp_path, native_model, native_windows[:120])
 
-    def req(method, neurons):
-        return BuildRequest(layers=[0], neurons=neurons, group_size=2, fit=preset(method),
+    def req(method, neurons, layers=(0,)):
+        return BuildRequest(layers=list(layers), neurons=neurons, group_size=2, fit=preset(method),
                             scan=ScanConfig(k=5, window_tokens=32))
 
     dry = {m: plan_summary(ws, native_model, req(m, [1, 2, 3])) for m in ("paper", "calibrated")}
@@ -168,16 +168,32 @@ def test_the_estimate_follows_the_fit_method(native_model, native_windows, tmp_p
     assert fit_method("calibrated").layer_tokens(preset("calibrated"), 1000) == 3 * 1000 + 2 * 1000
     tokens = {m: s.fit_seconds * s.forward_tokens_per_s[0] for m, s in dry.items()}  # free of timing noise
     assert tokens["calibrated"] > 5 * tokens["paper"]
-    run_build(ws, native_model, req("paper", [1]))
-    recorded = ws.get_neuron(0, 1).stats["fit_tokens"]
-    assert recorded > 0
-    after = plan_summary(ws, native_model, req("paper", [1, 2, 3]))
-    assert after.neurons_built == 1
-    assert after.fit_seconds == pytest.approx(2 * recorded / after.forward_tokens_per_s[0])
+
+    def recorded(layer, neurons):
+        return float(np.median([ws.get_neuron(layer, n).stats["fit_tokens"] for n in neurons]))
+
+    run_build(ws, native_model, req("paper", [1, 2]))
+    at0 = recorded(0, [1, 2])
+    assert at0 > 0
+    after = plan_summary(ws, native_model, req("paper", [1, 2, 3], layers=(0, 1)))
+    assert after.neurons_built == 2
+    assert after.fit_seconds_per_neuron[0] == pytest.approx(at0 / after.forward_tokens_per_s[0])
+    rate = after.forward_tokens_per_s
+    assert after.fit_seconds_per_neuron[1] == pytest.approx(at0 / rate[1])  # none there yet: the nearest layer's
+    assert after.fit_seconds == pytest.approx(at0 / rate[0] + 3 * at0 / rate[1])
+    run_build(ws, native_model, req("paper", [5], layers=(1,)))
+    at1 = recorded(1, [5])
+    again = plan_summary(ws, native_model, req("paper", [1, 2, 3], layers=(0, 1)), calibrate=False)
+    assert again.neurons_built == 2 and again.fit_groups == 3
     # neurons built with another method say nothing about this one's cost
-    other = plan_summary(ws, native_model, req("calibrated", [2, 3]))
+    other = plan_summary(ws, native_model, req("calibrated", [3, 4]))
     once = fit_method("calibrated").layer_tokens(preset("calibrated"), native_model.d_vocab)
-    assert other.fit_seconds == pytest.approx((2 * fit_method("calibrated").fit_tokens_per_neuron + once) / other.forward_tokens_per_s[0])
+    assert other.fit_seconds == pytest.approx((2 * fit_method("calibrated").fit_tokens_per_neuron + once)
+                                              / other.forward_tokens_per_s[0])
+    own = plan_summary(ws, native_model, req("paper", [7], layers=(0, 1)))
+    for l, t in ((0, at0), (1, at1)):
+        assert own.fit_seconds_per_neuron[l] == pytest.approx(t / own.forward_tokens_per_s[l])
+    assert sorted((l, m) for l, m, t in ws.fit_costs() if t) == [(0, "paper"), (0, "paper"), (1, "paper")]
 
 
 def test_a_scan_shard_reports_its_batches_and_stops_within_one(native_model, native_windows, tmp_path,

@@ -1023,6 +1023,13 @@ class Workspace:
         return {int(l): int(n) for l, n in
                 self._conn().execute("SELECT layer, COUNT(*) FROM neurons GROUP BY layer ORDER BY layer")}
 
+    def fit_costs(self) -> list[tuple[int, str | None, float | None]]:
+        """(layer, fit method, forward tokens the fit cost a neuron) of every built neuron whose
+        stats are sound JSON, read by SQLite (no stats decoded in Python: fast on a whole model)."""
+        return [(int(l), m, None if t is None else float(t)) for l, m, t in self._conn().execute(
+            "SELECT layer, json_extract(stats, '$.method'), json_extract(stats, '$.fit_tokens') FROM neurons "
+            "WHERE json_valid(stats)")]
+
     def neurons_version(self) -> tuple[int, float]:
         """A cheap fingerprint of the neurons table: (count, latest commit time)."""
         row = self._conn().execute("SELECT COUNT(*), COALESCE(MAX(created_at), 0) FROM neurons").fetchone()
