@@ -211,6 +211,22 @@ def test_eval_on_every_test_set_local_and_remote(pair):
     assert again["neurons"] == after["neurons"]  # read back, the same scores
 
 
+def test_a_dry_run_answers_while_a_build_writes(pair):
+    """A dry run writes nothing, so it reads a workspace whose writer (a build) is busy, and says
+    what is left; a real build there is still refused with the writer named."""
+    from n2g_service.workspace import Workspace
+
+    local, _ = pair
+    writer = Workspace(local, mode="write", purpose="n2g build")
+    try:
+        dry = run_cli("build", "--workspace", str(local), "--layers", "0", "--sample", "3", "--dry-run", "--json")
+        assert json.loads(dry.stdout)["layers"] == [0]
+        real = run_cli("build", "--workspace", str(local), "--layers", "0", "--sample", "3", check=False)
+        assert real.returncode != 0 and "already has a writer" in real.stderr
+    finally:
+        writer.close()
+
+
 def test_dry_run_plans_every_layer_both_ways(pair):
     local, srv = pair
     plans = [json.loads(run_cli("build", *where, "--layers", "all", "--sample", "3", "--dry-run", "--json").stdout)

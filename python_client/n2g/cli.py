@@ -330,7 +330,14 @@ def _cmd_build(args) -> int:
               precision=args.precision,
               shard_windows=args.shard_windows)
     layers = _layers(args.layers)
-    with _client(args, create=True) as c:
+    # a dry run writes nothing: on an existing workspace it is a reader, so it also answers while
+    # a build is writing there ("how long is left?")
+    reader = False
+    if args.dry_run and args.workspace is not None:
+        from n2g_service.workspace import Workspace
+
+        reader = Workspace.exists(args.workspace)
+    with _client(args, create=not reader) as c:
         if args.dry_run:
             plan = c.plan_build(layers, args.neurons, **kw)
             _print_json(plan) if args.json else print(plan.summary)
