@@ -150,6 +150,13 @@ def test_search_and_similarity_equal_local(client, ws):
         assert got.neurons == sorted(tuple(k) for k in store.search(clauses))
         assert got.total == len(got.neurons)
     assert (sorted(graphs)[0]) in client.search([(label, "activating")]).neurons
+    # a label given as token text is normalised as the graphs' labels are: " Love" finds "love"
+    word = next(l for g in graphs.values() for l in g.activating_labels() if len(l) > 2 and l.isalpha()
+                and l.islower())
+    want = client.search([(word, "activating")])
+    assert want.total > 0
+    for text in (f" {word}", word.title(), f" {word.title()}", f"{word} "):
+        assert client.search([(text, "activating")]).neurons == want.neurons, text
     assert client.search([(label, "activating")], limit=1).neurons == client.search([(label, "activating")]).neurons[:1]
     got = [(n.key, n.shared, round(n.fraction, 6)) for n in client.in_context_neurons().neurons]
     assert got == [(tuple(k), list(sh), round(f, 6)) for k, sh, f in store.in_context_neurons()]

@@ -685,7 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="local: cpu, cuda, ...")
     _add_conn(p)
     p = sub.add_parser("search", help="neurons whose graph matches every (token, role) clause")
-    p.add_argument("--activating", nargs="+", metavar="TOKEN", help="activating tokens (label, or id:N)")
+    p.add_argument("--activating", nargs="+", metavar="TOKEN",
+                   help="activating tokens (label or token text, normalised as graphs store them: \" The\" finds \"the\"; or id:N)")
     p.add_argument("--context", nargs="+", metavar="TOKEN", help="context tokens")
     p.add_argument("--either", nargs="+", metavar="TOKEN", help="tokens in either role")
     p.add_argument("--in-context", action="store_true",

