@@ -24,7 +24,6 @@ import time
 import zipfile
 from concurrent import futures
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
