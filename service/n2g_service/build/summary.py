@@ -139,9 +139,11 @@ def plan_summary(ws, model, req, *, calibrate: bool = True, calibration_windows:
         todo_keys = [k for k in keys if k not in built]
         n_built = len(keys) - len(todo_keys)
         n_groups = len(fit_groups(todo_keys, group_size))
+        todo_per_layer = {l: sum(1 for k in todo_keys if k[0] == l) for l in layers}
     else:  # which neurons a sample takes is known after the scan: count per layer
-        n_built = sum(min(per_layer, sum(1 for k in built if k[0] == l)) for l in layers)
-        n_groups = sum(-(-(per_layer - min(per_layer, sum(1 for k in built if k[0] == l))) // group_size) for l in layers)
+        todo_per_layer = {l: per_layer - min(per_layer, sum(1 for k in built if k[0] == l)) for l in layers}
+        n_built = per_layer * len(layers) - sum(todo_per_layer.values())
+        n_groups = sum(-(-todo // group_size) for todo in todo_per_layer.values())
     s = PlanSummary(layers=layers, n_windows=int(windows.shape[0]), excluded_windows=int(excluded.size),
                     window_tokens=int(windows.shape[1]), layers_to_scan=missing, scan_shards=shards,
                     scan_tokens=int(scan_windows * windows.shape[1]),
@@ -163,10 +165,6 @@ def plan_summary(ws, model, req, *, calibrate: bool = True, calibration_windows:
     method = fit_method(req.fit.method)
     fit_tokens = _fit_tokens_by_layer(ws, method, layers)
     s.fit_seconds_per_neuron = {l: fit_tokens[l] / rate_at(l) for l in layers}
-    if req.neurons is not None:
-        todo_per_layer = {l: sum(1 for k in todo_keys if k[0] == l) for l in layers}
-    else:
-        todo_per_layer = {l: per_layer - min(per_layer, sum(1 for k in built if k[0] == l)) for l in layers}
     # passes the method runs once a layer (per process: a resumed build runs them again)
     once = method.layer_tokens(req.fit, model.d_vocab)
     s.fit_seconds = sum(todo_per_layer[l] * s.fit_seconds_per_neuron[l] + (once / rate_at(l) if todo_per_layer[l] else 0.0)
