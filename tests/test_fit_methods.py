@@ -33,6 +33,7 @@ from n2g_service.fit.calibrate import (
     first_token_activations,
     learn_from_misses,
     select_occurrences,
+    select_path_occurrences,
     start_candidates,
     start_paths,
     vocabulary_sweep,
@@ -195,6 +196,94 @@ def test_calibration_on_hand_made_occurrences(native_model):
     pred = np.asarray(g2.predict(tokens))
     wrong = np.argwhere((pred >= 0.5) != (true >= 0.5))
     assert wrong.tolist() == [[6, 1]]  # the one silent " dog" (first in its window) is all it misses
+
+
+def test_a_fire_rate_is_measured_on_ordinary_windows(native_model):
+    """Top windows are chosen where the neuron fires, so they overstate how often a token fires:
+    " cat" fires at its 4 top-window occurrences and at 1 of its 5 ordinary ones. Measured on
+    the ordinary windows (the default) its path stops firing, END their mean, and no token path is
+    learnt for it; measured on all (fire_rate_from="all") it keeps firing (5 of 9). With fewer
+    than calibrate_min_support ordinary matches the path is measured on all windows."""
+    m = native_model
+    label_of, names = _labels(m)
+    cat = m.label_token_ids(m.token_labels()[_ids(m, " cat")[0]])
+    sat = m.label_token_ids(m.token_labels()[_ids(m, " sat")[0]])
+    bos, c, s_ = m.bos_id, cat[0], sat[0]
+    top = [([bos, c, s_], [0, 0.9, 0.0])] * 4
+    ordinary_rows = [([bos, c, s_], [0, v, 0.0]) for v in (0.8, 0.1, 0.0, 0.2, 0.1)]
+    rows = top + ordinary_rows
+    tokens = np.array([r for r, _ in rows], dtype=np.int64)
+    true = np.array([v for _, v in rows], dtype=np.float32)
+    valid = np.ones_like(tokens, dtype=bool)
+    valid[:, 0] = False
+    ordinary = valid.copy()
+    ordinary[: len(top)] = False
+    lab_cat = names[label_of[c]]
+    paths = [((lab_cat, cat, 0.9), [], 0.9)]
+
+    def factory():
+        return n2g_fast.NeuronGraph(m.name, 1, 0, m.hook, 1.0)
+
+    def calibrated(cfg, ordinary_mask):
+        return calibrate_paths(paths, tokens, true, valid, factory, cfg, Calibration(), ordinary_mask)
+
+    cfg = FitConfig(calibrate_min_support=4, calibrate_fire_rate=0.4)
+    assert cfg.fire_rate_from == "ordinary"
+    [(_, _, end)] = calibrated(cfg, ordinary)
+    assert end == pytest.approx((0.8 + 0.1 + 0.0 + 0.2 + 0.1) / 5, abs=1e-6)  # below 0.5: silent
+    [(_, _, end_all)] = calibrated(FitConfig(calibrate_min_support=4, fire_rate_from="all"), ordinary)
+    assert end_all == pytest.approx(max((4 * 0.9 + 1.2) / 9, 0.5), abs=1e-6)  # fires
+    [(_, _, end_few)] = calibrated(FitConfig(calibrate_min_support=6), ordinary)  # 5 < 6 ordinary
+    assert end_few == pytest.approx(end_all, abs=1e-6)
+    # the " cat" the graph misses in the top windows is not learnt as a token: it rarely fires
+    g = factory()
+    predicted = np.asarray(g.predict(tokens))
+    learnt = learn_from_misses(predicted, tokens, true, valid, label_of, names, m.label_token_ids,
+                               cfg, Calibration(), ordinary)
+    assert [p for p in learnt if not p[1]] == []
+    learnt_all = learn_from_misses(predicted, tokens, true, valid, label_of, names, m.label_token_ids,
+                                   FitConfig(calibrate_min_support=4, fire_rate_from="all"), Calibration(), ordinary)
+    assert [(p[0][0], p[1]) for p in learnt_all] == [(lab_cat, [])]
+    with pytest.raises(ValueError, match="fire_rate_from"):
+        FitConfig(fire_rate_from="top")
+
+
+def test_a_rare_context_path_gets_windows_where_it_matches(native_model):
+    """A firing context path [" cat", " the"] that the windows drawn so far never match gets up
+    to occurrence_windows windows where " the cat" occurs (never a window drawn, skipped or
+    excluded, never " a cat"), drawn the same way for the same seed; a path with enough support,
+    a path that cannot fire and max_path_windows=0 get none; max_path_windows caps the total."""
+    m = native_model
+    cat, the, a, sat = (m.label_token_ids(m.token_labels()[_ids(m, s)[0]])
+                        for s in (" cat", " the", " a", " sat"))
+    bos = m.bos_id
+    the_cat = [bos, the[0], cat[0], sat[0]]
+    a_cat = [bos, a[0], cat[0], sat[0]]
+    windows = np.array([the_cat] * 12 + [a_cat] * 12 + [[bos, sat[0], sat[0], sat[0]]] * 6, dtype=np.int64)
+    the_ids = set(range(12))
+    pool = TrainingPool(windows, exclude={7: {0, 1}})
+    names = m.token_labels()
+    lab = lambda ids: names[ids[0]]  # noqa: E731
+    ctx = [((lab(cat), cat, 0.9), [(lab(the), the, 1.0)], 0.9)]
+
+    def factory():
+        return n2g_fast.NeuronGraph(m.name, 1, 7, m.hook, 1.0)
+
+    cfg = FitConfig(occurrence_windows=4, calibrate_min_support=4)
+    drawn, skip = [12, 13, 24], [2]
+    got = select_path_occurrences(pool, 7, ctx, drawn, skip, factory, cfg, np.random.default_rng(0))
+    assert len(got) == 4 and set(got) <= the_ids - {0, 1, 2} and got == sorted(got)
+    assert got == select_path_occurrences(pool, 7, ctx, drawn, skip, factory, cfg, np.random.default_rng(0))
+    # enough support among the windows drawn: nothing more
+    assert select_path_occurrences(pool, 7, ctx, [3, 4, 5, 6], [], factory, cfg, np.random.default_rng(0)) == []
+    silent = [((lab(cat), cat, 0.3), [(lab(the), the, 1.0)], 0.3)]
+    assert select_path_occurrences(pool, 7, silent, drawn, skip, factory, cfg, np.random.default_rng(0)) == []
+    off = FitConfig(max_path_windows=0)
+    assert select_path_occurrences(pool, 7, ctx, drawn, skip, factory, off, np.random.default_rng(0)) == []
+    capped = FitConfig(occurrence_windows=4, max_path_windows=3)
+    assert len(select_path_occurrences(pool, 7, ctx, drawn, skip, factory, capped, np.random.default_rng(0))) == 3
+    with pytest.raises(ValueError, match="max_path_windows"):
+        FitConfig(max_path_windows=-1)
 
 
 def test_graded_paths_on_hand_made_windows(native_model):

@@ -131,6 +131,11 @@ class FitConfig(_Config):
     # windows holding it (at most max_occurrence_windows per neuron), run through the model.
     occurrence_windows: int = 8
     max_occurrence_windows: int = 192
+    # Path occurrences: a firing path (a context path above all) that the windows above match at
+    # fewer than calibrate_min_support tokens gets up to occurrence_windows windows where it
+    # matches (among path_candidates holding its token), at most max_path_windows per neuron.
+    max_path_windows: int = 128
+    path_candidates: int = 2048
     # A path (or learnt context) matched at >= calibrate_min_support occurrence tokens takes the
     # mean true activation there as its END, on the firing side only if >= calibrate_fire_rate of
     # them fire; tokens that fire in the training windows without a path get one (learn_tokens);
@@ -144,6 +149,10 @@ class FitConfig(_Config):
     sweep_threshold: float = 0.4
     calibrate_min_support: int = 4
     calibrate_fire_rate: float = 0.4
+    # Where a path's fire rate and END are measured: "ordinary" = on the ordinary and occurrence
+    # windows (not chosen for the neuron's activation) when they hold >= calibrate_min_support of
+    # its matches, else on all; "all" = on the top windows too.
+    fire_rate_from: str = "ordinary"
     learn_tokens: bool = True
     context_offsets: int = 3
     # Graded tokens: below the firing threshold a graph says nothing, so its predictions cannot
@@ -167,15 +176,18 @@ class FitConfig(_Config):
         if not isinstance(self.method, str) or not self.method:
             raise ValueError("FitConfig.method must name a fit method (e.g. 'paper', 'calibrated')")
         if min(self.extra_top, self.random_windows, self.occurrence_windows, self.max_occurrence_windows,
+               self.max_path_windows, self.path_candidates,
                self.context_offsets, self.sweep_tokens, self.graded_tokens, self.start_tokens,
                self.start_vocab) < 0:
             raise ValueError("FitConfig: extra_top, random_windows, occurrence_windows, "
-                             "max_occurrence_windows, context_offsets, sweep_tokens, graded_tokens, start_tokens and "
+                             "max_occurrence_windows, max_path_windows, path_candidates, context_offsets, sweep_tokens, graded_tokens, start_tokens and "
                              "start_vocab must be >= 0")
         if self.calibrate_min_support < 1 or self.graded_min_support < 1:
             raise ValueError("FitConfig: calibrate_min_support and graded_min_support must be >= 1")
         if not 0.0 <= self.calibrate_fire_rate <= 1.0:
             raise ValueError("FitConfig.calibrate_fire_rate must be between 0 and 1")
+        if self.fire_rate_from not in ("ordinary", "all"):
+            raise ValueError(f"FitConfig.fire_rate_from must be 'ordinary' or 'all', got {self.fire_rate_from!r}")
         if not 0.0 <= self.graded_floor <= 1.0:  # NaN fails too
             raise ValueError("FitConfig.graded_floor must be between 0 and 1")
         unknown = set(self.proposers) - {"model", "embedding", "mlm"}

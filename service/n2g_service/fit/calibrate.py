@@ -176,6 +176,51 @@ def select_occurrences(
     return taken
 
 
+def select_path_occurrences(
+    pool: TrainingPool,
+    neuron: int,
+    paths: Sequence[Path],
+    drawn: Collection[int],
+    skip: Collection[int],
+    graph_factory,
+    cfg: FitConfig,
+    rng: np.random.Generator,
+) -> list[int]:
+    """Window ids where the firing paths that the ordinary windows ``drawn`` so far match at fewer
+    than cfg.calibrate_min_support tokens do match: per such path up to cfg.occurrence_windows
+    allowed windows not in ``drawn`` or ``skip``, drawn at random (among at most
+    cfg.path_candidates windows holding its activating token), at most cfg.max_path_windows in
+    all. A context path is rarer than its token: without these it would keep the paper's END, or
+    be measured on the top windows, which overstate how often it fires."""
+    if cfg.max_path_windows <= 0 or cfg.occurrence_windows <= 0:
+        return []
+    ok = pool.allowed(neuron)
+    seen = set(int(i) for i in drawn) | set(int(i) for i in skip)
+    have = sorted(int(i) for i in drawn)
+    taken: list[int] = []
+    for path in unique_paths(paths):
+        if len(taken) >= cfg.max_path_windows:
+            break
+        if path[2] < cfg.activation_threshold:
+            continue
+        rows = have + taken
+        if rows and int(path_matches(graph_factory, path, pool.windows[rows]).sum()) >= cfg.calibrate_min_support:
+            continue
+        cand = np.asarray([int(w) for w in pool.windows_with(path[0][1]) if ok[w] and int(w) not in seen], dtype=np.int64)
+        if cand.size > cfg.path_candidates:
+            cand = np.sort(rng.choice(cand, size=cfg.path_candidates, replace=False))
+        if cand.size == 0:
+            continue
+        cand = cand[path_matches(graph_factory, path, pool.windows[cand]).any(axis=1)]
+        k = min(cfg.occurrence_windows, cfg.max_path_windows - len(taken), cand.size)
+        if k <= 0:
+            continue
+        pick = sorted(int(w) for w in rng.choice(cand, size=k, replace=False))
+        taken.extend(pick)
+        seen.update(pick)
+    return taken
+
+
 def _path_key(path: Path) -> tuple:
     activating, context, _ = path
     return (activating[0], tuple(None if c is None else c[0] for c in context))
@@ -234,16 +279,20 @@ def calibrate_paths(
     graph_factory,
     cfg: FitConfig,
     cal: Calibration,
+    ordinary: np.ndarray | None = None,
 ) -> list[Path]:
     """Each unique path's END from the true normalised activations ``true`` [W, T] where it
     matches ``tokens`` [W, T] at ``valid`` positions (see the module doc); paths with too little
-    support keep theirs."""
+    support keep theirs. ``ordinary`` (bool [W, T], within ``valid``): the positions of windows not
+    chosen for the neuron's activation; a path with enough support there is measured there only
+    (top windows overstate how often a token fires)."""
     thr = cfg.activation_threshold
     below = float(np.nextafter(np.float32(thr), np.float32(0)))
     out: list[Path] = []
     for path in unique_paths(paths):
         cal.n_paths_in += 1
         m = path_matches(graph_factory, path, tokens) & valid
+        m = _measured(m, ordinary, cfg)
         n = int(m.sum())
         if n < cfg.calibrate_min_support:
             out.append(path)
@@ -257,6 +306,15 @@ def calibrate_paths(
         activating, context, _ = path
         out.append(((activating[0], activating[1], end), context, end))
     return out
+
+
+def _measured(m: np.ndarray, ordinary: np.ndarray | None, cfg: FitConfig) -> np.ndarray:
+    """The positions of ``m`` to measure a path's fire rate on: those in ``ordinary`` windows when
+    they are at least cfg.calibrate_min_support (and cfg.fire_rate_from is "ordinary"), else all."""
+    if ordinary is None or cfg.fire_rate_from != "ordinary":
+        return m
+    mo = m & ordinary
+    return mo if int(mo.sum()) >= cfg.calibrate_min_support else m
 
 
 def learn_contexts(
@@ -313,10 +371,13 @@ def learn_from_misses(
     ids_of,
     cfg: FitConfig,
     cal: Calibration,
+    ordinary: np.ndarray | None = None,
 ) -> list[Path]:
     """New paths for the firing tokens the calibrated graph misses (``predicted`` [W, T] below
     the threshold where ``true`` fires). Per label of a missed token: a token path if its
-    occurrences fire often enough (with cfg.learn_tokens), else the contexts that separate its firing occurrences (:func:`learn_contexts`)."""
+    occurrences fire often enough (with cfg.learn_tokens; measured as :func:`calibrate_paths`
+    does, on ``ordinary`` positions where there are enough), else the contexts that separate its
+    firing occurrences (:func:`learn_contexts`)."""
     thr = cfg.activation_threshold
     missed = (true >= thr) & (predicted < thr) & valid
     missed[:, 0] = False
@@ -326,7 +387,7 @@ def learn_from_misses(
         ids = ids_of(name)
         occ = np.isin(tokens, np.asarray(ids, dtype=np.int64)) & valid
         occ[:, 0] = False
-        vals = true[occ]
+        vals = true[_measured(occ, ordinary, cfg)]
         rate = float(np.mean(vals >= thr))
         if rate >= cfg.calibrate_fire_rate:
             if cfg.learn_tokens:

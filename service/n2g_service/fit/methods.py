@@ -15,6 +15,7 @@ Adding a method: write ``fit`` from the stages, then ``register_fit_method(FitMe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -28,6 +29,7 @@ from .calibrate import (
     graded_paths,
     learn_from_misses,
     select_occurrences,
+    select_path_occurrences,
     start_candidates,
     start_paths,
     vocabulary_sweep,
@@ -154,9 +156,15 @@ def _stack(rows: list[np.ndarray], fill: int) -> tuple[np.ndarray, np.ndarray]:
     return out, valid
 
 
-def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any, details: bool) -> dict:
+def _graph_factory(fr: FitRun, n: int):
+    """An empty graph of neuron ``n`` (paths are matched by adding them to one)."""
     import n2g_fast
 
+    a_max = fr.a_max[n]
+    return n2g_fast.NeuronGraph(fr.model.name, fr.layer, n, fr.model.hook, a_max if a_max > 0 else 0.0)
+
+
+def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any, details: bool) -> dict:
     cfg, model = fr.cfg, fr.model
     tick = bar.update
     live = [n for n in fr.neurons if fr.a_max[n] > 0]
@@ -207,6 +215,7 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
                 if int(t) not in special:
                     sweep[n].setdefault(names[label_of[t]], float(value))
     occ_ids: dict[int, list[int]] = {n: [] for n in fr.neurons}
+    path_ids: dict[int, list[int]] = {n: [] for n in fr.neurons}
     if pool is not None:
         for n in live:
             order: list[str] = []
@@ -223,6 +232,9 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
             rng = np.random.default_rng([cfg.calibration_seed, fr.layer, n])
             occ_ids[n] = select_occurrences(pool, n, [model.label_token_ids(l) for l in order],
                                             top_ids[n] + rand_ids[n], cfg, rng)
+            path_ids[n] = select_path_occurrences(pool, n, paths[n], rand_ids[n] + occ_ids[n], top_ids[n],
+                                                  lambda n=n: _graph_factory(fr, n), cfg, rng)
+            occ_ids[n] += path_ids[n]
     jobs = [(w, n) for n in fr.neurons for w in occ_ids[n]]
     occ_acts = fr.run([pool.windows[w] for w, _ in jobs], [n for _, n in jobs]) if jobs else []
     occ_of: dict[int, list[tuple[int, np.ndarray]]] = {n: [] for n in fr.neurons}
@@ -240,10 +252,7 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
     results = {}
     for n in fr.neurons:
         a_max = fr.a_max[n]
-
-        def factory(n=n):
-            return n2g_fast.NeuronGraph(model.name, fr.layer, n, model.hook, a_max if a_max > 0 else 0.0)
-
+        factory = partial(_graph_factory, fr, n)
         cal = Calibration()
         final = list(paths[n])
         seen = rand_of[n] + occ_of[n]
@@ -259,12 +268,12 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
                                     model.label_token_ids, bos_label, cfg)
                 valid[:, 1] = False  # the first token is measured: learn the rest from positions >= 2
             cal.n_start = len(start)
-            final = calibrate_paths(paths[n], tokens, true, valid, factory, cfg, cal) + start
-            predicted = np.asarray(make_graph(fr, n, final).predict(tokens, semantics="all_paths_max"))
-            final += learn_from_misses(predicted, tokens, true, valid, label_of, names,
-                                       model.label_token_ids, cfg, cal)
             ordinary = valid.copy()
             ordinary[: len(pos_of[n])] = False  # top windows overstate a token's usual level
+            final = calibrate_paths(paths[n], tokens, true, valid, factory, cfg, cal, ordinary) + start
+            predicted = np.asarray(make_graph(fr, n, final).predict(tokens, semantics="all_paths_max"))
+            final += learn_from_misses(predicted, tokens, true, valid, label_of, names,
+                                       model.label_token_ids, cfg, cal, ordinary)
             have = {act[0] for act, ctx, _ in final if not any(c is not None for c in ctx)}
             graded = graded_paths(tokens, true, ordinary, label_of, names, model.label_token_ids, have, cfg)
             cal.n_graded = len(graded)
@@ -285,6 +294,7 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
             "n_extra_top": len(top_ids[n]),
             "n_random_windows": len(rand_of[n]),
             "n_occurrence_windows": len(occ_of[n]),
+            "n_path_windows": len(path_ids[n]),
             "extra_train_windows": [int(w) for w, _, _ in extra],
             "n_paths_unique": cal.n_paths_in,
             "n_paths_calibrated": cal.n_calibrated,
