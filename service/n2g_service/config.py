@@ -85,8 +85,8 @@ class FitConfig(_Config):
     "paper" ignores). :func:`n2g_service.fit.preset` gives each method's preset. The default,
     "calibrated", measured better on held-out neurons (the first 16 live odd ids >= 1001 of layers
     0, 1, 3, 1,000 held-out windows; ``benchmarks/bench_fit_methods.py --per-layer 16 --ordinary
-    1000``): ordinary-text F1 .74 / .45 / .33 vs the paper's .42 / .26 / .12, Pearson r .64 / .45 /
-    .37 vs .17 / .08 / .05, paper-protocol F1 .97 / .70 / .49 vs .85 / .64 / .43."""
+    1000``): ordinary-text F1 .74 / .49 / .36 vs the paper's .42 / .26 / .12, Pearson r .64 / .45 /
+    .38 vs .17 / .08 / .05, paper-protocol F1 .96 / .68 / .48 vs .85 / .64 / .43."""
 
     method: str = "calibrated"
     # pruning (section 2)
