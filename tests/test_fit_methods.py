@@ -201,8 +201,8 @@ def test_calibration_on_hand_made_occurrences(native_model):
 def test_a_fire_rate_is_measured_on_ordinary_windows(native_model):
     """Top windows are chosen where the neuron fires, so they overstate how often a token fires:
     " cat" fires at its 4 top-window occurrences and at 1 of its 5 ordinary ones. Measured on
-    the ordinary windows (the default) its path stops firing, END their mean, and no token path is
-    learnt for it; measured on all (fire_rate_from="all") it keeps firing (5 of 9). With fewer
+    the ordinary windows (fire_rate_from="ordinary") its path stops firing, END their mean, and
+    no token path is learnt for it; measured on all (the default) it keeps firing (5 of 9). With fewer
     than calibrate_min_support ordinary matches the path is measured on all windows."""
     m = native_model
     label_of, names = _labels(m)
@@ -227,13 +227,13 @@ def test_a_fire_rate_is_measured_on_ordinary_windows(native_model):
     def calibrated(cfg, ordinary_mask):
         return calibrate_paths(paths, tokens, true, valid, factory, cfg, Calibration(), ordinary_mask)
 
-    cfg = FitConfig(calibrate_min_support=4, calibrate_fire_rate=0.4)
-    assert cfg.fire_rate_from == "ordinary"
+    assert FitConfig().fire_rate_from == "all"  # the default (see FitConfig)
+    cfg = FitConfig(calibrate_min_support=4, calibrate_fire_rate=0.4, fire_rate_from="ordinary")
     [(_, _, end)] = calibrated(cfg, ordinary)
     assert end == pytest.approx((0.8 + 0.1 + 0.0 + 0.2 + 0.1) / 5, abs=1e-6)  # below 0.5: silent
     [(_, _, end_all)] = calibrated(FitConfig(calibrate_min_support=4, fire_rate_from="all"), ordinary)
     assert end_all == pytest.approx(max((4 * 0.9 + 1.2) / 9, 0.5), abs=1e-6)  # fires
-    [(_, _, end_few)] = calibrated(FitConfig(calibrate_min_support=6), ordinary)  # 5 < 6 ordinary
+    [(_, _, end_few)] = calibrated(FitConfig(calibrate_min_support=6, fire_rate_from="ordinary"), ordinary)  # 5 < 6
     assert end_few == pytest.approx(end_all, abs=1e-6)
     # the " cat" the graph misses in the top windows is not learnt as a token: it rarely fires
     g = factory()
@@ -269,7 +269,8 @@ def test_a_rare_context_path_gets_windows_where_it_matches(native_model):
     def factory():
         return n2g_fast.NeuronGraph(m.name, 1, 7, m.hook, 1.0)
 
-    cfg = FitConfig(occurrence_windows=4, calibrate_min_support=4)
+    assert FitConfig().max_path_windows == 0  # off by default (see FitConfig)
+    cfg = FitConfig(occurrence_windows=4, calibrate_min_support=4, max_path_windows=128)
     drawn, skip = [12, 13, 24], [2]
     got = select_path_occurrences(pool, 7, ctx, drawn, skip, factory, cfg, np.random.default_rng(0))
     assert len(got) == 4 and set(got) <= the_ids - {0, 1, 2} and got == sorted(got)

@@ -12,15 +12,14 @@ same token mostly leaves the neuron silent. The calibrated fit adds:
   which the neuron fires there are candidates the windows never showed;
 - real occurrences: for each activating label of the fitted graph, each label that fires in the
   windows above and each swept candidate, corpus windows holding it (:func:`select_occurrences`),
-  and for each firing path those windows still match too rarely (a context path, mostly),
-  windows where it matches (:func:`select_path_occurrences`), run through the model for their
-  true activations;
+  and, with ``FitConfig.max_path_windows`` > 0, for each firing path those windows still match
+  too rarely (a context path, mostly), windows where it matches
+  (:func:`select_path_occurrences`), run through the model for their true activations;
 - calibration (:func:`calibrate_paths`), on those occurrences and the training windows:
   every path matched at >= calibrate_min_support tokens takes the mean true activation there as
-  its END, kept on the firing side only if >= calibrate_fire_rate of those tokens fire, both
-  measured on the windows not chosen for the neuron's activation (ordinary and occurrence
-  windows) when they hold enough of its matches: top windows overstate how often a path fires,
-  and on ordinary text that overstatement is a false fire (``FitConfig.fire_rate_from``; a context
+  its END, kept on the firing side only if >= calibrate_fire_rate of those tokens fire (with
+  ``FitConfig.fire_rate_from`` "ordinary", both measured off the top windows, which overstate how
+  often a path fires: fewer false fires, but less paper-protocol recall at depth; a context
   path survives as a firing path only where it separates firing from non-firing occurrences;
   a token that alone over-fires stops firing alone); tokens that fire without any path get one
   (learn_tokens); an over-firing token learns context tokens at offsets 1..context_offsets whose
