@@ -155,7 +155,7 @@ class FitConfig(_Config):
     # its matches, else on all; "all" = on the top windows too. "ordinary" with path windows
     # (max_path_windows 128) gave dev neurons (odd ids >= 1001) ordinary-text F1 +.04 / +.03 at
     # layers 1 / 3, +.00 at 0 and 7, paper-protocol F1 -.01 to -.02, fewer false fires; on the
-    # scoring table's 24 neurons a layer it lost paper-protocol F1 at depth (layer 7 .38 -> .28,
+    # scoring table's 24 neurons a layer it lost paper-protocol F1 at depth (layer 7 .40 -> .28,
     # layer 29 .39 -> .26) and ordinary F1 at 7 and 29: so "all" and no path windows stay.
     fire_rate_from: str = "all"
     learn_tokens: bool = True
