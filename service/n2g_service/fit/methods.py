@@ -233,7 +233,7 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
             occ_ids[n] = select_occurrences(pool, n, [model.label_token_ids(l) for l in order],
                                             top_ids[n] + rand_ids[n], cfg, rng)
             path_ids[n] = select_path_occurrences(pool, n, paths[n], rand_ids[n] + occ_ids[n], top_ids[n],
-                                                  lambda n=n: _graph_factory(fr, n), cfg, rng)
+                                                  partial(_graph_factory, fr, n), cfg, rng)
             occ_ids[n] += path_ids[n]
     jobs = [(w, n) for n in fr.neurons for w in occ_ids[n]]
     occ_acts = fr.run([pool.windows[w] for w, _ in jobs], [n for _, n in jobs]) if jobs else []
