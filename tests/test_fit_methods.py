@@ -431,6 +431,21 @@ def _check_calibrated(model, layer, neurons, train, test_ids, amax, heldout, poo
             np.testing.assert_allclose(a, tr / amax[n], atol=1e-4)
 
 
+def test_calibrated_with_path_windows_and_ordinary_rates(native_model, native_setup):
+    """The two off-by-default settings through fit_neurons: the path windows are drawn within the
+    cap, counted among the occurrence windows, never held-out or test windows, and stored with
+    the neuron's activations like every other window the fit learnt from."""
+    neurons, train, test_ids, amax, heldout, pool = native_setup
+    cfg = preset("calibrated", extra_top=6, random_windows=40, occurrence_windows=4, max_occurrence_windows=24,
+                 graded_tokens=0, fire_rate_from="ordinary", max_path_windows=16)
+    res = fit_neurons(native_model, 1, neurons, train, amax, cfg, extra=pool)
+    _check_calibrated(native_model, 1, neurons, train, test_ids, amax, heldout, pool, res, cfg)
+    drawn = [res[n].stats["n_path_windows"] for n in neurons]
+    assert all(0 <= k <= cfg.max_path_windows for k in drawn) and sum(drawn) > 0
+    for n in neurons:
+        assert res[n].stats["n_path_windows"] <= res[n].stats["n_occurrence_windows"]
+
+
 def _f1(graph, pairs):
     tok = np.stack([t for t, _ in pairs])
     true = np.stack([a for _, a in pairs])[:, 1:] >= 0.5
