@@ -182,6 +182,13 @@ def test_damaged_rows_are_skipped_reported_and_refused_while_healthy_ones_are_se
     assert Workspace(ws_path).built_keys() == HEALTHY
     assert [(r.layer, r.neuron) for r in Workspace(ws_path).iter_neurons()] == HEALTHY
     assert [(r.layer, r.neuron) for r in Workspace(ws_path).iter_neurons(with_examples=False)] == HEALTHY
+    # the listing's form: one layer, no stats decoded (a damaged stats row is still left out)
+    light = list(Workspace(ws_path).iter_neurons(with_examples=False, with_stats=False, layers=[0]))
+    assert [(r.layer, r.neuron) for r in light] == [k for k in HEALTHY if k[0] == 0]
+    assert all(r.stats == {} and r.examples == {} and r.metrics for r in light)
+    assert list(Workspace(ws_path).iter_neurons(layers=[])) == []
+    assert [r.stats for r in Workspace(ws_path).iter_neurons(layers=[1])] == [
+        r.stats for r in Workspace(ws_path).iter_neurons() if r.layer == 1]
     assert [(l, n) for l, n, _ in Workspace(ws_path).graph_bytes()] == HEALTHY
     rows = {r[:2] for r in Workspace(ws_path).graph_rows(KEYS)}  # the graph index's load: sound blobs only
     assert set(HEALTHY) <= rows and not rows & {(0, 1), (1, 2), *SWAPPED}

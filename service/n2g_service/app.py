@@ -13,6 +13,7 @@ Method names and keyword arguments are those of `n2g.convert.OPS` (and of the cl
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import logging
@@ -681,8 +682,8 @@ class N2GApp:
                     deadline: Deadline = NO_DEADLINE) -> list[T.GraphSummary]:
         wanted = {self._layer(l) for l in layers or ()}
         self._limit(limit)
-        recs = [r for r in self.ws.iter_neurons(with_examples=False) if not wanted or r.layer in wanted]
-        return [self._summary(r) for r in (recs[:limit] if limit else recs)]
+        recs = self.ws.iter_neurons(with_examples=False, with_stats=False, layers=wanted or None)
+        return [self._summary(r) for r in (itertools.islice(recs, limit) if limit else recs)]
 
     def graph(self, layer: int | None, neuron: int | None, structure: bool = False, dot: bool = False,
               svg: bool = False, json: bool = False, examples: bool = False, *,
@@ -774,7 +775,8 @@ class N2GApp:
             except (ValueError, TypeError) as e:
                 raise invalid(f"eval_config_json: {e}") from None
         wanted_keys = set(keys)
-        recs = {(r.layer, r.neuron): r for r in self.ws.iter_neurons(with_examples=cfg is not None)
+        recs = {(r.layer, r.neuron): r for r in self.ws.iter_neurons(with_examples=cfg is not None, with_stats=False,
+                                                                     layers={k[0] for k in wanted_keys})
                 if (r.layer, r.neuron) in wanted_keys}
         rows, per_neuron = [], []
         for key in keys:

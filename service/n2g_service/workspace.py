@@ -40,7 +40,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 import numpy as np
 
@@ -883,7 +883,7 @@ class Workspace:
                 )
 
     @staticmethod
-    def _decode(row, with_examples: bool) -> NeuronRecord:
+    def _decode(row, with_examples: bool, with_stats: bool = True) -> NeuronRecord:
         """The record of a neuron row; ValueError with the reason if the row is damaged."""
         layer, neuron, amax, graph, examples, stats, metrics, job_id, created = row[:9]
         if not isinstance(amax, (int, float)) or not math.isfinite(amax):
@@ -891,7 +891,8 @@ class Workspace:
         problem = check_graph_blob(graph, layer, neuron)
         if problem:
             raise ValueError(problem)
-        st, me = _strict_json(stats, "stats"), _strict_json(metrics, "metrics")
+        st = _strict_json(stats, "stats") if with_stats else {}
+        me = _strict_json(metrics, "metrics")
         ex = _strict_json(_unpack_examples(examples), "examples") if with_examples else {}
         return NeuronRecord(layer, neuron, float(amax), bytes(graph), ex, st, me, job_id, created)
 
@@ -965,17 +966,25 @@ class Workspace:
             raise WorkspaceError(f"neuron ({layer}, {neuron}) is damaged in workspace {self.path}: {e}; rebuild it",
                                  "damaged_neuron", layer=layer, neuron=neuron, reason=str(e)) from None
 
-    def iter_neurons(self, *, with_examples: bool = True) -> Iterator[NeuronRecord]:
-        """Every sound neuron, in (layer, neuron) order; damaged rows are skipped (and logged)."""
+    def iter_neurons(self, *, with_examples: bool = True, with_stats: bool = True,
+                     layers: Collection[int] | None = None) -> Iterator[NeuronRecord]:
+        """Every sound neuron (of ``layers``, if given), in (layer, neuron) order; damaged rows are
+        skipped (and logged). ``with_stats=False`` leaves the fit statistics (the largest JSON
+        after the examples) undecoded: a listing of a whole model needs none of them."""
         self._healthy_keys()  # checks the rows not checked yet, examples included
-        cur = self._conn().execute(self._ROW.format(examples="examples" if with_examples else "NULL")
-                                   + " ORDER BY layer, neuron")
-        for row in cur:
+        sql = self._ROW.format(examples="examples" if with_examples else "NULL")
+        if not with_stats:
+            sql = sql.replace(", stats,", ", NULL,", 1)
+        args: list[int] = []
+        if layers is not None:
+            args = sorted({int(l) for l in layers})
+            sql += f" WHERE layer IN ({', '.join('?' * len(args))})" if args else " WHERE 0"
+        for row in self._conn().execute(sql + " ORDER BY layer, neuron", args):
             key, fp = (row[0], row[1]), tuple(row[9:10])
             if self._known_damaged(key, fp):
                 continue
             try:
-                rec = self._decode(row, with_examples)
+                rec = self._decode(row, with_examples, with_stats)
             except ValueError as e:
                 self._note(key, fp, str(e))
                 continue
