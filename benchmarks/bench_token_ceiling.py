@@ -1,0 +1,146 @@
+"""How far a token-level predictor can go on ordinary text, next to N2G (not a test).
+
+For each layer asked, on the dev neurons of ``bench_fit_methods.py`` (odd ids >= --start, live
+ones, never the scoring table's), ordinary-text firing F1 (threshold .5 of the neuron's a_max,
+mean over the neurons that fire in the sample) of:
+
+- N2G: the default (calibrated) fit, and token lookup fitted on the same training windows;
+- corpus tokens: each token's mean activation over every usable corpus window (the whole corpus
+  but the evaluation's held-out windows), i.e. token lookup given all the data there is;
+- corpus bigrams: the mean over every usable occurrence of (previous token, token), where seen at
+  least twice, else the token's: the first step of context, given all the data there is;
+- test tokens: each token's mean on the scored sample itself (fitted on the answers: it bounds
+  what any token table can score there, and overstates it where tokens are rare).
+
+A method that can only say "this token fires" (token lookup, and N2G where its graphs hold no
+context) cannot pass the corpus-token figure; the bigram figure shows what one token of context
+adds with unlimited data.
+
+    .venv/bin/python benchmarks/bench_token_ceiling.py --layers 0 1 --per-layer 16 --ordinary 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "service"), str(ROOT / "benchmarks")]
+
+from bench_fit_methods import N_PAPER, lookup_predict, scores, token_lookup  # noqa: E402
+from n2g_service.activations import layer_activations  # noqa: E402
+from n2g_service.config import EvalConfig, ScanConfig  # noqa: E402
+from n2g_service.corpus import load_texts, make_windows  # noqa: E402
+from n2g_service.evaluate import heldout_window_ids, split_train_test  # noqa: E402
+from n2g_service.fit import fit_neurons, preset, training_pool  # noqa: E402
+from n2g_service.models import load_model  # noqa: E402
+from n2g_service.scan import scan_layers  # noqa: E402
+
+COLUMNS = ("n2g", "token lookup", "corpus tokens", "corpus bigrams", "test tokens")
+
+
+def corpus_tables(model, windows: np.ndarray, ids: np.ndarray, layer: int, neurons: list[int], batch: int = 128):
+    """Per-token and per-(previous, token) sums and counts of the neurons' activations over the
+    windows ``ids`` (positions after BOS)."""
+    v = model.d_vocab
+    tok_sum, tok_n = np.zeros((v, len(neurons))), np.zeros(v)
+    codes, acts = [], []
+    for i in range(0, len(ids), batch):
+        w = windows[ids[i: i + batch]]
+        a = layer_activations(model, w, [layer])[layer][:, 1:, neurons].numpy().reshape(-1, len(neurons))
+        t = w[:, 1:].ravel()
+        np.add.at(tok_sum, t, a)
+        np.add.at(tok_n, t, 1)
+        codes.append(w[:, :-1].ravel().astype(np.int64) * v + t)
+        acts.append(a)
+    pair, inv = np.unique(np.concatenate(codes), return_inverse=True)
+    acts = np.concatenate(acts)
+    pair_n = np.bincount(inv)
+    pair_sum = np.stack([np.bincount(inv, weights=acts[:, j]) for j in range(len(neurons))], axis=1)
+    return tok_sum, tok_n, pair, pair_sum, pair_n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--per-layer", type=int, default=16)
+    ap.add_argument("--start", type=int, default=1001, help="first neuron id (odd ids from here)")
+    ap.add_argument("--ordinary", type=int, default=1000, help="held-out windows scored as ordinary text")
+    ap.add_argument("--scan-k", type=int, default=60)
+    ap.add_argument("--cache", default="/tmp/n2g_bench_fit_methods", help="scan cache shared with bench_fit_methods")
+    args = ap.parse_args()
+
+    model = load_model(device="cpu")
+    windows = make_windows(model, load_texts("fortunes"), window_tokens=64)
+    heldout = heldout_window_ids(len(windows), EvalConfig())
+    usable = np.ones(len(windows), dtype=bool)
+    usable[heldout] = False
+    usable_ids = np.flatnonzero(usable)
+    ordinary = np.random.default_rng(1).choice(heldout, size=min(args.ordinary, heldout.size), replace=False)
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    v = model.d_vocab
+    print(f"{len(windows)} windows, {usable_ids.size} usable, {ordinary.size} scored as ordinary text", flush=True)
+
+    results = []
+    for layer in args.layers:
+        scan_file = cache / f"scan_L{layer}_k{args.scan_k}_n{len(windows)}.npz"
+        if not scan_file.exists():
+            s = scan_layers(model, windows[usable], [layer], ScanConfig(k=args.scan_k, batch_size=32), progress=False)[layer]
+            top = np.where(s.top_window_ids >= 0, usable_ids[np.maximum(s.top_window_ids, 0)], -1)
+            np.savez(scan_file, amax=s.max_activation, top=top)
+        z = np.load(scan_file)
+        amax_all, top_ids = z["amax"], z["top"]
+        neurons = [n for n in range(args.start | 1, model.d_mlp, 2)
+                   if amax_all[n] > 0 and (top_ids[n][:N_PAPER] >= 0).all()][: args.per_layer]
+        amax = {n: float(amax_all[n]) for n in neurons}
+        splits = {n: split_train_test(N_PAPER, 10, 0, layer, n) for n in neurons}
+        train = {n: [windows[top_ids[n][i]] for i in splits[n][0]] for n in neurons}
+        test_ids = {n: [int(top_ids[n][i]) for i in splits[n][1]] for n in neurons}
+        pool = training_pool(windows, top_ids, neurons, N_PAPER, test_ids, heldout)
+        need = sorted({int(top_ids[n][i]) for n in neurons for i in splits[n][0]} | {int(w) for w in ordinary})
+        true_of: dict[int, np.ndarray] = {}
+        for i in range(0, len(need), 64):
+            ids = need[i: i + 64]
+            a = layer_activations(model, windows[ids], [layer])[layer][:, :, neurons].numpy()
+            true_of.update({w: a[j] for j, w in enumerate(ids)})
+        t0 = time.perf_counter()
+        tok_sum, tok_n, pair, pair_sum, pair_n = corpus_tables(model, windows, usable_ids, layer, neurons)
+        print(f"layer {layer}: corpus pass over {usable_ids.size} windows {time.perf_counter() - t0:.0f} s", flush=True)
+        fitted = fit_neurons(model, layer, neurons, train, amax, preset("calibrated"), extra=pool)
+        ot = windows[ordinary]
+        toks = ot[:, 1:].ravel()
+        codes = ot[:, :-1].ravel().astype(np.int64) * v + toks
+        at = np.minimum(np.searchsorted(pair, codes), pair.size - 1)
+        bigram_seen = (pair[at] == codes) & (pair_n[at] >= 2)
+        for j, n in enumerate(neurons):
+            true = (np.stack([true_of[int(w)][:, j] for w in ordinary]) / amax[n])[:, 1:].ravel()
+            if not (true >= 0.5).any():
+                continue
+            tr = [(windows[top_ids[n][i]], true_of[int(top_ids[n][i])][:, j] / amax[n]) for i in splits[n][0]]
+            tr += [(t, a) for _, t, a in fitted[n].extra_train]
+            corpus_tok = (tok_sum[:, j] / np.maximum(tok_n, 1) / amax[n])[toks]
+            test_tok = (np.bincount(toks, weights=true, minlength=v) / np.maximum(np.bincount(toks, minlength=v), 1))[toks]
+            preds = {
+                "n2g": np.asarray(fitted[n].graph.predict(ot, semantics="all_paths_max"))[:, 1:].ravel(),
+                "token lookup": lookup_predict(token_lookup(tr), ot)[:, 1:].ravel(),
+                "corpus tokens": corpus_tok,
+                "corpus bigrams": np.where(bigram_seen, pair_sum[at, j] / np.maximum(pair_n[at], 1) / amax[n], corpus_tok),
+                "test tokens": test_tok,
+            }
+            results.append((layer, n, {k: scores(true, p)["f1"] for k, p in preds.items()}))
+
+    print("\nordinary-text F1, mean over the neurons that fire in the sample")
+    print(f"{'layer':>5} {'n':>3} | " + " | ".join(f"{c:>14}" for c in COLUMNS))
+    for layer in args.layers:
+        rs = [r for l, _, r in results if l == layer]
+        if rs:
+            print(f"{layer:>5} {len(rs):>3} | " + " | ".join(f"{np.mean([r[c] for r in rs]):>14.3f}" for c in COLUMNS))
+
+
+if __name__ == "__main__":
+    main()
