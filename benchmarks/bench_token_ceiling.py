@@ -7,8 +7,9 @@ mean over the neurons that fire in the sample) of:
 - N2G: the default (calibrated) fit, and token lookup fitted on the same training windows;
 - corpus tokens: each token's mean activation over every usable corpus window (the whole corpus
   but the evaluation's held-out windows), i.e. token lookup given all the data there is;
-- corpus bigrams: the mean over every usable occurrence of (previous token, token), where seen at
-  least twice, else the token's: the first step of context, given all the data there is;
+- corpus bigrams / trigrams: the mean over every usable occurrence of the token with the one / two
+  tokens before it, where seen at least twice, else the order below: context, given all the data
+  there is;
 - test tokens: each token's mean on the scored sample itself (fitted on the answers: it bounds
   what any token table can score there, and overstates it where tokens are rare).
 
@@ -40,28 +41,49 @@ from n2g_service.fit import fit_neurons, preset, training_pool  # noqa: E402
 from n2g_service.models import load_model  # noqa: E402
 from n2g_service.scan import scan_layers  # noqa: E402
 
-COLUMNS = ("n2g", "token lookup", "corpus tokens", "corpus bigrams", "test tokens")
+COLUMNS = ("n2g", "token lookup", "corpus tokens", "corpus bigrams", "corpus trigrams", "test tokens")
 
 
-def corpus_tables(model, windows: np.ndarray, ids: np.ndarray, layer: int, neurons: list[int], batch: int = 128):
-    """Per-token and per-(previous, token) sums and counts of the neurons' activations over the
-    windows ``ids`` (positions after BOS)."""
+def context_codes(w: np.ndarray, v: int, n: int) -> np.ndarray:
+    """int64 code of the n-gram ending at each position after BOS of windows ``w`` [W, T]
+    (positions before the window's start count as BOS's id 0 + 1 shifted: -1, never a token)."""
+    t = w.shape[1]
+    code = np.zeros((w.shape[0], t - 1), dtype=np.int64)
+    for back in range(n - 1, -1, -1):
+        prev = np.full((w.shape[0], t - 1), -1, dtype=np.int64)
+        src = w[:, max(1 - back, 0): t - back] if back else w[:, 1:]
+        prev[:, (t - 1) - src.shape[1]:] = src
+        code = code * (v + 1) + (prev + 1)
+    return code.ravel()
+
+
+class NgramTable:
+    """Mean activation of each neuron over every occurrence of each n-gram (the token and the
+    n-1 before it) in some windows: ``mean(codes)`` [N, neurons] and ``count(codes)`` [N]."""
+
+    def __init__(self, codes: np.ndarray, acts: np.ndarray):
+        self.keys, inv = np.unique(codes, return_inverse=True)
+        self.n = np.bincount(inv)
+        self.sums = np.stack([np.bincount(inv, weights=acts[:, j]) for j in range(acts.shape[1])], axis=1)
+
+    def lookup(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        at = np.minimum(np.searchsorted(self.keys, codes), self.keys.size - 1)
+        return at, np.where(self.keys[at] == codes, self.n[at], 0)
+
+
+def corpus_tables(model, windows: np.ndarray, ids: np.ndarray, layer: int, neurons: list[int],
+                  orders=(1, 2, 3), batch: int = 128) -> dict[int, NgramTable]:
+    """n-gram tables (n in ``orders``) of the neurons' activations over the windows ``ids``."""
     v = model.d_vocab
-    tok_sum, tok_n = np.zeros((v, len(neurons))), np.zeros(v)
-    codes, acts = [], []
+    codes: dict[int, list[np.ndarray]] = {n: [] for n in orders}
+    acts = []
     for i in range(0, len(ids), batch):
         w = windows[ids[i: i + batch]]
-        a = layer_activations(model, w, [layer])[layer][:, 1:, neurons].numpy().reshape(-1, len(neurons))
-        t = w[:, 1:].ravel()
-        np.add.at(tok_sum, t, a)
-        np.add.at(tok_n, t, 1)
-        codes.append(w[:, :-1].ravel().astype(np.int64) * v + t)
-        acts.append(a)
-    pair, inv = np.unique(np.concatenate(codes), return_inverse=True)
-    acts = np.concatenate(acts)
-    pair_n = np.bincount(inv)
-    pair_sum = np.stack([np.bincount(inv, weights=acts[:, j]) for j in range(len(neurons))], axis=1)
-    return tok_sum, tok_n, pair, pair_sum, pair_n
+        acts.append(layer_activations(model, w, [layer])[layer][:, 1:, neurons].numpy().reshape(-1, len(neurons)))
+        for n in orders:
+            codes[n].append(context_codes(w, v, n))
+    a = np.concatenate(acts)
+    return {n: NgramTable(np.concatenate(c), a) for n, c in codes.items()}
 
 
 def main() -> None:
@@ -109,27 +131,33 @@ def main() -> None:
             a = layer_activations(model, windows[ids], [layer])[layer][:, :, neurons].numpy()
             true_of.update({w: a[j] for j, w in enumerate(ids)})
         t0 = time.perf_counter()
-        tok_sum, tok_n, pair, pair_sum, pair_n = corpus_tables(model, windows, usable_ids, layer, neurons)
+        tables = corpus_tables(model, windows, usable_ids, layer, neurons)
         print(f"layer {layer}: corpus pass over {usable_ids.size} windows {time.perf_counter() - t0:.0f} s", flush=True)
         fitted = fit_neurons(model, layer, neurons, train, amax, preset("calibrated"), extra=pool)
         ot = windows[ordinary]
         toks = ot[:, 1:].ravel()
-        codes = ot[:, :-1].ravel().astype(np.int64) * v + toks
-        at = np.minimum(np.searchsorted(pair, codes), pair.size - 1)
-        bigram_seen = (pair[at] == codes) & (pair_n[at] >= 2)
+        found = {n: t.lookup(context_codes(ot, v, n)) for n, t in tables.items()}
         for j, n in enumerate(neurons):
             true = (np.stack([true_of[int(w)][:, j] for w in ordinary]) / amax[n])[:, 1:].ravel()
             if not (true >= 0.5).any():
                 continue
             tr = [(windows[top_ids[n][i]], true_of[int(top_ids[n][i])][:, j] / amax[n]) for i in splits[n][0]]
             tr += [(t, a) for _, t, a in fitted[n].extra_train]
-            corpus_tok = (tok_sum[:, j] / np.maximum(tok_n, 1) / amax[n])[toks]
+            # each order backs off to the one below where its n-gram was seen fewer than twice
+            backed = np.zeros(toks.shape)
+            ngram = {}
+            for order, table in tables.items():
+                at, count = found[order]
+                mean = table.sums[at, j] / np.maximum(count, 1) / amax[n]
+                backed = np.where(count >= (1 if order == 1 else 2), mean, backed)
+                ngram[order] = backed
             test_tok = (np.bincount(toks, weights=true, minlength=v) / np.maximum(np.bincount(toks, minlength=v), 1))[toks]
             preds = {
                 "n2g": np.asarray(fitted[n].graph.predict(ot, semantics="all_paths_max"))[:, 1:].ravel(),
                 "token lookup": lookup_predict(token_lookup(tr), ot)[:, 1:].ravel(),
-                "corpus tokens": corpus_tok,
-                "corpus bigrams": np.where(bigram_seen, pair_sum[at, j] / np.maximum(pair_n[at], 1) / amax[n], corpus_tok),
+                "corpus tokens": ngram[1],
+                "corpus bigrams": ngram[2],
+                "corpus trigrams": ngram[3],
                 "test tokens": test_tok,
             }
             results.append((layer, n, {k: scores(true, p)["f1"] for k, p in preds.items()}))
