@@ -29,24 +29,19 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "service"), str(ROOT / "benchmarks")]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_fit_methods import N_PAPER, lookup_predict, scores, token_lookup  # noqa: E402
+from _dev import CACHE, THR, DevCorpus, DevLayer, lookup_predict, scores, token_lookup  # noqa: E402
 from n2g_service.activations import layer_activations  # noqa: E402
-from n2g_service.config import EvalConfig, ScanConfig  # noqa: E402
-from n2g_service.corpus import load_texts, make_windows  # noqa: E402
-from n2g_service.evaluate import heldout_window_ids, split_train_test  # noqa: E402
-from n2g_service.fit import fit_neurons, preset, training_pool  # noqa: E402
-from n2g_service.models import load_model  # noqa: E402
-from n2g_service.scan import scan_layers  # noqa: E402
+from n2g_service.fit import fit_neurons, preset  # noqa: E402
 
 COLUMNS = ("n2g", "token lookup", "corpus tokens", "corpus bigrams", "corpus trigrams", "test tokens")
 
 
 def context_codes(w: np.ndarray, v: int, n: int) -> np.ndarray:
-    """int64 code of the n-gram ending at each position after BOS of windows ``w`` [W, T]
-    (positions before the window's start count as BOS's id 0 + 1 shifted: -1, never a token)."""
+    """int64 code [W * (T-1)] of the n-gram (the token and the n-1 before it) at each position
+    after BOS of windows ``w`` [W, T]; a place before the window's first token codes as 0, which
+    no token does (token t codes as t + 1)."""
     t = w.shape[1]
     code = np.zeros((w.shape[0], t - 1), dtype=np.int64)
     for back in range(n - 1, -1, -1):
@@ -93,56 +88,30 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=1001, help="first neuron id (odd ids from here)")
     ap.add_argument("--ordinary", type=int, default=1000, help="held-out windows scored as ordinary text")
     ap.add_argument("--scan-k", type=int, default=60)
-    ap.add_argument("--cache", default="/tmp/n2g_bench_fit_methods", help="scan cache shared with bench_fit_methods")
+    ap.add_argument("--cache", default=CACHE, help="scan cache shared with bench_fit_methods")
     args = ap.parse_args()
 
-    model = load_model(device="cpu")
-    windows = make_windows(model, load_texts("fortunes"), window_tokens=64)
-    heldout = heldout_window_ids(len(windows), EvalConfig())
-    usable = np.ones(len(windows), dtype=bool)
-    usable[heldout] = False
-    usable_ids = np.flatnonzero(usable)
-    ordinary = np.random.default_rng(1).choice(heldout, size=min(args.ordinary, heldout.size), replace=False)
-    cache = Path(args.cache)
-    cache.mkdir(parents=True, exist_ok=True)
+    corpus = DevCorpus.load(args.ordinary)
+    model, windows, ordinary = corpus.model, corpus.windows, corpus.ordinary
+    scans = corpus.scans(args.layers, args.scan_k, args.cache)
+    usable_ids = corpus.usable_ids
     v = model.d_vocab
-    print(f"{len(windows)} windows, {usable_ids.size} usable, {ordinary.size} scored as ordinary text", flush=True)
 
     results = []
     for layer in args.layers:
-        scan_file = cache / f"scan_L{layer}_k{args.scan_k}_n{len(windows)}.npz"
-        if not scan_file.exists():
-            s = scan_layers(model, windows[usable], [layer], ScanConfig(k=args.scan_k, batch_size=32), progress=False)[layer]
-            top = np.where(s.top_window_ids >= 0, usable_ids[np.maximum(s.top_window_ids, 0)], -1)
-            np.savez(scan_file, amax=s.max_activation, top=top)
-        z = np.load(scan_file)
-        amax_all, top_ids = z["amax"], z["top"]
-        neurons = [n for n in range(args.start | 1, model.d_mlp, 2)
-                   if amax_all[n] > 0 and (top_ids[n][:N_PAPER] >= 0).all()][: args.per_layer]
-        amax = {n: float(amax_all[n]) for n in neurons}
-        splits = {n: split_train_test(N_PAPER, 10, 0, layer, n) for n in neurons}
-        train = {n: [windows[top_ids[n][i]] for i in splits[n][0]] for n in neurons}
-        test_ids = {n: [int(top_ids[n][i]) for i in splits[n][1]] for n in neurons}
-        pool = training_pool(windows, top_ids, neurons, N_PAPER, test_ids, heldout)
-        need = sorted({int(top_ids[n][i]) for n in neurons for i in splits[n][0]} | {int(w) for w in ordinary})
-        true_of: dict[int, np.ndarray] = {}
-        for i in range(0, len(need), 64):
-            ids = need[i: i + 64]
-            a = layer_activations(model, windows[ids], [layer])[layer][:, :, neurons].numpy()
-            true_of.update({w: a[j] for j, w in enumerate(ids)})
+        dev = DevLayer.load(corpus, layer, scans[layer], args.start, args.per_layer)
+        neurons, amax = dev.neurons, dev.amax
         t0 = time.perf_counter()
         tables = corpus_tables(model, windows, usable_ids, layer, neurons)
         print(f"layer {layer}: corpus pass over {usable_ids.size} windows {time.perf_counter() - t0:.0f} s", flush=True)
-        fitted = fit_neurons(model, layer, neurons, train, amax, preset("calibrated"), extra=pool)
+        fitted = fit_neurons(model, layer, neurons, dev.train, amax, preset("calibrated"), extra=dev.pool)
         ot = windows[ordinary]
         toks = ot[:, 1:].ravel()
         found = {n: t.lookup(context_codes(ot, v, n)) for n, t in tables.items()}
         for j, n in enumerate(neurons):
-            true = (np.stack([true_of[int(w)][:, j] for w in ordinary]) / amax[n])[:, 1:].ravel()
-            if not (true >= 0.5).any():
+            true = dev.true(n, ordinary)[:, 1:].ravel()
+            if not (true >= THR).any():
                 continue
-            tr = [(windows[top_ids[n][i]], true_of[int(top_ids[n][i])][:, j] / amax[n]) for i in splits[n][0]]
-            tr += [(t, a) for _, t, a in fitted[n].extra_train]
             # each order backs off to the one below where its n-gram was seen fewer than twice
             backed = np.zeros(toks.shape)
             ngram = {}
@@ -154,7 +123,7 @@ def main() -> None:
             test_tok = (np.bincount(toks, weights=true, minlength=v) / np.maximum(np.bincount(toks, minlength=v), 1))[toks]
             preds = {
                 "n2g": np.asarray(fitted[n].graph.predict(ot, semantics="all_paths_max"))[:, 1:].ravel(),
-                "token lookup": lookup_predict(token_lookup(tr), ot)[:, 1:].ravel(),
+                "token lookup": lookup_predict(token_lookup(dev.training(n, fitted[n])), ot)[:, 1:].ravel(),
                 "corpus tokens": ngram[1],
                 "corpus bigrams": ngram[2],
                 "corpus trigrams": ngram[3],
