@@ -847,8 +847,14 @@ class Workspace:
     # since it was last checked; the primary-key index holds it, so a listing reads no row. An
     # edit in place by another tool is caught where the row is read, and by every new handle.
     _FP = "rowid"
-    _ROW = ("SELECT layer, neuron, max_activation, graph, {examples}, stats, metrics, job_id, created_at, "
+    _ROW = ("SELECT layer, neuron, max_activation, graph, {examples}, {stats}, metrics, job_id, created_at, "
             "rowid FROM neurons")
+
+    @classmethod
+    def _select(cls, examples: str = "examples", stats: str = "stats") -> str:
+        """The neuron-row query (columns as `_decode` reads them), with what to read in place of
+        the examples and the stats columns (NULL: not read)."""
+        return cls._ROW.format(examples=examples, stats=stats)
 
     @staticmethod
     def neuron_row(rec: NeuronRecord) -> tuple:
@@ -915,8 +921,8 @@ class Workspace:
         if not stale:
             return
         conn = self._conn()
-        sql = self._ROW.format(examples="CASE WHEN typeof(examples) = 'blob' THEN hex(substr(examples, 1, 1)) = '78' "
-                                        "ELSE json_valid(examples) END")
+        sql = self._select(examples="CASE WHEN typeof(examples) = 'blob' THEN hex(substr(examples, 1, 1)) = '78' "
+                                   "ELSE json_valid(examples) END")
         if len(stale) > 64:  # a first listing or a big change: one pass over the table
             wanted = set(stale)
             rows = (r for r in conn.execute(sql) if (r[0], r[1]) in wanted)
@@ -955,7 +961,7 @@ class Workspace:
 
     def get_neuron(self, layer: int, neuron: int) -> NeuronRecord | None:
         """The neuron, None if not built; WorkspaceError(kind="damaged_neuron") if its row is damaged."""
-        row = self._conn().execute(self._ROW.format(examples="examples") + " WHERE layer = ? AND neuron = ?",
+        row = self._conn().execute(self._select() + " WHERE layer = ? AND neuron = ?",
                                    (layer, neuron)).fetchone()
         if row is None:
             return None
@@ -972,9 +978,7 @@ class Workspace:
         skipped (and logged). ``with_stats=False`` leaves the fit statistics (the largest JSON
         after the examples) undecoded: a listing of a whole model needs none of them."""
         self._healthy_keys()  # checks the rows not checked yet, examples included
-        sql = self._ROW.format(examples="examples" if with_examples else "NULL")
-        if not with_stats:
-            sql = sql.replace(", stats,", ", NULL,", 1)
+        sql = self._select("examples" if with_examples else "NULL", "stats" if with_stats else "NULL")
         args: list[int] = []
         if layers is not None:
             args = sorted({int(l) for l in layers})
@@ -1008,7 +1012,7 @@ class Workspace:
     def damaged(self) -> list[DamagedRow]:
         """Checks every neuron row (examples included) and returns the damaged ones with why."""
         out = []
-        for row in self._conn().execute(self._ROW.format(examples="examples") + " ORDER BY layer, neuron"):
+        for row in self._conn().execute(self._select() + " ORDER BY layer, neuron"):
             try:
                 self._decode(row, with_examples=True)
             except ValueError as e:
