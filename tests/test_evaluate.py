@@ -202,12 +202,42 @@ def test_ordinary_window_ids_drop_the_neurons_own_windows():
     assert ordinary_window_ids(heldout, windows, {}).tolist() == [1, 3, 5, 7, 9]
 
 
+def _plain_ngram_fit(train, n):
+    """The definition, one position at a time: the max per (n preceding tokens, token), BOS left out."""
+    table = {}
+    for tokens, acts in train:
+        for i in range(1, len(tokens)):
+            key = tuple(int(t) for t in tokens[max(0, i - n): i + 1])
+            table[key] = max(table.get(key, -np.inf), float(acts[i]))
+    return table
+
+
+def test_ngram_lookup_is_exact_when_hashes_collide(monkeypatch):
+    """With every multiplier 1 the hash is the sum of the ids, so many keys share it: predictions
+    must still be exactly the table's, in the fit (keys grouped) and in the lookup."""
+    from n2g_service import methods
+
+    monkeypatch.setattr(methods, "_MULT", np.ones(64, dtype=np.uint64))
+    rng = np.random.default_rng(1)
+    train = [(np.r_[BOS, rng.integers(2, 9, 11)], rng.uniform(size=12)) for _ in range(8)]
+    table = _plain_ngram_fit(train, 2)
+    test = np.c_[np.full(60, BOS), rng.integers(2, 9, (60, 11))]
+    index = methods._NgramIndex.fit(train, 2)
+    assert index.as_dict() == table
+    assert index.shared  # the collisions this test is about
+    for s, p in zip(test, index.predict(test)):
+        want = [0.0] + [table.get(tuple(int(t) for t in s[max(0, i - 2): i + 1]), 0.0) for i in range(1, len(s))]
+        np.testing.assert_array_equal(p, np.asarray(want, np.float32))
+
+
 def test_ngram_lookup_vectorised_equals_the_plain_loop():
     from n2g_service import methods
 
     rng = np.random.default_rng(0)
     train = [(np.r_[BOS, rng.integers(2, 6, 15)], rng.uniform(size=16)) for _ in range(6)]
-    table = ngram_lookup_fit(train, 5)
+    table = _plain_ngram_fit(train, 5)
+    assert ngram_lookup_fit(train, 5) == table
+    assert token_lookup_fit(train) == {k[0]: v for k, v in _plain_ngram_fit(train, 0).items()}
     test = np.c_[np.full(40, BOS), rng.integers(2, 6, (40, 15))]  # 4 tokens: many repeated keys
     got = methods.get("ngram_lookup").make_predictor(methods.Artefacts.from_graph(None, train))(test)
     hits = 0

@@ -153,15 +153,56 @@ def _n2g(semantics: str) -> Callable[[Artefacts], Predictor]:
 # ---- baselines ------------------------------------------------------------------------------
 
 
+# one random odd multiplier per key position: the key hash is a polynomial over uint64
+_MULT = np.random.default_rng(0x6E67).integers(1, 2**63, size=64, dtype=np.uint64) | np.uint64(1)
+
+
+def _key_rows(rows: np.ndarray, n: int) -> np.ndarray:
+    """int64 [m, len - 1, n + 1] for int64 rows [m, len]: the key of each position >= 1, the n
+    tokens before it and the token, -1 standing for "before the sequence" (n = 0: the token)."""
+    padded = np.concatenate([np.full((rows.shape[0], n), -1, np.int64), rows], axis=1)
+    return np.lib.stride_tricks.sliding_window_view(padded, n + 1, axis=1)[:, 1:]
+
+
+def _hash_keys(keys: np.ndarray) -> np.ndarray:
+    """uint64 [K] for keys [K, n + 1]; ids shift by 1 so that "before the sequence" adds 0."""
+    width = keys.shape[1]
+    if width > _MULT.size:
+        raise ValueError(f"n-gram keys of more than {_MULT.size} tokens are not supported")
+    h = np.zeros(len(keys), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for c in range(width):  # column c holds the token width - 1 - c positions back
+            h += (keys[:, c] + 1).astype(np.uint64) * _MULT[width - 1 - c]
+    return h
+
+
+def _max_per_key(train: Sequence[Example], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct keys of every position of train but BOS (int64 [K, n + 1]) and the maximum
+    normalised activation seen at each (float64 [K])."""
+    by_length: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for tokens, a in train:
+        t = np.asarray(tokens, dtype=np.int64).ravel()
+        if t.size > 1:
+            by_length.setdefault(t.size, []).append((t, np.asarray(a, dtype=np.float64).ravel()[1: t.size]))
+    if not by_length:
+        return np.zeros((0, n + 1), np.int64), np.zeros(0, np.float64)
+    keys = np.concatenate([_key_rows(np.stack([t for t, _ in rows]), n).reshape(-1, n + 1)
+                           for rows in by_length.values()])
+    acts = np.concatenate([a for rows in by_length.values() for _, a in rows])
+    # group by hash, then check that each group holds one key (else the exact, slower row sort)
+    _, first, inverse = np.unique(_hash_keys(keys), return_index=True, return_inverse=True)
+    uniq = keys[first]
+    if not (uniq[inverse] == keys).all():
+        uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+    best = np.full(len(uniq), -np.inf)
+    np.maximum.at(best, inverse.ravel(), acts)
+    return uniq, best
+
+
 def token_lookup_fit(train: Sequence[Example]) -> dict[int, float]:
     """Each token id's maximum normalised activation in train (BOS excluded)."""
-    table: dict[int, float] = {}
-    for tokens, acts in train:
-        for t, a in zip(list(tokens)[1:], list(acts)[1:]):
-            t, a = int(t), float(a)
-            if a > table.get(t, -np.inf):
-                table[t] = a
-    return table
+    keys, best = _max_per_key(train, 0)
+    return dict(zip(keys[:, 0].tolist(), best.tolist()))
 
 
 def token_lookup_predict(table: Mapping[int, float], tokens: Sequence[int]) -> np.ndarray:
@@ -190,56 +231,47 @@ def _token_lookup_batch(sorted_table: tuple[np.ndarray, np.ndarray], seqs) -> li
     return [_token_lookup_rows(sorted_table, np.asarray(s, dtype=np.int64)[None, :])[0] for s in seqs]
 
 
-def _ngram_key(tokens: Sequence[int], i: int, n: int) -> tuple[int, ...]:
-    return tuple(int(t) for t in tokens[max(0, i - n) : i + 1])
-
-
 def ngram_lookup_fit(train: Sequence[Example], n: int = 5) -> dict[tuple[int, ...], float]:
     """Maximum normalised activation per (n preceding tokens, token) in train (BOS excluded)."""
-    table: dict[tuple[int, ...], float] = {}
-    for tokens, acts in train:
-        tokens, acts = list(tokens), list(acts)
-        for i in range(1, len(tokens)):
-            key = _ngram_key(tokens, i, n)
-            a = float(acts[i])
-            if a > table.get(key, -np.inf):
-                table[key] = a
-    return table
+    return _NgramIndex.fit(train, n).as_dict()
 
 
 def ngram_lookup_predict(table: Mapping[tuple[int, ...], float], tokens: Sequence[int], n: int = 5) -> np.ndarray:
-    return _NgramIndex(table, n).predict([tokens])[0]
+    return _NgramIndex.from_table(table, n).predict([tokens])[0]
 
 
 class _NgramIndex:
-    """Vectorised n-gram lookup: every position's key is hashed at once (a polynomial hash over
-    uint64, 0 standing for "before the sequence"), and only the positions whose hash is in the
-    table are checked exactly against it, so hash collisions can never change a prediction."""
+    """Vectorised n-gram lookup. Keys are rows of n + 1 token ids (-1 before the sequence), kept
+    sorted by their hashes; a position is looked up by its hash and
+    then compared with the key exactly, and keys whose hash another key shares are looked up in a
+    dict instead, so a hash collision can never change a prediction."""
 
-    _MULT = np.random.default_rng(0x6E67).integers(1, 2**63, size=64, dtype=np.uint64) | np.uint64(1)
+    def __init__(self, keys: np.ndarray, values: np.ndarray, n: int) -> None:
+        self.n = n
+        hashes = _hash_keys(keys)
+        order = np.argsort(hashes, kind="stable")
+        self.hashes, self.keys, self.values = hashes[order], keys[order], values[order].astype(np.float64)
+        shared = np.zeros(len(order), dtype=bool)
+        same = self.hashes[1:] == self.hashes[:-1]
+        shared[1:] |= same
+        shared[:-1] |= same
+        self.shared = {tuple(k): float(v) for k, v in zip(self.keys[shared].tolist(), self.values[shared])}
+        self.shared_hashes = np.unique(self.hashes[shared])
 
-    def __init__(self, table: Mapping[tuple[int, ...], float], n: int) -> None:
-        if n + 1 > self._MULT.size:
-            raise ValueError(f"n-gram keys of more than {self._MULT.size} tokens are not supported")
-        self.table, self.n = table, n
-        self.hashes = np.unique(np.array([self._key_hash(k) for k in table], dtype=np.uint64))
+    @classmethod
+    def fit(cls, train: Sequence[Example], n: int) -> "_NgramIndex":
+        keys, best = _max_per_key(train, n)
+        return cls(keys, best, n)
 
-    def _key_hash(self, key: tuple[int, ...]) -> np.uint64:
-        h = np.uint64(0)
-        with np.errstate(over="ignore"):
-            for j, t in enumerate(reversed(key)):
-                h += np.uint64(t + 1) * self._MULT[j]
-        return h
+    @classmethod
+    def from_table(cls, table: Mapping[tuple[int, ...], float], n: int) -> "_NgramIndex":
+        rows = [(-1,) * (n + 1 - len(k)) + tuple(k) for k in table]
+        keys = np.array(rows, dtype=np.int64).reshape(len(rows), n + 1)
+        return cls(keys, np.array(list(table.values()), dtype=np.float64), n)
 
-    def _hash_rows(self, rows: np.ndarray) -> np.ndarray:
-        m, length = rows.shape
-        padded = np.zeros((m, self.n + length), dtype=np.uint64)
-        padded[:, self.n:] = rows.astype(np.uint64) + np.uint64(1)
-        h = np.zeros((m, length), dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            for j in range(self.n + 1):
-                h += padded[:, self.n - j: self.n - j + length] * self._MULT[j]
-        return h
+    def as_dict(self) -> dict[tuple[int, ...], float]:
+        """Keys as tuples of the ids that exist (no padding), as ``ngram_lookup_fit`` returns them."""
+        return {tuple(t for t in k if t >= 0): float(v) for k, v in zip(self.keys.tolist(), self.values.tolist())}
 
     def predict(self, seqs) -> list[np.ndarray]:
         if isinstance(seqs, np.ndarray) and seqs.ndim == 2:
@@ -250,13 +282,18 @@ class _NgramIndex:
         pred = np.zeros(rows.shape, dtype=np.float32)
         if not self.hashes.size or rows.shape[1] < 2:
             return pred
-        h = self._hash_rows(rows)
-        hit = np.isin(h, self.hashes)
-        hit[:, 0] = False  # BOS is never predicted
-        for r, i in zip(*np.nonzero(hit)):
-            v = self.table.get(_ngram_key(rows[r], int(i), self.n))
-            if v is not None:
-                pred[r, i] = v
+        m, length = rows.shape
+        flat = _key_rows(rows, self.n).reshape(-1, self.n + 1)
+        h = _hash_keys(flat)
+        pos = np.minimum(np.searchsorted(self.hashes, h), self.hashes.size - 1)
+        hit = self.hashes[pos] == h
+        hit &= (self.keys[pos] == flat).all(axis=1)
+        out = pred[:, 1:].reshape(-1)  # BOS is never predicted
+        out[hit] = self.values[pos[hit]]
+        if self.shared:
+            for i in np.flatnonzero(np.isin(h, self.shared_hashes)):
+                out[i] = self.shared.get(tuple(flat[i].tolist()), 0.0)
+        pred[:, 1:] = out.reshape(m, length - 1)
         return pred
 
 
@@ -267,7 +304,7 @@ def _token_lookup(art: Artefacts) -> Predictor:
 
 def _ngram_lookup(n: int) -> Callable[[Artefacts], Predictor]:
     def make(art: Artefacts) -> Predictor:
-        return _NgramIndex(ngram_lookup_fit(art.train, n), n).predict
+        return _NgramIndex.fit(art.train, n).predict
 
     return make
 
