@@ -417,8 +417,8 @@ def _score_neuron(rec, ord_tokens: np.ndarray | None, ord_true: np.ndarray | Non
         out.append(NeuronScore(rec.layer, rec.neuron, m.id, "paper", _token_metrics(paper_true, p, thr)))
         if ord_true is None or ord_tokens is None:
             continue
-        ord_pred = np.stack([np.asarray(x, np.float32) for x in predict(ord_tokens)]) if len(ord_tokens) else \
-            np.zeros_like(ord_true)
+        # a 2-D batch: predictors may answer with one 2-D array (its rows) or with a list of rows
+        ord_pred = np.asarray(predict(ord_tokens), np.float32) if len(ord_tokens) else np.zeros_like(ord_true)
         out.append(NeuronScore(rec.layer, rec.neuron, m.id, "ordinary",
                                _token_metrics(ord_true[:, 1:].ravel(), ord_pred[:, 1:].ravel(), thr)))
         pos = metrics.window_max(paper_pred) if test else np.zeros(0)

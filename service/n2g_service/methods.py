@@ -142,7 +142,7 @@ def _n2g(semantics: str) -> Callable[[Artefacts], Predictor]:
 
         def predict(seqs):
             if isinstance(seqs, np.ndarray) and seqs.ndim == 2:
-                return list(graph.predict(seqs, semantics=semantics))
+                return np.asarray(graph.predict(seqs, semantics=semantics), dtype=np.float32)
             return graph.predict([np.asarray(s, dtype=np.int64) for s in seqs], semantics=semantics)
 
         return predict
@@ -206,29 +206,41 @@ def token_lookup_fit(train: Sequence[Example]) -> dict[int, float]:
 
 
 def token_lookup_predict(table: Mapping[int, float], tokens: Sequence[int]) -> np.ndarray:
-    return _token_lookup_batch(_sorted_table(table), [tokens])[0]
+    return _token_lookup_batch(_dense_table(table), [tokens])[0]
 
 
-def _sorted_table(table: Mapping[int, float]) -> tuple[np.ndarray, np.ndarray]:
-    keys = np.array(sorted(table), dtype=np.int64)
-    return keys, np.array([table[int(k)] for k in keys], dtype=np.float32)
+def _dense(ids: np.ndarray, values: np.ndarray, fill: Any = 0) -> np.ndarray:
+    """A lookup array indexed by token id (one past the largest id; ``fill`` where none)."""
+    lut = np.full(int(ids.max()) + 1 if ids.size else 0, fill, dtype=np.asarray(values).dtype)
+    lut[ids] = values
+    return lut
 
 
-def _token_lookup_rows(sorted_table: tuple[np.ndarray, np.ndarray], rows: np.ndarray) -> np.ndarray:
-    keys, vals = sorted_table
+def _dense_table(table: Mapping[int, float]) -> np.ndarray:
+    """Token lookup as an array indexed by token id: 0 (no prediction) for ids not in the table."""
+    ids = np.fromiter(table.keys(), dtype=np.int64, count=len(table))
+    return _dense(ids, np.fromiter(table.values(), dtype=np.float32, count=len(table)))
+
+
+def _lookup(lut: np.ndarray, ids: np.ndarray, fill: Any = 0) -> np.ndarray:
+    """lut[ids], ``fill`` for ids past its end (ids of a larger vocabulary than the table saw)."""
+    if not lut.size:
+        return np.full(ids.shape, fill, dtype=lut.dtype)
+    inside = ids < lut.size
+    return np.where(inside, lut[np.where(inside, ids, 0)], np.asarray(fill, dtype=lut.dtype))
+
+
+def _token_lookup_rows(lut: np.ndarray, rows: np.ndarray) -> np.ndarray:
     pred = np.zeros(rows.shape, dtype=np.float32)
-    if keys.size and rows.shape[1] > 1:
-        body = rows[:, 1:]  # BOS is never predicted
-        pos = np.minimum(np.searchsorted(keys, body), keys.size - 1)
-        hit = keys[pos] == body
-        pred[:, 1:][hit] = vals[pos[hit]]
+    if rows.shape[1] > 1:
+        pred[:, 1:] = _lookup(lut, rows[:, 1:])  # BOS is never predicted
     return pred
 
 
-def _token_lookup_batch(sorted_table: tuple[np.ndarray, np.ndarray], seqs) -> list[np.ndarray]:
+def _token_lookup_batch(lut: np.ndarray, seqs) -> np.ndarray | list[np.ndarray]:
     if isinstance(seqs, np.ndarray) and seqs.ndim == 2:
-        return list(_token_lookup_rows(sorted_table, seqs.astype(np.int64)))
-    return [_token_lookup_rows(sorted_table, np.asarray(s, dtype=np.int64)[None, :])[0] for s in seqs]
+        return _token_lookup_rows(lut, seqs.astype(np.int64))
+    return [_token_lookup_rows(lut, np.asarray(s, dtype=np.int64)[None, :])[0] for s in seqs]
 
 
 def ngram_lookup_fit(train: Sequence[Example], n: int = 5) -> dict[tuple[int, ...], float]:
@@ -246,6 +258,8 @@ class _NgramIndex:
     then compared with the key exactly, and keys whose hash another key shares are looked up in a
     dict instead, so a hash collision can never change a prediction."""
 
+    _SEEN_BITS = 20
+
     def __init__(self, keys: np.ndarray, values: np.ndarray, n: int) -> None:
         self.n = n
         hashes = _hash_keys(keys)
@@ -257,6 +271,10 @@ class _NgramIndex:
         shared[:-1] |= same
         self.shared = {tuple(k): float(v) for k, v in zip(self.keys[shared].tolist(), self.values[shared])}
         self.shared_hashes = np.unique(self.hashes[shared])
+        # a one-hash Bloom filter on the top bits of the hash: most positions that match no key
+        # are ruled out by one array read, and only the rest are searched for
+        self.seen = np.zeros(1 << self._SEEN_BITS, dtype=bool)
+        self.seen[self.hashes >> np.uint64(64 - self._SEEN_BITS)] = True
 
     @classmethod
     def fit(cls, train: Sequence[Example], n: int) -> "_NgramIndex":
@@ -273,15 +291,29 @@ class _NgramIndex:
         """Keys as tuples of the ids that exist (no padding), as ``ngram_lookup_fit`` returns them."""
         return {tuple(t for t in k if t >= 0): float(v) for k, v in zip(self.keys.tolist(), self.values.tolist())}
 
-    def predict(self, seqs) -> list[np.ndarray]:
+    def predict(self, seqs) -> np.ndarray | list[np.ndarray]:
         if isinstance(seqs, np.ndarray) and seqs.ndim == 2:
-            return list(self._predict_rows(seqs.astype(np.int64)))
+            return self._predict_rows(seqs.astype(np.int64))
         return [self._predict_rows(np.asarray(s, dtype=np.int64)[None, :])[0] for s in seqs]
 
     def _predict_rows(self, rows: np.ndarray) -> np.ndarray:
         pred = np.zeros(rows.shape, dtype=np.float32)
         if not self.hashes.size or rows.shape[1] < 2:
             return pred
+        m, length = rows.shape
+        flat = _key_rows(rows, self.n).reshape(-1, self.n + 1)  # BOS, position 0, is never predicted
+        h = _hash_keys(flat)
+        where = np.flatnonzero(self.seen[h >> np.uint64(64 - self._SEEN_BITS)])
+        h, flat = h[where], flat[where]
+        pos = np.minimum(np.searchsorted(self.hashes, h), self.hashes.size - 1)
+        hit = (self.hashes[pos] == h) & (self.keys[pos] == flat).all(axis=1)
+        out = np.zeros(m * (length - 1), dtype=np.float32)
+        out[where[hit]] = self.values[pos[hit]]
+        if self.shared:
+            for i in np.flatnonzero(np.isin(h, self.shared_hashes)):
+                out[where[i]] = self.shared.get(tuple(flat[i].tolist()), 0.0)
+        pred[:, 1:] = out.reshape(m, length - 1)
+        return pred
         m, length = rows.shape
         flat = _key_rows(rows, self.n).reshape(-1, self.n + 1)
         h = _hash_keys(flat)
@@ -298,8 +330,9 @@ class _NgramIndex:
 
 
 def _token_lookup(art: Artefacts) -> Predictor:
-    table = _sorted_table(token_lookup_fit(art.train))
-    return lambda seqs: _token_lookup_batch(table, seqs)
+    keys, best = _max_per_key(art.train, 0)
+    lut = _dense(keys[:, 0], best.astype(np.float32))
+    return lambda seqs: _token_lookup_batch(lut, seqs)
 
 
 def _ngram_lookup(n: int) -> Callable[[Artefacts], Predictor]:
