@@ -45,7 +45,9 @@ def test_token_lookup():
     table = token_lookup_fit(TRAIN)
     assert BOS not in table  # BOS never fitted
     assert table == {5: 0.1, 6: pytest.approx(0.9), 7: pytest.approx(0.2), 8: pytest.approx(0.6), 9: 0.0}
-    np.testing.assert_allclose(token_lookup_predict(table, [BOS, 6, 42, 8]), [0, 0.9, 0, 0.6])
+    np.testing.assert_allclose(token_lookup_predict(table, [BOS, 6, 42, 8]), [0, 0.9, 0, 0.6])  # 42: past the ids seen
+    np.testing.assert_array_equal(token_lookup_predict({}, [BOS, 3, 4]), [0, 0, 0])
+    np.testing.assert_array_equal(ngram_lookup_predict({}, [BOS, 3, 4]), [0, 0, 0])
 
 
 def test_ngram_lookup():
