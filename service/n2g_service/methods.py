@@ -254,9 +254,9 @@ def ngram_lookup_predict(table: Mapping[tuple[int, ...], float], tokens: Sequenc
 
 class _NgramIndex:
     """Vectorised n-gram lookup. Keys are rows of n + 1 token ids (-1 before the sequence), kept
-    sorted by their hashes; a position is looked up by its hash and
-    then compared with the key exactly, and keys whose hash another key shares are looked up in a
-    dict instead, so a hash collision can never change a prediction."""
+    sorted by their hashes; a position is looked up by its hash and then compared with the key
+    exactly, and keys whose hash another key shares are looked up in a dict instead, so a hash
+    collision can never change a prediction."""
 
     _SEEN_BITS = 20
 
@@ -312,19 +312,6 @@ class _NgramIndex:
         if self.shared:
             for i in np.flatnonzero(np.isin(h, self.shared_hashes)):
                 out[where[i]] = self.shared.get(tuple(flat[i].tolist()), 0.0)
-        pred[:, 1:] = out.reshape(m, length - 1)
-        return pred
-        m, length = rows.shape
-        flat = _key_rows(rows, self.n).reshape(-1, self.n + 1)
-        h = _hash_keys(flat)
-        pos = np.minimum(np.searchsorted(self.hashes, h), self.hashes.size - 1)
-        hit = self.hashes[pos] == h
-        hit &= (self.keys[pos] == flat).all(axis=1)
-        out = pred[:, 1:].reshape(-1)  # BOS is never predicted
-        out[hit] = self.values[pos[hit]]
-        if self.shared:
-            for i in np.flatnonzero(np.isin(h, self.shared_hashes)):
-                out[i] = self.shared.get(tuple(flat[i].tolist()), 0.0)
         pred[:, 1:] = out.reshape(m, length - 1)
         return pred
 
