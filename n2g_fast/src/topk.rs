@@ -25,6 +25,9 @@ use rayon::prelude::*;
 /// Neurons per parallel task: one task reads `[b, t, block]` row slices, which keeps the reads
 /// contiguous while giving every core work.
 const BLOCK: usize = 256;
+/// Neurons per parallel task when window scores come row by row (`update_window_max`): rows of
+/// 64 floats stay contiguous, and a layer of 1,536 neurons gives 24 tasks.
+const ROW_BLOCK: usize = 64;
 
 #[derive(Clone, Debug)]
 pub struct TopK {
@@ -56,6 +59,33 @@ const TOPK_HEADER_LEN: usize = 16;
 #[inline]
 fn better(s1: f32, id1: i64, s2: f32, id2: i64) -> bool {
     s1 > s2 || (s1 == s2 && id1 < id2)
+}
+
+/// Puts (s, id) in its place in one neuron's list (`ids`, `scores`: its k slots, best first,
+/// `len` used), shifting worse entries down and dropping the last when full; nothing when it
+/// is not better than the k-th.
+#[inline]
+fn insert_one(ids: &mut [i64], scores: &mut [f32], len: &mut u32, s: f32, id: i64) {
+    let (k, l) = (ids.len(), *len as usize);
+    if l == k && !better(s, id, scores[k - 1], ids[k - 1]) {
+        return;
+    }
+    let mut pos = l.min(k - 1);
+    while pos > 0 && better(s, id, scores[pos - 1], ids[pos - 1]) {
+        scores[pos] = scores[pos - 1];
+        ids[pos] = ids[pos - 1];
+        pos -= 1;
+    }
+    scores[pos] = s;
+    ids[pos] = id;
+    *len = (l + 1).min(k) as u32;
+}
+
+/// The lowest score that may still enter a neuron's list: its k-th when full, else any.
+/// a_max needs no other score: a score below the k-th of a full list is below a_max too.
+#[inline]
+fn entry_floor(scores: &[f32], len: u32, k: usize) -> f32 {
+    if len as usize == k { scores[k - 1] } else { f32::NEG_INFINITY }
 }
 
 /// a_max update: the larger under `total_cmp` (scores are never NaN), so +0 wins over -0 in
@@ -188,26 +218,48 @@ impl TopK {
                 window_max.len()
             ));
         }
-        if let Some(i) = window_max.iter().position(|v| v.is_nan()) {
+        const CHUNK: usize = 1 << 14;
+        let first_nan = parallel::install(|| {
+            window_max
+                .par_chunks(CHUNK)
+                .enumerate()
+                .find_map_first(|(c, ch)| ch.iter().position(|v| v.is_nan()).map(|p| c * CHUNK + p))
+        })?;
+        if let Some(i) = first_nan {
             return Err(invalid!("window_max[{}, {}] is NaN; the batch was not applied", i / n, i % n));
         }
         if bsz == 0 {
             return Ok(());
         }
-        // Transposed to `[n, batch]` (insertion runs per neuron), per block of neurons.
-        let mut by_neuron = vec![0f32; n * bsz];
+        // Row-major, per block of neurons: every score raises a_max, and only a score that can
+        // enter the neuron's list (any while it holds fewer than k, else at least its k-th) is
+        // inserted. After the first batches almost none can, so this reads each row once.
+        let k = self.k;
         parallel::install(|| {
-            by_neuron.par_chunks_mut(BLOCK * bsz).enumerate().for_each(|(blk, out)| {
-                let j0 = blk * BLOCK;
-                let width = out.len() / bsz;
-                for w in 0..bsz {
-                    for (x, &v) in window_max[w * n + j0..][..width].iter().enumerate() {
-                        out[x * bsz + w] = v;
+            self.ids
+                .par_chunks_mut(ROW_BLOCK * k)
+                .zip(self.scores.par_chunks_mut(ROW_BLOCK * k))
+                .zip(self.len.par_chunks_mut(ROW_BLOCK))
+                .zip(self.a_max.par_chunks_mut(ROW_BLOCK))
+                .enumerate()
+                .for_each(|(blk, (((ids, scores), len), amax))| {
+                    let j0 = blk * ROW_BLOCK;
+                    let width = amax.len();
+                    let mut floor: Vec<f32> = (0..width).map(|x| entry_floor(&scores[x * k..][..k], len[x], k)).collect();
+                    for (w, &id) in window_ids.iter().enumerate() {
+                        let row = &window_max[w * n + j0..][..width];
+                        for (x, &s) in row.iter().enumerate() {
+                            if s < floor[x] || s == f32::NEG_INFINITY {
+                                continue;
+                            }
+                            raise_max(&mut amax[x], s);
+                            let (ids, scores) = (&mut ids[x * k..][..k], &mut scores[x * k..][..k]);
+                            insert_one(ids, scores, &mut len[x], s, id);
+                            floor[x] = entry_floor(scores, len[x], k);
+                        }
                     }
-                }
-            })
-        })?;
-        self.insert(&by_neuron, window_ids)
+                })
+        })
     }
 
     /// Phase 2: inserts window scores `[n_neurons, batch]` (-inf = not scored); neurons
@@ -227,21 +279,7 @@ impl TopK {
                             continue;
                         }
                         raise_max(amax, s);
-                        let id = window_ids[w];
-                        let l = *len as usize;
-                        if l == k && !better(s, id, scores[k - 1], ids[k - 1]) {
-                            continue;
-                        }
-                        // Shift worse entries down one slot, dropping the last when full.
-                        let mut pos = l.min(k - 1);
-                        while pos > 0 && better(s, id, scores[pos - 1], ids[pos - 1]) {
-                            scores[pos] = scores[pos - 1];
-                            ids[pos] = ids[pos - 1];
-                            pos -= 1;
-                        }
-                        scores[pos] = s;
-                        ids[pos] = id;
-                        *len = (l + 1).min(k) as u32;
+                        insert_one(ids, scores, len, s, window_ids[w]);
                     }
                 })
         })
@@ -584,6 +622,43 @@ mod tests {
                 let wid: Vec<i64> = (0..b as i64).map(|w| { next_id += 1; (next_id * 7919 + w) % 101 }).collect();
                 tk.update(&Batch { activations: &acts, batch: b, tokens: t, window_ids: &wid, token_mask: mask.as_deref() }).unwrap();
                 data.push((acts, b, t, wid, mask));
+            }
+            let (ids, scores, amax) = brute(n, k, &data);
+            prop_assert_eq!(tk.top().0, &ids[..]);
+            prop_assert_eq!(tk.top().1, &scores[..]);
+            prop_assert_eq!(tk.max_activation(), &amax[..]);
+        }
+
+        /// Window maxima reduced elsewhere (as on a GPU) and folded row by row give the brute
+        /// force's result too: ties, -0.0, windows with no scored token (-inf), lists that fill
+        /// and then mostly refuse, and neuron counts that leave a partial block.
+        #[test]
+        fn window_max_equals_brute_force(
+            n in 1usize..300, k in 1usize..5,
+            batches in prop::collection::vec((1usize..12, 1usize..4, any::<u64>()), 1..6)
+        ) {
+            let mut tk = TopK::new(n, k).unwrap();
+            let mut data = Vec::new();
+            let mut next_id = 0i64;
+            for (b, t, seed) in batches {
+                let mut x = seed;
+                let mut rnd = || { x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (x >> 33) as u32 };
+                let acts: Vec<f32> = (0..b * t * n).map(|_| match rnd() % 8 { 7 => -0.0, v => v as f32 - 3.0 }).collect();
+                let mask: Vec<bool> = (0..b * t).map(|_| rnd() % 3 != 0).collect();
+                let wid: Vec<i64> = (0..b as i64).map(|w| { next_id += 1; (next_id * 7919 + w) % 101 }).collect();
+                let mut wmax = vec![f32::NEG_INFINITY; b * n];
+                for w in 0..b {
+                    for tok in (0..t).filter(|&tok| mask[w * t + tok]) {
+                        for j in 0..n {
+                            let v = acts[(w * t + tok) * n + j];
+                            if v > wmax[w * n + j] {
+                                wmax[w * n + j] = v;
+                            }
+                        }
+                    }
+                }
+                tk.update_window_max(&wmax, &wid).unwrap();
+                data.push((acts, b, t, wid, Some(mask)));
             }
             let (ids, scores, amax) = brute(n, k, &data);
             prop_assert_eq!(tk.top().0, &ids[..]);
