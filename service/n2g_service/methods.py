@@ -209,9 +209,9 @@ def token_lookup_predict(table: Mapping[int, float], tokens: Sequence[int]) -> n
     return _token_lookup_batch(_dense_table(table), [tokens])[0]
 
 
-def _dense(ids: np.ndarray, values: np.ndarray, fill: Any = 0) -> np.ndarray:
-    """A lookup array indexed by token id (one past the largest id; ``fill`` where none)."""
-    lut = np.full(int(ids.max()) + 1 if ids.size else 0, fill, dtype=np.asarray(values).dtype)
+def _dense(ids: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Token lookup as a float32 array indexed by token id, up to the largest id (0 where none)."""
+    lut = np.zeros(int(ids.max()) + 1 if ids.size else 0, dtype=np.float32)
     lut[ids] = values
     return lut
 
@@ -219,15 +219,15 @@ def _dense(ids: np.ndarray, values: np.ndarray, fill: Any = 0) -> np.ndarray:
 def _dense_table(table: Mapping[int, float]) -> np.ndarray:
     """Token lookup as an array indexed by token id: 0 (no prediction) for ids not in the table."""
     ids = np.fromiter(table.keys(), dtype=np.int64, count=len(table))
-    return _dense(ids, np.fromiter(table.values(), dtype=np.float32, count=len(table)))
+    return _dense(ids, np.fromiter(table.values(), dtype=np.float64, count=len(table)))
 
 
-def _lookup(lut: np.ndarray, ids: np.ndarray, fill: Any = 0) -> np.ndarray:
-    """lut[ids], ``fill`` for ids past its end (ids of a larger vocabulary than the table saw)."""
+def _lookup(lut: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """lut[ids], 0 for ids past its end (ids the table never saw)."""
     if not lut.size:
-        return np.full(ids.shape, fill, dtype=lut.dtype)
+        return np.zeros(ids.shape, dtype=lut.dtype)
     inside = ids < lut.size
-    return np.where(inside, lut[np.where(inside, ids, 0)], np.asarray(fill, dtype=lut.dtype))
+    return np.where(inside, lut[np.where(inside, ids, 0)], lut.dtype.type(0))
 
 
 def _token_lookup_rows(lut: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -264,7 +264,7 @@ class _NgramIndex:
         self.n = n
         hashes = _hash_keys(keys)
         order = np.argsort(hashes, kind="stable")
-        self.hashes, self.keys, self.values = hashes[order], keys[order], values[order].astype(np.float64)
+        self.hashes, self.keys, self.values = hashes[order], keys[order], np.asarray(values, np.float64)[order]
         shared = np.zeros(len(order), dtype=bool)
         same = self.hashes[1:] == self.hashes[:-1]
         shared[1:] |= same
@@ -318,7 +318,7 @@ class _NgramIndex:
 
 def _token_lookup(art: Artefacts) -> Predictor:
     keys, best = _max_per_key(art.train, 0)
-    lut = _dense(keys[:, 0], best.astype(np.float32))
+    lut = _dense(keys[:, 0], best)
     return lambda seqs: _token_lookup_batch(lut, seqs)
 
 
