@@ -323,6 +323,51 @@ def test_graded_paths_on_hand_made_windows(native_model):
     assert graded_paths(tokens, true, valid, label_of, names, m.label_token_ids, set(), FitConfig(graded_tokens=0)) == []
 
 
+def test_graded_paths_with_a_measured_prior():
+    """With graded_prior k > 0 and measured values that the window means follow (a line fitted
+    by support), a label seen n times takes (n x mean + k x line) / (n + k), a measured label the
+    windows never showed takes the line, labels are ranked by corpus count x END^2; a prior that
+    does not correlate (or k = 0) leaves the plain means."""
+    label_of = np.arange(40)
+    names = [f"t{i}" for i in range(40)]
+    ids_of = lambda name: [int(name[1:])]  # noqa: E731
+    x = np.linspace(0.0, 1.0, 12)  # measured values of labels 1..12
+    level = 0.05 + 0.3 * x  # what the windows show: 4 occurrences each, on the line
+    rows = [[0] + [lab] * 4 for lab in range(1, 13)]
+    vals = [[0.0] + [float(v)] * 4 for v in level]
+    rows.append([0, 20, 21, 21, 21])  # label 20 seen once, off the line; 21 not measured, 3 times
+    vals.append([0.0, 0.40, 0.2, 0.2, 0.2])
+    tokens, true = np.array(rows, dtype=np.int64), np.array(vals, dtype=np.float32)
+    valid = np.ones_like(tokens, dtype=bool)
+    valid[:, 0] = False
+    m_lab = np.array(list(range(1, 13)) + [20, 30], dtype=np.int64)
+    m_val = np.concatenate([x, [0.5, 1.2]])  # label 30: measured, never in the windows
+    m_count = np.array([10] * 12 + [5, 1000], dtype=np.float64)
+    cfg = FitConfig(graded_tokens=100, graded_floor=0.01, graded_min_support=1, graded_prior=2.0)
+    got = graded_paths(tokens, true, valid, label_of, names, ids_of, set(), cfg, (m_lab, m_val, m_count))
+    ends = {p[0][0]: p[2] for p in got}
+    # the line through the measured labels the windows show, weighted by support (label 20 too)
+    b, a = np.polyfit(np.append(x, 0.5), np.append(level, 0.40), 1, w=np.sqrt([4.0] * 12 + [1.0]))
+    line = lambda v: a + b * v  # noqa: E731
+    assert 0.29 < b < 0.31
+    assert ends["t30"] == pytest.approx(line(1.2), abs=1e-6)  # never in the windows: the line
+    assert ends["t20"] == pytest.approx((1 * 0.40 + 2 * line(0.5)) / 3, abs=1e-6)
+    assert ends["t21"] == pytest.approx(0.2)  # not measured: its mean
+    for lab, xv, v in zip(range(1, 13), x, level):
+        assert ends[f"t{lab}"] == pytest.approx((4 * v + 2 * line(xv)) / 6, abs=1e-6)
+    assert got[0][0][0] == "t30"  # 1000 occurrences in the corpus x .41^2 first
+    plain = graded_paths(tokens, true, valid, label_of, names, ids_of, set(), FitConfig(graded_tokens=100))
+    assert "t30" not in {p[0][0] for p in plain}
+    assert {p[0][0]: p[2] for p in plain}["t20"] == pytest.approx(0.40)
+    off = graded_paths(tokens, true, valid, label_of, names, ids_of, set(),
+                       dataclasses.replace(cfg, graded_prior=0.0), (m_lab, m_val, m_count))
+    assert off == plain
+    flipped = (m_lab, np.concatenate([x[::-1], [0.5, 1.2]]), m_count)  # the windows fall as it rises
+    assert graded_paths(tokens, true, valid, label_of, names, ids_of, set(), cfg, flipped) == plain
+    with pytest.raises(ValueError, match="graded_prior"):
+        FitConfig(graded_prior=-1.0)
+
+
 def test_start_paths_on_hand_made_values(native_model):
     """Start paths: a label's value is the count-weighted mean of its ids' first-token
     activations; it fires at >= the threshold; BOS is the context at offset 1 (importance 1); the
@@ -511,6 +556,19 @@ def test_calibrated_native_end_to_end(native_model, native_setup):
     assert all(graded[n].graph.activating_labels() == res[n].graph.activating_labels() for n in neurons)
     for lab in sorted(only_graded)[:5]:
         assert store.search([(lab, "activating")]) == []
+    # the measured prior (graded_prior, on by default) gives a level to labels that no window the
+    # fit learnt from holds; without it every graded label comes from the windows
+    def unseen_graded(fitted):
+        out = []
+        for n in neurons:
+            seen = {names[label_of[int(t)]] for w in [*train[n], *(t for _, t, _ in fitted[n].extra_train)] for t in w[1:]}
+            out += [lab for lab in roots(fitted[n].graph) - roots(res[n].graph) if lab not in seen]
+        return out
+
+    every = dataclasses.replace(cfg, graded_tokens=1000)  # room for every label of the small vocabulary
+    assert every.graded_prior > 0 and unseen_graded(fit_neurons(native_model, 1, neurons, train, amax, every, extra=pool))
+    plain = fit_neurons(native_model, 1, neurons, train, amax, dataclasses.replace(every, graded_prior=0.0), extra=pool)
+    assert unseen_graded(plain) == []
     # without a pool it is the paper's fit on the training windows, calibrated on them alone
     alone = fit_neurons(native_model, 1, neurons, train, amax, cfg)
     assert all(r.extra_train == [] and r.stats["n_examples"] == 8 for r in alone.values())

@@ -34,8 +34,12 @@ same token mostly leaves the neuron silent. The calibrated fit adds:
 - graded tokens (:func:`graded_paths`): a graph that only says where the neuron fires predicts 0
   everywhere else, so its predictions cannot follow the neuron's ordinary level (the correlation
   score); the labels that carry most of that level in the ordinary and occurrence windows get
-  token paths whose END is their mean there, kept below the firing threshold. They change no
-  fire; search, similarity and drawings leave them out (``n2g_fast``: paths that cannot fire).
+  token paths whose END is their mean there, kept below the firing threshold. A label's mean over
+  a few occurrences is noisy and most labels never occur in the windows, so the first-token pass
+  serves as a measured prior: a line from a label's value in [BOS, t] to its mean in the windows,
+  fitted per neuron, shrinks the one and fills in the other (with ``FitConfig.graded_prior``).
+  They change no fire; search, similarity and drawings leave them out (``n2g_fast``: paths that
+  cannot fire).
 
 Windows the evaluation holds out (:attr:`TrainingPool.usable` False) and each neuron's test
 windows (:attr:`TrainingPool.exclude`) are never drawn. Every window drawn is returned with its
@@ -412,6 +416,27 @@ def learn_from_misses(
     return out
 
 
+def label_means(values: np.ndarray, token_ids: np.ndarray, counts: np.ndarray,
+                label_of: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per label of ``token_ids`` [n]: (label indices, the ``counts``-weighted mean of ``values``
+    [n] over its ids, the summed counts), labels ascending."""
+    labs = label_of[np.asarray(token_ids, dtype=np.int64)]
+    w = np.asarray(counts, dtype=np.float64)
+    uniq, inv = np.unique(labs, return_inverse=True)
+    n = np.bincount(inv, weights=w, minlength=uniq.size)
+    mean = np.bincount(inv, weights=w * np.asarray(values, dtype=np.float64), minlength=uniq.size) / np.maximum(n, 1e-12)
+    return uniq, mean, n
+
+
+def _weighted_line(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+    """Weighted least squares y ~ a + b x: (a, b); b = 0 where x does not vary."""
+    sw = float(w.sum())
+    xm, ym = float((w * x).sum()) / sw, float((w * y).sum()) / sw
+    vx = float((w * (x - xm) ** 2).sum())
+    b = float((w * (x - xm) * (y - ym)).sum()) / vx if vx > 0 else 0.0
+    return ym - b * xm, b
+
+
 def graded_paths(
     tokens: np.ndarray,
     true: np.ndarray,
@@ -421,6 +446,7 @@ def graded_paths(
     ids_of,
     have: Collection[str],
     cfg: FitConfig,
+    measured: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> list[Path]:
     """Token paths that never fire, for the labels whose mean normalised activation in ``true``
     [W, T] (at ``valid`` positions of ordinary and occurrence windows, not top windows: those
@@ -428,19 +454,52 @@ def graded_paths(
     neuron held below 0 is graded too) over >= cfg.graded_min_support tokens; labels in ``have``
     (already a token path) are skipped. END = the mean, kept below the firing threshold; at most
     cfg.graded_tokens, largest count x mean^2 first (the share of the activations' variance the
-    path predicts)."""
+    path predicts).
+
+    ``measured`` (label indices, the neuron's measured normalised activation on each label alone
+    after BOS, the label's corpus count; :func:`label_means` of the first-token pass), with
+    cfg.graded_prior > 0: a line fitted from a label's measured value to its mean in the windows
+    (weighted by support) predicts each label's level; where it rises, a label seen n times takes
+    (n x mean + graded_prior x line) / (n + graded_prior), a label the windows never showed takes
+    the line, and the largest corpus count x END^2 come first. A mean over one or two occurrences
+    is mostly noise; the measured value is known for every frequent token."""
     if cfg.graded_tokens <= 0 or not valid.any():
         return []
     below = float(np.nextafter(np.float32(cfg.activation_threshold), np.float32(0)))
     labs = label_of[tokens[valid]]
     vals = true[valid].astype(np.float64)
     uniq, inv = np.unique(labs, return_inverse=True)
-    n = np.bincount(inv, minlength=uniq.size)
+    n = np.bincount(inv, minlength=uniq.size).astype(np.float64)
     mean = np.bincount(inv, weights=vals, minlength=uniq.size) / np.maximum(n, 1)
-    ok = (n >= cfg.graded_min_support) & (np.abs(mean) >= cfg.graded_floor)
+    ok = n >= cfg.graded_min_support
+    weight = n
+    if measured is not None and cfg.graded_prior > 0 and len(measured[0]):
+        m_lab, m_val, m_count = measured
+        common, ui, mi = np.intersect1d(uniq, m_lab, return_indices=True)
+        if common.size >= 8:
+            a, b = _weighted_line(m_val[mi], mean[ui], n[ui])
+            if b > 0:  # a line that falls or is flat says nothing about the labels
+                # every label seen or measured: its shrunk mean, ranked by how often it occurs
+                line = a + b * m_val
+                all_lab = np.union1d(uniq, m_lab)
+                seen_n = np.zeros(all_lab.size)
+                seen_mean = np.zeros(all_lab.size)
+                at = np.searchsorted(all_lab, uniq)
+                seen_n[at], seen_mean[at] = n, mean
+                prior = np.zeros(all_lab.size)
+                has_prior = np.zeros(all_lab.size, dtype=bool)
+                at_m = np.searchsorted(all_lab, m_lab)
+                prior[at_m], has_prior[at_m] = line, True
+                k = np.where(has_prior, float(cfg.graded_prior), 0.0)
+                mean = (seen_n * seen_mean + k * prior) / np.maximum(seen_n + k, 1e-12)
+                weight = seen_n.copy()  # a label not measured is a rare one: its count in the windows
+                weight[at_m] = np.maximum(weight[at_m], m_count)
+                ok = has_prior | (seen_n >= cfg.graded_min_support)
+                uniq = all_lab
+    ok &= np.abs(mean) >= cfg.graded_floor
     skip = set(have)
     picks = [j for j in np.flatnonzero(ok) if label_names[int(uniq[j])] not in skip]
-    picks.sort(key=lambda j: (-n[j] * mean[j] ** 2, int(uniq[j])))
+    picks.sort(key=lambda j: (-weight[j] * mean[j] ** 2, int(uniq[j])))
     out: list[Path] = []
     for j in picks[: cfg.graded_tokens]:
         name = label_names[int(uniq[j])]
@@ -477,11 +536,7 @@ def start_paths(
     value; the BOS context element has importance 1."""
     if cfg.start_tokens <= 0 or len(token_ids) == 0:
         return []
-    labs = label_of[np.asarray(token_ids, dtype=np.int64)]
-    w = np.asarray(counts, dtype=np.float64)
-    uniq, inv = np.unique(labs, return_inverse=True)
-    n = np.bincount(inv, weights=w, minlength=uniq.size)
-    mean = np.bincount(inv, weights=w * np.asarray(values, dtype=np.float64), minlength=uniq.size) / np.maximum(n, 1e-12)
+    uniq, mean, n = label_means(values, token_ids, counts, label_of)
     fire = np.flatnonzero(mean >= cfg.activation_threshold)
     picks = sorted(fire, key=lambda j: (-n[j], int(uniq[j])))[: cfg.start_tokens]
     bos = (bos_label, ids_of(bos_label), 1.0)

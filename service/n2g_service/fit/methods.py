@@ -27,6 +27,7 @@ from .calibrate import (
     calibrate_paths,
     first_token_activations,
     graded_paths,
+    label_means,
     learn_from_misses,
     select_occurrences,
     select_path_occurrences,
@@ -275,7 +276,11 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
             final += learn_from_misses(predicted, tokens, true, valid, label_of, names,
                                        model.label_token_ids, cfg, cal, ordinary)
             have = {act[0] for act, ctx, _ in final if not any(c is not None for c in ctx)}
-            graded = graded_paths(tokens, true, ordinary, label_of, names, model.label_token_ids, have, cfg)
+            measured = None
+            if start_acts is not None:
+                measured = label_means(start_acts[:, n] / a_max, start_ids, start_counts, label_of)
+            graded = graded_paths(tokens, true, ordinary, label_of, names, model.label_token_ids, have, cfg,
+                                  measured)
             cal.n_graded = len(graded)
             final += graded
         # a swept token that fires and never occurs in the corpus it may learn from: nothing
