@@ -32,6 +32,7 @@ from n2g_service.fit.calibrate import (
     graded_paths,
     first_token_activations,
     learn_from_misses,
+    prompt_activations,
     select_occurrences,
     select_path_occurrences,
     start_candidates,
@@ -418,6 +419,14 @@ def test_start_candidates_and_first_token_activations(native_model, native_windo
     assert first_token_activations(m, 1, ids, batch_tokens=6) is acts  # cached
     direct = ActivationRunner(m, 1).run([[m.bos_id, int(t)] for t in ids], [5] * len(ids))
     np.testing.assert_allclose(acts[:, 5], [a[1] for a in direct], rtol=1e-4, atol=1e-5)
+    # a longer prompt (the graded prior's [BOS, mask, t]); the last two prompts stay cached
+    prefix = [m.bos_id, int(ids[0])]
+    neutral = prompt_activations(m, 1, prefix, ids, batch_tokens=7)
+    direct = ActivationRunner(m, 1).run([prefix + [int(t)] for t in ids], [5] * len(ids))
+    np.testing.assert_allclose(neutral[:, 5], [a[2] for a in direct], rtol=1e-4, atol=1e-5)
+    assert first_token_activations(m, 1, ids, batch_tokens=6) is acts
+    assert prompt_activations(m, 1, prefix, ids) is neutral
+    assert not np.allclose(neutral, acts)
 
 
 def test_pool_rules(native_windows):

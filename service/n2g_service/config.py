@@ -172,12 +172,14 @@ class FitConfig(_Config):
     graded_tokens: int = 2048
     graded_floor: float = 0.01
     graded_min_support: int = 1
-    # A measured prior for the graded levels (calibrate.graded_paths; 0: none): a line from each
-    # label's activation in [BOS, t] (the start-token pass) to its mean in the windows, fitted per
-    # neuron, counts as graded_prior occurrences of a label's mean and gives the labels the windows
-    # never showed a level. Dev neurons (odd ids >= 1001, 1,000 held-out windows), Pearson r at
-    # layers 0 / 1 / 3: none .672 / .467 / .392; 1 -> .749 / .490 / .408 (16/0 neurons better at
-    # each layer); at layer 0, .5 -> .750, 2 -> .746, 4 -> .740, 8 -> .733. Fires unchanged.
+    # A measured prior for the graded levels (calibrate.graded_paths; 0: none): the start_vocab
+    # most frequent tokens t in the vocabulary sweep's neutral prompt [BOS, mask token, t] (one
+    # pass a layer); per neuron, a line from a label's value there to its mean in the windows counts
+    # as graded_prior occurrences of that mean and gives the labels the windows never showed a
+    # level. Dev neurons (odd ids >= 1001, 1,000 held-out windows), Pearson r at layers 0 / 1 / 3:
+    # none .672 / .467 / .392; 1 -> .770 / .512 / .423 (16/0 neurons better at each layer); the
+    # first-token pass [BOS, t] as the prior gave .749 / .490 / .408. The weight, at layer 0 with
+    # [BOS, t]: .5 -> .750, 1 -> .749, 2 -> .746, 4 -> .740, 8 -> .733. Fires unchanged.
     graded_prior: float = 1.0
     # Start tokens: the first token after BOS sees nothing else, so the neuron's activation there
     # is measured for the start_vocab most frequent corpus tokens ([BOS, t], one pass per layer);

@@ -35,9 +35,10 @@ same token mostly leaves the neuron silent. The calibrated fit adds:
   everywhere else, so its predictions cannot follow the neuron's ordinary level (the correlation
   score); the labels that carry most of that level in the ordinary and occurrence windows get
   token paths whose END is their mean there, kept below the firing threshold. A label's mean over
-  a few occurrences is noisy and most labels never occur in the windows, so the first-token pass
-  serves as a measured prior: a line from a label's value in [BOS, t] to its mean in the windows,
-  fitted per neuron, shrinks the one and fills in the other (with ``FitConfig.graded_prior``).
+  a few occurrences is noisy and most labels never occur in the windows, so the frequent tokens
+  measured in the vocabulary sweep's neutral prompt [BOS, mask token, t] serve as a prior: a line
+  from a label's value there to its mean in the windows, fitted per neuron, shrinks the one and
+  fills in the other (``FitConfig.graded_prior``).
   They change no fire; search, similarity and drawings leave them out (``n2g_fast``: paths that
   cannot fire).
 
@@ -456,8 +457,8 @@ def graded_paths(
     cfg.graded_tokens, largest count x mean^2 first (the share of the activations' variance the
     path predicts).
 
-    ``measured`` (label indices, the neuron's measured normalised activation on each label alone
-    after BOS, the label's corpus count; :func:`label_means` of the first-token pass), with
+    ``measured`` (label indices, the neuron's measured normalised activation on each label in a
+    neutral prompt, the label's corpus count; :func:`label_means` of :func:`prompt_activations`), with
     cfg.graded_prior > 0: a line fitted from a label's measured value to its mean in the windows
     (weighted by support) predicts each label's level; where it rises, a label seen n times takes
     (n x mean + graded_prior x line) / (n + graded_prior), a label the windows never showed takes
@@ -564,26 +565,35 @@ def _after_prefix(model, layer: int, prefix: Sequence[int], ids, batch_tokens: i
         yield t, layer_activations(model, seq, [layer])[layer][:, len(prefix)]
 
 
-_START_CACHE: dict[tuple, np.ndarray] = {}
+_PROMPT_CACHE: dict[tuple, np.ndarray] = {}
+
+
+def prompt_activations(model, layer: int, prefix: Sequence[int], token_ids: np.ndarray,
+                       batch_tokens: int = 4096) -> np.ndarray:
+    """float32 [len(token_ids), d_mlp]: every neuron of ``layer`` at t in [*prefix, t], for each t
+    of ``token_ids``. The last two prompts are cached (one pass each serves every neuron group of
+    a layer)."""
+    import torch
+
+    ids = np.asarray(token_ids, dtype=np.int64)
+    key = (id(model), model.name, int(layer), tuple(int(p) for p in prefix), ids.tobytes())
+    got = _PROMPT_CACHE.get(key)
+    if got is not None:
+        return got
+    if len(_PROMPT_CACHE) >= 2:
+        _PROMPT_CACHE.pop(next(iter(_PROMPT_CACHE)))  # the oldest
+    parts = [a.float().cpu().numpy()
+             for _, a in _after_prefix(model, layer, list(prefix), torch.as_tensor(ids), batch_tokens)]
+    out = np.concatenate(parts) if parts else np.zeros((0, model.d_mlp), dtype=np.float32)
+    _PROMPT_CACHE[key] = out
+    return out
 
 
 def first_token_activations(model, layer: int, token_ids: np.ndarray, batch_tokens: int = 4096) -> np.ndarray:
     """float32 [len(token_ids), d_mlp]: every neuron of ``layer`` at t in [BOS, t], for each t of
     ``token_ids``. The first token after BOS sees nothing else, so this is the neuron's exact
-    activation there. The last call is cached (one pass serves every neuron group of a layer)."""
-    import torch
-
-    ids = np.asarray(token_ids, dtype=np.int64)
-    key = (id(model), model.name, int(layer), ids.tobytes())
-    got = _START_CACHE.get(key)
-    if got is not None:
-        return got
-    _START_CACHE.clear()
-    parts = [a.float().cpu().numpy()
-             for _, a in _after_prefix(model, layer, [model.bos_id], torch.as_tensor(ids), batch_tokens)]
-    out = np.concatenate(parts) if parts else np.zeros((0, model.d_mlp), dtype=np.float32)
-    _START_CACHE[key] = out
-    return out
+    activation there (cached as :func:`prompt_activations`)."""
+    return prompt_activations(model, layer, [model.bos_id], token_ids, batch_tokens)
 
 
 _SWEEP_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}

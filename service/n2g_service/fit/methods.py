@@ -29,6 +29,7 @@ from .calibrate import (
     graded_paths,
     label_means,
     learn_from_misses,
+    prompt_activations,
     select_occurrences,
     select_path_occurrences,
     start_candidates,
@@ -242,11 +243,17 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
     for (w, n), a in zip(jobs, occ_acts):
         occ_of[n].append((w, a))
 
-    # start tokens: the frequent corpus tokens as the first token after BOS, measured (one pass)
-    start_ids = start_counts = start_acts = None
-    if pool is not None and cfg.start_tokens > 0 and cfg.start_vocab > 0 and live:
+    # the frequent corpus tokens, measured (one pass a prompt for the layer): as the first token
+    # after BOS (start paths) and in the vocabulary sweep's neutral prompt (the graded prior)
+    start_ids = start_counts = start_acts = neutral_acts = None
+    use_prior = cfg.graded_prior > 0 and cfg.graded_tokens > 0
+    if pool is not None and cfg.start_vocab > 0 and live and (cfg.start_tokens > 0 or use_prior):
         start_ids, start_counts = start_candidates(pool, cfg.start_vocab, model.special_ids())
-        start_acts = first_token_activations(model, fr.layer, start_ids, cfg.batch_tokens)
+        if cfg.start_tokens > 0:
+            start_acts = first_token_activations(model, fr.layer, start_ids, cfg.batch_tokens)
+        if use_prior:
+            neutral_acts = prompt_activations(model, fr.layer, [model.bos_id, fr.mask_id], start_ids,
+                                              cfg.batch_tokens)
     bos_label = names[label_of[model.bos_id]]
 
     ex_of, aug_of = by_neuron(fr, examples, augmented)
@@ -277,8 +284,8 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
                                        model.label_token_ids, cfg, cal, ordinary)
             have = {act[0] for act, ctx, _ in final if not any(c is not None for c in ctx)}
             measured = None
-            if start_acts is not None:
-                measured = label_means(start_acts[:, n] / a_max, start_ids, start_counts, label_of)
+            if neutral_acts is not None:
+                measured = label_means(neutral_acts[:, n] / a_max, start_ids, start_counts, label_of)
             graded = graded_paths(tokens, true, ordinary, label_of, names, model.label_token_ids, have, cfg,
                                   measured)
             cal.n_graded = len(graded)
@@ -337,7 +344,9 @@ register_fit_method(FitMethod(
     # SmolLM2, 24 neurons a layer (benchmarks/scoring_table.sh): medians 11,700-35,700 at layers
     # 0-29, most of it the occurrence windows no group shares
     fit_tokens_per_neuron=20_000,
-    # the vocabulary sweep ([BOS, prefix, t] for every t) and the first-token pass ([BOS, t])
+    # the vocabulary sweep ([BOS, prefix, t] for every t), the first-token pass ([BOS, t]) and the
+    # graded prior's pass ([BOS, prefix, t] for the frequent tokens)
     layer_tokens=lambda cfg, d_vocab: (3 * d_vocab if cfg.sweep_tokens > 0 else 0)
-    + (2 * min(cfg.start_vocab, d_vocab) if cfg.start_tokens > 0 else 0),
+    + (2 * min(cfg.start_vocab, d_vocab) if cfg.start_tokens > 0 else 0)
+    + (3 * min(cfg.start_vocab, d_vocab) if cfg.graded_prior > 0 and cfg.graded_tokens > 0 else 0),
 ))
