@@ -327,8 +327,8 @@ def test_graded_paths_on_hand_made_windows(native_model):
 def test_graded_paths_with_a_measured_prior():
     """With graded_prior k > 0 and measured values that the window means follow (a line fitted
     by support), a label seen n times takes (n x mean + k x line) / (n + k), a measured label the
-    windows never showed takes the line, labels are ranked by corpus count x END^2; a prior that
-    does not correlate (or k = 0) leaves the plain means."""
+    windows never showed takes the line, labels are ranked by corpus count x END^2; a line that
+    falls (or k = 0) leaves the plain means."""
     label_of = np.arange(40)
     names = [f"t{i}" for i in range(40)]
     ids_of = lambda name: [int(name[1:])]  # noqa: E731

@@ -467,43 +467,32 @@ def graded_paths(
     if cfg.graded_tokens <= 0 or not valid.any():
         return []
     below = float(np.nextafter(np.float32(cfg.activation_threshold), np.float32(0)))
-    labs = label_of[tokens[valid]]
-    vals = true[valid].astype(np.float64)
-    uniq, inv = np.unique(labs, return_inverse=True)
-    n = np.bincount(inv, minlength=uniq.size).astype(np.float64)
-    mean = np.bincount(inv, weights=vals, minlength=uniq.size) / np.maximum(n, 1)
+    # per label index: occurrences and mean in the windows
+    labs, size = label_of[tokens[valid]], len(label_names)
+    n = np.bincount(labs, minlength=size).astype(np.float64)
+    mean = np.bincount(labs, weights=true[valid].astype(np.float64), minlength=size) / np.maximum(n, 1)
     ok = n >= cfg.graded_min_support
     weight = n
-    if measured is not None and cfg.graded_prior > 0 and len(measured[0]):
+    if measured is not None and cfg.graded_prior > 0:
         m_lab, m_val, m_count = measured
-        common, ui, mi = np.intersect1d(uniq, m_lab, return_indices=True)
-        if common.size >= 8:
-            a, b = _weighted_line(m_val[mi], mean[ui], n[ui])
+        both = n[m_lab] > 0  # measured labels the windows show too
+        if both.sum() >= 8:
+            a, b = _weighted_line(m_val[both], mean[m_lab[both]], n[m_lab[both]])
             if b > 0:  # a line that falls or is flat says nothing about the labels
                 # every label seen or measured: its shrunk mean, ranked by how often it occurs
-                line = a + b * m_val
-                all_lab = np.union1d(uniq, m_lab)
-                seen_n = np.zeros(all_lab.size)
-                seen_mean = np.zeros(all_lab.size)
-                at = np.searchsorted(all_lab, uniq)
-                seen_n[at], seen_mean[at] = n, mean
-                prior = np.zeros(all_lab.size)
-                has_prior = np.zeros(all_lab.size, dtype=bool)
-                at_m = np.searchsorted(all_lab, m_lab)
-                prior[at_m], has_prior[at_m] = line, True
-                k = np.where(has_prior, float(cfg.graded_prior), 0.0)
-                mean = (seen_n * seen_mean + k * prior) / np.maximum(seen_n + k, 1e-12)
-                weight = seen_n.copy()  # a label not measured is a rare one: its count in the windows
-                weight[at_m] = np.maximum(weight[at_m], m_count)
-                ok = has_prior | (seen_n >= cfg.graded_min_support)
-                uniq = all_lab
+                k, line = np.zeros(size), np.zeros(size)
+                k[m_lab], line[m_lab] = float(cfg.graded_prior), a + b * m_val
+                mean = (n * mean + k * line) / np.maximum(n + k, 1e-12)
+                weight = n.copy()  # a label not measured is a rare one: its count in the windows
+                weight[m_lab] = np.maximum(weight[m_lab], m_count)
+                ok |= k > 0
     ok &= np.abs(mean) >= cfg.graded_floor
     skip = set(have)
-    picks = [j for j in np.flatnonzero(ok) if label_names[int(uniq[j])] not in skip]
-    picks.sort(key=lambda j: (-weight[j] * mean[j] ** 2, int(uniq[j])))
+    picks = [int(j) for j in np.flatnonzero(ok) if label_names[int(j)] not in skip]
+    picks.sort(key=lambda j: (-weight[j] * mean[j] ** 2, j))
     out: list[Path] = []
     for j in picks[: cfg.graded_tokens]:
-        name = label_names[int(uniq[j])]
+        name = label_names[j]
         end = min(float(mean[j]), below)
         out.append(((name, ids_of(name), end), [], end))
     return out
