@@ -81,11 +81,12 @@ class StageClock:
 
     STAGES = ["original_examples", "prune_stage", "saliency_stage", "augment_stage",
               "augmented_saliency_stage", "collect_paths", "vocabulary_sweep", "first_token_activations",
-              "calibrate_paths", "learn_from_misses", "graded_paths", "make_graph", "windows_measured"]
+              "prompt_activations", "calibrate_paths", "learn_from_misses", "graded_paths", "make_graph", "windows_measured"]
     # The calibrated fit measures its extra windows (ordinary, occurrence and path windows) with
     # FitRun.run between the stages; those passes count as the pseudo-stage "windows_measured".
     METHODS = {"windows_measured": ("FitRun", "run")}
-    PER_LAYER = ("vocabulary_sweep", "first_token_activations")
+    # prompt_activations alone: the graded prior's passes (the first-token pass is counted above)
+    PER_LAYER = ("vocabulary_sweep", "first_token_activations", "prompt_activations")
 
     def __init__(self):
         import n2g_service.fit.calibrate as calibrate

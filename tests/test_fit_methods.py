@@ -29,6 +29,7 @@ from n2g_service.fit import (
 from n2g_service.fit.calibrate import (
     Calibration,
     calibrate_paths,
+    context_prefixes,
     graded_paths,
     first_token_activations,
     learn_from_misses,
@@ -77,7 +78,8 @@ def test_registry_and_presets():
         register_fit_method(FitMethod("paper", "again", fit_method("paper").fit))
     with pytest.raises(ValueError, match="calibrate_fire_rate"):
         FitConfig(calibrate_fire_rate=1.5)
-    for field in ("extra_top", "start_tokens", "start_vocab", "graded_tokens"):
+    for field in ("extra_top", "start_tokens", "start_vocab", "graded_tokens", "graded_prior_contexts",
+                  "graded_prior_length"):
         with pytest.raises(ValueError, match=f"{field}.*>= 0"):
             FitConfig(**{field: -1})
 
@@ -419,14 +421,42 @@ def test_start_candidates_and_first_token_activations(native_model, native_windo
     assert first_token_activations(m, 1, ids, batch_tokens=6) is acts  # cached
     direct = ActivationRunner(m, 1).run([[m.bos_id, int(t)] for t in ids], [5] * len(ids))
     np.testing.assert_allclose(acts[:, 5], [a[1] for a in direct], rtol=1e-4, atol=1e-5)
-    # a longer prompt (the graded prior's [BOS, mask, t]); the last two prompts stay cached
-    prefix = [m.bos_id, int(ids[0])]
-    neutral = prompt_activations(m, 1, prefix, ids, batch_tokens=7)
-    direct = ActivationRunner(m, 1).run([prefix + [int(t)] for t in ids], [5] * len(ids))
-    np.testing.assert_allclose(neutral[:, 5], [a[2] for a in direct], rtol=1e-4, atol=1e-5)
+    # longer prompts (the graded prior's [BOS, context, t]): the mean over the prefixes; the last
+    # two calls stay cached
+    prefixes = [[m.bos_id, int(ids[0])], [m.bos_id, int(ids[1]), int(ids[2])]]
+    prior = prompt_activations(m, 1, prefixes, ids, batch_tokens=7)
+    direct = [[a[-1] for a in ActivationRunner(m, 1).run([p + [int(t)] for t in ids], [5] * len(ids))]
+              for p in prefixes]
+    np.testing.assert_allclose(prior[:, 5], np.mean(direct, axis=0), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(direct[0], direct[1])  # the contexts differ, so the mean is not either one
     assert first_token_activations(m, 1, ids, batch_tokens=6) is acts
-    assert prompt_activations(m, 1, prefix, ids) is neutral
-    assert not np.allclose(neutral, acts)
+    assert prompt_activations(m, 1, prefixes, ids) is prior
+    assert not np.allclose(prior, acts)
+    with pytest.raises(ValueError, match="at least one prefix"):
+        prompt_activations(m, 1, [], ids)
+
+
+def test_context_prefixes_come_from_allowed_windows():
+    """The prior's contexts: seeded, of the length asked, and never from a window the evaluation
+    holds out or any neuron's test windows (each window's tokens here name it)."""
+    n = 60
+    windows = np.zeros((n, 9), dtype=np.int64)
+    windows[:, 1:] = 1000 * np.arange(n)[:, None] + np.arange(1, 9)
+    usable = np.ones(n, dtype=bool)
+    usable[::3] = False
+    tests = {7: set(range(1, n, 3)), 9: {2, 5}}
+    pool = TrainingPool(windows, usable, tests)
+    got = context_prefixes(pool, 12, 5, [0, 1, 2])
+    assert len(got) == 12 and all(c == [1000 * (c[0] // 1000) + k for k in range(1, 6)] for c in got)
+    drawn = [c[0] // 1000 for c in got]
+    assert len(set(drawn)) == 12
+    assert all(usable[w] and w not in tests[7] and w not in tests[9] for w in drawn)
+    assert got == context_prefixes(pool, 12, 5, [0, 1, 2])
+    assert got != context_prefixes(pool, 12, 5, [0, 1, 3])
+    allowed = [w for w in range(n) if usable[w] and w not in tests[7] and w not in tests[9]]
+    every = context_prefixes(pool, 10 * n, 5, [0])
+    assert sorted(c[0] // 1000 for c in every) == allowed  # at most every allowed window, once
+    assert context_prefixes(pool, 0, 5, [0]) == [] and context_prefixes(pool, 3, 0, [0]) == []
 
 
 def test_pool_rules(native_windows):

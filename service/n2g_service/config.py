@@ -173,14 +173,22 @@ class FitConfig(_Config):
     graded_floor: float = 0.01
     graded_min_support: int = 1
     # A measured prior for the graded levels (calibrate.graded_paths; 0: none): the start_vocab
-    # most frequent tokens t in the vocabulary sweep's neutral prompt [BOS, mask token, t] (one
-    # pass a layer); per neuron, a line from a label's value there to its mean in the windows counts
-    # as graded_prior occurrences of that mean and gives the labels the windows never showed a
-    # level. Dev neurons (odd ids >= 1001, 1,000 held-out windows), Pearson r at layers 0 / 1 / 3:
-    # none .672 / .467 / .392; 1 -> .770 / .512 / .423 (16/0 neurons better at each layer); the
-    # first-token pass [BOS, t] as the prior gave .749 / .490 / .408. The weight, at layer 0 with
-    # [BOS, t]: .5 -> .750, 1 -> .749, 2 -> .746, 4 -> .740, 8 -> .733. Fires unchanged.
-    graded_prior: float = 1.0
+    # most frequent tokens, each measured after real corpus prefixes (below); per neuron, a line
+    # from a label's measured value to its mean in the windows counts as graded_prior occurrences
+    # of that mean and gives the labels the windows never showed a level. Dev neurons (odd ids
+    # >= 1001, 1,000 held-out windows), Pearson r at layers 0 / 1 / 3: no prior .672 / .467 / .392;
+    # the neutral prompt [BOS, mask token, t], weight 1: .770 / .512 / .423 (16/0 neurons better
+    # at each layer); 4 real prefixes of 8 tokens, weight 1: .780 / .526 / .443, weight 2: .782 /
+    # .530 / .448, weight 4: .782 / .529 / .448 (8 prefixes, weight 1: .781 / .527 / .446). With
+    # the neutral prompt more weight lost (layer 0, [BOS, t] as the prior: .5 -> .750, 1 -> .749,
+    # 2 -> .746, 8 -> .733): the real contexts measure a token's usual level better. Fires unchanged.
+    graded_prior: float = 2.0
+    # Where the prior is measured: each frequent token t after graded_prior_contexts real corpus
+    # prefixes [BOS, graded_prior_length tokens of a usable window, t] (seeded, the same for the
+    # layer; never a window the pool excludes), the mean over them (one pass a prefix for the
+    # layer); 0 contexts: the neutral prompt.
+    graded_prior_contexts: int = 4
+    graded_prior_length: int = 8
     # Start tokens: the first token after BOS sees nothing else, so the neuron's activation there
     # is measured for the start_vocab most frequent corpus tokens ([BOS, t], one pass per layer);
     # up to start_tokens labels it fires on there (most frequent first) get a path [label, BOS],
@@ -195,10 +203,10 @@ class FitConfig(_Config):
         if min(self.extra_top, self.random_windows, self.occurrence_windows, self.max_occurrence_windows,
                self.max_path_windows, self.path_candidates,
                self.context_offsets, self.sweep_tokens, self.graded_tokens, self.start_tokens,
-               self.start_vocab) < 0:
+               self.start_vocab, self.graded_prior_contexts, self.graded_prior_length) < 0:
             raise ValueError("FitConfig: extra_top, random_windows, occurrence_windows, "
-                             "max_occurrence_windows, max_path_windows, path_candidates, context_offsets, sweep_tokens, graded_tokens, start_tokens and "
-                             "start_vocab must be >= 0")
+                             "max_occurrence_windows, max_path_windows, path_candidates, context_offsets, sweep_tokens, graded_tokens, start_tokens, "
+                             "start_vocab, graded_prior_contexts and graded_prior_length must be >= 0")
         if self.calibrate_min_support < 1 or self.graded_min_support < 1:
             raise ValueError("FitConfig: calibrate_min_support and graded_min_support must be >= 1")
         if not 0.0 <= self.calibrate_fire_rate <= 1.0:

@@ -557,32 +557,51 @@ def _after_prefix(model, layer: int, prefix: Sequence[int], ids, batch_tokens: i
 _PROMPT_CACHE: dict[tuple, np.ndarray] = {}
 
 
-def prompt_activations(model, layer: int, prefix: Sequence[int], token_ids: np.ndarray,
+def prompt_activations(model, layer: int, prefixes: Sequence[Sequence[int]], token_ids: np.ndarray,
                        batch_tokens: int = 4096) -> np.ndarray:
-    """float32 [len(token_ids), d_mlp]: every neuron of ``layer`` at t in [*prefix, t], for each t
-    of ``token_ids``. The last two prompts are cached (one pass each serves every neuron group of
-    a layer)."""
+    """float32 [len(token_ids), d_mlp]: every neuron of ``layer`` at t in [*prefix, t], averaged
+    over the ``prefixes``, for each t of ``token_ids`` (one pass a prefix). The last two calls are
+    cached (one pass serves every neuron group of a layer)."""
     import torch
 
     ids = np.asarray(token_ids, dtype=np.int64)
-    key = (id(model), model.name, int(layer), tuple(int(p) for p in prefix), ids.tobytes())
+    prefixes = [[int(p) for p in prefix] for prefix in prefixes]
+    if not prefixes:
+        raise ValueError("prompt_activations needs at least one prefix")
+    key = (id(model), model.name, int(layer), tuple(map(tuple, prefixes)), ids.tobytes())
     got = _PROMPT_CACHE.get(key)
     if got is not None:
         return got
     if len(_PROMPT_CACHE) >= 2:
         _PROMPT_CACHE.pop(next(iter(_PROMPT_CACHE)))  # the oldest
-    parts = [a.float().cpu().numpy()
-             for _, a in _after_prefix(model, layer, list(prefix), torch.as_tensor(ids), batch_tokens)]
-    out = np.concatenate(parts) if parts else np.zeros((0, model.d_mlp), dtype=np.float32)
+    out = np.zeros((len(ids), model.d_mlp), dtype=np.float32)
+    for prefix in prefixes:
+        s = 0
+        for t, a in _after_prefix(model, layer, prefix, torch.as_tensor(ids), batch_tokens):
+            out[s: s + len(t)] += a.float().cpu().numpy()
+            s += len(t)
+    out /= len(prefixes)
     _PROMPT_CACHE[key] = out
     return out
+
+
+def context_prefixes(pool: TrainingPool, count: int, length: int, seed: Sequence[int]) -> list[list[int]]:
+    """``count`` real corpus prefixes: the ``length`` tokens after BOS of usable windows that no
+    neuron of the pool excludes (a test window's text never enters a fit), drawn with ``seed``."""
+    if count <= 0 or length <= 0:
+        return []
+    excluded = np.zeros(len(pool.windows), dtype=bool)
+    for ids in pool.exclude.values():
+        excluded[[int(i) for i in ids]] = True
+    order = np.random.default_rng(list(seed)).permutation(np.flatnonzero(pool.usable & ~excluded))
+    return [[int(t) for t in pool.windows[w, 1: 1 + length]] for w in order[:count]]
 
 
 def first_token_activations(model, layer: int, token_ids: np.ndarray, batch_tokens: int = 4096) -> np.ndarray:
     """float32 [len(token_ids), d_mlp]: every neuron of ``layer`` at t in [BOS, t], for each t of
     ``token_ids``. The first token after BOS sees nothing else, so this is the neuron's exact
     activation there (cached as :func:`prompt_activations`)."""
-    return prompt_activations(model, layer, [model.bos_id], token_ids, batch_tokens)
+    return prompt_activations(model, layer, [[model.bos_id]], token_ids, batch_tokens)
 
 
 _SWEEP_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}

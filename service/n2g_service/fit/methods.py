@@ -25,6 +25,7 @@ from .calibrate import (
     Calibration,
     TrainingPool,
     calibrate_paths,
+    context_prefixes,
     first_token_activations,
     graded_paths,
     label_means,
@@ -244,16 +245,19 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
         occ_of[n].append((w, a))
 
     # the frequent corpus tokens, measured (one pass a prompt for the layer): as the first token
-    # after BOS (start paths) and in the vocabulary sweep's neutral prompt (the graded prior)
-    start_ids = start_counts = start_acts = neutral_acts = None
+    # after BOS (start paths), and after real corpus prefixes (the graded prior; the vocabulary
+    # sweep's neutral prompt [BOS, mask] where graded_prior_contexts is 0)
+    start_ids = start_counts = start_acts = prior_acts = None
     use_prior = cfg.graded_prior > 0 and cfg.graded_tokens > 0
     if pool is not None and cfg.start_vocab > 0 and live and (cfg.start_tokens > 0 or use_prior):
         start_ids, start_counts = start_candidates(pool, cfg.start_vocab, model.special_ids())
         if cfg.start_tokens > 0:
             start_acts = first_token_activations(model, fr.layer, start_ids, cfg.batch_tokens)
         if use_prior:
-            neutral_acts = prompt_activations(model, fr.layer, [model.bos_id, fr.mask_id], start_ids,
-                                              cfg.batch_tokens)
+            contexts = context_prefixes(pool, cfg.graded_prior_contexts, cfg.graded_prior_length,
+                                        [cfg.calibration_seed, fr.layer, 2])
+            prefixes = [[model.bos_id, *c] for c in contexts] or [[model.bos_id, fr.mask_id]]
+            prior_acts = prompt_activations(model, fr.layer, prefixes, start_ids, cfg.batch_tokens)
     bos_label = names[label_of[model.bos_id]]
 
     ex_of, aug_of = by_neuron(fr, examples, augmented)
@@ -284,8 +288,8 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
                                        model.label_token_ids, cfg, cal, ordinary)
             have = {act[0] for act, ctx, _ in final if not any(c is not None for c in ctx)}
             measured = None
-            if neutral_acts is not None:
-                measured = label_means(neutral_acts[:, n] / a_max, start_ids, start_counts, label_of)
+            if prior_acts is not None:
+                measured = label_means(prior_acts[:, n] / a_max, start_ids, start_counts, label_of)
             graded = graded_paths(tokens, true, ordinary, label_of, names, model.label_token_ids, have, cfg,
                                   measured)
             cal.n_graded = len(graded)
@@ -327,6 +331,14 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
     return results
 
 
+def _prior_prompt_tokens(cfg: FitConfig) -> int:
+    """Tokens of the graded prior's prompts per measured token: [BOS, context, t] per context, or
+    the neutral prompt [BOS, mask, t]."""
+    if cfg.graded_prior_contexts > 0 and cfg.graded_prior_length > 0:
+        return cfg.graded_prior_contexts * (cfg.graded_prior_length + 2)
+    return 3
+
+
 register_fit_method(FitMethod(
     "paper",
     "the paper's fit (prune, saliency, augment, paths) on the training windows alone",
@@ -345,8 +357,8 @@ register_fit_method(FitMethod(
     # 0-29, most of it the occurrence windows no group shares
     fit_tokens_per_neuron=20_000,
     # the vocabulary sweep ([BOS, prefix, t] for every t), the first-token pass ([BOS, t]) and the
-    # graded prior's pass ([BOS, prefix, t] for the frequent tokens)
+    # graded prior's passes ([BOS, context, t] for the frequent tokens)
     layer_tokens=lambda cfg, d_vocab: (3 * d_vocab if cfg.sweep_tokens > 0 else 0)
     + (2 * min(cfg.start_vocab, d_vocab) if cfg.start_tokens > 0 else 0)
-    + (3 * min(cfg.start_vocab, d_vocab) if cfg.graded_prior > 0 and cfg.graded_tokens > 0 else 0),
+    + (_prior_prompt_tokens(cfg) * min(cfg.start_vocab, d_vocab) if cfg.graded_prior > 0 and cfg.graded_tokens > 0 else 0),
 ))
