@@ -5,8 +5,10 @@ ones, never the scoring table's), ordinary-text firing F1 (threshold .5 of the n
 mean over the neurons that fire in the sample) of:
 
 - N2G: the default (calibrated) fit, and token lookup fitted on the same training windows;
-- corpus tokens: each token's mean activation over every usable corpus window (the whole corpus
-  but the evaluation's held-out windows), i.e. token lookup given all the data there is;
+- corpus labels: each label's mean activation over every usable corpus window (the whole corpus
+  but the evaluation's held-out windows): a token table keyed as N2G's nodes are, on labels
+  (" The", "the" and "The" are one label);
+- corpus tokens: the same per token id, i.e. token lookup given all the data there is;
 - corpus bigrams / trigrams: the mean over every usable occurrence of the token with the one / two
   tokens before it, where seen at least twice, else the order below: context, given all the data
   there is;
@@ -34,8 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _dev import CACHE, THR, DevCorpus, DevLayer, lookup_predict, scores, token_lookup  # noqa: E402
 from n2g_service.activations import layer_activations  # noqa: E402
 from n2g_service.fit import fit_neurons, preset  # noqa: E402
+from n2g_service.fit.methods import _labels  # noqa: E402
 
-COLUMNS = ("n2g", "token lookup", "corpus tokens", "corpus bigrams", "corpus trigrams", "test tokens")
+COLUMNS = ("n2g", "token lookup", "corpus labels", "corpus tokens", "corpus bigrams", "corpus trigrams",
+           "test tokens")
 
 
 def context_codes(w: np.ndarray, v: int, n: int) -> np.ndarray:
@@ -108,6 +112,12 @@ def main() -> None:
         ot = windows[ordinary]
         toks = ot[:, 1:].ravel()
         found = {n: t.lookup(context_codes(ot, v, n)) for n, t in tables.items()}
+        # the label table: the unigram table's sums and counts folded onto labels
+        label_of, _ = _labels(model)
+        uni = tables[1]
+        lab_keys = label_of[uni.keys - 1]  # unigram code = token id + 1
+        lab_n = np.bincount(lab_keys, weights=uni.n, minlength=label_of.max() + 1)
+        ot_lab = label_of[toks]
         for j, n in enumerate(neurons):
             true = dev.true(n, ordinary)[:, 1:].ravel()
             if not (true >= THR).any():
@@ -120,10 +130,12 @@ def main() -> None:
                 mean = table.sums[at, j] / np.maximum(count, 1) / amax[n]
                 backed = np.where(count >= (1 if order == 1 else 2), mean, backed)
                 ngram[order] = backed
+            lab_mean = np.bincount(lab_keys, weights=uni.sums[:, j], minlength=lab_n.size) / np.maximum(lab_n, 1)
             test_tok = (np.bincount(toks, weights=true, minlength=v) / np.maximum(np.bincount(toks, minlength=v), 1))[toks]
             preds = {
                 "n2g": np.asarray(fitted[n].graph.predict(ot, semantics="all_paths_max"))[:, 1:].ravel(),
                 "token lookup": lookup_predict(token_lookup(dev.training(n, fitted[n])), ot)[:, 1:].ravel(),
+                "corpus labels": lab_mean[ot_lab] / amax[n],
                 "corpus tokens": ngram[1],
                 "corpus bigrams": ngram[2],
                 "corpus trigrams": ngram[3],

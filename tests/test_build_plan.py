@@ -169,9 +169,12 @@ def test_the_estimate_follows_the_fit_method(native_model, native_windows, tmp_p
     # passes [BOS, 8 context tokens, t] in 4 contexts over the start_vocab most frequent tokens
     # (8,192: all 1,000 here); the neutral prompt [BOS, mask, t] where there are no contexts
     assert fit_method("calibrated").layer_tokens(preset("calibrated"), 1000) == 3 * 1000 + 2 * 1000 + 4 * 10 * 1000
-    neutral = preset("calibrated", graded_prior_contexts=0)
+    neutral = preset("calibrated", token_contexts=0)
     assert fit_method("calibrated").layer_tokens(neutral, 1000) == 3 * 1000 + 2 * 1000 + 3 * 1000
-    assert fit_method("calibrated").layer_tokens(preset("calibrated", graded_prior=0.0), 1000) == 3 * 1000 + 2 * 1000
+    # the contexts serve split_labels too; with neither, no pass
+    assert fit_method("calibrated").layer_tokens(preset("calibrated", graded_prior=0.0), 1000) == 3 * 1000 + 2 * 1000 + 4 * 10 * 1000
+    none = preset("calibrated", graded_prior=0.0, split_labels=False)
+    assert fit_method("calibrated").layer_tokens(none, 1000) == 3 * 1000 + 2 * 1000
     tokens = {m: s.fit_seconds * s.forward_tokens_per_s[0] for m, s in dry.items()}  # free of timing noise
     assert tokens["calibrated"] > 5 * tokens["paper"]
 

@@ -31,6 +31,9 @@ from n2g_service.fit.calibrate import (
     calibrate_paths,
     context_prefixes,
     graded_paths,
+    split_labels,
+    split_name,
+    token_share,
     first_token_activations,
     learn_from_misses,
     prompt_activations,
@@ -78,8 +81,8 @@ def test_registry_and_presets():
         register_fit_method(FitMethod("paper", "again", fit_method("paper").fit))
     with pytest.raises(ValueError, match="calibrate_fire_rate"):
         FitConfig(calibrate_fire_rate=1.5)
-    for field in ("extra_top", "start_tokens", "start_vocab", "graded_tokens", "graded_prior_contexts",
-                  "graded_prior_length"):
+    for field in ("extra_top", "start_tokens", "start_vocab", "graded_tokens", "token_contexts",
+                  "token_context_length"):
         with pytest.raises(ValueError, match=f"{field}.*>= 0"):
             FitConfig(**{field: -1})
 
@@ -371,6 +374,65 @@ def test_graded_paths_with_a_measured_prior():
         FitConfig(graded_prior=-1.0)
 
 
+def test_split_labels_decides_per_token_id():
+    """A label's ids that fire alone get their own token path; the others keep the label's, below
+    the threshold. Hand-made: label "a" = ids 1, 2, 3 (id 1 fires, 2 and 3 do not), label "b" =
+    ids 4, 5 (both fire, no token path yet), label "c" = ids 6, 7 (7 fires, "c" also starts a
+    context path), label "d" = ids 8, 9 (too few occurrences: nothing changes)."""
+    label_of = np.array([0, 1, 1, 1, 2, 2, 3, 3, 4, 4], dtype=np.int64)
+    names = ["<s>", "a", "b", "c", "d"]
+    groups = {"a": [1, 2, 3], "b": [4, 5], "c": [6, 7], "d": [8, 9]}
+    ids_of = lambda name: list(groups.get(name, []))  # noqa: E731
+    strings = ["<s>", " a", "A", "a", " b", "b", " c", "C", " d", "d"]
+    # id: (occurrences, value): 1 fires at .8 x6; 2 at .1 x5; 3 at .2 x4; 4, 5 at .7 x4;
+    # 6 at .1 x4, 7 at .9 x4; 8 at .9 x1, 9 at .1 x1
+    occ = [(1, .8, 6), (2, .1, 5), (3, .2, 4), (4, .7, 4), (5, .7, 4), (6, .1, 4), (7, .9, 4), (8, .9, 1), (9, .1, 1)]
+    flat = [(i, v) for i, v, k in occ for _ in range(k)]
+    tokens = np.array([[0, i] for i, _ in flat], dtype=np.int64)
+    true = np.array([[0.0, v] for _, v in flat], dtype=np.float32)
+    valid = np.ones_like(tokens, dtype=bool)
+    valid[:, 0] = False
+    cfg = FitConfig(calibrate_min_support=4, calibrate_fire_rate=0.4, graded_floor=0.01)
+    paths = [(("a", [1, 2, 3], 0.6), [], 0.6),  # fires for every id of "a" (wrongly)
+             (("c", [6, 7], 0.3), [("x", [9], 1.0)], 0.7),  # a context path at "c"
+             (("d", [8, 9], 0.9), [], 0.9)]
+    cal = Calibration()
+    got = split_labels(paths, tokens, true, valid, None, label_of, names, ids_of, strings, cfg, cal)
+    token = {p[0][0]: (sorted(p[0][1]), p[2]) for p in got if not p[1]}
+    assert token["a"] == ([1], pytest.approx(0.8))  # the label keeps the id that fires
+    assert token['"A"|"a"'] == ([2, 3], pytest.approx((5 * .1 + 4 * .2) / 9))  # the rest, apart, below
+    assert token["b"] == ([4, 5], pytest.approx(0.7))  # every id fires: the label does
+    assert token['"C"'] == ([7], pytest.approx(0.9))  # "c" starts a context path: 7 goes apart
+    assert "c" not in token  # "c" had no token path to keep
+    assert token["d"] == ([8, 9], 0.9)  # too few occurrences to decide: unchanged
+    assert (("c", [6, 7], 0.3), [("x", [9], 1.0)], 0.7) in got  # context paths stay
+    assert cal.n_labels_split == 2 and cal.n_tokens_learnt == 1
+    # the graph predicts per id: 1 and 7 fire, 2, 3 and 6 do not, 4 and 5 do
+    g = n2g_fast.NeuronGraph("m", 0, 0, "hook", 1.0)
+    for p in got:
+        g.add_path(*p)
+    g.finalize()
+    pred = np.asarray(g.predict(np.array([[0, 1, 2, 3, 4, 5, 6, 7]], dtype=np.int64), semantics="all_paths_max"))[0]
+    assert list(pred[1:] >= 0.5) == [True, False, False, True, True, False, True]
+    # real-context measurements count as occurrences: 4 contexts (id 8 fires, 9 stays low) decide "d"
+    measured = (np.array([8, 9]), np.tile([0.9, 0.05], (4, 1)))
+    got = split_labels(paths, tokens, true, valid, measured, label_of, names, ids_of, strings, cfg, Calibration())
+    token = {p[0][0]: (sorted(p[0][1]), p[2]) for p in got if not p[1]}
+    assert token["d"] == ([8], pytest.approx(0.9))
+    assert token['"d"'] == ([9], pytest.approx((0.1 + 4 * 0.05) / 5))
+    assert split_name([" a"], {'" a"'}) == '" a"' + "'"
+    # the gate: how much of the variance over contexts the token explains
+    by_token = np.tile(np.linspace(0, 1, 50), (4, 1))  # [4 contexts, 50 tokens], context-free
+    assert token_share(by_token) == pytest.approx(1.0)
+    by_context = np.tile(np.array([[0.0], [1.0], [0.2], [0.7]]), (1, 50))  # context alone decides
+    assert token_share(by_context) == pytest.approx(0.0, abs=1e-12)
+    assert token_share(0.5 * by_token + 0.5 * by_context) == pytest.approx(
+        1 - by_context.var(axis=0).mean() * 0.25 / (0.5 * by_token + 0.5 * by_context).var())
+    assert token_share(np.zeros((4, 3))) == 0.0
+    with pytest.raises(ValueError, match="split_min_token_share"):
+        FitConfig(split_min_token_share=1.5)
+
+
 def test_start_paths_on_hand_made_values(native_model):
     """Start paths: a label's value is the count-weighted mean of its ids' first-token
     activations; it fires at >= the threshold; BOS is the context at offset 1 (importance 1); the
@@ -418,20 +480,20 @@ def test_start_candidates_and_first_token_activations(native_model, native_windo
     assert counts[rest].max() <= c.min()
     acts = first_token_activations(m, 1, ids, batch_tokens=6)  # several batches
     assert acts.shape == (6, m.d_mlp)
-    assert first_token_activations(m, 1, ids, batch_tokens=6) is acts  # cached
+    assert np.shares_memory(first_token_activations(m, 1, ids, batch_tokens=6), acts)  # cached
     direct = ActivationRunner(m, 1).run([[m.bos_id, int(t)] for t in ids], [5] * len(ids))
     np.testing.assert_allclose(acts[:, 5], [a[1] for a in direct], rtol=1e-4, atol=1e-5)
-    # longer prompts (the graded prior's [BOS, context, t]): the mean over the prefixes; the last
-    # two calls stay cached
+    # longer prompts (real contexts [BOS, context, t]): one row a prefix; the last two calls stay
+    # cached
     prefixes = [[m.bos_id, int(ids[0])], [m.bos_id, int(ids[1]), int(ids[2])]]
-    prior = prompt_activations(m, 1, prefixes, ids, batch_tokens=7)
-    direct = [[a[-1] for a in ActivationRunner(m, 1).run([p + [int(t)] for t in ids], [5] * len(ids))]
-              for p in prefixes]
-    np.testing.assert_allclose(prior[:, 5], np.mean(direct, axis=0), rtol=1e-4, atol=1e-5)
-    assert not np.allclose(direct[0], direct[1])  # the contexts differ, so the mean is not either one
-    assert first_token_activations(m, 1, ids, batch_tokens=6) is acts
-    assert prompt_activations(m, 1, prefixes, ids) is prior
-    assert not np.allclose(prior, acts)
+    in_context = prompt_activations(m, 1, prefixes, ids, batch_tokens=7)
+    assert in_context.shape == (2, 6, m.d_mlp)
+    for c, p in enumerate(prefixes):
+        direct = ActivationRunner(m, 1).run([p + [int(t)] for t in ids], [5] * len(ids))
+        np.testing.assert_allclose(in_context[c, :, 5], [a[-1] for a in direct], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(in_context[0], in_context[1])
+    assert np.shares_memory(first_token_activations(m, 1, ids, batch_tokens=6), acts)
+    assert prompt_activations(m, 1, prefixes, ids) is in_context
     with pytest.raises(ValueError, match="at least one prefix"):
         prompt_activations(m, 1, [], ids)
 
@@ -608,6 +670,29 @@ def test_calibrated_native_end_to_end(native_model, native_setup):
     assert every.graded_prior > 0 and unseen_graded(fit_neurons(native_model, 1, neurons, train, amax, every, extra=pool))
     plain = fit_neurons(native_model, 1, neurons, train, amax, dataclasses.replace(every, graded_prior=0.0), extra=pool)
     assert unseen_graded(plain) == []
+    # split_labels: the neuron's token share is recorded; below split_min_token_share (0.9) no label
+    # is split and the graphs are those without it; with the gate at 0 labels split, and every
+    # token path on a label holds a part of its ids (a split name holds the rest)
+    for n in neurons:
+        assert 0.0 <= res[n].stats["token_share"] < cfg.split_min_token_share
+        assert res[n].stats["n_labels_split"] == 0
+    unsplit = fit_neurons(native_model, 1, neurons, train, amax, dataclasses.replace(cfg, split_labels=False), extra=pool)
+    assert all(unsplit[n].graph.to_bytes() == res[n].graph.to_bytes() for n in neurons)
+    split = fit_neurons(native_model, 1, neurons, train, amax, dataclasses.replace(cfg, split_min_token_share=0.0),
+                        extra=pool)
+    assert sum(split[n].stats["n_labels_split"] for n in neurons) > 0
+    parts, vocabulary = 0, set(names)
+    for n in neurons:
+        for r in json.loads(split[n].graph.to_json())["roots"]:
+            full = set(m.label_token_ids(r["label"]))
+            if r["label"] not in vocabulary:  # a split name: ids of one label, not all of them
+                labs = {label_of[t] for t in r["token_ids"]}
+                assert len(labs) == 1 and set(r["token_ids"]) < set(m.label_token_ids(names[labs.pop()]))
+                parts += 1
+            else:
+                assert set(r["token_ids"]) <= full
+                parts += set(r["token_ids"]) < full
+    assert parts > 0
     # without a pool it is the paper's fit on the training windows, calibrated on them alone
     alone = fit_neurons(native_model, 1, neurons, train, amax, cfg)
     assert all(r.extra_train == [] and r.stats["n_examples"] == 8 for r in alone.values())

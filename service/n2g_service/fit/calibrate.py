@@ -285,6 +285,7 @@ class Calibration:
     n_tokens_swept: int = 0  # swept tokens with no occurrence to check them, kept on their sweep value
     n_graded: int = 0  # token paths below the threshold that carry the neuron's ordinary level
     n_start: int = 0  # paths [label, BOS]: the labels it fires on as the first token of a text
+    n_labels_split: int = 0  # labels whose ids fire apart (split_labels)
 
 
 def calibrate_paths(
@@ -415,6 +416,115 @@ def learn_from_misses(
         cal.n_contexts_learnt += len(learnt)
         out.extend(learnt)
     return out
+
+
+def split_labels(
+    paths: Sequence[Path],
+    tokens: np.ndarray,
+    true: np.ndarray,
+    valid: np.ndarray,
+    measured: tuple[np.ndarray, np.ndarray] | None,
+    label_of: np.ndarray,
+    label_names: Sequence[str],
+    ids_of,
+    token_strings: Sequence[str],
+    cfg: FitConfig,
+    cal: "Calibration",
+) -> list[Path]:
+    """Token paths decided per token id, not per label. A label stands for several ids (" the",
+    "The", "the"...), which a neuron can treat apart (at layer 0 a neuron is nearly a function of
+    the id). Per id: its occurrences at ``valid`` positions of ``tokens`` [W, T] (true normalised
+    activations ``true``) and, for the frequent ids, its values in real contexts (``measured``:
+    ids [n], values [C, n]), each context counted as one occurrence. An id with >=
+    cfg.calibrate_min_support of them fires alone if >= cfg.calibrate_fire_rate of them fire.
+
+    Per label with an id that fires alone (ids without enough support follow the label's token
+    path; a label none of whose ids fires alone is left to :func:`calibrate_paths`): if every id fires and
+    the label has no firing token path, it gets one; if only some ids S fire, S gets a firing token
+    path of its own, END = S's mean, and the others R keep the label's token path below the
+    threshold, END = R's mean. S keeps the label's name where no context path starts at the label
+    (a search for the label still finds it) and R's path takes :func:`split_name` (no label of the
+    vocabulary, nor of the graph); where context paths start at the label (they match every id of
+    it), S takes the split name."""
+    thr = cfg.activation_threshold
+    below = float(np.nextafter(np.float32(thr), np.float32(0)))
+    v = len(label_of)
+    t = tokens[valid]
+    a = true[valid].astype(np.float64)
+    n = np.bincount(t, minlength=v).astype(np.float64)[:v]
+    f = np.bincount(t, weights=(a >= thr).astype(np.float64), minlength=v)[:v]
+    s = np.bincount(t, weights=a, minlength=v)[:v]
+    if measured is not None and len(measured[0]):
+        ids, values = np.asarray(measured[0], dtype=np.int64), np.asarray(measured[1], dtype=np.float64)
+        n[ids] += values.shape[0]
+        f[ids] += (values >= thr).sum(axis=0)
+        s[ids] += values.sum(axis=0)
+    ok = n >= cfg.calibrate_min_support
+    fires = ok & (f >= cfg.calibrate_fire_rate * n)
+    token_end: dict[str, float] = {}
+    with_context: set[str] = set()
+    for (name, _, _), ctx, end in paths:
+        if any(c is not None for c in ctx):
+            with_context.add(name)
+        else:
+            token_end[name] = max(token_end.get(name, float("-inf")), float(end))
+    names = {act[0] for act, _, _ in paths} | set(label_names)  # a split name is no label
+
+    def mean(group: list[int]) -> float:
+        return float(s[group].sum() / n[group].sum()) if n[group].sum() > 0 else 0.0
+
+    out = list(paths)
+    for j in np.unique(label_of[np.flatnonzero(fires)]):
+        name = label_names[int(j)]
+        lid = [int(i) for i in ids_of(name)]
+        cur = token_end.get(name, 0.0) >= thr
+        S = [i for i in lid if fires[i] or (cur and not ok[i])]
+        R = [i for i in lid if i not in S]
+        if not R:
+            if not cur:  # every id fires alone: the label does
+                end = max(mean(S), thr)
+                out.append(((name, lid, end), [], end))
+                cal.n_tokens_learnt += 1
+            continue
+        end_s, end_r = max(mean(S), thr), min(mean(R), below)
+        keep = [p for p in out if not (p[0][0] == name and not any(c is not None for c in p[1]))]
+        if name in with_context:  # the label's node matches every id: S apart, R on the label
+            if name in token_end:
+                keep.append(((name, lid, end_r), [], end_r))
+            other = split_name([token_strings[i] for i in S], names)
+            keep.append(((other, S, end_s), [], end_s))
+        else:
+            keep.append(((name, S, end_s), [], end_s))
+            if name in token_end or abs(end_r) >= cfg.graded_floor:
+                other = split_name([token_strings[i] for i in R], names)
+                keep.append(((other, R, end_r), [], end_r))
+        names.add(keep[-1][0][0])
+        out = keep
+        cal.n_labels_split += 1
+    return out
+
+
+def token_share(values: np.ndarray) -> float:
+    """The share of a neuron's variance over real contexts that the token id explains: ``values``
+    [C, n] (n tokens, each in the same C contexts), 1 - mean within-token variance / total
+    variance (0 where nothing varies). Near 1: the neuron is a function of the token, and
+    per-id decisions (:func:`split_labels`) are safe; lower, context decides."""
+    values = np.asarray(values, dtype=np.float64)
+    total = float(values.var())
+    if values.size == 0 or total <= 0:
+        return 0.0
+    return 1.0 - float(values.var(axis=0).mean()) / total
+
+
+def split_name(strings: Sequence[str], taken: Collection[str]) -> str:
+    """The name of a label's ids apart from it: their token strings quoted, joined by "|"
+    (" The" -> '" The"'), with "'" added until no name in ``taken`` has it."""
+    import json
+
+    name = "|".join(json.dumps(x, ensure_ascii=False) for x in strings)
+    while name in taken:
+        name += "'"
+    return name
 
 
 def label_means(values: np.ndarray, token_ids: np.ndarray, counts: np.ndarray,
@@ -559,9 +669,9 @@ _PROMPT_CACHE: dict[tuple, np.ndarray] = {}
 
 def prompt_activations(model, layer: int, prefixes: Sequence[Sequence[int]], token_ids: np.ndarray,
                        batch_tokens: int = 4096) -> np.ndarray:
-    """float32 [len(token_ids), d_mlp]: every neuron of ``layer`` at t in [*prefix, t], averaged
-    over the ``prefixes``, for each t of ``token_ids`` (one pass a prefix). The last two calls are
-    cached (one pass serves every neuron group of a layer)."""
+    """float32 [len(prefixes), len(token_ids), d_mlp]: every neuron of ``layer`` at t in
+    [*prefix, t], for each prefix and each t of ``token_ids`` (one pass a prefix). The last two
+    calls are cached (one pass serves every neuron group of a layer)."""
     import torch
 
     ids = np.asarray(token_ids, dtype=np.int64)
@@ -574,13 +684,12 @@ def prompt_activations(model, layer: int, prefixes: Sequence[Sequence[int]], tok
         return got
     if len(_PROMPT_CACHE) >= 2:
         _PROMPT_CACHE.pop(next(iter(_PROMPT_CACHE)))  # the oldest
-    out = np.zeros((len(ids), model.d_mlp), dtype=np.float32)
-    for prefix in prefixes:
+    out = np.zeros((len(prefixes), len(ids), model.d_mlp), dtype=np.float32)
+    for c, prefix in enumerate(prefixes):
         s = 0
         for t, a in _after_prefix(model, layer, prefix, torch.as_tensor(ids), batch_tokens):
-            out[s: s + len(t)] += a.float().cpu().numpy()
+            out[c, s: s + len(t)] = a.float().cpu().numpy()
             s += len(t)
-    out /= len(prefixes)
     _PROMPT_CACHE[key] = out
     return out
 
@@ -601,7 +710,7 @@ def first_token_activations(model, layer: int, token_ids: np.ndarray, batch_toke
     """float32 [len(token_ids), d_mlp]: every neuron of ``layer`` at t in [BOS, t], for each t of
     ``token_ids``. The first token after BOS sees nothing else, so this is the neuron's exact
     activation there (cached as :func:`prompt_activations`)."""
-    return prompt_activations(model, layer, [[model.bos_id]], token_ids, batch_tokens)
+    return prompt_activations(model, layer, [[model.bos_id]], token_ids, batch_tokens)[0]
 
 
 _SWEEP_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}

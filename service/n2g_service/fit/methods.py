@@ -26,6 +26,8 @@ from .calibrate import (
     TrainingPool,
     calibrate_paths,
     context_prefixes,
+    split_labels,
+    token_share,
     first_token_activations,
     graded_paths,
     label_means,
@@ -245,19 +247,23 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
         occ_of[n].append((w, a))
 
     # the frequent corpus tokens, measured (one pass a prompt for the layer): as the first token
-    # after BOS (start paths), and after real corpus prefixes (the graded prior; the vocabulary
-    # sweep's neutral prompt [BOS, mask] where graded_prior_contexts is 0)
-    start_ids = start_counts = start_acts = prior_acts = None
+    # after BOS (start paths) and after real corpus prefixes (the graded prior and split_labels;
+    # without contexts the prior takes the vocabulary sweep's neutral prompt [BOS, mask])
+    start_ids = start_counts = start_acts = context_acts = neutral_acts = None
     use_prior = cfg.graded_prior > 0 and cfg.graded_tokens > 0
-    if pool is not None and cfg.start_vocab > 0 and live and (cfg.start_tokens > 0 or use_prior):
+    contexts = context_prefixes(pool, cfg.token_contexts, cfg.token_context_length,
+                                [cfg.calibration_seed, fr.layer, 2]) if pool is not None else []
+    use_contexts = bool(contexts) and (use_prior or cfg.split_labels)
+    if pool is not None and cfg.start_vocab > 0 and live and (cfg.start_tokens > 0 or use_prior or use_contexts):
         start_ids, start_counts = start_candidates(pool, cfg.start_vocab, model.special_ids())
         if cfg.start_tokens > 0:
             start_acts = first_token_activations(model, fr.layer, start_ids, cfg.batch_tokens)
-        if use_prior:
-            contexts = context_prefixes(pool, cfg.graded_prior_contexts, cfg.graded_prior_length,
-                                        [cfg.calibration_seed, fr.layer, 2])
-            prefixes = [[model.bos_id, *c] for c in contexts] or [[model.bos_id, fr.mask_id]]
-            prior_acts = prompt_activations(model, fr.layer, prefixes, start_ids, cfg.batch_tokens)
+        if use_contexts:
+            context_acts = prompt_activations(model, fr.layer, [[model.bos_id, *c] for c in contexts], start_ids,
+                                              cfg.batch_tokens)
+        elif use_prior:
+            neutral_acts = prompt_activations(model, fr.layer, [[model.bos_id, fr.mask_id]], start_ids,
+                                              cfg.batch_tokens)
     bos_label = names[label_of[model.bos_id]]
 
     ex_of, aug_of = by_neuron(fr, examples, augmented)
@@ -266,6 +272,7 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
         a_max = fr.a_max[n]
         factory = partial(_graph_factory, fr, n)
         cal = Calibration()
+        token_r2 = float("nan")
         final = list(paths[n])
         seen = rand_of[n] + occ_of[n]
         rows = [x for x, _ in pos_of[n]] + [pool.windows[w] for w, _ in seen]
@@ -286,10 +293,17 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
             predicted = np.asarray(make_graph(fr, n, final).predict(tokens, semantics="all_paths_max"))
             final += learn_from_misses(predicted, tokens, true, valid, label_of, names,
                                        model.label_token_ids, cfg, cal, ordinary)
+            in_contexts = None if context_acts is None else context_acts[:, :, n] / a_max  # [C, n]
+            token_r2 = float("nan") if in_contexts is None else token_share(in_contexts)
+            if cfg.split_labels and token_r2 >= cfg.split_min_token_share:
+                final = split_labels(final, tokens, true, valid,
+                                     None if in_contexts is None else (start_ids, in_contexts),
+                                     label_of, names, model.label_token_ids, model.token_strings(), cfg, cal)
             have = {act[0] for act, ctx, _ in final if not any(c is not None for c in ctx)}
             measured = None
-            if prior_acts is not None:
-                measured = label_means(prior_acts[:, n] / a_max, start_ids, start_counts, label_of)
+            if use_prior and (in_contexts is not None or neutral_acts is not None):
+                level = in_contexts.mean(axis=0) if in_contexts is not None else neutral_acts[0, :, n] / a_max
+                measured = label_means(level, start_ids, start_counts, label_of)
             graded = graded_paths(tokens, true, ordinary, label_of, names, model.label_token_ids, have, cfg,
                                   measured)
             cal.n_graded = len(graded)
@@ -321,6 +335,8 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
             "n_tokens_swept": cal.n_tokens_swept,
             "n_graded_tokens": cal.n_graded,
             "n_start_paths": cal.n_start,
+            "n_labels_split": cal.n_labels_split,
+            "token_share": None if token_r2 != token_r2 else round(token_r2, 4),
         })
         results[n] = FitResult(
             graph, stats, paper_details(ex_of[n], examples, aug_of[n]) if details else None,
@@ -331,12 +347,13 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
     return results
 
 
-def _prior_prompt_tokens(cfg: FitConfig) -> int:
-    """Tokens of the graded prior's prompts per measured token: [BOS, context, t] per context, or
-    the neutral prompt [BOS, mask, t]."""
-    if cfg.graded_prior_contexts > 0 and cfg.graded_prior_length > 0:
-        return cfg.graded_prior_contexts * (cfg.graded_prior_length + 2)
-    return 3
+def _measured_prompt_tokens(cfg: FitConfig) -> int:
+    """Tokens a frequent token is measured with: [BOS, context, t] per real context (for the graded
+    prior or split_labels), else the prior's neutral prompt [BOS, mask, t]."""
+    use_prior = cfg.graded_prior > 0 and cfg.graded_tokens > 0
+    if cfg.token_contexts > 0 and cfg.token_context_length > 0 and (use_prior or cfg.split_labels):
+        return cfg.token_contexts * (cfg.token_context_length + 2)
+    return 3 if use_prior else 0
 
 
 register_fit_method(FitMethod(
@@ -357,8 +374,8 @@ register_fit_method(FitMethod(
     # 0-29, most of it the occurrence windows no group shares
     fit_tokens_per_neuron=20_000,
     # the vocabulary sweep ([BOS, prefix, t] for every t), the first-token pass ([BOS, t]) and the
-    # graded prior's passes ([BOS, context, t] for the frequent tokens)
+    # frequent tokens in real contexts ([BOS, context, t])
     layer_tokens=lambda cfg, d_vocab: (3 * d_vocab if cfg.sweep_tokens > 0 else 0)
     + (2 * min(cfg.start_vocab, d_vocab) if cfg.start_tokens > 0 else 0)
-    + (_prior_prompt_tokens(cfg) * min(cfg.start_vocab, d_vocab) if cfg.graded_prior > 0 and cfg.graded_tokens > 0 else 0),
+    + _measured_prompt_tokens(cfg) * min(cfg.start_vocab, d_vocab),
 ))
