@@ -36,11 +36,14 @@ same token mostly leaves the neuron silent. The calibrated fit adds:
   score); the labels that carry most of that level in the ordinary and occurrence windows get
   token paths whose END is their mean there, kept below the firing threshold. A label's mean over
   a few occurrences is noisy and most labels never occur in the windows, so the frequent tokens
-  measured in the vocabulary sweep's neutral prompt [BOS, mask token, t] serve as a prior: a line
-  from a label's value there to its mean in the windows, fitted per neuron, shrinks the one and
-  fills in the other (``FitConfig.graded_prior``).
-  They change no fire; search, similarity and drawings leave them out (``n2g_fast``: paths that
-  cannot fire).
+  measured in real contexts (each after a few seeded corpus prefixes, :func:`context_prefixes`,
+  one pass a prefix for the layer) serve as a prior: a line from a label's mean value there to its
+  mean in the windows, fitted per neuron, shrinks the one and fills in the other
+  (``FitConfig.graded_prior``). They change no fire; search, similarity and drawings leave them
+  out (``n2g_fast``: paths that cannot fire);
+- token ids (:func:`split_labels`): a label stands for several ids, which a neuron that is a
+  function of its token (:func:`token_share` over the same real contexts) treats apart; there
+  token paths are decided per id, the ids that fire alone apart from the rest.
 
 Windows the evaluation holds out (:attr:`TrainingPool.usable` False) and each neuron's test
 windows (:attr:`TrainingPool.exclude`) are never drawn. Every window drawn is returned with its

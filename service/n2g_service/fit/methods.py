@@ -26,8 +26,6 @@ from .calibrate import (
     TrainingPool,
     calibrate_paths,
     context_prefixes,
-    split_labels,
-    token_share,
     first_token_activations,
     graded_paths,
     label_means,
@@ -35,8 +33,10 @@ from .calibrate import (
     prompt_activations,
     select_occurrences,
     select_path_occurrences,
+    split_labels,
     start_candidates,
     start_paths,
+    token_share,
     vocabulary_sweep,
 )
 from .pipeline import (
@@ -272,7 +272,7 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
         a_max = fr.a_max[n]
         factory = partial(_graph_factory, fr, n)
         cal = Calibration()
-        token_r2 = float("nan")
+        share = float("nan")
         final = list(paths[n])
         seen = rand_of[n] + occ_of[n]
         rows = [x for x, _ in pos_of[n]] + [pool.windows[w] for w, _ in seen]
@@ -294,8 +294,8 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
             final += learn_from_misses(predicted, tokens, true, valid, label_of, names,
                                        model.label_token_ids, cfg, cal, ordinary)
             in_contexts = None if context_acts is None else context_acts[:, :, n] / a_max  # [C, n]
-            token_r2 = float("nan") if in_contexts is None else token_share(in_contexts)
-            if cfg.split_labels and token_r2 >= cfg.split_min_token_share:
+            share = float("nan") if in_contexts is None else token_share(in_contexts)
+            if cfg.split_labels and share >= cfg.split_min_token_share:
                 final = split_labels(final, tokens, true, valid,
                                      None if in_contexts is None else (start_ids, in_contexts),
                                      label_of, names, model.label_token_ids, model.token_strings(), cfg, cal)
@@ -336,7 +336,7 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
             "n_graded_tokens": cal.n_graded,
             "n_start_paths": cal.n_start,
             "n_labels_split": cal.n_labels_split,
-            "token_share": None if token_r2 != token_r2 else round(token_r2, 4),
+            "token_share": None if np.isnan(share) else round(share, 4),
         })
         results[n] = FitResult(
             graph, stats, paper_details(ex_of[n], examples, aug_of[n]) if details else None,
