@@ -85,7 +85,8 @@ class StageClock:
     # The calibrated fit measures its extra windows (ordinary, occurrence and path windows) with
     # FitRun.run between the stages; those passes count as the pseudo-stage "windows_measured".
     METHODS = {"windows_measured": ("FitRun", "run")}
-    # prompt_activations alone: the graded prior's passes (the first-token pass is counted above)
+    # prompt_activations alone: the real-context passes (graded prior, split_labels); the
+    # first-token pass calls it too and is counted as first_token_activations
     PER_LAYER = ("vocabulary_sweep", "first_token_activations", "prompt_activations")
 
     def __init__(self):

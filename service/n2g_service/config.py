@@ -200,7 +200,7 @@ class FitConfig(_Config):
     # (layer 0: 7 neurons better, 0 worse; layer 1: 0 better, 6 worse, false fires +.02 / 1k); the share was
     # .93-.99 for 15 of 16 layer-0 neurons, .43-.86 at layer 1: at .9, layer 0 as split, layers
     # 1 and 3 as without. A token-level corpus table per id scores .80 on the layer-0 dev neurons,
-    # per label .72 (benchmark in the README).
+    # per label .72 (benchmarks/bench_token_ceiling.py, corpus tokens / corpus labels).
     split_labels: bool = True
     split_min_token_share: float = 0.9
     # Start tokens: the first token after BOS sees nothing else, so the neuron's activation there

@@ -513,8 +513,8 @@ def token_share(values: np.ndarray) -> float:
     variance (0 where nothing varies). Near 1: the neuron is a function of the token, and
     per-id decisions (:func:`split_labels`) are safe; lower, context decides."""
     values = np.asarray(values, dtype=np.float64)
-    total = float(values.var())
-    if values.size == 0 or total <= 0:
+    total = float(values.var()) if values.size else 0.0
+    if total <= 0:
         return 0.0
     return 1.0 - float(values.var(axis=0).mean()) / total
 
