@@ -3,6 +3,8 @@ single pass, ties included), request compatibility with stored jobs, the dry run
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -175,6 +177,10 @@ def test_the_estimate_follows_the_fit_method(native_model, native_windows, tmp_p
     assert fit_method("calibrated").layer_tokens(preset("calibrated", graded_prior=0.0), 1000) == 3 * 1000 + 2 * 1000 + 4 * 10 * 1000
     none = preset("calibrated", graded_prior=0.0, split_labels=False)
     assert fit_method("calibrated").layer_tokens(none, 1000) == 3 * 1000 + 2 * 1000
+    # at most, the rarer ids up to split_vocab too (measured where a neuron passes the split's gate)
+    rarer = preset("calibrated", start_vocab=100, split_vocab=400)
+    assert fit_method("calibrated").layer_tokens(rarer, 1000) == 3 * 1000 + (2 + 4 * 10) * 400
+    assert fit_method("calibrated").layer_tokens(dataclasses.replace(rarer, split_labels=False), 1000) == 3 * 1000 + (2 + 4 * 10) * 100
     tokens = {m: s.fit_seconds * s.forward_tokens_per_s[0] for m, s in dry.items()}  # free of timing noise
     assert tokens["calibrated"] > 5 * tokens["paper"]
 

@@ -36,6 +36,7 @@ from n2g_service.fit.calibrate import (
     token_share,
     first_token_activations,
     learn_from_misses,
+    measure_tokens,
     prompt_activations,
     select_occurrences,
     select_path_occurrences,
@@ -496,6 +497,21 @@ def test_start_candidates_and_first_token_activations(native_model, native_windo
     assert prompt_activations(m, 1, prefixes, ids) is in_context
     with pytest.raises(ValueError, match="at least one prefix"):
         prompt_activations(m, 1, [], ids)
+    # measure_tokens: a layer's frequent ids, and the rarer ones measured apart and joined, are the
+    # same measurements as one pass over both (first token and prompts, per neuron)
+    whole = measure_tokens(m, 1, pool, (0, 9), prefixes, True, batch_tokens=7)
+    head = measure_tokens(m, 1, pool, (0, 4), prefixes, True, batch_tokens=7)
+    both = head.joined(measure_tokens(m, 1, pool, (4, 9), prefixes, True, batch_tokens=7))
+    np.testing.assert_array_equal(both.ids, whole.ids)
+    np.testing.assert_array_equal(both.counts, whole.counts)
+    np.testing.assert_array_equal(whole.ids[:6], ids)
+    for n in (0, 5):
+        np.testing.assert_allclose(both.first(n), whole.first(n), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(both.prompts(n), whole.prompts(n), rtol=1e-5, atol=1e-6)
+        assert both.prompts(n).shape == (2, 9)
+    np.testing.assert_allclose(whole.first(5)[:6], acts[:, 5], rtol=1e-4, atol=1e-5)
+    bare = measure_tokens(m, 1, pool, (0, 9), [], False)
+    assert bare.first(0) is None and bare.prompts(0) is None and len(bare.ids) == 9
 
 
 def test_context_prefixes_come_from_allowed_windows():
@@ -612,23 +628,31 @@ def test_calibrated_native_end_to_end(native_model, native_setup):
     # start paths: the labels each neuron fires on as the first token after BOS, measured
     m = native_model
     label_of, names = _labels(m)
-    cand, counts = start_candidates(pool, cfg.start_vocab, m.special_ids())
-    direct = np.stack([np.array([a[1] for a in ActivationRunner(m, 1).run([[m.bos_id, int(t)] for t in cand], [n] * len(cand))])
-                       for n in neurons], axis=1)
+
+    def start_fires(k):
+        """Per neuron, {label: its count-weighted value as the first token} for the labels it fires
+        on there, over the k most frequent corpus tokens (forward passes of their own)."""
+        cand, counts = start_candidates(pool, k, m.special_ids())
+        direct = np.stack([np.array([a[1] for a in ActivationRunner(m, 1).run([[m.bos_id, int(t)] for t in cand], [n] * len(cand))])
+                           for n in neurons], axis=1)
+        out = {}
+        for j, n in enumerate(neurons):
+            value, weight = {}, {}
+            for t, c, a in zip(cand, counts, direct[:, j] / amax[n]):
+                lab = names[label_of[t]]
+                value[lab] = value.get(lab, 0.0) + c * a
+                weight[lab] = weight.get(lab, 0) + c
+            out[n] = {lab: value[lab] / weight[lab] for lab in value if value[lab] / weight[lab] >= 0.5}
+        return out
+
     n_start = 0
-    for j, n in enumerate(neurons):
-        value, weight = {}, {}
-        for t, c, a in zip(cand, counts, direct[:, j] / amax[n]):
-            lab = names[label_of[t]]
-            value[lab] = value.get(lab, 0.0) + c * a
-            weight[lab] = weight.get(lab, 0) + c
-        fires = {lab for lab in value if value[lab] / weight[lab] >= 0.5}
+    for n, fires in start_fires(cfg.start_vocab).items():
         assert res[n].stats["n_start_paths"] == min(len(fires), cfg.start_tokens)
         n_start += len(fires)
-        for lab in fires:
+        for lab, v in fires.items():
             t = m.label_token_ids(lab)[0]
             p = np.asarray(res[n].graph.predict(np.array([[m.bos_id, t]], dtype=np.int64)))[0, 1]
-            assert p >= value[lab] / weight[lab] - 1e-5
+            assert p >= v - 1e-5
     assert n_start > 0
     # the same call again: the same graphs (seeded sampling)
     again = fit_neurons(native_model, 1, neurons, train, amax, cfg, extra=pool)
@@ -693,6 +717,21 @@ def test_calibrated_native_end_to_end(native_model, native_setup):
                 assert set(r["token_ids"]) <= full
                 parts += set(r["token_ids"]) < full
     assert parts > 0
+    # the rarer ids (frequency ranks start_vocab..split_vocab) are measured only for the neurons
+    # the split runs on; their start paths then come from every id measured
+    few = dataclasses.replace(cfg, start_vocab=20, split_vocab=10_000)
+    every = len(start_candidates(pool, 10_000, m.special_ids())[0])
+    assert every > 20
+    gated = fit_neurons(native_model, 1, neurons, train, amax, dataclasses.replace(few, split_min_token_share=0.0),
+                        extra=pool)
+    ungated = fit_neurons(native_model, 1, neurons, train, amax, few, extra=pool)
+    fires_few, fires_every = start_fires(20), start_fires(10_000)
+    for n in neurons:
+        assert ungated[n].stats["n_tokens_measured"] == 20
+        assert ungated[n].stats["n_start_paths"] == min(len(fires_few[n]), cfg.start_tokens)
+        assert gated[n].stats["n_tokens_measured"] == every
+        assert gated[n].stats["n_start_paths"] == min(len(fires_every[n]), cfg.start_tokens)
+    assert sum(map(len, fires_every.values())) > sum(map(len, fires_few.values()))
     # without a pool it is the paper's fit on the training windows, calibrated on them alone
     alone = fit_neurons(native_model, 1, neurons, train, amax, cfg)
     assert all(r.extra_train == [] and r.stats["n_examples"] == 8 for r in alone.values())

@@ -43,7 +43,8 @@ same token mostly leaves the neuron silent. The calibrated fit adds:
   out (``n2g_fast``: paths that cannot fire);
 - token ids (:func:`split_labels`): a label stands for several ids, which a neuron that is a
   function of its token (:func:`token_share` over the same real contexts) treats apart; there
-  token paths are decided per id, the ids that fire alone apart from the rest.
+  token paths are decided per id, the ids that fire alone apart from the rest, and the rarer
+  corpus tokens are measured too (:func:`measure_tokens`, once a layer has such a neuron).
 
 Windows the evaluation holds out (:attr:`TrainingPool.usable` False) and each neuron's test
 windows (:attr:`TrainingPool.exclude`) are never drawn. Every window drawn is returned with its
@@ -651,6 +652,48 @@ def start_paths(
     return out
 
 
+@dataclass
+class TokenMeasurements:
+    """Corpus tokens measured by the model at one layer, most frequent first: ``ids`` [n], their
+    usable-corpus ``counts`` [n], and per part (a slice of the ids measured in one pass) every
+    neuron at t in [BOS, t] (``first``: [n_i, d_mlp] a part, or empty) and after each prompt of
+    :func:`measure_tokens` (``prompts``: [P, n_i, d_mlp] a part, or empty). Parts let a layer
+    measure its rarer ids only once a neuron needs them, without copying the frequent ones."""
+
+    ids: np.ndarray
+    counts: np.ndarray
+    first_parts: list[np.ndarray] = field(default_factory=list)
+    prompt_parts: list[np.ndarray] = field(default_factory=list)
+
+    def first(self, neuron: int) -> np.ndarray | None:
+        """[n]: ``neuron`` at t in [BOS, t], or None where that was not measured."""
+        return np.concatenate([p[:, neuron] for p in self.first_parts]) if self.first_parts else None
+
+    def prompts(self, neuron: int) -> np.ndarray | None:
+        """[P, n]: ``neuron`` at t after each prompt, or None where none was measured."""
+        return np.concatenate([p[:, :, neuron] for p in self.prompt_parts], axis=1) if self.prompt_parts else None
+
+    def joined(self, other: "TokenMeasurements") -> "TokenMeasurements":
+        """These ids followed by ``other``'s (measured the same way)."""
+        return TokenMeasurements(np.concatenate([self.ids, other.ids]), np.concatenate([self.counts, other.counts]),
+                                 self.first_parts + other.first_parts, self.prompt_parts + other.prompt_parts)
+
+
+def measure_tokens(model, layer: int, pool: TrainingPool, ranks: tuple[int, int], prompts: Sequence[Sequence[int]],
+                   first: bool, batch_tokens: int = 4096) -> TokenMeasurements:
+    """The corpus tokens of frequency ranks ``ranks`` = [start, stop) (:func:`start_candidates`,
+    special tokens left out) measured at ``layer``: at t in [BOS, t] if ``first``, and after each
+    of ``prompts`` (one pass each for the layer, cached by :func:`prompt_activations`)."""
+    ids, counts = start_candidates(pool, ranks[1], model.special_ids())
+    ids, counts = ids[ranks[0]:], counts[ranks[0]:]
+    out = TokenMeasurements(ids, counts)
+    if len(ids) and first:
+        out.first_parts.append(first_token_activations(model, layer, ids, batch_tokens))
+    if len(ids) and prompts:
+        out.prompt_parts.append(prompt_activations(model, layer, prompts, ids, batch_tokens))
+    return out
+
+
 def _after_prefix(model, layer: int, prefix: Sequence[int], ids, batch_tokens: int):
     """Batches of (token ids [rows], every neuron of ``layer`` at t in [*prefix, t] [rows,
     d_mlp], on the model's device) for the tokens t of ``ids`` (a torch long tensor), at most
@@ -673,8 +716,9 @@ _PROMPT_CACHE: dict[tuple, np.ndarray] = {}
 def prompt_activations(model, layer: int, prefixes: Sequence[Sequence[int]], token_ids: np.ndarray,
                        batch_tokens: int = 4096) -> np.ndarray:
     """float32 [len(prefixes), len(token_ids), d_mlp]: every neuron of ``layer`` at t in
-    [*prefix, t], for each prefix and each t of ``token_ids`` (one pass a prefix). The last two
-    calls are cached (one pass serves every neuron group of a layer)."""
+    [*prefix, t], for each prefix and each t of ``token_ids`` (one pass a prefix). The last four
+    calls are cached (one pass serves every neuron group of a layer: a layer makes up to four,
+    the first token and the prompts, for the frequent and for the rarer ids)."""
     import torch
 
     ids = np.asarray(token_ids, dtype=np.int64)
@@ -685,7 +729,7 @@ def prompt_activations(model, layer: int, prefixes: Sequence[Sequence[int]], tok
     got = _PROMPT_CACHE.get(key)
     if got is not None:
         return got
-    if len(_PROMPT_CACHE) >= 2:
+    if len(_PROMPT_CACHE) >= 4:
         _PROMPT_CACHE.pop(next(iter(_PROMPT_CACHE)))  # the oldest
     out = np.zeros((len(prefixes), len(ids), model.d_mlp), dtype=np.float32)
     for c, prefix in enumerate(prefixes):

@@ -26,15 +26,13 @@ from .calibrate import (
     TrainingPool,
     calibrate_paths,
     context_prefixes,
-    first_token_activations,
     graded_paths,
     label_means,
     learn_from_misses,
-    prompt_activations,
+    measure_tokens,
     select_occurrences,
     select_path_occurrences,
     split_labels,
-    start_candidates,
     start_paths,
     token_share,
     vocabulary_sweep,
@@ -247,23 +245,19 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
         occ_of[n].append((w, a))
 
     # the frequent corpus tokens, measured (one pass a prompt for the layer): as the first token
-    # after BOS (start paths) and after real corpus prefixes (the graded prior and split_labels;
-    # without contexts the prior takes the vocabulary sweep's neutral prompt [BOS, mask])
-    start_ids = start_counts = start_acts = context_acts = neutral_acts = None
+    # after BOS (start paths) and after real corpus prefixes (the graded prior, the token share and
+    # split_labels; without contexts the prior takes the neutral prompt [BOS, mask]). The rarer
+    # ids (ranks start_vocab..split_vocab) only once a neuron the split runs on needs them.
     use_prior = cfg.graded_prior > 0 and cfg.graded_tokens > 0
     contexts = context_prefixes(pool, cfg.token_contexts, cfg.token_context_length,
                                 [cfg.calibration_seed, fr.layer, 2]) if pool is not None else []
     use_contexts = bool(contexts) and (use_prior or cfg.split_labels)
-    if pool is not None and cfg.start_vocab > 0 and live and (cfg.start_tokens > 0 or use_prior or use_contexts):
-        start_ids, start_counts = start_candidates(pool, cfg.start_vocab, model.special_ids())
-        if cfg.start_tokens > 0:
-            start_acts = first_token_activations(model, fr.layer, start_ids, cfg.batch_tokens)
-        if use_contexts:
-            context_acts = prompt_activations(model, fr.layer, [[model.bos_id, *c] for c in contexts], start_ids,
-                                              cfg.batch_tokens)
-        elif use_prior:
-            neutral_acts = prompt_activations(model, fr.layer, [[model.bos_id, fr.mask_id]], start_ids,
-                                              cfg.batch_tokens)
+    prompts = ([[model.bos_id, *c] for c in contexts] if use_contexts
+               else [[model.bos_id, fr.mask_id]] if use_prior else [])
+    frequent = rare = None
+    if pool is not None and cfg.start_vocab > 0 and live and (cfg.start_tokens > 0 or prompts):
+        frequent = measure_tokens(model, fr.layer, pool, (0, cfg.start_vocab), prompts, cfg.start_tokens > 0,
+                                  cfg.batch_tokens)
     bos_label = names[label_of[model.bos_id]]
 
     ex_of, aug_of = by_neuron(fr, examples, augmented)
@@ -273,6 +267,15 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
         factory = partial(_graph_factory, fr, n)
         cal = Calibration()
         share = float("nan")
+        if use_contexts and frequent is not None and a_max > 0:
+            share = token_share(frequent.prompts(n) / a_max)
+        split = cfg.split_labels and share >= cfg.split_min_token_share
+        measured = frequent
+        if split and cfg.split_vocab > cfg.start_vocab:
+            if rare is None:
+                rare = measure_tokens(model, fr.layer, pool, (cfg.start_vocab, cfg.split_vocab), prompts,
+                                      cfg.start_tokens > 0, cfg.batch_tokens)
+            measured = frequent.joined(rare)
         final = list(paths[n])
         seen = rand_of[n] + occ_of[n]
         rows = [x for x, _ in pos_of[n]] + [pool.windows[w] for w, _ in seen]
@@ -282,8 +285,9 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
             for r, a in enumerate([a for _, a in pos_of[n]] + [a for _, a in seen]):
                 true[r, : len(a)] = a / a_max
             start = []
-            if start_acts is not None:
-                start = start_paths(start_acts[:, n] / a_max, start_ids, start_counts, label_of, names,
+            first = measured.first(n) if measured is not None else None
+            if first is not None:
+                start = start_paths(first / a_max, measured.ids, measured.counts, label_of, names,
                                     model.label_token_ids, bos_label, cfg)
                 valid[:, 1] = False  # the first token is measured: learn the rest from positions >= 2
             cal.n_start = len(start)
@@ -293,19 +297,16 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
             predicted = np.asarray(make_graph(fr, n, final).predict(tokens, semantics="all_paths_max"))
             final += learn_from_misses(predicted, tokens, true, valid, label_of, names,
                                        model.label_token_ids, cfg, cal, ordinary)
-            in_contexts = None if context_acts is None else context_acts[:, :, n] / a_max  # [C, n]
-            share = float("nan") if in_contexts is None else token_share(in_contexts)
-            if cfg.split_labels and share >= cfg.split_min_token_share:
-                final = split_labels(final, tokens, true, valid,
-                                     None if in_contexts is None else (start_ids, in_contexts),
+            levels = measured.prompts(n) / a_max if measured is not None and prompts else None  # [P, n]
+            if split:
+                final = split_labels(final, tokens, true, valid, (measured.ids, levels),
                                      label_of, names, model.label_token_ids, model.token_strings(), cfg, cal)
             have = {act[0] for act, ctx, _ in final if not any(c is not None for c in ctx)}
-            measured = None
-            if use_prior and (in_contexts is not None or neutral_acts is not None):
-                level = in_contexts.mean(axis=0) if in_contexts is not None else neutral_acts[0, :, n] / a_max
-                measured = label_means(level, start_ids, start_counts, label_of)
+            prior = None
+            if use_prior and levels is not None:
+                prior = label_means(levels.mean(axis=0), measured.ids, measured.counts, label_of)
             graded = graded_paths(tokens, true, ordinary, label_of, names, model.label_token_ids, have, cfg,
-                                  measured)
+                                  prior)
             cal.n_graded = len(graded)
             final += graded
         # a swept token that fires and never occurs in the corpus it may learn from: nothing
@@ -337,6 +338,7 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
             "n_start_paths": cal.n_start,
             "n_labels_split": cal.n_labels_split,
             "token_share": None if np.isnan(share) else round(share, 4),
+            "n_tokens_measured": 0 if measured is None else len(measured.ids),
         })
         results[n] = FitResult(
             graph, stats, paper_details(ex_of[n], examples, aug_of[n]) if details else None,
@@ -356,6 +358,15 @@ def _measured_prompt_tokens(cfg: FitConfig) -> int:
     return 3 if use_prior else 0
 
 
+def _measured_vocab(cfg: FitConfig, d_vocab: int) -> int:
+    """At most how many tokens a layer measures: start_vocab, and up to split_vocab where a neuron
+    may pass the split's gate (real contexts measure its token share)."""
+    k = cfg.start_vocab
+    if cfg.split_labels and cfg.token_contexts > 0 and cfg.token_context_length > 0:
+        k = max(k, cfg.split_vocab)
+    return min(k, d_vocab) if cfg.start_vocab > 0 else 0
+
+
 register_fit_method(FitMethod(
     "paper",
     "the paper's fit (prune, saliency, augment, paths) on the training windows alone",
@@ -373,9 +384,8 @@ register_fit_method(FitMethod(
     # SmolLM2, 24 neurons a layer (benchmarks/scoring_table.sh): medians 11,700-35,700 at layers
     # 0-29, most of it the occurrence windows no group shares
     fit_tokens_per_neuron=20_000,
-    # the vocabulary sweep ([BOS, prefix, t] for every t), the first-token pass ([BOS, t]) and the
-    # frequent tokens in real contexts ([BOS, context, t])
+    # the vocabulary sweep ([BOS, prefix, t] for every t), then the frequent tokens measured as the
+    # first token ([BOS, t]) and in real contexts ([BOS, context, t]); at most, the rarer ones too
     layer_tokens=lambda cfg, d_vocab: (3 * d_vocab if cfg.sweep_tokens > 0 else 0)
-    + (2 * min(cfg.start_vocab, d_vocab) if cfg.start_tokens > 0 else 0)
-    + _measured_prompt_tokens(cfg) * min(cfg.start_vocab, d_vocab),
+    + ((2 if cfg.start_tokens > 0 else 0) + _measured_prompt_tokens(cfg)) * _measured_vocab(cfg, d_vocab),
 ))
