@@ -749,6 +749,12 @@ def test_calibrated_real_layer0(real_model, real_windows, real_scan0):
     cfg = preset("calibrated", extra_top=4, random_windows=32, occurrence_windows=4, max_occurrence_windows=32)
     res = fit_neurons(real_model, 0, neurons, train, amax, cfg, extra=pool)
     _check_calibrated(real_model, 0, neurons, train, test_ids, amax, heldout, pool, res, cfg)
+    # at layer 0 the token decides: the neurons pass split_labels' gate, and every corpus token
+    # of the pool is measured for them (the slice has fewer than start_vocab + split_vocab ids)
+    every = len(np.setdiff1d(np.flatnonzero(pool.token_counts()), real_model.special_ids()))
+    for n in neurons:
+        assert res[n].stats["token_share"] >= cfg.split_min_token_share
+        assert res[n].stats["n_tokens_measured"] == min(every, cfg.split_vocab)
     paper = fit_neurons(real_model, 0, neurons, train, amax, preset("paper"))
     # on the windows it learnt from beyond the paper's, the calibrated graph fits the neuron at
     # least as well as the paper's graph (mean F1 over the neurons)
