@@ -73,8 +73,8 @@ class DevCorpus:
     ordinary: np.ndarray  # ids of the held-out windows scored as ordinary text
 
     @classmethod
-    def load(cls, n_ordinary: int) -> "DevCorpus":
-        model = load_model(device="cpu")
+    def load(cls, n_ordinary: int, device: str = "cpu") -> "DevCorpus":
+        model = load_model(device=device)
         windows = make_windows(model, load_texts("fortunes"), window_tokens=64)
         heldout = heldout_window_ids(len(windows), EvalConfig())
         usable = np.ones(len(windows), dtype=bool)

@@ -53,10 +53,11 @@ def main() -> None:
                     help="FitConfig override for every method but paper (repeatable)")
     ap.add_argument("--scan-k", type=int, default=60)
     ap.add_argument("--cache", default=CACHE)
+    ap.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, ...)")
     args = ap.parse_args()
     overrides = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
 
-    corpus = DevCorpus.load(args.ordinary)
+    corpus = DevCorpus.load(args.ordinary, args.device)
     model, windows, ordinary = corpus.model, corpus.windows, corpus.ordinary
     scans = corpus.scans(args.layers, args.scan_k, args.cache)
 
