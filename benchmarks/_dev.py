@@ -142,7 +142,7 @@ class DevLayer:
         true_of: dict[int, np.ndarray] = {}
         for i in range(0, len(need), 64):
             ids = need[i: i + 64]
-            a = layer_activations(model, windows[ids], [layer])[layer][:, :, neurons].numpy()
+            a = layer_activations(model, windows[ids], [layer])[layer][:, :, neurons].cpu().numpy()
             true_of.update({w: a[j] for j, w in enumerate(ids)})
         return cls(layer, neurons, {n: float(amax_all[n]) for n in neurons}, top_ids, splits, train, test_ids,
                    pool, true_of)
