@@ -149,6 +149,11 @@ class FitConfig(_Config):
     sweep_tokens: int = 256
     sweep_threshold: float = 0.4
     calibrate_min_support: int = 4
+    # A lower rate trades ordinary-text precision for top-window recall. Dev neurons (odd ids
+    # >= 1001, 16 a layer), 0.25 against 0.4: ordinary-text F1 -.035 / -.027 / -.009 at layers
+    # 0 / 1 / 3 (CPU), +.014 / -.001 / -.004 at layers 7 / 15 / 29 (H200); paper protocol +.01 /
+    # +.08 / +.07 at 7 / 15 / 29; false fires +.1 / +.5 / +.2 per 1k at 1 / 15 / 29. 0.3 at
+    # layers 0 / 1 / 3 (before split_vocab): F1 +.003 / -.001 / .000.
     calibrate_fire_rate: float = 0.4
     # Where a path's fire rate and END are measured: "ordinary" = on the ordinary and occurrence
     # windows (not chosen for the neuron's activation) when they hold >= calibrate_min_support of
