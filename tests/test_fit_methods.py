@@ -512,6 +512,9 @@ def test_start_candidates_and_first_token_activations(native_model, native_windo
     np.testing.assert_allclose(whole.first(5)[:6], acts[:, 5], rtol=1e-4, atol=1e-5)
     bare = measure_tokens(m, 1, pool, (0, 9), [], False)
     assert bare.first(0) is None and bare.prompts(0) is None and len(bare.ids) == 9
+    beyond = measure_tokens(m, 1, pool, (10**6, 2 * 10**6), prefixes, True)  # past the corpus's ids
+    assert len(beyond.ids) == 0 and beyond.first(5).shape == (0,) and beyond.prompts(5).shape == (2, 0)
+    assert whole.joined(beyond).prompts(5).shape == (2, 9)
 
 
 def test_context_prefixes_come_from_allowed_windows():

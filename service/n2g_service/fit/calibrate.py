@@ -687,9 +687,9 @@ def measure_tokens(model, layer: int, pool: TrainingPool, ranks: tuple[int, int]
     ids, counts = start_candidates(pool, ranks[1], model.special_ids())
     ids, counts = ids[ranks[0]:], counts[ranks[0]:]
     out = TokenMeasurements(ids, counts)
-    if len(ids) and first:
+    if first:  # no ids (a corpus smaller than ranks[0]): an empty part, no pass
         out.first_parts.append(first_token_activations(model, layer, ids, batch_tokens))
-    if len(ids) and prompts:
+    if prompts:
         out.prompt_parts.append(prompt_activations(model, layer, prompts, ids, batch_tokens))
     return out
 
