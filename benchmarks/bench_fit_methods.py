@@ -79,7 +79,8 @@ def main() -> None:
                 te_true = dev.true(n, dev.test_ids[n])
                 od_true = dev.true(n, ordinary)
                 row = {"layer": layer, "neuron": n, "method": method, "seconds": sec,
-                       "n_train": len(tr), "n_paths": int(g.n_paths)}
+                       "n_train": len(tr), "n_paths": int(g.n_paths),
+                       "fire_rate": fitted[n].stats.get("fire_rate")}
                 for name, toks, true in (("paper", te_tok, te_true), ("ordinary", ord_tokens, od_true)):
                     pn = np.asarray(g.predict(toks, semantics="all_paths_max"))[:, 1:].ravel()
                     pt = lookup_predict(table, toks)[:, 1:].ravel()

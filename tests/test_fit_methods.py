@@ -740,6 +740,41 @@ def test_calibrated_native_end_to_end(native_model, native_setup):
     assert all(r.extra_train == [] and r.stats["n_examples"] == 8 for r in alone.values())
 
 
+def test_fire_rate_follows_each_neurons_f1(native_model, native_setup):
+    """fire_rate_f1: each neuron's fire rate is that fraction of the F1 its graph, calibrated at
+    calibrate_fire_rate, scores on the windows it learnt from (positions >= 2: BOS is never
+    fitted, the first token is measured), at least fire_rate_floor; and its graph is the one a
+    fit at that fixed rate makes."""
+    neurons, train, test_ids, amax, heldout, pool = native_setup
+    cfg = preset("calibrated", extra_top=6, random_windows=40, occurrence_windows=4, max_occurrence_windows=24,
+                 graded_tokens=0)
+    fixed = fit_neurons(native_model, 1, neurons, train, amax, cfg, extra=pool)
+    own = dataclasses.replace(cfg, fire_rate_f1=0.5, fire_rate_floor=0.05)
+    res = fit_neurons(native_model, 1, neurons, train, amax, own, extra=pool)
+    runner = ActivationRunner(native_model, 1)
+    rates = {}
+    for n in neurons:
+        assert fixed[n].stats["fire_rate"] == cfg.calibrate_fire_rate
+        seen = [(np.asarray(t), a / amax[n]) for t, a in zip(train[n], runner.run(train[n], [n] * len(train[n])))]
+        seen += [(t, a) for _, t, a in res[n].extra_train]
+        tp = fires = predicted = 0
+        for t, a in seen:
+            p = np.asarray(fixed[n].graph.predict(t[None]))[0, 2:] >= 0.5
+            f = a[2:] >= 0.5
+            tp, fires, predicted = tp + int((p & f).sum()), fires + int(f.sum()), predicted + int(p.sum())
+        rates[n] = max(0.5 * 2 * tp / max(fires + predicted, 1), own.fire_rate_floor)
+        assert res[n].stats["fire_rate"] == pytest.approx(rates[n], abs=1e-4)
+    assert any(r != cfg.calibrate_fire_rate for r in rates.values())
+    assert any(res[n].graph.to_bytes() != fixed[n].graph.to_bytes() for n in neurons)  # the rate decides
+    for rate in set(rates.values()):  # the same neurons at that fixed rate (a group's passes batch together)
+        at = fit_neurons(native_model, 1, neurons, train, amax, dataclasses.replace(cfg, calibrate_fire_rate=rate),
+                         extra=pool)
+        for n in (n for n in neurons if rates[n] == rate):
+            assert at[n].graph.to_bytes() == res[n].graph.to_bytes()
+    with pytest.raises(ValueError, match="fire_rate_f1"):
+        FitConfig(fire_rate_f1=1.5)
+
+
 @pytest.mark.real_model
 def test_calibrated_real_layer0(real_model, real_windows, real_scan0):
     neurons = pick_neurons(real_scan0, range(5, 1536, 97), 3)

@@ -14,6 +14,7 @@ Adding a method: write ``fit`` from the stages, then ``register_fit_method(FitMe
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Mapping
@@ -266,6 +267,7 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
         a_max = fr.a_max[n]
         factory = partial(_graph_factory, fr, n)
         cal = Calibration()
+        fire_rate = cfg.calibrate_fire_rate
         share = float("nan")
         if use_contexts and frequent is not None and a_max > 0:
             share = token_share(frequent.prompts(n) / a_max)
@@ -290,17 +292,30 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
                 start = start_paths(first / a_max, measured.ids, measured.counts, label_of, names,
                                     model.label_token_ids, bos_label, cfg)
                 valid[:, 1] = False  # the first token is measured: learn the rest from positions >= 2
-            cal.n_start = len(start)
             ordinary = valid.copy()
             ordinary[: len(pos_of[n])] = False  # top windows overstate a token's usual level
-            final = calibrate_paths(paths[n], tokens, true, valid, factory, cfg, cal, ordinary) + start
-            predicted = np.asarray(make_graph(fr, n, final).predict(tokens, semantics="all_paths_max"))
-            final += learn_from_misses(predicted, tokens, true, valid, label_of, names,
-                                       model.label_token_ids, cfg, cal, ordinary)
             levels = measured.prompts(n) / a_max if measured is not None and prompts else None  # [P, n]
-            if split:
-                final = split_labels(final, tokens, true, valid, (measured.ids, levels),
-                                     label_of, names, model.label_token_ids, model.token_strings(), cfg, cal)
+
+            def fires_at(c: FitConfig, cal: Calibration) -> list:
+                """The firing paths calibrated at c.calibrate_fire_rate."""
+                cal.n_start = len(start)
+                out = calibrate_paths(paths[n], tokens, true, valid, factory, c, cal, ordinary) + start
+                predicted = np.asarray(make_graph(fr, n, out).predict(tokens, semantics="all_paths_max"))
+                out += learn_from_misses(predicted, tokens, true, valid, label_of, names,
+                                         model.label_token_ids, c, cal, ordinary)
+                if split:
+                    out = split_labels(out, tokens, true, valid, (measured.ids, levels),
+                                       label_of, names, model.label_token_ids, model.token_strings(), c, cal)
+                return out
+
+            final = fires_at(cfg, cal)
+            if cfg.fire_rate_f1 > 0:  # the neuron's own rate: a fraction of the F1 it reaches
+                f1 = _firing_f1(make_graph(fr, n, final), tokens, true, valid, thr)
+                rate = max(cfg.fire_rate_f1 * f1, cfg.fire_rate_floor)
+                if rate != cfg.calibrate_fire_rate:
+                    cal = Calibration()
+                    final = fires_at(dataclasses.replace(cfg, calibrate_fire_rate=rate), cal)
+                fire_rate = rate
             have = {act[0] for act, ctx, _ in final if not any(c is not None for c in ctx)}
             prior = None
             if use_prior and levels is not None:
@@ -337,6 +352,7 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
             "n_graded_tokens": cal.n_graded,
             "n_start_paths": cal.n_start,
             "n_labels_split": cal.n_labels_split,
+            "fire_rate": round(fire_rate, 4),
             "token_share": None if np.isnan(share) else round(share, 4),
             "n_tokens_measured": 0 if measured is None else len(measured.ids),
         })
@@ -347,6 +363,15 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
         )
     tick()
     return results
+
+
+def _firing_f1(graph, tokens: np.ndarray, true: np.ndarray, within: np.ndarray, thr: float) -> float:
+    """The firing F1 of ``graph`` on ``tokens`` at the positions ``within`` (0 without fires)."""
+    pred = np.asarray(graph.predict(tokens, semantics="all_paths_max"))[within] >= thr
+    fire = true[within] >= thr
+    tp = float((pred & fire).sum())
+    denom = float(pred.sum() + fire.sum())
+    return 2 * tp / denom if denom else 0.0
 
 
 def _measured_prompt_tokens(cfg: FitConfig) -> int:
