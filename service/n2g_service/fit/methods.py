@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from ..config import FitConfig
+from ..metrics import firing_scores
 from .calibrate import (
     Calibration,
     TrainingPool,
@@ -310,7 +311,8 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
 
             final = fires_at(cfg, cal)
             if cfg.fire_rate_f1 > 0:  # the neuron's own rate: a fraction of the F1 it reaches
-                f1 = _firing_f1(make_graph(fr, n, final), tokens, true, valid, thr)
+                predicted = np.asarray(make_graph(fr, n, final).predict(tokens, semantics="all_paths_max"))
+                f1 = firing_scores(true[valid], predicted[valid], thr)["f1"]
                 rate = max(cfg.fire_rate_f1 * f1, cfg.fire_rate_floor)
                 if rate != cfg.calibrate_fire_rate:
                     cal = Calibration()
@@ -363,15 +365,6 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
         )
     tick()
     return results
-
-
-def _firing_f1(graph, tokens: np.ndarray, true: np.ndarray, within: np.ndarray, thr: float) -> float:
-    """The firing F1 of ``graph`` on ``tokens`` at the positions ``within`` (0 without fires)."""
-    pred = np.asarray(graph.predict(tokens, semantics="all_paths_max"))[within] >= thr
-    fire = true[within] >= thr
-    tp = float((pred & fire).sum())
-    denom = float(pred.sum() + fire.sum())
-    return 2 * tp / denom if denom else 0.0
 
 
 def _measured_prompt_tokens(cfg: FitConfig) -> int:
