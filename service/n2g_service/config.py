@@ -171,7 +171,8 @@ class FitConfig(_Config):
     # / .000 / +.001 at layers 0 / 1 / 3 / 7 / 15, Pearson r within .003; paper protocol +.001 /
     # +.013 / .000 / .000 / +.074 (layer 15: .20 -> .27, 7 better, 0 worse; token lookup .19),
     # false fires +.6 per 1k at layer 15 (1.4 -> 2.0). Rates chosen: .21-.50 at layer 7, .20-.41
-    # at 15; at layers 3 and 7 no graph changed (their paths rarely have the support a rate needs).
+    # at 15; at layers 3 and 7 almost no score moved (1 or 2 neurons at 3, none at 7: their paths
+    # rarely have the support a rate needs).
     # With fire_rate_floor 0.3, layer 15: paper protocol .20 -> .27 (7 better, 0 worse), false
     # fires +.3 per 1k (1.4 -> 1.7), ordinary-text F1 +.004. Off: the top-window recall it buys at
     # depth costs ordinary-text false fires there, and layers 15 and 29 of the scoring table (where
