@@ -124,8 +124,13 @@ def _same_as_reference(model, layer, neurons, train, amax, cfg, pool=None):
     for n in neurons:
         assert new[n].graph.to_bytes() == ref[n].graph.to_bytes()
         volatile = ("seconds", "forward_passes_shared")
-        assert {k: v for k, v in new[n].stats.items() if k not in volatile + ("method", "fit_config")} == \
-            {k: v for k, v in ref[n].stats.items() if k not in volatile}
+        # the one intended difference: the stats list every configured proposer, also with
+        # nothing proposed (the reference lists only those that ran: {} for a neuron with none)
+        want = {k: v for k, v in ref[n].stats.items() if k not in volatile}
+        want["augmented_by_proposer"] = {p: want["augmented_by_proposer"].get(p, {"positive": 0, "negative": 0})
+                                         for p in new[n].stats["augmented_by_proposer"]}
+        assert set(want["augmented_by_proposer"]) == {"model", "embedding"} & set(cfg.proposers)
+        assert {k: v for k, v in new[n].stats.items() if k not in volatile + ("method", "fit_config")} == want
         assert new[n].stats["method"] == "paper" and new[n].stats["fit_config"] == cfg.to_dict()
         assert new[n].extra_train == []
     return new
@@ -136,6 +141,16 @@ def test_paper_is_byte_identical_native(native_model, native_setup):
     res = _same_as_reference(native_model, 1, neurons, train, amax, preset("paper"), pool)  # pool ignored
     assert sum(r.stats["n_paths"] for r in res.values()) > 0
     _same_as_reference(native_model, 1, neurons, train, amax, preset("paper", mask_token="pad", n_substitutes=2))
+
+
+def test_stats_list_every_configured_proposer(native_model, native_setup):
+    """A neuron with nothing augmented reports zero counts per proposer, not an empty mapping."""
+    neurons, train, _, amax, _, _ = native_setup
+    zero = {"positive": 0, "negative": 0}
+    res = fit_neurons(native_model, 1, neurons[:1], train, amax, preset("paper", n_substitutes=0))
+    assert res[neurons[0]].stats["augmented_by_proposer"] == {"model": zero, "embedding": zero}
+    res = fit_neurons(native_model, 1, neurons[:1], train, amax, preset("paper", proposers=("embedding",)))
+    assert list(res[neurons[0]].stats["augmented_by_proposer"]) == ["embedding"]
 
 
 @pytest.mark.real_model

@@ -184,8 +184,9 @@ def saliency_stage(fr: FitRun, examples: list[Example]) -> None:
 
 def augment_stage(fr: FitRun, examples: list[Example]) -> tuple[list[Augmented], list[str]]:
     """Stage 4: augmented prompts with their activations and positive / negative label; also the
-    proposers that ran."""
+    proposers configured (every one, also where nothing was proposed: the stats keep one shape)."""
     cfg, model = fr.cfg, fr.model
+    configured = [p for p in ("model", "embedding") if p in cfg.proposers] + (["mlm"] if cfg.mlm_name else [])
     requests = [(ei, k) for ei, e in enumerate(examples) for k in e.important]
     proposals: dict[str, list[list[int]]] = {}
     n_sub = cfg.n_substitutes
@@ -217,7 +218,7 @@ def augment_stage(fr: FitRun, examples: list[Example]) -> tuple[list[Augmented],
         parent = examples[a.parent]
         piv = parent.pruned.pivot
         a.positive = bool(act[piv] >= cfg.augment_positive * parent.acts[piv])
-    return augmented, list(proposals)
+    return augmented, configured
 
 
 def augmented_saliency_stage(fr: FitRun, examples: list[Example], augmented: list[Augmented]) -> None:
