@@ -761,8 +761,9 @@ def test_fire_rate_follows_each_neurons_f1(native_model, native_setup):
     fitted, the first token is measured), at least fire_rate_floor; and its graph is the one a
     fit at that fixed rate makes."""
     neurons, train, test_ids, amax, heldout, pool = native_setup
+    assert FitConfig().fire_rate_f1 == 0.5 and FitConfig().fire_rate_floor == 0.3  # the default (see FitConfig)
     cfg = preset("calibrated", extra_top=6, random_windows=40, occurrence_windows=4, max_occurrence_windows=24,
-                 graded_tokens=0)
+                 graded_tokens=0, fire_rate_f1=0.0)
     fixed = fit_neurons(native_model, 1, neurons, train, amax, cfg, extra=pool)
     own = dataclasses.replace(cfg, fire_rate_f1=0.5, fire_rate_floor=0.05)
     res = fit_neurons(native_model, 1, neurons, train, amax, own, extra=pool)

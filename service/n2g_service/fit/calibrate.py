@@ -17,8 +17,8 @@ same token mostly leaves the neuron silent. The calibrated fit adds:
   (:func:`select_path_occurrences`), run through the model for their true activations;
 - calibration (:func:`calibrate_paths`), on those occurrences and the training windows:
   every path matched at >= calibrate_min_support tokens takes the mean true activation there as
-  its END, kept on the firing side only if >= calibrate_fire_rate of those tokens fire (or a rate
-  of the neuron's own, half the F1 its graph reaches: ``FitConfig.fire_rate_f1``) (with
+  its END, kept on the firing side only if >= a fire rate of those tokens fire: the neuron's own,
+  half the F1 its graph calibrated at calibrate_fire_rate reaches (``FitConfig.fire_rate_f1``) (with
   ``FitConfig.fire_rate_from`` "ordinary", both measured off the top windows, which overstate how
   often a path fires: fewer false fires, but less paper-protocol recall at depth; a context
   path survives as a firing path only where it separates firing from non-firing occurrences;
