@@ -182,7 +182,7 @@ class FitConfig(_Config):
     # 24 neurons a layer (CPU, against the H200 build with it off): paper protocol .19 -> .22 at
     # layer 15 and .39 -> .47 at 29 (token lookup .22 / .40), false fires 0.5 -> 0.6 / 0.6 -> 0.9
     # per 1k; layers 0, 3, 7 the same within .01; layer 1 ordinary-text F1 .52 -> .49 (3 of 24
-    # neurons worse, one with 5 fires .80 -> .29: at its rate, .405, its " rand" path stops firing).
+    # neurons worse; one .80 -> .29 over a few fires: at its rate, .405, its path for rand stops).
     fire_rate_f1: float = 0.5
     fire_rate_floor: float = 0.3
     # Where a path's fire rate and END are measured: "ordinary" = on the ordinary and occurrence
