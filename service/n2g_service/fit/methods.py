@@ -297,12 +297,14 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
             ordinary[: len(pos_of[n])] = False  # top windows overstate a token's usual level
             levels = measured.prompts(n) / a_max if measured is not None and prompts else None  # [P, n]
 
+            def predicted_by(with_paths: list) -> np.ndarray:
+                return np.asarray(make_graph(fr, n, with_paths).predict(tokens, semantics="all_paths_max"))
+
             def fires_at(c: FitConfig, cal: Calibration) -> list:
                 """The firing paths calibrated at c.calibrate_fire_rate."""
                 cal.n_start = len(start)
                 out = calibrate_paths(paths[n], tokens, true, valid, factory, c, cal, ordinary) + start
-                predicted = np.asarray(make_graph(fr, n, out).predict(tokens, semantics="all_paths_max"))
-                out += learn_from_misses(predicted, tokens, true, valid, label_of, names,
+                out += learn_from_misses(predicted_by(out), tokens, true, valid, label_of, names,
                                          model.label_token_ids, c, cal, ordinary)
                 if split:
                     out = split_labels(out, tokens, true, valid, (measured.ids, levels),
@@ -311,8 +313,7 @@ def _fit_calibrated(fr: FitRun, train: dict, pool: TrainingPool | None, bar: Any
 
             final = fires_at(cfg, cal)
             if cfg.fire_rate_f1 > 0:  # the neuron's own rate: a fraction of the F1 it reaches
-                predicted = np.asarray(make_graph(fr, n, final).predict(tokens, semantics="all_paths_max"))
-                f1 = firing_scores(true[valid], predicted[valid], thr)["f1"]
+                f1 = firing_scores(true[valid], predicted_by(final)[valid], thr)["f1"]
                 rate = max(cfg.fire_rate_f1 * f1, cfg.fire_rate_floor)
                 if rate != cfg.calibrate_fire_rate:
                     cal = Calibration()

@@ -192,12 +192,12 @@ def augment_stage(fr: FitRun, examples: list[Example]) -> tuple[list[Augmented],
     n_sub = cfg.n_substitutes
     if requests and n_sub > 0:
         req_tokens = [(examples[ei].pruned.tokens, k) for ei, k in requests]
-        if "model" in cfg.proposers:
+        if "model" in configured:
             proposals["model"] = propose_model(model, req_tokens, n_sub, cfg.batch_tokens)
-        if "embedding" in cfg.proposers:
+        if "embedding" in configured:
             originals_ids = [examples[ei].pruned.tokens[k] for ei, k in requests]
             proposals["embedding"] = propose_embedding(model, originals_ids, n_sub)
-        if cfg.mlm_name:
+        if "mlm" in configured:
             mlm = _MLM_CACHE.get(cfg.mlm_name)
             if mlm is None:
                 mlm = _MLM_CACHE[cfg.mlm_name] = MLMProposer(cfg.mlm_name, model.device)
