@@ -8,6 +8,11 @@ health check made twice a second meanwhile (the server must stay available under
     python benchmarks/bench_load.py --workspace W         # serves W (--no-model) on a free port
     python benchmarks/bench_load.py --server HOST:PORT    # an already running server
     options: --clients 1 8 64 --duration 60 --neurons 8 --sequences 4 --tokens 64 --token T
+
+With --evaluations N it runs N concurrent Evaluate calls (every built graph on the three test sets)
+instead, and prints how many answered or were refused and the slowest of the short calls (a
+search) made meanwhile: long computations beyond half the server's threads are refused, so short
+calls do not queue behind them.
 """
 
 from __future__ import annotations
@@ -96,6 +101,42 @@ async def _run(address: str, token: str | None, n_clients: int, duration: float,
             "health_max_ms": round(max(health_lat, default=float("nan")) * 1000, 2)}
 
 
+def _evaluation_flood(address: str, token: str | None, n: int, as_json: bool) -> int:
+    """n concurrent Evaluate calls (all graphs, three test sets); a search every 0.5 s meanwhile."""
+    import threading
+
+    outcome: Counter = Counter()
+    with N2GClient(address, token=token, timeout=600, retries=0) as c:
+        t0 = time.perf_counter()
+        c.evaluate(test_sets=True)
+        one = time.perf_counter() - t0
+
+        def evaluate():
+            try:
+                c.evaluate(test_sets=True)
+                outcome["answered"] += 1
+            except N2GError as e:
+                outcome[e.code.name] += 1
+
+        threads = [threading.Thread(target=evaluate) for _ in range(n)]
+        for t in threads:
+            t.start()
+        short = []
+        while any(t.is_alive() for t in threads):
+            t0 = time.perf_counter()
+            c.search([(1, "either")])
+            short.append(time.perf_counter() - t0)
+            time.sleep(0.5)
+        for t in threads:
+            t.join()
+    row = {"evaluations": n, "one_evaluation_s": round(one, 2), "outcome": dict(outcome),
+           "searches": len(short), "search_max_ms": round(max(short, default=float("nan")) * 1000, 1)}
+    print(json.dumps(row, indent=2) if as_json else
+          f"{n} concurrent evaluations (one alone {row['one_evaluation_s']} s): {dict(outcome)}; "
+          f"slowest of {len(short)} searches meanwhile {row['search_max_ms']} ms", flush=True)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--server", default=None, help="HOST:PORT of a running server")
@@ -108,6 +149,8 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=64, help="tokens per sequence")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline per request (s)")
     p.add_argument("--max-workers", type=int, default=32, help="server threads when this script starts it")
+    p.add_argument("--evaluations", type=int, default=0,
+                   help="instead: this many concurrent Evaluate calls, and short calls meanwhile")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
@@ -128,6 +171,8 @@ def main() -> int:
         if not keys:
             print("the server has no graphs built", file=sys.stderr)
             return 2
+        if args.evaluations:
+            return _evaluation_flood(address, args.token, args.evaluations, args.json)
         d_vocab = info.d_vocab or 1000
         rng = random.Random(0)
 

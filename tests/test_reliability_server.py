@@ -293,6 +293,59 @@ def test_watch_streams_are_capped_and_short_calls_keep_answering(stored_srv, sto
             assert e.code() in (C.RESOURCE_EXHAUSTED, C.DEADLINE_EXCEEDED) and time.monotonic() < deadline
 
 
+def test_computations_are_capped_and_short_calls_keep_answering(stored_srv, stored_stub):
+    """True activations and evaluations hold an RPC thread for seconds to minutes. Past half the
+    threads (4 of 8) new ones are refused at once, so a flood of them never queues the short calls
+    (predictions among them) behind it (`benchmarks/bench_load.py --max-workers 8 --evaluations
+    20` on 96 graphs: the slowest search meanwhile took 164 s before the cap, 36 ms with it)."""
+    stub, app = stored_stub.stub, stored_srv.app
+    assert app.max_computations == 4  # 8 RPC threads / 2
+    key = K(layer=stored_srv.healthy[0][0], neuron=stored_srv.healthy[0][1])
+    predict = pb.PredictRequest(neurons=[key], token_ids=[pb.TokenIds(ids=[1, 2, 3])])
+    short = (lambda: _serving(stored_stub),
+             lambda: stub.Predict(predict, timeout=2),
+             lambda: stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=2),
+             lambda: stub.ListGraphs(pb.ListGraphsRequest(), timeout=2),
+             lambda: stub.Search(pb.SearchRequest(clauses=[pb.SearchClause(token_id=1)]), timeout=2))
+    # every slot taken, as by four long evaluations: each long computation is refused, short calls answer
+    held = [app._computations.acquire(blocking=False) for _ in range(app.max_computations)]
+    try:
+        assert all(held)
+        for call in (lambda: stub.Evaluate(pb.EvaluateRequest(neurons=[key]), timeout=5),
+                     lambda: stub.GetActivations(pb.GetActivationsRequest(neurons=[key], texts=["x"]), timeout=5)):
+            err = _rpc_error(call)
+            assert err.code() == C.RESOURCE_EXHAUSTED, err.details()
+            assert "evaluations and true-activation requests are running on this server already" in err.details()
+        for call in short:
+            _, seconds = _timed(call)
+            assert seconds < 2.0
+    finally:
+        for _ in held:
+            app._computations.release()
+    assert len(stub.Evaluate(pb.EvaluateRequest(neurons=[key]), timeout=10).neurons) == 1  # the slots came back
+    # a flood of real evaluations: each answers or is refused with that message; short calls answer
+    outcome: list = [None] * 24
+
+    def evaluate(i):
+        try:
+            outcome[i] = len(stub.Evaluate(pb.EvaluateRequest(test_sets=True), timeout=120).neurons)
+        except grpc.RpcError as e:
+            outcome[i] = (e.code(), e.details())
+
+    threads = [threading.Thread(target=evaluate, args=(i,)) for i in range(len(outcome))]
+    for t in threads:
+        t.start()
+    try:
+        for call in short:
+            _, seconds = _timed(call)
+            assert seconds < 2.0
+    finally:
+        for t in threads:
+            t.join(120)
+    for o in outcome:
+        assert isinstance(o, int) and o > 0 or (o[0] == C.RESOURCE_EXHAUSTED and "retry shortly" in o[1]), o
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. damaged rows: reported per neuron, the healthy graphs served (`--no-model`)
 

@@ -160,7 +160,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--tls-key", type=Path, default=None, help="private key (PEM) of --tls-cert")
     p.add_argument("--allow-remote-without-token", action="store_true",
                    help="allow --host beyond loopback with no --token (only on a trusted network)")
-    p.add_argument("--max-workers", type=int, default=32, help="concurrent RPC threads (default 32)")
+    p.add_argument("--max-workers", type=int, default=32,
+                   help="concurrent RPC threads (default 32); at most half run true activations or "
+                        "evaluations at once")
     p.add_argument("--max-streams", type=int, default=None,
                    help="open streams (watch, pairs, export, report) at once (default max-workers / 4)")
     p.add_argument("--no-resume", action="store_true", help="do not resume unfinished jobs at start")

@@ -12,6 +12,7 @@ Method names and keyword arguments are those of `n2g.convert.OPS` (and of the cl
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -235,10 +236,22 @@ def open_workspace(path: str | Path, *, model: str | None = None, no_model: bool
 # ---------------------------------------------------------------------------------------------
 # The application
 
+def _computation(what: str):
+    """Runs an N2GApp method in one of its computation slots (RESOURCE_EXHAUSTED when all are taken)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(self, *args, **kwargs):
+            with self._computation_slot(what):
+                return fn(self, *args, **kwargs)
+        return run
+    return wrap
+
+
 class N2GApp:
     """Every n2g operation over one workspace and at most one model."""
 
-    def __init__(self, ws: Workspace, host: ModelHost, limits: Limits = Limits(), *, max_streams: int = 8):
+    def __init__(self, ws: Workspace, host: ModelHost, limits: Limits = Limits(), *, max_streams: int = 8,
+                 max_computations: int = 16):
         from .graphs import GraphIndex
         from .jobqueue import JobQueue
 
@@ -254,6 +267,12 @@ class N2GApp:
         # past this many at once, new ones are refused so short calls always find a thread.
         self._streams = threading.BoundedSemaphore(max_streams)
         self.max_streams = max_streams
+        # True activations (forward passes, one at a time on the model) and evaluations hold a
+        # server thread for seconds to minutes: past this many at once, new ones are refused, so
+        # that a flood of them cannot queue the short calls behind it. Predictions are bounded by
+        # the limits' cost and take milliseconds: they queue.
+        self._computations = threading.BoundedSemaphore(max_computations)
+        self.max_computations = max_computations
         # Whole-store work (all pairs) runs in its own threads so that a request stops waiting at
         # its deadline, and at most HEAVY_SLOTS of them run at once.
         self._heavy = futures.ThreadPoolExecutor(HEAVY_SLOTS, thread_name_prefix="n2g-heavy")
@@ -291,15 +310,24 @@ class N2GApp:
             raise N2GError(C.DEADLINE_EXCEEDED, f"{what} did not finish before the request's deadline; give a "
                                                 f"longer deadline or a higher threshold") from None
 
+    @staticmethod
     @contextmanager
-    def _stream_slot(self, what: str):
-        if not self._streams.acquire(blocking=False):
-            raise too_big(f"{self.max_streams} streams are open on this server already ({what} is one); "
-                          f"retry when one ends")
+    def _slot(slots: threading.BoundedSemaphore, refusal: str):
+        """Holds one of ``slots`` for the call; RESOURCE_EXHAUSTED saying ``refusal`` when none is free."""
+        if not slots.acquire(blocking=False):
+            raise too_big(refusal)
         try:
             yield
         finally:
-            self._streams.release()
+            slots.release()
+
+    def _stream_slot(self, what: str):
+        return self._slot(self._streams, f"{self.max_streams} streams are open on this server already ({what} is "
+                                         f"one); retry when one ends")
+
+    def _computation_slot(self, what: str):
+        return self._slot(self._computations, f"{self.max_computations} evaluations and true-activation requests are "
+                                              f"running on this server already ({what} is one); retry shortly")
 
     # -- shape and validation ---------------------------------------------------------------------
     def shape(self) -> tuple[int | None, int | None, int | None]:
@@ -714,6 +742,7 @@ class N2GApp:
         amax = np.asarray(self.graphs.max_activations(keys), dtype=np.float32)
         return T.Activations(keys, [np.asarray(s, np.int64) for s in seqs], labels, values, True, amax, semantics)
 
+    @_computation("a true-activation request")
     def activations(self, neurons: Sequence[Key], texts: Sequence[str] = (),
                     token_ids: Sequence[Sequence[int]] = (), normalise: bool = True, skip_bos: bool = False, *,
                     deadline: Deadline = NO_DEADLINE) -> T.Activations:
@@ -748,6 +777,7 @@ class N2GApp:
         return float(scan[neuron]) if scan is not None else float("nan")
 
     # -- evaluation ---------------------------------------------------------------------------------
+    @_computation("an evaluation")
     def evaluate(self, neurons: Sequence[Key] | None = None, layers: Sequence[int] | None = None,
                  eval_config_json: str | None = None, test_sets: bool = False, compute_heldout: bool = False, *,
                  deadline: Deadline = NO_DEADLINE) -> T.Evaluation:

@@ -241,7 +241,9 @@ def serve(workspace: str | Path, model: str | None = None, *, no_model: bool = F
         ws, model_host = open_workspace(workspace, model=model, no_model=no_model, corpus=corpus, device=device,
                                         hook=hook, create=not no_model, writer=None if no_model else "n2g serve",
                                         load_now=not no_model)
-        app = N2GApp(ws, model_host, limits, max_streams=max_streams or max(1, max_workers // 4))
+        # a quarter of the RPC threads for streams, half for long computations: short calls always find one
+        app = N2GApp(ws, model_host, limits, max_streams=max_streams or max(1, max_workers // 4),
+                     max_computations=max(1, max_workers // 2))
         if model_host.loaded:
             m = model_host.get()
             log.info("model %s loaded on %s in %.1f s (%d layers x %d neurons, hook %s)", model_host.name, m.device,
@@ -291,7 +293,8 @@ def serve(workspace: str | Path, model: str | None = None, *, no_model: bool = F
     log.log(logging.INFO if tls_cert else logging.WARNING, "TLS: %s",
             f"ON (certificate {tls_cert})" if tls_cert else "OFF (plain-text connections)")
     actual = f"{host}:{bound}" if ":" not in host else f"[{host}]:{bound}"
-    log.info("listening on %s (max %d concurrent RPC threads, %d streams)", actual, max_workers, app.max_streams)
+    log.info("listening on %s (max %d concurrent RPC threads, %d streams, %d computations)", actual, max_workers,
+             app.max_streams, app.max_computations)
     resumed = app.start_jobs(resume=resume)
     if resumed:
         log.info("resuming %d unfinished job(s): %s", len(resumed), ", ".join(resumed))
