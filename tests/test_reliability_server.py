@@ -10,6 +10,7 @@ that kill or stop a server run their own `n2g serve` subprocesses.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -28,7 +29,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from n2g.cli import main as cli_main
-from n2g.client import N2GClient, N2GError
+from n2g.client import AsyncN2GClient, N2GClient, N2GError
 from n2g.v1 import n2g_pb2 as pb
 from n2g.v1 import n2g_pb2_grpc as pbg
 from n2g_servers import NATIVE_MODEL, ServerProcess, native_workspace, read_only_dir, run_cli, self_signed_cert
@@ -344,6 +345,65 @@ def test_computations_are_capped_and_short_calls_keep_answering(stored_srv, stor
             t.join(120)
     for o in outcome:
         assert isinstance(o, int) and o > 0 or (o[0] == C.RESOURCE_EXHAUSTED and "retry shortly" in o[1]), o
+
+
+def test_busy_refusals_say_when_to_retry_and_clients_wait_for_a_slot(stored_srv, stored_stub):
+    """A refusal for want of a free slot is not the request's fault: it carries google.rpc.RetryInfo
+    (1 s), and the client library waits and tries again within the call's deadline. A refusal for
+    a request past the limits carries none and is final at once."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    stub, app = stored_stub.stub, stored_srv.app
+    key = K(layer=stored_srv.healthy[0][0], neuron=stored_srv.healthy[0][1])
+    held = [app._computations.acquire(blocking=False) for _ in range(app.max_computations)]
+    try:
+        assert all(held)
+        err = _rpc_error(lambda: stub.Evaluate(pb.EvaluateRequest(neurons=[key]), timeout=5))
+        assert err.code() == C.RESOURCE_EXHAUSTED
+        details = dict(err.trailing_metadata())["grpc-status-details-bin"]
+        status = status_pb2.Status.FromString(details)
+        info = error_details_pb2.RetryInfo()
+        assert status.code == C.RESOURCE_EXHAUSTED.value[0] and status.message == err.details()
+        assert len(status.details) == 1 and status.details[0].Unpack(info)
+        assert info.retry_delay.ToNanoseconds() == 1_000_000_000
+        with N2GClient(f"127.0.0.1:{stored_srv.port}") as c:
+            # a short deadline: given up before the first wait would end, with the server's hint
+            t0 = time.monotonic()
+            with pytest.raises(N2GError) as e:
+                c.evaluate([(key.layer, key.neuron)], timeout=0.5)
+            assert time.monotonic() - t0 < 0.5 + 0.5
+            assert e.value.code == C.RESOURCE_EXHAUSTED and e.value.retry_after == 1.0
+            assert "retry shortly" in e.value.message
+            # a slot frees 1.5 s in: the client's retries get the evaluation through
+            n_held, held = len(held), []
+            threading.Timer(1.5, lambda: [app._computations.release() for _ in range(n_held)]).start()
+            t0 = time.monotonic()
+            got = c.evaluate([(key.layer, key.neuron)], timeout=30)
+            assert len(got.neurons) == 1 and 1.0 <= time.monotonic() - t0 < 20
+            # no retry with retries=0, nor for a request past the limits (no RetryInfo)
+            t0 = time.monotonic()
+            with pytest.raises(N2GError) as e:
+                c.predict([(key.layer, key.neuron)], token_ids=[[1] * 5000], timeout=30)
+            assert e.value.code == C.RESOURCE_EXHAUSTED and e.value.retry_after is None
+            assert time.monotonic() - t0 < 2
+        with N2GClient(f"127.0.0.1:{stored_srv.port}", retries=0) as c:
+            held = [app._computations.acquire(blocking=False) for _ in range(app.max_computations)]
+            t0 = time.monotonic()
+            with pytest.raises(N2GError) as e:
+                c.evaluate([(key.layer, key.neuron)], timeout=30)
+            assert e.value.retry_after == 1.0 and time.monotonic() - t0 < 2
+
+        async def evaluate_when_free():  # the asyncio client waits the same way
+            async with AsyncN2GClient(f"127.0.0.1:{stored_srv.port}") as c:
+                return await c.evaluate([(key.layer, key.neuron)], timeout=30)
+
+        n_held, held = len(held), []
+        threading.Timer(1.5, lambda: [app._computations.release() for _ in range(n_held)]).start()
+        t0 = time.monotonic()
+        assert len(asyncio.run(evaluate_when_free()).neurons) == 1 and time.monotonic() - t0 >= 1.0
+    finally:
+        for _ in held:
+            app._computations.release()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
+from google.rpc import error_details_pb2, status_pb2
 
 from . import vocab
 from .convert import OPS
@@ -98,7 +99,28 @@ def _build_args(layers, neurons, sample, seed, group_size, k, window_tokens, con
 def _error(e: grpc.RpcError) -> N2GError:
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
     details = e.details() if hasattr(e, "details") else str(e)
-    return N2GError(code or grpc.StatusCode.UNKNOWN, details or "")
+    return N2GError(code or grpc.StatusCode.UNKNOWN, details or "", retry_after=_retry_after(e))
+
+
+def _retry_after(e: grpc.RpcError) -> float | None:
+    """The delay (seconds) of the google.rpc.RetryInfo the server sent with an error: it was busy,
+    the same call may succeed after that long. None when it sent none."""
+    try:
+        metadata = e.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001 - an error raised before any call had metadata
+        return None
+    for key, value in metadata:
+        if key != "grpc-status-details-bin":
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except Exception:  # noqa: BLE001 - not ours to judge: no retry hint
+            return None
+        for detail in status.details:
+            info = error_details_pb2.RetryInfo()
+            if detail.Unpack(info):
+                return max(0.0, info.retry_delay.ToNanoseconds() / 1e9)
+    return None
 
 
 # grpc.health.v1 by hand (two one-field messages), so the client needs no grpcio-health-checking.
@@ -148,6 +170,42 @@ def _delays(retries: int, backoff: float, max_backoff: float) -> Iterator[float]
     for _ in range(retries):
         yield d * (0.5 + random.random())  # jitter: 50%..150%
         d = min(d * 2, max_backoff)
+
+
+class _Retry:
+    """When a failed call is tried again. UNAVAILABLE (the server starting or restarting): after
+    a jittered, doubling backoff, `retries` times. RESOURCE_EXHAUSTED with a RetryInfo (the server
+    busy, not the request too big): after the delay it asked for, jittered up to twice that, so
+    refused clients do not come back together; as often as the deadline allows (without one,
+    `retries` times). Never past the deadline; any other error is final."""
+
+    def __init__(self, client: "_ClientBase", deadline: float | None, now: Callable[[], float]):
+        self.delays = _delays(client.retries, client.backoff, client.max_backoff)
+        # busy refusals: bounded by the deadline, else by `retries`; retries=0 turns both off
+        self.busy_left = client.retries if deadline is None or client.retries <= 0 else None
+        self.deadline = deadline
+        self.now = now
+
+    def delay(self, e: grpc.RpcError) -> float | None:
+        """Seconds to wait before the next try, or None to give up with `e`."""
+        code = e.code() if hasattr(e, "code") else None
+        if code == grpc.StatusCode.UNAVAILABLE:
+            d = next(self.delays, None)
+        elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and (after := _retry_after(e)) is not None:
+            if self.busy_left is not None:
+                if self.busy_left <= 0:
+                    return None
+                self.busy_left -= 1
+            d = after * (1.0 + random.random())
+        else:
+            return None
+        if d is None or (self.deadline is not None and self.deadline - self.now() <= d):
+            return None
+        return d
+
+    def remaining(self) -> float | None:
+        """What is left of the deadline for the next try (None: no deadline)."""
+        return None if self.deadline is None else max(self.deadline - self.now(), 1e-3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,25 +510,21 @@ class N2GClient(_ClientBase, _Api):
 
     def _unary(self, method: str, request, timeout: float | None = None):
         budget = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + budget
-        delays = _delays(self.retries, self.backoff, self.max_backoff)
+        retry = _Retry(self, time.monotonic() + budget, time.monotonic)
         while True:
-            remaining = deadline - time.monotonic()
             try:
-                return getattr(self._stub, method)(request, timeout=max(remaining, 1e-3), metadata=self._metadata)
+                return getattr(self._stub, method)(request, timeout=retry.remaining(), metadata=self._metadata)
             except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.UNAVAILABLE:
-                    d = next(delays, None)
-                    if d is not None and deadline - time.monotonic() > d:
-                        time.sleep(d)
-                        continue
-                raise _error(e) from None
+                d = retry.delay(e)
+                if d is None:
+                    raise _error(e) from None
+                time.sleep(d)
 
     def _stream(self, method: str, request, timeout: float | None = None) -> Iterator:
-        """A server stream; retried on UNAVAILABLE only before its first message."""
-        delays = _delays(self.retries, self.backoff, self.max_backoff)
+        """A server stream; retried (as `_Retry` says) only before its first message."""
+        retry = _Retry(self, None if timeout is None else time.monotonic() + timeout, time.monotonic)
         while True:
-            call = getattr(self._stub, method)(request, timeout=timeout, metadata=self._metadata)
+            call = getattr(self._stub, method)(request, timeout=retry.remaining(), metadata=self._metadata)
             started = False
             try:
                 for item in call:
@@ -478,12 +532,10 @@ class N2GClient(_ClientBase, _Api):
                     yield item
                 return
             except grpc.RpcError as e:
-                if not started and e.code() == grpc.StatusCode.UNAVAILABLE:
-                    d = next(delays, None)
-                    if d is not None:
-                        time.sleep(d)
-                        continue
-                raise _error(e) from None
+                d = None if started else retry.delay(e)
+                if d is None:
+                    raise _error(e) from None
+                time.sleep(d)
             finally:
                 call.cancel()
 
@@ -540,25 +592,21 @@ class AsyncN2GClient(_ClientBase, _Api):
     async def _unary(self, method: str, request, timeout: float | None = None):
         budget = self.timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + budget
-        delays = _delays(self.retries, self.backoff, self.max_backoff)
+        retry = _Retry(self, loop.time() + budget, loop.time)
         while True:
-            remaining = deadline - loop.time()
             try:
-                return await getattr(self._stub, method)(request, timeout=max(remaining, 1e-3),
-                                                         metadata=self._metadata)
+                return await getattr(self._stub, method)(request, timeout=retry.remaining(), metadata=self._metadata)
             except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.UNAVAILABLE:
-                    d = next(delays, None)
-                    if d is not None and deadline - loop.time() > d:
-                        await asyncio.sleep(d)
-                        continue
-                raise _error(e) from None
+                d = retry.delay(e)
+                if d is None:
+                    raise _error(e) from None
+                await asyncio.sleep(d)
 
     async def _stream(self, method: str, request, timeout: float | None = None) -> AsyncIterator:
-        delays = _delays(self.retries, self.backoff, self.max_backoff)
+        loop = asyncio.get_running_loop()
+        retry = _Retry(self, None if timeout is None else loop.time() + timeout, loop.time)
         while True:
-            call = getattr(self._stub, method)(request, timeout=timeout, metadata=self._metadata)
+            call = getattr(self._stub, method)(request, timeout=retry.remaining(), metadata=self._metadata)
             started = False
             try:
                 async for item in call:
@@ -566,12 +614,10 @@ class AsyncN2GClient(_ClientBase, _Api):
                     yield item
                 return
             except grpc.RpcError as e:
-                if not started and e.code() == grpc.StatusCode.UNAVAILABLE:
-                    d = next(delays, None)
-                    if d is not None:
-                        await asyncio.sleep(d)
-                        continue
-                raise _error(e) from None
+                d = None if started else retry.delay(e)
+                if d is None:
+                    raise _error(e) from None
+                await asyncio.sleep(d)
             finally:
                 call.cancel()
 

@@ -16,12 +16,16 @@ Key = tuple[int, int]
 
 
 class N2GError(Exception):
-    """A failed call: `code` is the gRPC status code, `message` the server's explanation."""
+    """A failed call: `code` is the gRPC status code, `message` the server's explanation.
+    `retry_after` (seconds) is set when the server was busy rather than the request wrong: the
+    same call may succeed after that long (sent as google.rpc.RetryInfo; the clients wait and
+    retry it within the call's deadline)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after: float | None = None):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
     @property
     def code_name(self) -> str:

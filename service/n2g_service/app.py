@@ -82,6 +82,17 @@ def too_big(message: str) -> N2GError:
     return N2GError(C.RESOURCE_EXHAUSTED, message)
 
 
+# How long a client refused for want of a free slot waits before it tries again (the clients do
+# so on their own within the call's deadline; N2GError.retry_after)
+BUSY_RETRY_S = 1.0
+
+
+def busy(message: str) -> N2GError:
+    """RESOURCE_EXHAUSTED because the server is busy, not because the request is too big: the
+    caller may retry after BUSY_RETRY_S."""
+    return N2GError(C.RESOURCE_EXHAUSTED, message, retry_after=BUSY_RETRY_S)
+
+
 def not_found(message: str) -> N2GError:
     return N2GError(C.NOT_FOUND, message)
 
@@ -300,8 +311,8 @@ class N2GApp:
         """`fn()` on a heavy-work thread; DEADLINE_EXCEEDED when the caller's deadline passes
         first (the thread finishes on its own), RESOURCE_EXHAUSTED when every slot is busy."""
         if not self._heavy_slots.acquire(blocking=False):
-            raise too_big(f"{HEAVY_SLOTS} whole-store computations are running already ({what} is one); retry "
-                          f"shortly")
+            raise busy(f"{HEAVY_SLOTS} whole-store computations are running already ({what} is one); retry "
+                       f"shortly")
         future = self._heavy.submit(fn)
         future.add_done_callback(lambda _: self._heavy_slots.release())
         try:
@@ -315,7 +326,7 @@ class N2GApp:
     def _slot(slots: threading.BoundedSemaphore, refusal: str):
         """Holds one of ``slots`` for the call; RESOURCE_EXHAUSTED saying ``refusal`` when none is free."""
         if not slots.acquire(blocking=False):
-            raise too_big(refusal)
+            raise busy(refusal)
         try:
             yield
         finally:

@@ -24,8 +24,11 @@ from pathlib import Path
 from typing import Callable
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
 
 from n2g.convert import OPS, Op
 from n2g.types import Limits, N2GError
@@ -67,10 +70,21 @@ def _deadline(context) -> Deadline:
 
 def _abort(context, rpc: str, e: Exception):
     err = as_n2g_error(e)
+    if err is not None and err.retry_after is not None:
+        # busy, not wrong: google.rpc.RetryInfo says when to try again (gRPC's rich error model)
+        context.abort_with_status(rpc_status.to_status(_status_with_retry(err)))
     if err is not None:
         context.abort(err.code, err.message)
     log.exception("internal error in %s", rpc)
     context.abort(C.INTERNAL, f"internal error in {rpc}: {type(e).__name__}: {str(e)[:500]}")
+
+
+def _status_with_retry(err: N2GError) -> status_pb2.Status:
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(err.retry_after * 1e9))
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return status_pb2.Status(code=err.code.value[0], message=err.message, details=[detail])
 
 
 class N2GServicer:
