@@ -60,9 +60,10 @@ def scan_pass(model, windows, layers, cfg, precision="float32"):
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def compare_scan(model, windows, layers, cfg, repeats, chunk=32):
+def compare_scan(model, windows, layers, cfg, repeats, chunk):
     """Bare pass and scan alternated chunk by chunk (so a busy machine slows both alike); returns
-    tokens/s of each by wall and by CPU time."""
+    tokens/s of each by wall and by CPU time. A chunk is at least a scan batch: on a GPU (256
+    windows a batch) smaller chunks would time launch overhead, not the scan."""
     bare, scan = np.zeros(2), np.zeros(2)
     for _ in range(repeats):
         for s in range(0, len(windows), chunk):
@@ -154,13 +155,14 @@ def main() -> int:
           f"({windows.size:,} tokens), scan batch {cfg.batch_size}, top k {cfg.k}")
 
     # 1. scan vs bare forward pass, alternated
+    chunk = max(32, cfg.batch_size)
     print(f"\n== scan vs bare forward pass to the same depth (tokens/s over {args.repeats} x {len(windows)} windows, "
-          "alternated every 32 windows) ==")
+          f"alternated every {chunk} windows) ==")
     scan_rates = {}
     for layers in ([0, 1], list(range(model.n_layers))):
         deepest = layers[-1]
         bare_pass(model, windows[:32], deepest, cfg.batch_size)  # warm-up
-        bare, scan = compare_scan(model, windows, layers, cfg, args.repeats)
+        bare, scan = compare_scan(model, windows, layers, cfg, args.repeats, chunk)
         scan_rates[deepest] = scan[0]
         print(f"layers {layers[0]}-{deepest:<2} bare {bare[0]:9,.0f} tok/s   scan {scan[0]:9,.0f} tok/s   "
               f"scan/bare {scan[0] / bare[0]:6.1%}   (by CPU time: {bare[1]:,.0f} vs {scan[1]:,.0f} tok/s, "
