@@ -7,6 +7,7 @@ import dataclasses
 import subprocess
 import threading
 import time
+from concurrent import futures
 
 import grpc
 import numpy as np
@@ -105,3 +106,58 @@ def test_deadline(inproc):
             c.predict([c.list_graphs()[0].key], token_ids=[[1] * 4000] * 60, timeout=1e-4)
         assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert c.model_info().neurons_built > 0
+
+
+def _busy_server(delay_s: float):
+    """A gRPC server whose every call is refused as busy with RetryInfo(delay_s); returns
+    (server, port, calls) where calls counts the attempts."""
+    from google.protobuf import any_pb2, duration_pb2
+    from google.rpc import error_details_pb2, status_pb2
+    from grpc_status import rpc_status
+
+    calls = []
+
+    def refuse(request, context):
+        calls.append(time.monotonic())
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(delay_s * 1e9))
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        context.abort_with_status(rpc_status.to_status(status_pb2.Status(
+            code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message="busy", details=[detail])))
+
+    class Handler(grpc.GenericRpcHandler):
+        def service(self, details):
+            return grpc.unary_unary_rpc_method_handler(refuse)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[Handler()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port, calls
+
+
+def test_busy_retry_hints_are_bounded_by_the_deadline_and_the_client_backoff():
+    """Whatever a server's RetryInfo says, the client neither busy-loops (a hint of 0 waits the
+    client's own backoff) nor waits past the call's deadline (a hint of an hour gives up at once,
+    handing the hint on)."""
+    server, port, calls = _busy_server(0.0)
+    try:
+        with N2GClient(f"127.0.0.1:{port}", backoff=0.1) as c:
+            t0 = time.monotonic()
+            with pytest.raises(N2GError) as e:
+                c.model_info(timeout=1.0)
+            assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.value.retry_after == 0.0
+            assert time.monotonic() - t0 < 1.5
+            assert 2 <= len(calls) <= 11, len(calls)  # each wait 0.1-0.2 s
+            assert min(np.diff(calls)) >= 0.09
+    finally:
+        server.stop(None)
+    server, port, calls = _busy_server(3600.0)
+    try:
+        with N2GClient(f"127.0.0.1:{port}") as c:
+            t0 = time.monotonic()
+            with pytest.raises(N2GError) as e:
+                c.model_info(timeout=30)
+            assert e.value.retry_after == 3600.0 and len(calls) == 1 and time.monotonic() - t0 < 2
+    finally:
+        server.stop(None)

@@ -183,6 +183,7 @@ class _Retry:
         self.delays = _delays(client.retries, client.backoff, client.max_backoff)
         # busy refusals: bounded by the deadline, else by `retries`; retries=0 turns both off
         self.busy_left = client.retries if deadline is None or client.retries <= 0 else None
+        self.min_wait = max(client.backoff, 0.01)
         self.deadline = deadline
         self.now = now
 
@@ -196,7 +197,8 @@ class _Retry:
                 if self.busy_left <= 0:
                     return None
                 self.busy_left -= 1
-            d = after * (1.0 + random.random())
+            # never sooner than the client's own backoff: a hint of 0 must not make a busy loop
+            d = max(after, self.min_wait) * (1.0 + random.random())
         else:
             return None
         if d is None or (self.deadline is not None and self.deadline - self.now() <= d):
