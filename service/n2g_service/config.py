@@ -193,9 +193,10 @@ class FitConfig(_Config):
     # scoring table's 24 neurons a layer it lost paper-protocol F1 at depth (layer 7 .40 -> .28,
     # layer 29 .39 -> .26) and ordinary F1 at 7 and 29: so "all" and no path windows stay.
     # Measured again with today's default (fire_rate_f1): "ordinary" without path windows, dev
-    # neurons (32 a layer at 0 / 1 / 3, 16 at 7): ordinary-text F1 -.001 / +.006 / +.002 / -.004
-    # (1 / 3 / 2 / 1 neurons better, 1 / 1 / 1 / 1 worse, the rest the same), Pearson r +.009 at 1,
-    # paper protocol .000 / -.001 / .000 / -.016 (2 worse at 7); with path windows 128 at 1 / 3:
+    # neurons (32 a layer at 0 / 1 / 3, 16 at 7 and 15): ordinary-text F1 -.001 / +.006 / +.002 /
+    # -.004 / -.003 (0 / 3 / 2 / 1 / 0 neurons better, 1 / 1 / 1 / 1 / 2 worse, the rest the same),
+    # Pearson r +.009 at 1, paper protocol .000 / -.001 / .000 / -.016 / -.019 (2 and 3 worse at 7
+    # and 15, none better); with path windows 128 at 1 / 3:
     # -.004 / -.017, paper protocol -.017 / -.021. It fixes what it should (a token that fires in
     # the top windows and not in its occurrences, e.g. " very" 20 of 21 against 0 of 10, then
     # learns the firing context) but on too few neurons to pay for the recall it costs at depth.
