@@ -93,3 +93,25 @@ def test_killed_worker_unit_is_retried(native_model, windows, ray_executor, inpr
     assert unit.state == "done" and unit.attempts == 2 and unit.worker != f"ray:{pid}"
     assert all(u.attempts == 1 for u in store.units(plan_id) if u.unit_id != unit_id)
     assert len(ray_executor.actors) == 2  # the dead worker was replaced
+
+
+def test_actor_layout_spreads_workers_over_the_gpus():
+    """With GPUs, `workers` beyond one a GPU share them evenly: each actor asks the fraction of a
+    GPU that lets Ray place them all, and sizes its batches to that share of the free memory."""
+    from n2g_service.build.executors import actor_layout
+
+    assert actor_layout(1, 0, 16) == (1, {"num_gpus": 1.0, "num_cpus": 0}, 16, 1.0)  # the default
+    assert actor_layout(1, 4, 16) == (4, {"num_gpus": 0.25, "num_cpus": 0}, 4, 0.25)
+    assert actor_layout(4, 2, 16)[0] == 4  # never fewer than one a GPU
+    for gpus, workers in ((2, 5), (3, 7), (8, 8), (2, 16)):
+        n, opts, threads, share = actor_layout(gpus, workers, 16)
+        assert n == workers and opts["num_gpus"] == share and threads == max(1, 16 // n)
+        assert int(1 / share + 1e-9) * gpus >= n  # every actor fits on some GPU
+    # without GPUs: CPU actors, as before
+    assert actor_layout(0, 0, 2) == (1, {"num_cpus": 1}, 2, 0.0)
+    assert actor_layout(0, 2, 2, threads=1) == (2, {"num_cpus": 1}, 1, 0.0)
+
+
+def test_cpu_actors_report_no_gpu_memory(ray_executor):
+    assert ray_executor.device == "cpu" and ray_executor.gpu_share == 0.0
+    assert ray_executor.free_device_bytes() is None

@@ -265,7 +265,8 @@ def _add_build(sub) -> None:
     run = p.add_argument_group("how the build runs (results are the same)")
     run.add_argument("--executor", choices=("inprocess", "ray"), default=None, help="default inprocess")
     run.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local cluster)")
-    run.add_argument("--workers", type=int, default=None, help="Ray actors (default: one per GPU, else 1)")
+    run.add_argument("--workers", type=int, default=None,
+                     help="Ray actors (default: one per GPU, else 1; more than the GPUs share them evenly)")
     run.add_argument("--worker-threads", type=int, default=None,
                      help="torch threads per CPU actor (default: the CPU count / workers)")
     run.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default=None,

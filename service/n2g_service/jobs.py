@@ -55,7 +55,7 @@ class BuildRequest:
     # how the plan runs (none of these change a result)
     executor: str = "inprocess"  # inprocess | ray
     ray_address: str | None = None  # None: start a local Ray cluster
-    workers: int = 0  # Ray actors (0: one per GPU, else 1); ignored in-process
+    workers: int = 0  # Ray actors (0: one per GPU, else 1; more than the GPUs share them); ignored in-process
     worker_threads: int = 0  # torch threads per CPU actor (0: the CPU count / workers)
     shard_windows: int = 1024  # corpus windows per scan shard
     precision: str = "float32"  # scan forward passes: float32 | bfloat16 | float16 (for GPUs)

@@ -5,14 +5,15 @@ writer to the workspace. A unit is a pure function of the model and its payload
 (:func:`execute_unit`), so where it runs never changes what it gives.
 
 Ray: each actor loads its own model from a *model spec* (:func:`model_spec`; the model object
-itself is never shipped), one actor per GPU when the cluster has GPUs, else ``workers`` actors of
-``threads`` torch threads each. A unit whose actor dies is retried on another actor (a replacement
+itself is never shipped): with GPUs in the cluster, one actor per GPU, or ``workers`` actors
+sharing them evenly (:func:`actor_layout`); else ``workers`` actors of ``threads`` torch threads each. A unit whose actor dies is retried on another actor (a replacement
 is started), up to ``max_attempts`` times; an error raised by the unit's own code is not retried.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import time
@@ -157,6 +158,23 @@ class _Worker:
         return value, time.perf_counter() - t0
 
 
+def actor_layout(gpus: int, workers: int, cpus: int, threads: int = 0) -> tuple[int, dict[str, Any], int, float]:
+    """(actors, Ray resources of each, torch threads of each, share of a GPU each holds).
+
+    With GPUs: ``max(workers, gpus)`` actors, at most ceil(actors / gpus) on a GPU, each asking
+    that fraction of one (Ray packs them) and sizing its batches to that share of the GPU's free
+    memory. On a GPU the default fit waits on host work and small sequential passes, not on the
+    GPU's throughput (README, whole-model figures), so several actors a GPU can overlap them.
+    Without: ``workers`` CPU actors (at least one). Threads default to the host's cores split
+    evenly."""
+    if gpus > 0:
+        n = max(int(workers), int(gpus))
+        share = 1.0 / math.ceil(n / gpus)
+        return n, {"num_gpus": share, "num_cpus": 0}, threads if threads > 0 else max(1, cpus // n), share
+    n = max(int(workers), 1)
+    return n, {"num_cpus": 1}, threads if threads > 0 else max(1, cpus // n), 0.0
+
+
 class RayExecutor:
     """Runs units on Ray actors. With no ``address`` a local Ray cluster is started (and shut
     down by :meth:`close`); with one, ``ray.init(address=...)`` joins that cluster."""
@@ -182,10 +200,7 @@ class RayExecutor:
             self._owns_ray = address is None
         gpus = int(ray.cluster_resources().get("GPU", 0))
         self.device = "cuda" if gpus else "cpu"
-        self.n_workers = gpus if gpus else max(workers, 1)
-        cpus = os.cpu_count() or 1
-        self.threads = threads if threads > 0 else max(1, cpus // self.n_workers)
-        opts = {"num_gpus": 1, "num_cpus": 0} if gpus else {"num_cpus": 1}
+        self.n_workers, opts, self.threads, self.gpu_share = actor_layout(gpus, workers, os.cpu_count() or 1, threads)
         self._actor_cls = ray.remote(max_restarts=0, max_task_retries=0, **opts)(_Worker)
         self.actors: list[Any] = []
         self.pids: dict[Any, int] = {}
@@ -195,8 +210,10 @@ class RayExecutor:
         ray.get([a.pid.remote() for a in self.actors])
 
     def free_device_bytes(self) -> int | None:
-        """Free memory of a worker's GPU (None on CPU workers)."""
-        return self.ray.get(self.actors[0].free_device_bytes.remote()) if self.actors else None
+        """A worker's share of its GPU's free memory, once every worker holds its model (None on
+        CPU workers)."""
+        free = self.ray.get(self.actors[0].free_device_bytes.remote()) if self.actors else None
+        return None if free is None else int(free * self.gpu_share)
 
     def _spawn(self) -> Any:
         actor = self._actor_cls.remote(self.spec, self.device, self.threads)
