@@ -603,13 +603,19 @@ def graded_paths(
                 ok |= k > 0
     ok &= np.abs(mean) >= cfg.graded_floor
     skip = set(have)
-    picks = [int(j) for j in np.flatnonzero(ok) if label_names[int(j)] not in skip]
-    picks.sort(key=lambda j: (-weight[j] * mean[j] ** 2, j))
+    cand = np.flatnonzero(ok)
+    # largest count x mean^2 first, ties by label index; sorted in numpy (tens of thousands of
+    # labels a neuron once the corpus's rarer tokens are measured), read until enough are taken
+    order = cand[np.lexsort((cand, -(weight[cand] * mean[cand] ** 2)))]
     out: list[Path] = []
-    for j in picks[: cfg.graded_tokens]:
+    for j in order.tolist():
         name = label_names[j]
+        if name in skip:
+            continue
         end = min(float(mean[j]), below)
         out.append(((name, ids_of(name), end), [], end))
+        if len(out) >= cfg.graded_tokens:
+            break
     return out
 
 
