@@ -6,8 +6,9 @@ writer to the workspace. A unit is a pure function of the model and its payload
 
 Ray: each actor loads its own model from a *model spec* (:func:`model_spec`; the model object
 itself is never shipped): with GPUs in the cluster, one actor per GPU, or ``workers`` actors
-sharing them evenly (:func:`actor_layout`); else ``workers`` actors of ``threads`` torch threads each. A unit whose actor dies is retried on another actor (a replacement
-is started), up to ``max_attempts`` times; an error raised by the unit's own code is not retried.
+sharing them evenly (:func:`actor_layout`); else ``workers`` actors of ``threads`` torch threads
+each. A unit whose actor dies is retried on another actor (a replacement is started), up to
+``max_attempts`` times; an error raised by the unit's own code is not retried.
 """
 
 from __future__ import annotations
