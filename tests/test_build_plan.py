@@ -33,6 +33,11 @@ def test_parse_layers(spec, n_layers, want):
 @pytest.mark.parametrize("spec, n_layers, error", [
     ("", 30, "no layers"), ([], 30, "no layers"), ("5-2", 30, "end is before"), ("a-b", 30, "bad layer spec"),
     ("0-30", 30, "layer 30 out of range"), ("all", None, "needs the model"), ("-1", 30, "bad layer spec"),
+    ("\u0663", 30, "bad layer spec"),  # an Arabic-Indic three is no layer number
+    # refused before the range is made, with or without the model's layer count (not a huge set)
+    ("0-99999999999999999999999999999", 30, "layer 30 out of range"),
+    ("40-99999999999999999999999999999", 30, "layer 40 out of range"),
+    ("0-99999999999999999999999999999", None, "layer 4096 out of range"),
 ])
 def test_parse_layers_errors(spec, n_layers, error):
     with pytest.raises(ValueError, match=error):

@@ -113,3 +113,28 @@ def test_sigkill_during_scan_and_fit_resumes_exactly(native_model, native_window
         a, b = ws.load_layer_scan(l), ref.load_layer_scan(l)
         for f in ("max_activation", "top_window_ids", "top_scores"):
             assert (a[f] == b[f]).all()
+
+
+def test_a_rebuild_with_other_fit_settings_is_refused_not_mixed(native_model, native_windows, tmp_path):
+    """Built neurons are kept by a later build; one built with another fit (here --method paper,
+    then the default) must not be kept silently beside the new graphs: the build says which and why."""
+    import dataclasses
+
+    import pytest
+
+    from n2g_service.fit import preset
+
+    ws = _new_ws(tmp_path / "ws", native_model, native_windows[:128])
+    small = dict(layers=[0], neurons=[5, 9], group_size=2, scan=ScanConfig(**SCAN))
+    paper = BuildRequest(**small, fit=preset("paper"))
+    assert run_build(ws, native_model, paper) == [(0, 5), (0, 9)]
+    graphs = {k: ws.get_neuron(*k).graph().to_json() for k in ws.built_keys()}
+    with pytest.raises(ValueError, match=r"neuron 0:5 .* built with other fit settings: .*method='paper' "
+                                         r"\(now 'calibrated'\).*another workspace"):
+        run_build(ws, native_model, BuildRequest(**dict(small, neurons=[5, 9, 12])))
+    assert ws.built_keys() == [(0, 5), (0, 9)]  # nothing built, nothing replaced
+    assert {k: ws.get_neuron(*k).graph().to_json() for k in ws.built_keys()} == graphs
+    # the same fit (its device-sized batch_tokens aside) adds neurons beside them
+    again = BuildRequest(**dict(small, neurons=[5, 9, 12]),
+                         fit=dataclasses.replace(preset("paper"), batch_tokens=1024))
+    assert run_build(ws, native_model, again) == [(0, 5), (0, 9), (0, 12)]

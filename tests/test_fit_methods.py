@@ -86,6 +86,20 @@ def test_registry_and_presets():
                   "token_context_length"):
         with pytest.raises(ValueError, match=f"{field}.*>= 0"):
             FitConfig(**{field: -1})
+    # every size has a ceiling, every threshold a range: a request cannot ask for a machine's worth
+    for field, value, error in (("random_windows", 10 ** 9, "random_windows must be at most 8192"),
+                                ("start_vocab", 10 ** 12, "start_vocab must be at most"),
+                                ("batch_tokens", 10 ** 9, "batch_tokens must be at most"),
+                                ("activation_threshold", -0.1, "activation_threshold must be between 0 and 1"),
+                                ("importance_threshold", 1.5, "importance_threshold must be between 0 and 1"),
+                                ("sweep_threshold", float("nan"), "sweep_threshold must be between 0 and 1"),
+                                ("prune_threshold", float("inf"), "prune_threshold must be a finite number"),
+                                ("calibration_seed", -1, "calibration_seed must be 0 or more")):
+        with pytest.raises(ValueError, match=error):
+            FitConfig(**{field: value})
+    assert FitConfig(prune_threshold=2.0).prune_threshold == 2.0  # never prunes: a valid choice
+    with pytest.raises(ValueError, match="batch_size must be from 1 to 65536"):
+        ScanConfig(batch_size=10 ** 9)
 
 
 def test_unknown_method_is_refused_before_any_work(native_model):

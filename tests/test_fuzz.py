@@ -18,11 +18,12 @@ from n2g.v1 import n2g_pb2 as pb
 from n2g_servers import NATIVE_MODEL, native_workspace
 
 SERVICE = pb.DESCRIPTOR.services_by_name["N2G"]
-# what a client mistake may come back as (UNAVAILABLE: a full queue; CANCELLED: a stream cut short)
+# what a client mistake may come back as (UNAVAILABLE: a full queue; CANCELLED: a stream cut short;
+# PERMISSION_DENIED: a setting only the server's operator may choose, e.g. a Ray cluster to join)
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
            grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED,
            grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNAVAILABLE,
-           grpc.StatusCode.CANCELLED}
+           grpc.StatusCode.CANCELLED, grpc.StatusCode.PERMISSION_DENIED}
 SEEN: collections.Counter = collections.Counter()
 
 INTS = st.one_of(st.integers(-3, 300), st.sampled_from([-2**31, 2**31 - 1, 0, 1, 10_000_000]))

@@ -109,6 +109,12 @@ def test_bootstrap_mean_intervals():
     # more neurons, narrower interval
     wide = bootstrap_mean(vals[:10], seed=0)
     assert (a.high - a.low) < (wide.high - wide.low)
+    # a whole layer's neurons resample in bounded chunks: the same interval as one full draw
+    many = np.random.default_rng(6).uniform(size=5000)
+    rng = np.random.default_rng(9)
+    means = many[rng.integers(0, many.size, size=(700, many.size))].mean(axis=1)
+    iv = bootstrap_mean(many, n_boot=700, seed=9)
+    assert (iv.low, iv.high) == tuple(np.quantile(means, [0.025, 0.975]))
 
 
 def test_paired_comparison():
@@ -162,15 +168,19 @@ def test_bad_values_are_refused():
 
 
 def test_eval_config_validates():
-    for bad in (float("nan"), float("inf"), -0.5):
+    for bad in (float("nan"), float("inf"), -0.5, 1.01):
         with pytest.raises(ValueError, match="fire_threshold"):
             EvalConfig(fire_threshold=bad)
     with pytest.raises(ValueError, match="ordinary_windows"):
         EvalConfig(ordinary_windows=0)
     with pytest.raises(ValueError, match="confidence"):
         EvalConfig(confidence=1.5)
-    with pytest.raises(ValueError, match="n_bootstrap"):
-        EvalConfig(n_bootstrap=0)
+    for bad in (0, 10_001):
+        with pytest.raises(ValueError, match="n_bootstrap"):
+            EvalConfig(n_bootstrap=bad)
+    for field in ("seed", "heldout_seed"):
+        with pytest.raises(ValueError, match="seed"):
+            EvalConfig(**{field: -1})
     cfg = EvalConfig.from_dict({"ordinary_windows": 300, "fire_threshold": 0.4})
     assert EvalConfig.from_dict(cfg.to_dict()) == cfg
     assert EvalConfig.from_dict({"n_train": 10, "seed": 0, "fire_threshold": 0.5}) == EvalConfig()  # old dicts

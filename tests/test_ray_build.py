@@ -115,3 +115,26 @@ def test_actor_layout_spreads_workers_over_the_gpus():
 def test_cpu_actors_report_no_gpu_memory(ray_executor):
     assert ray_executor.device == "cpu" and ray_executor.gpu_share == 0.0
     assert ray_executor.free_device_bytes() is None
+
+
+def test_an_unreachable_ray_address_fails_at_once():
+    """`ray.init` waits minutes, uninterruptibly, on an address nobody answers: the executor checks
+    that the address takes a connection first, so such a build fails with a reason in seconds."""
+    import socket
+    import time
+
+    from n2g_service.build.executors import check_reachable
+
+    with socket.socket() as open_port, socket.socket() as closed_port:
+        open_port.bind(("127.0.0.1", 0))
+        open_port.listen()
+        closed_port.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        check_reachable(f"127.0.0.1:{open_port.getsockname()[1]}")
+        check_reachable(f"ray://127.0.0.1:{open_port.getsockname()[1]}")
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionError, match="cannot reach the Ray cluster at 127.0.0.1"):
+            check_reachable(f"127.0.0.1:{closed_port.getsockname()[1]}")
+        assert time.monotonic() - t0 < 10
+    with pytest.raises(ValueError, match="port must be a number"):
+        check_reachable("host:http")
+    check_reachable("auto")  # resolved by Ray from the local node, not a host:port

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -21,6 +22,7 @@ import sqlite3
 import subprocess
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import grpc
@@ -313,10 +315,11 @@ def test_computations_are_capped_and_short_calls_keep_answering(stored_srv, stor
     try:
         assert all(held)
         for call in (lambda: stub.Evaluate(pb.EvaluateRequest(neurons=[key]), timeout=5),
-                     lambda: stub.GetActivations(pb.GetActivationsRequest(neurons=[key], texts=["x"]), timeout=5)):
+                     lambda: stub.GetActivations(pb.GetActivationsRequest(neurons=[key], texts=["x"]), timeout=5),
+                     lambda: stub.PlanBuild(pb.StartBuildRequest(layer_spec="all", sample=1), timeout=5)):
             err = _rpc_error(call)
             assert err.code() == C.RESOURCE_EXHAUSTED, err.details()
-            assert "evaluations and true-activation requests are running on this server already" in err.details()
+            assert "long computations (evaluations, true activations, build plans) are running" in err.details()
         for call in short:
             _, seconds = _timed(call)
             assert seconds < 2.0
@@ -553,10 +556,21 @@ def _ok(call) -> bool:
 # ---------------------------------------------------------------------------------------------
 # 8, 9. evaluation settings and client mistakes in JSON
 
-@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "-0.5", "-1e999"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "-0.5", "-1e999", "1.5", "1e308"])
 def test_evaluate_refuses_a_bad_fire_threshold(stub, value):
     _expect(lambda: stub.Evaluate(pb.EvaluateRequest(eval_config_json='{"fire_threshold": %s}' % value), timeout=30),
-            C.INVALID_ARGUMENT, "fire_threshold must be a finite number >= 0")
+            C.INVALID_ARGUMENT, "fire_threshold must be a finite number from 0 to 1")
+
+
+@pytest.mark.parametrize("cfg, error", [('{"seed": -5}', "seed and heldout_seed must be 0 or more"),
+                                        ('{"heldout_seed": -1}', "seed and heldout_seed must be 0 or more"),
+                                        ('{"n_bootstrap": 3000000}', "n_bootstrap must be from 1 to 10000")])
+def test_evaluate_refuses_bad_eval_settings_before_any_work(stub, cfg, error):
+    # with the test sets (the path that used them) and in a build's settings alike
+    _expect(lambda: stub.Evaluate(pb.EvaluateRequest(test_sets=True, eval_config_json=cfg), timeout=30),
+            C.INVALID_ARGUMENT, error)
+    _expect(lambda: stub.StartBuild(pb.StartBuildRequest(layers=[0], neurons=[25], config_json='{"eval": %s}' % cfg),
+                                    timeout=10), C.INVALID_ARGUMENT, error)
 
 
 def test_evaluate_with_a_valid_fire_threshold_scores(stub, built):
@@ -811,3 +825,49 @@ def test_a_read_only_workspace_is_served_read_only_and_refused_for_writing(tmp_p
                 assert c.health() == "SERVING" and len(c.list_graphs()) == len(_keys(ws))
         finally:
             running.stop(0)
+
+
+def test_an_unread_stream_gives_its_slot_up_to_a_new_one(stored_srv, stored_stub):
+    """A client that opens streams and never reads them holds the stream slots (the server waits
+    to send): once one has waited on its reader for stream_stall_s, a new stream that finds no
+    free slot cancels it and takes its place. A stream whose reader keeps up is never cancelled."""
+    stub, app = stored_stub.stub, stored_srv.app
+    assert app.max_streams == 2
+    app.stream_stall_s = 1.0
+    try:
+        # report pieces of 1 KiB (the server's message limit, lowered here) to a client reading
+        # ahead 1 KiB fill the transport's window at once: these streams stop at a yield
+        app.limits = dataclasses.replace(app.limits, max_message_bytes=2048)
+        slow = grpc.insecure_channel(f"127.0.0.1:{stored_srv.port}",
+                                     options=[("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)])
+        unread = [pbg.N2GStub(slow).GetReport(pb.GetReportRequest(), timeout=120) for _ in range(app.max_streams)]
+        deadline = time.monotonic() + 60
+        while sum(e.waiting_since is not None for e in list(app._open_streams.values())) < app.max_streams:
+            assert time.monotonic() < deadline, "the unread streams never filled their windows"
+            time.sleep(0.1)
+        # too soon to call them stalled: refused as before
+        err = _rpc_error(lambda: next(stub.StreamPairs(pb.StreamPairsRequest(), timeout=10)))
+        assert err.code() == C.RESOURCE_EXHAUSTED and "streams are open" in err.details()
+        time.sleep(1.2)
+        # now a new stream takes the longest-stalled one's slot, and is served in full
+        key = K(layer=stored_srv.healthy[0][0], neuron=stored_srv.healthy[0][1])
+        exported = list(stub.ExportGraphs(pb.ExportGraphsRequest(), timeout=30))
+        assert {(e.key.layer, e.key.neuron) for e in exported} >= {tuple(k) for k in stored_srv.healthy}
+        codes = []
+        for call in unread:
+            try:
+                pieces = [c.data for c in call]
+                codes.append(C.OK)
+                # in pieces that fit the server's message limit, and whole
+                assert max(len(p) for p in pieces) <= 1024
+                assert zipfile.ZipFile(io.BytesIO(b"".join(pieces))).testzip() is None
+            except grpc.RpcError as e:
+                codes.append(e.code())
+        assert C.CANCELLED in codes, codes
+        assert stub.Predict(pb.PredictRequest(neurons=[key], token_ids=[pb.TokenIds(ids=[1, 2])]), timeout=5)
+        # the other unread stream, read now, still gets the whole report
+        assert C.OK in codes, codes
+    finally:
+        app.stream_stall_s = 10.0
+        app.limits = dataclasses.replace(app.limits, max_message_bytes=64 << 20)
+        slow.close()

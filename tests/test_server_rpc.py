@@ -139,6 +139,10 @@ def test_graph_formats_equal_local(client, ws):
     listed = client.list_graphs()
     assert [x.key for x in listed] == sorted(graphs)
     assert [x.key for x in client.list_graphs([NATIVE_LAYERS[1]], limit=1)] == [sorted(k for k in graphs if k[0] == NATIVE_LAYERS[1])[0]]
+    # total counts the matches before the limit, as in Search
+    assert listed.total == len(graphs)
+    assert client.list_graphs([NATIVE_LAYERS[1]], limit=1).total == sum(k[0] == NATIVE_LAYERS[1] for k in graphs)
+    assert client.list_graphs(limit=2).total == len(graphs)
 
 
 def test_search_and_similarity_equal_local(client, ws):
@@ -249,6 +253,10 @@ def test_cancel_and_idempotent_start(client, ws):
     job = client.start_build([1], todo, group_size=1, job_id="cancel-me")
     again = client.start_build([1], todo, group_size=1, job_id="cancel-me")
     assert again.id == job.id and sum(j.id == "cancel-me" for j in client.list_jobs()) == 1
+    # the newest job alone, and how many there are in all
+    every = client.list_jobs()
+    newest = client.list_jobs(limit=1)
+    assert [j.id for j in newest] == ["cancel-me"] and newest.total == every.total == len(every) >= 2
     with pytest.raises(N2GError) as e:
         client.start_build([1], todo[:3], group_size=1, job_id="cancel-me")
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "already names another" in e.value.message

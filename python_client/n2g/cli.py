@@ -166,6 +166,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-streams", type=int, default=None,
                    help="open streams (watch, pairs, export, report) at once (default max-workers / 4)")
     p.add_argument("--no-resume", action="store_true", help="do not resume unfinished jobs at start")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster that builds with --executor ray join (default: a local one); "
+                        "clients cannot name another")
     from .types import Limits
 
     lim = p.add_argument_group("request limits (0 = none)")
@@ -201,7 +204,7 @@ def _cmd_serve(args) -> int:
         serve(args.workspace, args.model, no_model=args.no_model, corpus=args.corpus, host=args.host, port=args.port,
               device=args.device, hook=args.hook, token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
               limits=limits, max_workers=args.max_workers, max_streams=args.max_streams, resume=not args.no_resume,
-              allow_remote_without_token=args.allow_remote_without_token, block=True)
+              allow_remote_without_token=args.allow_remote_without_token, ray_address=args.ray_address, block=True)
     except (OSError, ValueError) as e:
         raise CliError(str(e)) from None
     return 0
@@ -388,6 +391,7 @@ def _add_jobs(sub) -> None:
     p.add_argument("action", nargs="?", default="list", choices=["list", "show", "watch", "cancel"])
     p.add_argument("job_id", nargs="?", help="job id (show, watch, cancel)")
     p.add_argument("--state", nargs="+", default=None, choices=vocab.JOB_STATES, help="list: only these states")
+    p.add_argument("--limit", type=int, default=0, help="list: only the newest N (default all)")
     _add_conn(p)
 
 
@@ -406,12 +410,14 @@ def _cmd_jobs(args) -> int:
         raise CliError(f"jobs {args.action} needs a job id")
     with _client(args, needs_model=False) as c:
         if args.action == "list":
-            jobs = c.list_jobs(args.state)
+            jobs = c.list_jobs(args.state, limit=args.limit)
             if args.json:
-                _print_json(jobs)
+                _print_json(list(jobs))
             else:
                 print(_table([_job_row(j) for j in jobs], ["id", "state", "done", "created", "request", "error"])
                       if jobs else "no jobs")
+                if jobs.total > len(jobs):
+                    print(f"(the newest {len(jobs)} of {jobs.total})")
             return 0
         if args.action == "show":
             job = c.get_job(args.job_id)

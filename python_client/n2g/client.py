@@ -39,15 +39,15 @@ from google.rpc import error_details_pb2, status_pb2
 
 from . import vocab
 from .convert import OPS
-from .types import (Activations, BuildPlan, Evaluation, ExportedNeuron, Graph, GraphSummary, InContextResult, Job, JobEvent,
-                    Key, ModelInfo, N2GError, Pair, SearchResult, Similar, TokenizedText)
+from .types import (Activations, BuildPlan, Evaluation, ExportedNeuron, Graph, ListResult, GraphSummary,
+                    InContextResult, Job, JobEvent, Key, ModelInfo, N2GError, Pair, SearchResult, Similar, TokenizedText)
 from .types import *  # noqa: F401,F403 - the result types are part of the client's API
 from .v1 import n2g_pb2_grpc as _pbg
 from .vocab import DEFAULT_TARGET, JOB_FINAL  # noqa: F401 - re-exported
 
 __all__ = [
     "N2GClient", "AsyncN2GClient", "N2GError", "ModelInfo", "Limits", "LayerStatus", "TokenizedText", "Job",
-    "JobEvent", "GraphSummary", "GraphNode", "Graph", "Activations", "MethodScore", "NeuronEvaluation",
+    "JobEvent", "ListResult", "GraphSummary", "GraphNode", "Graph", "Activations", "MethodScore", "NeuronEvaluation",
     "LayerEvaluation", "Evaluation", "SearchResult", "Pair", "Neighbour", "Similar", "ExportedNeuron",
     "InContextNeuron", "InContextResult", "BuildPlan", "parse_neuron", "DEFAULT_TARGET",
 ]
@@ -267,10 +267,12 @@ class _Api:
     def cancel_job(self, job_id: str, *, timeout: float | None = None) -> Job:
         return self._call("cancel_job", dict(job_id=job_id), timeout)
 
-    def list_jobs(self, states: Sequence[str] | None = None, *, timeout: float | None = None) -> list[Job]:
+    def list_jobs(self, states: Sequence[str] | None = None, *, limit: int = 0,
+                  timeout: float | None = None) -> ListResult:
+        """Jobs (in `states`), oldest first; with `limit`, the newest that many (`.total`: all)."""
         for s in states or ():
             _choice(s, vocab.JOB_STATES, "job state")
-        return self._call("list_jobs", dict(states=list(states) if states else None), timeout)
+        return self._call("list_jobs", dict(states=list(states) if states else None, limit=limit), timeout)
 
     def watch_job(self, job_id: str, *, timeout: float | None = None) -> Iterator[JobEvent]:
         """Progress events of a job, ending with the event that finishes it."""
@@ -300,7 +302,7 @@ class _Api:
 
     # -- graphs ---------------------------------------------------------------------------------
     def list_graphs(self, layers: Sequence[int] | None = None, *, limit: int = 0,
-                    timeout: float | None = None) -> list[GraphSummary]:
+                    timeout: float | None = None) -> ListResult:
         return self._call("list_graphs", dict(layers=list(layers) if layers else None, limit=limit), timeout)
 
     def graph(self, layer: int, neuron: int, *, structure: bool = False, dot: bool = False, svg: bool = False,

@@ -208,6 +208,14 @@ class Evaluation:
     details: dict[str, Any] | None = None  # with test_sets: every score of that report
 
 
+class ListResult(list):
+    """A listing's items (at most the call's limit), and ``total``: how many matched before it."""
+
+    def __init__(self, graphs=(), total: int | None = None):
+        super().__init__(graphs)
+        self.total = len(self) if total is None else int(total)
+
+
 @dataclass(frozen=True)
 class SearchResult:
     neurons: list[Key]

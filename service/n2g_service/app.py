@@ -43,6 +43,9 @@ log = logging.getLogger("n2g.app")
 
 C = grpc.StatusCode
 REPORT_CHUNK = 1 << 20
+# A stream whose reader has taken nothing for this long gives its slot up when another stream
+# needs one (its call is cancelled): an unread stream must not hold a slot forever.
+STREAM_STALL_S = 10.0
 _JOB_ID_RE = re.compile(vocab.JOB_ID_PATTERN)
 
 # Bounds on what one request may set (checked before any work).
@@ -105,14 +108,15 @@ def _shown(text: str, n: int = 80) -> str:
 
 class Deadline:
     """When the caller stops waiting: `remaining()` seconds (None = never) and `active()` (false
-    once the deadline passed or the caller went away)."""
+    once the deadline passed or the caller went away); `cancel()` ends the call."""
 
     NEVER = 1e7  # seconds; gRPC reports "no deadline" as a huge number
 
     def __init__(self, remaining: Callable[[], float | None] = lambda: None,
-                 active: Callable[[], bool] = lambda: True):
+                 active: Callable[[], bool] = lambda: True, cancel: Callable[[], Any] = lambda: None):
         self._remaining = remaining
         self._active = active
+        self.cancel = cancel  # ends the call from the server's side (a stalled stream)
 
     def remaining(self) -> float | None:
         r = self._remaining()
@@ -262,13 +266,19 @@ class N2GApp:
     """Every n2g operation over one workspace and at most one model."""
 
     def __init__(self, ws: Workspace, host: ModelHost, limits: Limits = Limits(), *, max_streams: int = 8,
-                 max_computations: int = 16):
+                 max_computations: int = 16, ray_address: str | None = None, trusted_caller: bool = True):
         from .graphs import GraphIndex
         from .jobqueue import JobQueue
 
         self.ws = ws
         self.host = host
         self.limits = limits
+        # The Ray cluster a build with executor "ray" joins when its request names none (None: a
+        # local one). Only a trusted caller (this process's operator: the local CLI) may name
+        # another, or a fill-mask model to load (fit.mlm_name): a server that joined a cluster or
+        # loaded a model a client names would run code the client chose.
+        self.ray_address = ray_address
+        self.trusted_caller = trusted_caller
         self.graphs = GraphIndex(ws)
         self.jobs = JobQueue(ws, host.get, host.lock, on_commit=self.graphs.invalidate,
                              check_request=self._check_stored_request)
@@ -278,6 +288,9 @@ class N2GApp:
         # past this many at once, new ones are refused so short calls always find a thread.
         self._streams = threading.BoundedSemaphore(max_streams)
         self.max_streams = max_streams
+        self.stream_stall_s = STREAM_STALL_S
+        self._open_streams: dict[int, _OpenStream] = {}
+        self._open_lock = threading.Lock()
         # True activations (forward passes, one at a time on the model) and evaluations hold a
         # server thread for seconds to minutes: past this many at once, new ones are refused, so
         # that a flood of them cannot queue the short calls behind it. Predictions are bounded by
@@ -332,13 +345,43 @@ class N2GApp:
         finally:
             slots.release()
 
-    def _stream_slot(self, what: str):
-        return self._slot(self._streams, f"{self.max_streams} streams are open on this server already ({what} is "
-                                         f"one); retry when one ends")
+    def _streamed(self, what: str, deadline: Deadline, items: Callable[[], Iterator[Any]]) -> Iterator[Any]:
+        """Yields ``items()`` while holding a stream slot. When none is free, the stream whose
+        reader has stalled longest (>= STREAM_STALL_S at one message) is cancelled for this one."""
+        if not self._streams.acquire(blocking=False):
+            if not (self._cancel_stalled_stream() and self._streams.acquire(timeout=2.0)):
+                raise busy(f"{self.max_streams} streams are open on this server already ({what} is one); "
+                           f"retry when one ends")
+        entry = _OpenStream(what, deadline.cancel)
+        with self._open_lock:
+            self._open_streams[id(entry)] = entry
+        try:
+            for item in items():
+                entry.waiting_since = time.monotonic()
+                yield item
+                entry.waiting_since = None
+        finally:
+            with self._open_lock:
+                self._open_streams.pop(id(entry), None)
+            self._streams.release()
+
+    def _cancel_stalled_stream(self) -> bool:
+        now = time.monotonic()
+        with self._open_lock:
+            stalled = [e for e in self._open_streams.values()
+                       if e.waiting_since is not None and now - e.waiting_since >= self.stream_stall_s]
+        if not stalled:
+            return False
+        victim = min(stalled, key=lambda e: e.waiting_since)
+        log.warning("cancelling a stream (%s) whose reader took nothing for %.0f s: another stream needs its slot",
+                    victim.what, now - victim.waiting_since)
+        victim.cancel()
+        return True
 
     def _computation_slot(self, what: str):
-        return self._slot(self._computations, f"{self.max_computations} evaluations and true-activation requests are "
-                                              f"running on this server already ({what} is one); retry shortly")
+        return self._slot(self._computations, f"{self.max_computations} long computations (evaluations, true "
+                                              f"activations, build plans) are running on this server already "
+                                              f"({what} is one); retry shortly")
 
     # -- shape and validation ---------------------------------------------------------------------
     def shape(self) -> tuple[int | None, int | None, int | None]:
@@ -538,6 +581,12 @@ class N2GApp:
             raise invalid(f"sample must be positive, got {sample}")
         if seed < 0:
             raise invalid(f"seed must be 0 or more, got {seed}")
+        if ray_address and not self.trusted_caller and ray_address != self.ray_address:
+            named = f"its operator named ({self.ray_address})" if self.ray_address else "on its own machine"
+            raise N2GError(C.PERMISSION_DENIED, f"this server runs Ray builds only on the cluster {named}: leave "
+                                                f"ray_address unset (the operator sets it with n2g serve --ray-address)")
+        if executor == "ray" and not ray_address:
+            ray_address = self.ray_address
         for name, v, hi in (("group_size", group_size, MAX_GROUP_SIZE), ("k", k, MAX_K),
                             ("window_tokens", window_tokens, MAX_WINDOW_TOKENS)):
             if v is not None and not 0 < v <= hi:
@@ -568,8 +617,12 @@ class N2GApp:
                 sample=sample or None, seed=int(seed), group_size=group_size or 0,
                 scan=ScanConfig.from_dict(scan_d), fit=fit_cfg, eval=eval_cfg, **run)
             req.validate(model.n_layers, model.d_mlp)
+            model.token_id_for(req.fit.mask_token)  # e.g. "id:N" past the vocabulary fails now, not in the job
         except (ValueError, TypeError) as e:
             raise invalid(str(e)) from None
+        if req.fit.mlm_name and not self.trusted_caller:
+            raise N2GError(C.PERMISSION_DENIED, "this server loads no model a request names (fit.mlm_name): leave it "
+                                                "unset, or build with the mlm proposer locally (n2g build --workspace)")
         self._check_bounds(req, model.n_layers)
         return req
 
@@ -620,6 +673,7 @@ class N2GApp:
         except OSError as e:  # e.g. a full disk while storing the job
             raise N2GError(C.UNAVAILABLE, f"could not store the job: {e}") from None
 
+    @_computation("a build plan")  # a plan of many layers takes seconds under the model lock
     def plan_build(self, layers: Sequence[int] = (), layer_spec: str | None = None,
                    neurons: Sequence[int] | None = None, sample: int | None = None, seed: int = 0,
                    group_size: int | None = None, k: int | None = None, window_tokens: int | None = None,
@@ -662,17 +716,22 @@ class N2GApp:
             return _job(job)
         return _job(self.jobs.cancel(job.id))
 
-    def list_jobs(self, states: Sequence[str] | None = None, *, deadline: Deadline = NO_DEADLINE) -> list[T.Job]:
+    def list_jobs(self, states: Sequence[str] | None = None, limit: int = 0, *,
+                  deadline: Deadline = NO_DEADLINE) -> T.ListResult:
+        """Jobs (in `states`), oldest first; with `limit`, only the newest that many."""
         for s in states or ():
             if s not in vocab.JOB_STATES:
                 raise invalid(f"unknown job state {s!r}: use one of {', '.join(vocab.JOB_STATES)}")
-        return [_job(j) for j in self.ws.list_jobs() if not states or j.state in states]
+        self._limit(limit)
+        states = sorted(set(states)) if states else None
+        jobs = self.ws.list_jobs(states, limit=limit or None)
+        total = len(self.ws.list_jobs(states, with_request=False)) if limit else len(jobs)
+        return T.ListResult([_job(j) for j in jobs], total)
 
     def watch_job(self, job_id: str, *, deadline: Deadline = NO_DEADLINE) -> Iterator[T.JobEvent]:
         """The job as it stands, then its progress events, ending with the one that finishes it."""
         job = self._job_record(job_id)
-        with self._stream_slot("watching a job"):
-            yield from self._watch(job, deadline)
+        yield from self._streamed("watching a job", deadline, lambda: self._watch(job, deadline))
 
     def _watch(self, job: JobRecord, deadline: Deadline) -> Iterator[T.JobEvent]:
         import queue as _queue
@@ -718,11 +777,13 @@ class N2GApp:
                               method_scores(rec.metrics))
 
     def list_graphs(self, layers: Sequence[int] | None = None, limit: int = 0, *,
-                    deadline: Deadline = NO_DEADLINE) -> list[T.GraphSummary]:
+                    deadline: Deadline = NO_DEADLINE) -> T.ListResult:
         wanted = {self._layer(l) for l in layers or ()}
         self._limit(limit)
         recs = self.ws.iter_neurons(with_examples=False, with_stats=False, layers=wanted or None)
-        return [self._summary(r) for r in (itertools.islice(recs, limit) if limit else recs)]
+        shown = [self._summary(r) for r in (itertools.islice(recs, limit) if limit else recs)]
+        total = len(self.ws.built_keys(sorted(wanted) if wanted else None)) if limit else len(shown)
+        return T.ListResult(shown, total)
 
     def graph(self, layer: int | None, neuron: int | None, structure: bool = False, dot: bool = False,
               svg: bool = False, json: bool = False, examples: bool = False, *,
@@ -846,7 +907,9 @@ class N2GApp:
         report, details = "", None
         if test_sets or compute_heldout:
             model = self.host.get() if compute_heldout else None
+            # stops between neurons once the caller has gone (its slot is then free for others)
             full = ev.evaluate_workspace(self.ws, model, [n.key for n in per_neuron], cfg or EvalConfig(),
+                                         lambda _: deadline.check(),
                                          model_lock=self.host.lock if model is not None else None)
             report, details = ev.format_report(full), full.to_dict()
         return T.Evaluation(per_neuron, layers_out, ev.format_table(summary), summary, report, details)
@@ -908,18 +971,21 @@ class N2GApp:
             raise invalid(f"batch_size must be between 1 and {MAX_PAIR_BATCH} (0 = {vocab.DEFAULT_PAIR_BATCH}), "
                           f"got {batch_size}")
         size = batch_size or vocab.DEFAULT_PAIR_BATCH
-        with self._stream_slot("streaming pairs"):
+
+        def batches():
             found = self._heavy_call(lambda: self.graphs.pairs(kind, threshold), deadline, "finding pairs")
             for i in range(0, len(found), size):
                 if not deadline.active():
                     return
                 yield [_pair(p) for p in found[i: i + size]]
+        yield from self._streamed("streaming pairs", deadline, batches)
 
     # -- export and report --------------------------------------------------------------------------
     def export(self, layers: Sequence[int] | None = None, examples: bool = True, *,
                deadline: Deadline = NO_DEADLINE) -> Iterator[T.ExportedNeuron]:
         wanted = {self._layer(l) for l in layers or ()}
-        with self._stream_slot("an export"):
+
+        def neurons():
             for rec in self.ws.iter_neurons(with_examples=examples):
                 if wanted and rec.layer not in wanted:
                     continue
@@ -927,21 +993,37 @@ class N2GApp:
                     return
                 yield T.ExportedNeuron((rec.layer, rec.neuron), rec.graph().to_json(),
                                        json.dumps(rec.examples) if examples else "")
+        yield from self._streamed("an export", deadline, neurons)
 
     def report(self, *, deadline: Deadline = NO_DEADLINE) -> Iterator[T.ReportChunk]:
         if not self.graphs.keys():
             raise not_found("no neurons built in this workspace: nothing to report")
-        with self._stream_slot("a report"):
+        # pieces that fit the server's message limit, leaving room for the other fields
+        limit = self.limits.max_message_bytes
+        chunk = max(1024, min(REPORT_CHUNK, limit - 1024)) if limit else REPORT_CHUNK
+
+        def pieces():
             with self._report_lock:
                 data = report_zip(self.ws.path)
-            for i in range(0, max(len(data), 1), REPORT_CHUNK):
+            for i in range(0, max(len(data), 1), chunk):
                 if not deadline.active():
                     return
-                yield T.ReportChunk(data[i: i + REPORT_CHUNK], len(data), "n2g-report.zip")
+                yield T.ReportChunk(data[i: i + chunk], len(data), "n2g-report.zip")
+        yield from self._streamed("a report", deadline, pieces)
 
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
+
+class _OpenStream:
+    """A stream holding a slot: what it is, how to cancel its call, and since when it has waited
+    for its reader to take a message (None while it is producing)."""
+
+    __slots__ = ("what", "cancel", "waiting_since")
+
+    def __init__(self, what: str, cancel: Callable[[], Any]):
+        self.what, self.cancel, self.waiting_since = what, cancel, None
+
 
 def _json_loads(doc: str) -> Any:
     return json.loads(doc) if doc else {}

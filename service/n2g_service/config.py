@@ -71,8 +71,8 @@ class ScanConfig(_Config):
             raise ValueError("ScanConfig.k must be >= 1")
         if self.window_tokens < 2:
             raise ValueError("ScanConfig.window_tokens must be >= 2 (BOS + at least one token)")
-        if self.batch_size < 1:
-            raise ValueError("ScanConfig.batch_size must be >= 1")
+        if not 1 <= self.batch_size <= 1 << 16:
+            raise ValueError(f"ScanConfig.batch_size must be from 1 to {1 << 16}, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -274,6 +274,26 @@ class FitConfig(_Config):
             raise ValueError("FitConfig: extra_top, random_windows, occurrence_windows, "
                              "max_occurrence_windows, max_path_windows, path_candidates, context_offsets, sweep_tokens, graded_tokens, start_tokens, "
                              "start_vocab, split_vocab, token_contexts and token_context_length must be >= 0")
+        # Upper bounds, so that no setting can ask for more windows, tokens or passes than a machine
+        # holds (each is far past any value measured; a model's vocabulary is under 2^20 tokens).
+        for name, hi in (("extra_top", 1000), ("random_windows", 8192), ("occurrence_windows", 1024),
+                         ("max_occurrence_windows", 8192), ("max_path_windows", 8192), ("path_candidates", 1 << 16),
+                         ("context_offsets", 64), ("sweep_tokens", 1 << 20), ("graded_tokens", 1 << 20),
+                         ("start_tokens", 1 << 20), ("start_vocab", 1 << 20), ("split_vocab", 1 << 20),
+                         ("token_contexts", 64), ("token_context_length", 512), ("max_prune_starts", 1024),
+                         ("prune_batch", 1024), ("post_context", 4096), ("n_substitutes", 256),
+                         ("batch_tokens", 1 << 20), ("calibrate_min_support", 1 << 20),
+                         ("graded_min_support", 1 << 20)):
+            if getattr(self, name) > hi:
+                raise ValueError(f"FitConfig.{name} must be at most {hi}, got {getattr(self, name)}")
+        for name in ("importance_threshold", "activation_threshold", "augment_importance", "augment_positive",
+                     "sweep_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:  # NaN fails too
+                raise ValueError(f"FitConfig.{name} must be between 0 and 1, got {getattr(self, name)!r}")
+        if not 0.0 <= self.prune_threshold < float("inf"):  # above 1: no shorter context passes
+            raise ValueError(f"FitConfig.prune_threshold must be a finite number >= 0, got {self.prune_threshold!r}")
+        if self.calibration_seed < 0:
+            raise ValueError("FitConfig.calibration_seed must be 0 or more")
         if self.calibrate_min_support < 1 or self.graded_min_support < 1:
             raise ValueError("FitConfig: calibrate_min_support and graded_min_support must be >= 1")
         if not 0.0 <= self.calibrate_fire_rate <= 1.0:
@@ -301,6 +321,9 @@ class FitConfig(_Config):
             raise ValueError("FitConfig.batch_tokens must be >= 64")
 
 
+MAX_BOOTSTRAP = 10_000
+
+
 @dataclass(frozen=True)
 class EvalConfig(_Config):
     """Evaluation protocol (sections 8 and 8b)."""
@@ -324,12 +347,17 @@ class EvalConfig(_Config):
         if self.n_train < 1:
             raise ValueError("EvalConfig.n_train must be >= 1")
         t = self.fire_threshold
-        if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"EvalConfig.fire_threshold must be a finite number >= 0, got {t!r}")
+        # activations are normalised by the neuron's top activation: past 1 nothing would fire
+        if not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t <= 1:
+            raise ValueError(f"EvalConfig.fire_threshold must be a finite number from 0 to 1, got {t!r}")
+        if self.seed < 0 or self.heldout_seed < 0:
+            raise ValueError("EvalConfig: seed and heldout_seed must be 0 or more")
         if self.ordinary_windows < 1:
             raise ValueError("EvalConfig.ordinary_windows must be >= 1")
-        if self.n_bootstrap < 1:
-            raise ValueError("EvalConfig.n_bootstrap must be >= 1")
+        # each interval resamples n_bootstrap x neurons values: bounded so one request cannot
+        # take minutes and gigabytes (10,000 is already far past what a 95% interval needs)
+        if not 1 <= self.n_bootstrap <= MAX_BOOTSTRAP:
+            raise ValueError(f"EvalConfig.n_bootstrap must be from 1 to {MAX_BOOTSTRAP}, got {self.n_bootstrap}")
         if not 0 < self.confidence < 1:
             raise ValueError("EvalConfig.confidence must be between 0 and 1 (exclusive)")
         if self.batch_tokens < 1:

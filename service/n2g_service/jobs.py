@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 
@@ -380,6 +380,41 @@ def _layers_to_scan(ws: Workspace, layers: list[int], k: int, key: str) -> list[
     return out
 
 
+# Fit settings that change how a fit runs, not the graph it makes (sized to the device per build)
+_RUN_ONLY_FIT_SETTINGS = ("batch_tokens",)
+
+
+def check_built_settings(ws, keys: Sequence[tuple[int, int]], fit: FitConfig) -> None:
+    """A build keeps the graphs already built among ``keys``: raises ValueError when one was built
+    with other fit settings (e.g. --method paper, then calibrated), which would otherwise be kept
+    silently beside the new ones."""
+    built = set(ws.built_keys()) & set(keys)
+    if not built:
+        return
+
+    def result_settings(d: dict[str, Any]) -> dict[str, Any]:
+        try:  # older records: fill the fields added since with their defaults
+            d = FitConfig.from_dict(d).to_dict()
+        except (ValueError, TypeError):
+            pass
+        return {k: v for k, v in d.items() if k not in _RUN_ONLY_FIT_SETTINGS}
+
+    want = result_settings(fit.to_dict())
+    for rec in ws.iter_neurons(with_examples=False, layers=sorted({l for l, _ in built})):
+        stored = (rec.stats or {}).get("fit_config")
+        if (rec.layer, rec.neuron) not in built or not isinstance(stored, dict):
+            continue
+        got = result_settings(stored)
+        if got != want:
+            diff = [k for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)]
+            shown = ", ".join(f"{k}={got.get(k)!r} (now {want.get(k)!r})" for k in diff[:4])
+            n_same = sum(1 for k in built if k[0] == rec.layer)
+            raise ValueError(f"neuron {rec.layer}:{rec.neuron} (one of {n_same} already built in layer {rec.layer}) was "
+                             f"built with other fit settings: {shown}{' ...' if len(diff) > 4 else ''}. A workspace "
+                             f"keeps one graph a neuron: build these settings in another workspace, or leave the "
+                             f"built neurons out")
+
+
 def run_build(ws: Workspace, model, req: BuildRequest, *, job_id: str | None = None,
               progress: Callable[[BuildEvent], None] | None = None,
               cancel: threading.Event | None = None,
@@ -482,6 +517,7 @@ def run_build(ws: Workspace, model, req: BuildRequest, *, job_id: str | None = N
 
         # -- fit groups -------------------------------------------------------------------------
         keys = plan_neurons(req, {l: s["max_activation"] for l, s in scans.items()})
+        check_built_settings(ws, keys, req.fit)
         sizes: dict[str, int] = {}
         if not store.fit_planned(plan_id) or any(u.state != "done" for u in store.units(plan_id, "fit")):
             # (a Ray cluster is started only when there is work for it)

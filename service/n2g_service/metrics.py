@@ -188,8 +188,11 @@ def _check_boot(n_boot: int, level: float) -> None:
 
 def _boot_interval(x: np.ndarray, n_boot: int, seed, level: float) -> tuple[float, float]:
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, x.size, size=(int(n_boot), x.size))
-    means = x[idx].mean(axis=1)
+    # in chunks of about a million draws, so memory stays bounded for a whole layer's neurons; the
+    # generator yields the same numbers as one draw of the full array
+    rows = max(1, (1 << 20) // x.size)
+    means = np.concatenate([x[rng.integers(0, x.size, size=(min(rows, int(n_boot) - i), x.size))].mean(axis=1)
+                            for i in range(0, int(n_boot), rows)])
     alpha = (1 - level) / 2
     low, high = np.quantile(means, [alpha, 1 - alpha])
     return float(low), float(high)

@@ -65,7 +65,7 @@ def _safe_deserializer(cls):
 
 
 def _deadline(context) -> Deadline:
-    return Deadline(context.time_remaining, context.is_active)
+    return Deadline(context.time_remaining, context.is_active, context.cancel)
 
 
 def _abort(context, rpc: str, e: Exception):
@@ -222,10 +222,12 @@ def serve(workspace: str | Path, model: str | None = None, *, no_model: bool = F
           host: str = "127.0.0.1", port: int = DEFAULT_PORT, device: str | None = None, hook: str | None = None,
           token: str | None = None, tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
           limits: Limits = Limits(), max_workers: int = 32, max_streams: int | None = None, resume: bool = True,
-          allow_remote_without_token: bool = False, block: bool = True) -> RunningServer | None:
+          allow_remote_without_token: bool = False, ray_address: str | None = None,
+          block: bool = True) -> RunningServer | None:
     """Starts the n2g server. `block=True` waits until SIGINT/SIGTERM (None when one came before
     it served); `block=False` returns the running server (tests, embedding). Binding beyond
-    loopback without a token needs `allow_remote_without_token`."""
+    loopback without a token needs `allow_remote_without_token`. Builds with executor "ray" join
+    `ray_address` (None: a local cluster); a request cannot name another."""
     if token is not None and not token.strip():
         raise ValueError("an empty --token would switch auth off: give a real token or none")
     if not _is_loopback(host) and not token and not allow_remote_without_token:
@@ -257,7 +259,8 @@ def serve(workspace: str | Path, model: str | None = None, *, no_model: bool = F
                                         load_now=not no_model)
         # a quarter of the RPC threads for streams, half for long computations: short calls always find one
         app = N2GApp(ws, model_host, limits, max_streams=max_streams or max(1, max_workers // 4),
-                     max_computations=max(1, max_workers // 2))
+                     max_computations=max(1, max_workers // 2), ray_address=ray_address or None,
+                     trusted_caller=False)
         if model_host.loaded:
             m = model_host.get()
             log.info("model %s loaded on %s in %.1f s (%d layers x %d neurons, hook %s)", model_host.name, m.device,

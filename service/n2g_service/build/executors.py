@@ -28,6 +28,24 @@ import numpy as np
 _SERVICE_DIR = str(Path(__file__).resolve().parents[2])  # holds the n2g_service package
 
 
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Raises ConnectionError unless ``address`` ("HOST:PORT" or "ray://HOST:PORT"; "auto" and
+    "local" are not checked) accepts a connection within ``timeout`` seconds: ``ray.init`` waits
+    minutes on an address nobody answers, and cannot be interrupted meanwhile."""
+    import socket
+
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if address in ("auto", "local") or not sep:
+        return
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"Ray address {address!r}: the port must be a number from 1 to 65535")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConnectionError(f"cannot reach the Ray cluster at {address}: {e}") from None
+
+
 @dataclass
 class Unit:
     unit_id: str
@@ -197,6 +215,8 @@ class RayExecutor:
                                   "logging_level": "warning", "log_to_driver": False}
             if address is None:
                 kw["num_cpus"] = max(workers, 1)
+            else:
+                check_reachable(address)
             ray.init(address=address, **kw)
             self._owns_ray = address is None
         gpus = int(ray.cluster_resources().get("GPU", 0))

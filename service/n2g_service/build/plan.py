@@ -22,7 +22,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-_RANGE_RE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+_RANGE_RE = re.compile(r"^\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?$")  # ASCII digits only
+# Without the model's layer count a range is still bounded, so a spec cannot ask for a huge set.
+MAX_LAYERS = 4096
 
 
 def parse_layers(spec: str | int | Iterable[int | str], n_layers: int | None = None) -> list[int]:
@@ -60,13 +62,13 @@ def parse_layers(spec: str | int | Iterable[int | str], n_layers: int | None = N
         b = int(m.group(2)) if m.group(2) is not None else a
         if b < a:
             raise ValueError(f"bad layer range {item!r}: the end is before the start")
+        # checked before the range is made: "0-99999999999" must not build a huge set
+        if n_layers is not None and b >= n_layers:
+            raise ValueError(f"layer {max(a, n_layers)} out of range: the model has layers 0..{n_layers - 1}")
+        if b >= MAX_LAYERS:
+            raise ValueError(f"layer {max(a, MAX_LAYERS)} out of range: at most {MAX_LAYERS} layers")
         out.update(range(a, b + 1))
-    layers = sorted(out)
-    if n_layers is not None:
-        bad = [l for l in layers if not 0 <= l < n_layers]
-        if bad:
-            raise ValueError(f"layer {bad[0]} out of range: the model has layers 0..{n_layers - 1}")
-    return layers
+    return sorted(out)
 
 
 @dataclass(frozen=True)
