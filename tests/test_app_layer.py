@@ -236,3 +236,22 @@ def test_dry_run_plans_every_layer_both_ways(pair):
         assert "forward" in p["summary"] and "tok/s" in p["summary"]
     assert {k: v for k, v in plans[0].items() if k not in ("summary", "details", "total_seconds")} == \
         {k: v for k, v in plans[1].items() if k not in ("summary", "details", "total_seconds")}
+
+
+def test_a_damaged_workspace_under_search_is_data_loss_not_a_bad_request(tmp_path_factory, monkeypatch):
+    """WorkspaceError is a ValueError: search, which turns the index's ValueErrors into
+    INVALID_ARGUMENT, must let a damaged workspace through with its own status."""
+    from n2g.local import LocalN2GClient
+    from n2g_service.graphs import GraphIndex
+    from n2g_service.workspace import WorkspaceError
+
+    ws = native_workspace(tmp_path_factory, "damaged-search")
+
+    def damaged(self, clauses):
+        raise WorkspaceError(f"workspace {ws}: database disk image is malformed", "damaged")
+
+    monkeypatch.setattr(GraphIndex, "search", damaged)
+    with LocalN2GClient(ws, no_model=True) as c:
+        with pytest.raises(N2GError) as e:
+            c.search([(1, "either")])
+    assert e.value.code == grpc.StatusCode.DATA_LOSS and "malformed" in e.value.message

@@ -82,6 +82,11 @@ def test_export_and_svg(capsys, setup, tmp_path):
     assert files and files == sorted(p.relative_to(tmp_path / "l") for p in (tmp_path / "l").rglob("*.json"))
     for f in files:
         assert (tmp_path / "r" / f).read_text() == (tmp_path / "l" / f).read_text()
+    # export.json, written last, lists what a finished export holds (no temporary files are left)
+    manifest = json.loads((tmp_path / "r" / "export.json").read_text())
+    graphs = sorted((tmp_path / "r" / "graphs").iterdir())
+    assert manifest["neurons"] == len(graphs) == len(manifest["keys"]) > 0
+    assert not [p for p in (tmp_path / "r").rglob(".*")]
     from n2g_service.workspace import Workspace
 
     layer, neuron = Workspace(ws).built_keys()[0]
@@ -103,6 +108,38 @@ def test_errors_are_one_line(capsys, setup):
     assert code == 1 and "FAILED_PRECONDITION" in err
     code, out, err = run(capsys, "eval", "--workspace", str(ws / "missing"))
     assert code == 2 and "no workspace" in err
+
+
+def test_output_paths_and_settings_errors_are_one_line(capsys, setup, tmp_path):
+    """A folder where a file is to go, a file where a folder is to go, a port past 65535, an
+    unknown device: one line and exit 2, never a traceback; and a dry run leaves no workspace."""
+    ws, addr = setup
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    from n2g_service.workspace import Workspace
+
+    layer, neuron = Workspace(ws).built_keys()[0]
+    for argv, say in ((("export", "--out", str(a_file)), str(a_file)),
+                      (("report", "--out", str(a_file)), str(a_file)),
+                      (("graph", str(layer), str(neuron), "--svg", str(tmp_path)), str(tmp_path)),
+                      (("graph", str(layer), str(neuron), "--svg", str(a_file / "g.svg")), str(a_file))):
+        code, out, err = run(capsys, *argv, "--server", addr)
+        assert code == 2 and err.startswith("error: ") and say in err and "Traceback" not in err, err
+    # --zip makes its folder, as --out does
+    code, _, err = run(capsys, "report", "--out", str(tmp_path / "rep"), "--zip", str(tmp_path / "new" / "r.zip"),
+                       "--server", addr)
+    assert code == 0 and (tmp_path / "new" / "r.zip").is_file(), err
+    code, _, err = run(capsys, "build", "--workspace", str(tmp_path / "w0"), "--layers", "0", "--sample", "0")
+    assert code == 2 and "--sample must be at least 1" in err
+    code, _, err = run(capsys, "serve", "--workspace", str(ws), "--no-model", "--port", "99999")
+    assert code == 2 and "--port must be from 0 to 65535" in err
+    code, _, err = run(capsys, "build", "--workspace", str(tmp_path / "w1"), "--model", "native:0", "--layers", "0",
+                       "--sample", "1", "--device", "bogus")
+    assert code == 2 and "unknown device 'bogus'" in err and "Traceback" not in err
+    code, out, err = run(capsys, "build", "--workspace", str(tmp_path / "w2"), "--model", "native:0", "--layers", "0",
+                         "--sample", "1", "--dry-run")
+    assert code == 0 and "neuron" in out, err
+    assert not (tmp_path / "w2").exists()  # a dry run writes nothing
 
 
 def test_report_remote_equals_local(capsys, setup, tmp_path):

@@ -578,6 +578,18 @@ def test_evaluate_with_a_valid_fire_threshold_scores(stub, built):
     assert len(ev.neurons) == len(built)
 
 
+def test_evaluate_refuses_another_held_out_sample_than_the_recorded_one(stub, built):
+    """The held-out sample is fixed once a build recorded it: asking another is refused, not
+    silently answered with the recorded one; asking the recorded one (or none) scores."""
+    _expect(lambda: stub.Evaluate(pb.EvaluateRequest(test_sets=True, eval_config_json='{"ordinary_windows": 17}'),
+                                  timeout=30), C.INVALID_ARGUMENT, "held-out sample is fixed at ordinary_windows=")
+    _expect(lambda: stub.Evaluate(pb.EvaluateRequest(eval_config_json='{"heldout_seed": 5}'), timeout=30),
+            C.INVALID_ARGUMENT, "leave both unset")
+    fixed = json.loads(stub.Evaluate(pb.EvaluateRequest(test_sets=True), timeout=120).report_json)["heldout"]
+    same = json.dumps({"ordinary_windows": fixed["requested"], "heldout_seed": fixed["seed"]})
+    assert len(stub.Evaluate(pb.EvaluateRequest(eval_config_json=same), timeout=60).neurons) == len(built)
+
+
 def test_config_mistakes_are_client_errors_not_internal(stub):
     def build(cfg):
         return lambda: stub.StartBuild(pb.StartBuildRequest(layers=[0], neurons=[25], config_json=cfg), timeout=10)

@@ -383,3 +383,48 @@ def test_read_only_workspace_is_read_and_refused_for_writing(ws_path):
         with pytest.raises(WorkspaceError) as e:
             Workspace(ws_path, create=True, model="other")
         assert e.value.kind == "mismatch"
+
+
+def test_damaged_stored_true_activations_are_left_out_and_stored_again(ws_path, caplog):
+    """The held-out windows' true activations carry a CRC-32: a row whose bytes changed (finite
+    or not), whose size is wrong, or whose values are not finite is left out with a warning
+    naming the neuron, as if missing; storing it again repairs it. Rows an older n2g wrote (no
+    checksum) are still read."""
+    ws = Workspace(ws_path)
+    acts = {n: np.linspace(0, 1, 6 * 5, dtype=np.float32).reshape(6, 5) * (n + 1) for n in range(5)}
+    ws.save_ordinary_activations(0, acts)
+    got = ws.load_ordinary_activations(0, list(range(5)))
+    assert sorted(got) == list(range(5)) and all(np.allclose(got[n], acts[n], atol=1e-2) for n in range(5))
+    where = "WHERE layer = 0 AND neuron = ?"
+    blob = bytearray(np.float16(0.5).tobytes() * 30)
+    _sql(ws_path, f"UPDATE eval_ordinary_acts SET acts = ? {where}", bytes(blob), 1)  # finite, other values
+    _sql(ws_path, f"UPDATE eval_ordinary_acts SET acts = substr(acts, 1, 20) {where}", 2)  # cut short
+    nan = np.full((6, 5), np.nan, np.float16).tobytes()
+    _sql(ws_path, f"UPDATE eval_ordinary_acts SET acts = ?, crc = NULL {where}", nan, 3)  # no checksum, NaN
+    _sql(ws_path, f"UPDATE eval_ordinary_acts SET crc = NULL {where}", 4)  # an older n2g's sound row
+    ws = Workspace(ws_path)
+    with caplog.at_level("WARNING", logger="n2g.workspace"):
+        got = ws.load_ordinary_activations(0, list(range(5)))
+    assert sorted(got) == [0, 4] and np.allclose(got[4], acts[4], atol=1e-2)
+    text = caplog.text
+    for n, why in ((1, "(checksum mismatch)"), (2, "(20 bytes for [6, 5] float16)"), (3, "(NaN or infinite values)")):
+        assert f"neuron 0:{n} on the held-out windows are damaged {why}" in text
+    ws.save_ordinary_activations(0, {n: acts[n] for n in (1, 2, 3)})  # what an evaluation with the model does
+    assert sorted(ws.load_ordinary_activations(0, list(range(5)))) == list(range(5))
+
+
+def test_an_older_workspace_gains_the_checksum_column(ws_path):
+    _sql(ws_path, "DROP TABLE eval_ordinary_acts")
+    _sql(ws_path, "CREATE TABLE eval_ordinary_acts (layer INTEGER NOT NULL, neuron INTEGER NOT NULL, n_windows "
+                  "INTEGER NOT NULL, length INTEGER NOT NULL, dtype TEXT NOT NULL, acts BLOB NOT NULL, "
+                  "PRIMARY KEY (layer, neuron))")
+    _sql(ws_path, "INSERT INTO eval_ordinary_acts VALUES (0, 1, 1, 2, 'float32', ?)",
+         np.array([[0.25, 0.5]], np.float32).tobytes())
+    reader = Workspace(ws_path, mode="read")
+    assert np.array_equal(reader.load_ordinary_activations(0, [1])[1], [[0.25, 0.5]])  # read without it
+    ws = Workspace(ws_path)
+    ws.save_ordinary_activations(0, {2: np.ones((1, 2), np.float32)})  # the writer adds the column first
+    assert sorted(ws.load_ordinary_activations(0, [1, 2])) == [1, 2]
+    conn = sqlite3.connect(ws_path / DB_NAME)
+    assert conn.execute("SELECT crc IS NULL FROM eval_ordinary_acts ORDER BY neuron").fetchall() == [(1,), (0,)]
+    conn.close()

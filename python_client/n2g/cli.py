@@ -197,6 +197,8 @@ def _cmd_serve(args) -> int:
         raise CliError("an empty --token (or N2G_TOKEN) would switch auth off: give a real token or none")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise CliError("TLS needs both --tls-cert and --tls-key")
+    if not 0 <= args.port <= 65535:
+        raise CliError(f"--port must be from 0 to 65535 (0 picks a free one), got {args.port}")
     for path in (args.tls_cert, args.tls_key):
         if path is not None and not path.is_file():
             raise CliError(f"no such file: {path}")
@@ -336,6 +338,8 @@ def _cmd_build(args) -> int:
               precision=args.precision,
               shard_windows=args.shard_windows)
     layers = _layers(args.layers)
+    if args.sample is not None and args.sample < 1:
+        raise CliError(f"--sample must be at least 1 (neurons a layer), got {args.sample}")
     # a dry run writes nothing: on an existing workspace it is a reader, so it also answers while
     # a build is writing there ("how long is left?")
     reader = False
@@ -343,6 +347,17 @@ def _cmd_build(args) -> int:
         from n2g_service.workspace import Workspace
 
         reader = Workspace.exists(args.workspace)
+        if not reader and not getattr(args, "_scratch", False):
+            # plan on a scratch workspace, removed after: nothing is left behind
+            import shutil
+            import tempfile
+
+            scratch = tempfile.mkdtemp(prefix="n2g-plan-")
+            try:
+                return _cmd_build(argparse.Namespace(**{**vars(args), "workspace": Path(scratch) / "ws",
+                                                        "_scratch": True}))
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
     with _client(args, create=not reader) as c:
         if args.dry_run:
             plan = c.plan_build(layers, args.neurons, **kw)
@@ -472,10 +487,12 @@ def _cmd_graph(args) -> int:
             return 0
         g = c.graph(args.layer, args.neuron, svg=args.svg is not None, dot=args.dot is not None,
                     json=args.json_out is not None or args.json)
+    from .client import write_file
+
     for path, text in ((args.svg, g.svg), (args.dot, g.dot), (args.json_out, g.json)):
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+            write_file(path, text)
             print(f"wrote {path}", file=sys.stderr)
     if args.json:
         print(g.json)
@@ -644,7 +661,7 @@ def _cmd_export(args) -> int:
         writer = _ExportWriter(args.out)
         for e in items:
             writer.write(e)
-        n = writer.count
+        n = writer.finish()
     if args.json:
         _print_json({"exported": n, "out": str(args.out)})
     else:
@@ -653,12 +670,13 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from .client import _unzip
+    from .client import _unzip, write_file
 
     with _client(args, needs_model=False) as c:
         data = c.report()
     if args.zip is not None:
-        args.zip.write_bytes(data)
+        args.zip.parent.mkdir(parents=True, exist_ok=True)
+        write_file(args.zip, data)
     index = _unzip(data, args.out)
     if args.json:
         _print_json({"index": str(index)})
@@ -757,6 +775,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if isinstance(e, ValueError):  # a bad argument caught before any call
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, OSError):  # an output path that is a folder, a full disk, ...
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"error: {where}{e.strerror or e}", file=sys.stderr)
             return 2
         raise
 

@@ -373,7 +373,7 @@ class _Api:
         writer = _ExportWriter(out_dir)
         for e in self.export(layers, examples=True, timeout=timeout):
             writer.write(e)
-        return writer.count
+        return writer.finish()
 
     def report(self, *, timeout: float | None = None) -> bytes:
         """The workspace's report as zip bytes (at most MAX_REPORT_BYTES)."""
@@ -387,19 +387,48 @@ class _Api:
         return _unzip(self.report(timeout=timeout), out_dir)
 
 
+def write_file(path: str | os.PathLike, data: bytes | str) -> None:
+    """Writes ``path`` whole or not at all (a temporary file beside it, then renamed over it), so
+    a process killed meanwhile, or a full disk, never leaves a cut-off file that looks complete."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "Is a directory", str(path))
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except OSError as e:  # named by the file asked for, not the temporary one
+        tmp.unlink(missing_ok=True)
+        raise type(e)(e.errno, e.strerror, str(path)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 class _ExportWriter:
+    """Writes an export: DIR/graphs/L_N.json, DIR/examples/L_N.json, each file whole, and last
+    DIR/export.json listing them, so a folder without it is an export cut short."""
+
     def __init__(self, out_dir) -> None:
         self.out = Path(out_dir)
         (self.out / "graphs").mkdir(parents=True, exist_ok=True)
         (self.out / "examples").mkdir(parents=True, exist_ok=True)
+        (self.out / "export.json").unlink(missing_ok=True)  # until this export finishes
         self.count = 0
+        self.keys: list[list[int]] = []
 
     def write(self, e: ExportedNeuron) -> None:
         name = f"{int(e.key[0])}_{int(e.key[1])}.json"
-        (self.out / "graphs" / name).write_text(e.graph_json)
+        write_file(self.out / "graphs" / name, e.graph_json)
         if e.examples_json:
-            (self.out / "examples" / name).write_text(e.examples_json)
+            write_file(self.out / "examples" / name, e.examples_json)
         self.count += 1
+        self.keys.append([int(e.key[0]), int(e.key[1])])
+
+    def finish(self) -> int:
+        write_file(self.out / "export.json", _json.dumps({"neurons": self.count, "keys": self.keys}))
+        return self.count
 
 
 class _ReportSink:
@@ -423,15 +452,17 @@ class _ReportSink:
 def _unzip(data: bytes, out_dir) -> Path:
     """Unpacks a report archive into out_dir, refusing paths outside it and archives that unpack
     past MAX_REPORT_UNPACKED_BYTES (sizes are checked as bytes are written, not trusted from the
-    archive's directory)."""
+    archive's directory). Each file is written whole and index.html last (removed first), so a
+    report cut short has no front page."""
     import io
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     root = out.resolve()
     written = 0
+    (out / "index.html").unlink(missing_ok=True)
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        infos = zf.infolist()
+        infos = sorted(zf.infolist(), key=lambda i: i.filename == "index.html")
         for info in infos:
             if not (root / info.filename).resolve().is_relative_to(root):
                 raise ValueError(f"unsafe path in report archive: {info.filename}")
@@ -441,12 +472,17 @@ def _unzip(data: bytes, out_dir) -> Path:
                 target.mkdir(parents=True, exist_ok=True)
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as dst:
-                while block := src.read(1 << 20):
-                    written += len(block)
-                    if written > MAX_REPORT_UNPACKED_BYTES:
-                        raise ValueError(f"report archive unpacks past {MAX_REPORT_UNPACKED_BYTES} bytes; refused")
-                    dst.write(block)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            try:
+                with zf.open(info) as src, open(tmp, "wb") as dst:
+                    while block := src.read(1 << 20):
+                        written += len(block)
+                        if written > MAX_REPORT_UNPACKED_BYTES:
+                            raise ValueError(f"report archive unpacks past {MAX_REPORT_UNPACKED_BYTES} bytes; refused")
+                        dst.write(block)
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
     return out / "index.html"
 
 
@@ -672,7 +708,7 @@ class AsyncN2GClient(_ClientBase, _Api):
         writer = _ExportWriter(out_dir)
         async for e in self.export(layers, examples=True, timeout=timeout):
             writer.write(e)
-        return writer.count
+        return writer.finish()
 
     async def report(self, *, timeout: float | None = None) -> bytes:
         sink = _ReportSink()

@@ -872,10 +872,18 @@ class N2GApp:
                 raise not_found(f"no neurons built{where}: nothing to evaluate")
         cfg = None
         if eval_config_json:
+            asked = _config_object(eval_config_json, "eval_config_json", None)
             try:
-                cfg = EvalConfig.from_dict(_config_object(eval_config_json, "eval_config_json", None))
+                cfg = EvalConfig.from_dict(asked)
             except (ValueError, TypeError) as e:
                 raise invalid(f"eval_config_json: {e}") from None
+            # the held-out sample is fixed once recorded (builds left it out of their scans): a
+            # different one asked is refused, not silently replaced by the recorded one
+            rec = self.ws.load_heldout_windows() if {"ordinary_windows", "heldout_seed"} & set(asked) else None
+            if rec is not None and (cfg.ordinary_windows, cfg.heldout_seed) != (rec["requested"], rec["seed"]):
+                raise invalid(f"this workspace's held-out sample is fixed at ordinary_windows={rec['requested']}, "
+                              f"heldout_seed={rec['seed']} (its builds left those windows out): leave both unset, "
+                              f"or use another workspace for another sample")
         wanted_keys = set(keys)
         recs = {(r.layer, r.neuron): r for r in self.ws.iter_neurons(with_examples=cfg is not None, with_stats=False,
                                                                      layers={k[0] for k in wanted_keys})
@@ -936,6 +944,8 @@ class N2GApp:
             checked.append((tok, role))
         try:
             found = self.graphs.search(checked)
+        except WorkspaceError:
+            raise  # a damaged workspace is the server's trouble (DATA_LOSS ...), not the request's
         except ValueError as e:
             raise invalid(str(e)) from None
         return T.SearchResult(found[:limit] if limit else found, len(found))

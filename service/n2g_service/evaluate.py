@@ -30,6 +30,7 @@ does not fire; window-level balanced accuracy). Metrics are in metrics.py.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -38,6 +39,8 @@ import numpy as np
 from . import methods, metrics
 from .config import EvalConfig
 from .workspace import WorkspaceError
+
+log = logging.getLogger("n2g.evaluate")
 from .methods import (  # noqa: F401  (re-exported: the baselines' fit / predict)
     Example,
     ngram_lookup_fit,
@@ -276,9 +279,12 @@ def ensure_ordinary_activations(ws, model, layer: int, neurons: Sequence[int], c
         try:
             ws.save_ordinary_activations(layer, got)
         except WorkspaceError as e:
-            if e.kind != "read_only":
+            if e.kind not in ("read_only", "locked"):
                 raise
-            have.update(got)  # a read-only workspace: use them now, compute them again next time
+            # a read-only workspace, or one another process is writing (a build): use them now,
+            # compute them again next time, rather than lose the passes just run
+            log.warning("layer %d: true activations on the held-out windows not stored (%s)", layer, e)
+            have.update(got)
     have.update(ws.load_ordinary_activations(layer, [nn for nn in missing if nn not in have]))
     return have
 

@@ -40,7 +40,13 @@ _HOOK_FALLBACKS = {"mlp.hook_mid": ("mlp.ln.hook_in",)}
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked, but torch sees no CUDA GPU here: use cpu")
+    return dev
 
 
 @dataclass

@@ -91,6 +91,7 @@ CREATE TABLE IF NOT EXISTS eval_heldout (
 CREATE TABLE IF NOT EXISTS eval_ordinary_acts (
     layer INTEGER NOT NULL, neuron INTEGER NOT NULL, n_windows INTEGER NOT NULL,
     length INTEGER NOT NULL, dtype TEXT NOT NULL, acts BLOB NOT NULL,
+    crc INTEGER,  -- CRC-32 of acts (NULL in rows an older n2g wrote)
     PRIMARY KEY (layer, neuron)
 );
 """
@@ -103,6 +104,8 @@ MAX_JOB_REQUEST_BYTES = 64 * 1024
 # columns `jobs` gained after the first release: a writer adds them to an older workspace
 _JOB_COLUMNS_ADDED = (("attempts", "INTEGER NOT NULL DEFAULT 0"), ("stalls", "INTEGER NOT NULL DEFAULT 0"),
                       ("start_done", "INTEGER NOT NULL DEFAULT 0"), ("stage", "TEXT"))
+# Columns added to tables since they were first written (a writer adds what a database lacks)
+_COLUMNS_ADDED = {"jobs": _JOB_COLUMNS_ADDED, "eval_ordinary_acts": (("crc", "INTEGER"),)}
 
 
 class WorkspaceError(ValueError):
@@ -528,7 +531,7 @@ class Workspace:
         # once per version, so listings stay cheap
         self._verdicts: dict[tuple[int, int], tuple[tuple, str | None]] = {}
         self._uri: str | None = None  # set to open a read-only directory immutably
-        self._job_columns = False
+        self._added_columns = False
         if not self._db_path.exists():
             if not create:
                 raise WorkspaceError(f"no workspace at {self.path} (no {DB_NAME}); build one first with "
@@ -646,7 +649,7 @@ class Workspace:
             for p in leftovers:
                 p.unlink(missing_ok=True)
             raise
-        self._job_columns = True
+        self._added_columns = True
 
     def _ensure_schema(self) -> None:
         """Adds what this n2g's schema has and the database lacks (idempotent; writer only)."""
@@ -662,12 +665,13 @@ class Workspace:
         conn.execute("PRAGMA journal_mode=WAL")
         # executescript commits any open transaction first, so the (idempotent) schema runs alone
         conn.executescript(_SCHEMA)
-        cols = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
-        for name, decl in _JOB_COLUMNS_ADDED:
-            if name not in cols:
-                conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+        for table, added in _COLUMNS_ADDED.items():
+            cols = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+            for name, decl in added:
+                if name not in cols:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
         conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        self._job_columns = True
+        self._added_columns = True
 
     def _not_a_workspace(self) -> WorkspaceError:
         return WorkspaceError(f"workspace {self.path}: {DB_NAME} is an SQLite database but not an n2g workspace (no "
@@ -676,13 +680,15 @@ class Workspace:
     def _schema_complete(self) -> bool:
         conn = self._conn()
         have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        return _schema_tables() <= have and self._has_job_columns()
+        return _schema_tables() <= have and self._has_added_columns()
 
-    def _has_job_columns(self) -> bool:
-        if not self._job_columns:
-            cols = {r[1] for r in self._conn().execute("PRAGMA table_info(jobs)")}
-            self._job_columns = all(name in cols for name, _ in _JOB_COLUMNS_ADDED)
-        return self._job_columns
+    def _has_added_columns(self) -> bool:
+        """Whether every added column is there (jobs' and the others': a writer adds them together)."""
+        if not self._added_columns:
+            self._added_columns = all(
+                {name for name, _ in added} <= {r[1] for r in self._conn().execute(f"PRAGMA table_info({table})")}
+                for table, added in _COLUMNS_ADDED.items())
+        return self._added_columns
 
     def _upgrade_schema(self) -> None:
         """mode auto, on a workspace written by an older n2g: adds the missing tables under a
@@ -1075,7 +1081,7 @@ class Workspace:
 
     # -- jobs -----------------------------------------------------------------------------------
     def _job_sql(self, with_request: bool = True) -> str:
-        extra = "attempts, stalls, start_done, stage" if self._has_job_columns() else "0, 0, 0, NULL"
+        extra = "attempts, stalls, start_done, stage" if self._has_added_columns() else "0, 0, 0, NULL"
         # a request stored before requests were bounded is left out rather than loaded
         req = f"CASE WHEN length(request) <= {MAX_JOB_REQUEST_BYTES} THEN request END" if with_request else "NULL"
         return (f"SELECT id, state, {req}, total, done, error, created_at, updated_at, {extra}, length(request) "
@@ -1208,24 +1214,46 @@ class Workspace:
                 raise ValueError("ordinary activations must be [n_windows, length]")
             fits = bool(np.all(np.abs(a) < 60000.0))
             dtype = "float16" if fits else "float32"
-            rows.append((int(layer), int(neuron), a.shape[0], a.shape[1], dtype, _blob(a.astype(dtype))))
+            blob = _blob(a.astype(dtype))
+            rows.append((int(layer), int(neuron), a.shape[0], a.shape[1], dtype, blob, zlib.crc32(blob)))
         with self.transaction() as c:
-            c.executemany("INSERT OR REPLACE INTO eval_ordinary_acts VALUES (?, ?, ?, ?, ?, ?)", rows)
+            c.executemany("INSERT OR REPLACE INTO eval_ordinary_acts (layer, neuron, n_windows, length, dtype, acts, "
+                          "crc) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 
     def load_ordinary_activations(self, layer: int, neurons: list[int]) -> dict[int, np.ndarray]:
-        """float32 ``{neuron: [n_windows, length]}`` for the neurons that have them stored."""
+        """float32 ``{neuron: [n_windows, length]}`` for the neurons that have them stored, sound:
+        a row whose checksum, size or values are wrong is logged and left out, as if missing (an
+        evaluation with the model computes it again and replaces it)."""
         out: dict[int, np.ndarray] = {}
         if not self._has_eval_table("eval_ordinary_acts"):
             return out
         conn = self._conn()
+        crc_col = "crc" if self._has_added_columns() else "NULL"
         for n in neurons:
             row = conn.execute(
-                "SELECT n_windows, length, dtype, acts FROM eval_ordinary_acts WHERE layer = ? AND neuron = ?",
+                f"SELECT n_windows, length, dtype, acts, {crc_col} FROM eval_ordinary_acts WHERE layer = ? AND neuron = ?",
                 (int(layer), int(n)),
             ).fetchone()
-            if row is not None:
-                nw, length, dtype, blob = row
-                out[int(n)] = np.frombuffer(blob, dtype=dtype).reshape(nw, length).astype(np.float32)
+            if row is None:
+                continue
+            nw, length, dtype, blob, crc = row
+            why = None
+            if dtype not in ("float16", "float32") or not isinstance(blob, bytes):
+                why = f"dtype {dtype!r}"
+            elif len(blob) != nw * length * np.dtype(dtype).itemsize:
+                why = f"{len(blob)} bytes for [{nw}, {length}] {dtype}"
+            elif crc is not None and zlib.crc32(blob) != crc:
+                why = "checksum mismatch"
+            else:
+                a = np.frombuffer(blob, dtype=dtype).reshape(nw, length).astype(np.float32)
+                if not np.isfinite(a).all():
+                    why = "NaN or infinite values"
+            if why is not None:
+                log.warning("workspace %s: the stored true activations of neuron %d:%d on the held-out windows are "
+                            "damaged (%s): left out, computed again by an evaluation with the model", self.path,
+                            layer, n, why)
+                continue
+            out[int(n)] = a
         return out
 
 
