@@ -203,7 +203,8 @@ def test_export_equals_local_export(client, server, tmp_path):
     run_cli("export", "--workspace", str(server.workspace), "--out", str(tmp_path / "local"))
     remote = sorted(p.relative_to(tmp_path / "remote") for p in (tmp_path / "remote").rglob("*.json"))
     local = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*.json"))
-    assert remote == local and len(remote) == 2 * n
+    assert remote == local and len(remote) == 2 * n + 1  # graphs, examples and export.json
+    assert json.loads((tmp_path / "remote" / "export.json").read_text())["neurons"] == n
     for rel in remote:
         assert json.loads((tmp_path / "remote" / rel).read_text()) == json.loads((tmp_path / "local" / rel).read_text())
 
