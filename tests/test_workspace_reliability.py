@@ -428,3 +428,25 @@ def test_an_older_workspace_gains_the_checksum_column(ws_path):
     conn = sqlite3.connect(ws_path / DB_NAME)
     assert conn.execute("SELECT crc IS NULL FROM eval_ordinary_acts ORDER BY neuron").fetchall() == [(1,), (0,)]
     conn.close()
+
+
+def test_damaged_corpus_windows_and_scans_are_refused_in_one_line(ws_path):
+    """The corpus windows and each layer's scan carry a CRC-32 too: bytes changed in place (the
+    size intact, so the shapes still fit) end in a one-line "damaged" error, not in token ids
+    past the vocabulary deep in a build."""
+    ws = Workspace(ws_path)
+    ws.save_layer_scan(0, np.ones(4, np.float32), np.arange(8, dtype=np.int64).reshape(4, 2),
+                       np.ones((4, 2), np.float32), 1.0)
+    assert ws.load_layer_scan(0)["top_window_ids"].tolist() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert ws.load_windows().shape == (1000, 64)
+    ws.close()
+    _sql(ws_path, "UPDATE windows SET tokens = ? WHERE id = 0", np.full(64 * 1000, 10 ** 6, np.int32).tobytes())
+    _sql(ws_path, "UPDATE layer_scans SET top_window_ids = ? WHERE layer = 0",
+         np.arange(8, dtype=np.int64)[::-1].copy().tobytes())
+    ws = Workspace(ws_path)
+    with pytest.raises(WorkspaceError) as e:
+        ws.load_windows()
+    assert e.value.kind == "damaged" and "corpus windows are damaged" in _one_line(e.value)
+    with pytest.raises(WorkspaceError) as e:
+        ws.load_layer_scan(0)
+    assert e.value.kind == "damaged" and "scan of layer 0 is damaged" in _one_line(e.value)

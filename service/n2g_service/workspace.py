@@ -56,12 +56,14 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS windows (
     id INTEGER PRIMARY KEY CHECK (id = 0),
-    n INTEGER NOT NULL, length INTEGER NOT NULL, tokens BLOB NOT NULL
+    n INTEGER NOT NULL, length INTEGER NOT NULL, tokens BLOB NOT NULL,
+    crc INTEGER  -- CRC-32 of tokens (NULL in rows an older n2g wrote), as in the tables below
 );
 CREATE TABLE IF NOT EXISTS layer_scans (
     layer INTEGER PRIMARY KEY, k INTEGER NOT NULL, d_mlp INTEGER NOT NULL,
     max_activation BLOB NOT NULL, top_window_ids BLOB NOT NULL, top_scores BLOB NOT NULL,
-    seconds REAL NOT NULL
+    seconds REAL NOT NULL,
+    crc INTEGER  -- CRC-32 of the three arrays, in that order
 );
 CREATE TABLE IF NOT EXISTS neurons (
     layer INTEGER NOT NULL, neuron INTEGER NOT NULL,
@@ -105,7 +107,15 @@ MAX_JOB_REQUEST_BYTES = 64 * 1024
 _JOB_COLUMNS_ADDED = (("attempts", "INTEGER NOT NULL DEFAULT 0"), ("stalls", "INTEGER NOT NULL DEFAULT 0"),
                       ("start_done", "INTEGER NOT NULL DEFAULT 0"), ("stage", "TEXT"))
 # Columns added to tables since they were first written (a writer adds what a database lacks)
-_COLUMNS_ADDED = {"jobs": _JOB_COLUMNS_ADDED, "eval_ordinary_acts": (("crc", "INTEGER"),)}
+_COLUMNS_ADDED = {"jobs": _JOB_COLUMNS_ADDED, "eval_ordinary_acts": (("crc", "INTEGER"),),
+                  "windows": (("crc", "INTEGER"),), "layer_scans": (("crc", "INTEGER"),)}
+
+
+def _crc(*blobs: bytes) -> int:
+    crc = 0
+    for b in blobs:
+        crc = zlib.crc32(b, crc)
+    return crc
 
 
 class WorkspaceError(ValueError):
@@ -799,41 +809,51 @@ class Workspace:
     # -- corpus windows -------------------------------------------------------------------------
     def save_windows(self, windows: np.ndarray) -> None:
         w = np.asarray(windows, dtype=np.int32)
+        blob = _blob(w)
         with self.transaction() as c:
-            c.execute("INSERT OR REPLACE INTO windows VALUES (0, ?, ?, ?)", (w.shape[0], w.shape[1], _blob(w)))
+            c.execute("INSERT OR REPLACE INTO windows (id, n, length, tokens, crc) VALUES (0, ?, ?, ?, ?)",
+                      (w.shape[0], w.shape[1], blob, _crc(blob)))
+
+    def _crc_column(self) -> str:
+        return "crc" if self._has_added_columns() else "NULL"  # a reader of an older workspace
 
     def load_windows(self) -> np.ndarray | None:
-        row = self._conn().execute("SELECT n, length, tokens FROM windows WHERE id = 0").fetchone()
+        row = self._conn().execute(f"SELECT n, length, tokens, {self._crc_column()} FROM windows WHERE id = 0").fetchone()
         if row is None:
             return None
-        n, length, blob = row
+        n, length, blob, crc = row
         try:
+            if crc is not None and _crc(blob) != crc:
+                raise ValueError("checksum mismatch")
             return np.frombuffer(blob, dtype=np.int32).reshape(n, length).astype(np.int64)
         except (TypeError, ValueError):
             raise WorkspaceError(f"workspace {self.path}: the stored corpus windows are damaged (not {n} x {length} "
-                                 "tokens); delete the workspace's windows or build into a new workspace",
+                                 "tokens, or not the tokens written); build into a new workspace",
                                  "damaged") from None
 
     # -- dataset scan ---------------------------------------------------------------------------
     def save_layer_scan(self, layer: int, max_activation: np.ndarray, top_window_ids: np.ndarray,
                         top_scores: np.ndarray, seconds: float) -> None:
         ids = np.asarray(top_window_ids, dtype=np.int64)
+        blobs = (_blob(np.asarray(max_activation, np.float32)), _blob(ids), _blob(np.asarray(top_scores, np.float32)))
         with self.transaction() as c:
             c.execute(
-                "INSERT OR REPLACE INTO layer_scans VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (layer, ids.shape[1], ids.shape[0], _blob(np.asarray(max_activation, np.float32)),
-                 _blob(ids), _blob(np.asarray(top_scores, np.float32)), seconds),
+                "INSERT OR REPLACE INTO layer_scans (layer, k, d_mlp, max_activation, top_window_ids, top_scores, "
+                "seconds, crc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (layer, ids.shape[1], ids.shape[0], *blobs, seconds, _crc(*blobs)),
             )
 
     def load_layer_scan(self, layer: int) -> dict[str, Any] | None:
         row = self._conn().execute(
-            "SELECT k, d_mlp, max_activation, top_window_ids, top_scores, seconds FROM layer_scans WHERE layer = ?",
-            (layer,),
+            f"SELECT k, d_mlp, max_activation, top_window_ids, top_scores, seconds, {self._crc_column()} "
+            f"FROM layer_scans WHERE layer = ?", (layer,),
         ).fetchone()
         if row is None:
             return None
-        k, d_mlp, amax, ids, scores, seconds = row
+        k, d_mlp, amax, ids, scores, seconds, crc = row
         try:
+            if crc is not None and _crc(amax, ids, scores) != crc:
+                raise ValueError("checksum mismatch")
             return {
                 "layer": layer,
                 "max_activation": np.frombuffer(amax, np.float32).reshape(d_mlp).copy(),
@@ -843,7 +863,8 @@ class Workspace:
             }
         except (TypeError, ValueError):
             raise WorkspaceError(f"workspace {self.path}: the stored scan of layer {layer} is damaged (its arrays are "
-                                 f"not {d_mlp} x {k}); rebuild the layer in a new workspace", "damaged") from None
+                                 f"not {d_mlp} x {k}, or not the values written); rebuild the layer in a new workspace",
+                                 "damaged") from None
 
     def scanned_layers(self) -> list[int]:
         return [r[0] for r in self._conn().execute("SELECT layer FROM layer_scans ORDER BY layer")]
@@ -1228,10 +1249,9 @@ class Workspace:
         if not self._has_eval_table("eval_ordinary_acts"):
             return out
         conn = self._conn()
-        crc_col = "crc" if self._has_added_columns() else "NULL"
         for n in neurons:
             row = conn.execute(
-                f"SELECT n_windows, length, dtype, acts, {crc_col} FROM eval_ordinary_acts WHERE layer = ? AND neuron = ?",
+                f"SELECT n_windows, length, dtype, acts, {self._crc_column()} FROM eval_ordinary_acts WHERE layer = ? AND neuron = ?",
                 (int(layer), int(n)),
             ).fetchone()
             if row is None:
