@@ -30,6 +30,9 @@ class TopK:
 
     Keeps, for each of `n_neurons` neurons, the k windows with the largest activation (a window's
     score is its maximum over tokens) and a_max (the largest activation seen anywhere).
+    n_neurons * k is at most 2**30 (N2GError beyond). Window ids are >= 0 (-1 pads top());
+    negative ids, and uint64 ids above 2**63 - 1, raise N2GError. An input array that cannot be
+    copied (e.g. a broadcast view far larger than memory) raises MemoryError.
     """
 
     def __init__(self, n_neurons: int, k: int = 20) -> None: ...
@@ -114,12 +117,17 @@ class NeuronGraph:
         `context` runs backwards from token i-1 (nearest first); trailing IGNOREs are cut; `end` is
         the normalised activation stored on the END. A node keeps the max importance / activation
         / end value seen. `token_ids` are every vocabulary id whose normalised label is `label`;
-        nodes are keyed by label, and their id sets are unioned."""
+        nodes are keyed by label, and their id sets are unioned. The arguments are read before
+        the graph is touched, so a `context` iterator may use the graph (or another thread may)."""
     def finalize(self) -> None:
         """Merges sibling sub-paths under IGNORE children and drops children that are neither END
         nodes nor parents of one (n2g-method.md section 5). Idempotent; predict, to_json and
         to_bytes call it implicitly, and so does everything else that reads the trie
         (activating_labels, context_labels, n_nodes, n_paths, to_dot, to_svg, ==).
+
+        Nested IGNORE siblings can multiply the trie exponentially: a merge that would pass
+        max(1,000,000, 8 x the nodes before) nodes raises N2GError and leaves the graph as it was
+        (so every read of it raises; from_json, from_bytes and the store's readers raise too).
 
         Precisely (the reference's merge_ignores, values folded by max): top-down, at every node N
         with an IGNORE child G, each other child C of N has its children (whole subtrees) merged
@@ -140,7 +148,9 @@ class NeuronGraph:
 
         Input: a 2-D integer array [sequences, tokens], or a list of lists / 1-D integer arrays
         (ragged allowed; an empty list gives []). Negative ids, ids >= 2**32 and, when
-        `vocab_size` is given, ids >= vocab_size raise N2GError naming sequence and position.
+        `vocab_size` is given, ids >= vocab_size raise N2GError naming sequence and position
+        (vocab_size >= 2**32 admits every id). More than 2**31 ids or sequences in one call raise
+        N2GError."""
         Where sibling nodes share an id, greedy takes the first by label, all-paths takes all."""
     def activating_labels(self) -> list[str]:
         """Sorted labels of the activating tokens on paths that can fire (an END >= 0.5 at or
@@ -166,7 +176,9 @@ class NeuronGraph:
     def to_bytes(self) -> bytes:
         """Versioned, checksummed binary form (what the workspace stores)."""
     @staticmethod
-    def from_bytes(data: bytes) -> NeuronGraph: ...
+    def from_bytes(data: bytes) -> NeuronGraph:
+        """Reads `to_bytes` output. A blob flagged finalized whose trie is not in merged form
+        (corrupt data with a valid checksum) is merged again on first use, as from_json would."""
     def to_dot(self) -> str:
         """Graphviz DOT (n2g-method.md section 7): IGNORE dropped, same label at the same depth
         merged into one node, activating tokens red by activation, context tokens blue by
@@ -247,8 +259,10 @@ class GraphStore:
         arrays of one length; ragged input raises N2GError (pad on the right: a prediction at
         position i reads tokens 0..i only, so right padding never changes real positions). Empty
         keys or sequences, unknown keys, negative / too large / (with vocab_size)
-        out-of-vocabulary ids raise N2GError. A key may repeat. Runs on all cores without the
-        GIL, looking each token up once in the activating tokens of all requested graphs."""
+        out-of-vocabulary ids raise N2GError. A key may repeat; an output of more than 2**31
+        values raises N2GError (predict in batches), one numpy cannot allocate MemoryError. Runs
+        on all cores without the GIL, looking each token up once in the activating tokens of all
+        requested graphs."""
     def search(self, clauses: Sequence[tuple[int | str, Role]]) -> list[Key]:
         """Keys of graphs matching every clause, sorted. An int matches nodes whose token-id set
         holds it, a str matches node labels exactly. "activating" = depth-0 nodes, "context" =
@@ -262,7 +276,8 @@ class GraphStore:
     def similar_pairs(self, threshold: float = 0.9) -> list[PairResult]:
         """Pairs with |A n A'| / max(|A|, |A'|) >= threshold and the same for context-label sets
         (node labels on paths that can fire, as search counts them, IGNORE excluded; denominators at least 1, so graphs without context tokens
-        never pair). (a, b) with a < b; overlaps as defined. threshold in (0, 1]."""
+        never pair). (a, b) with a < b; overlaps as defined. threshold in (0, 1]; one below
+        float32's range counts as the smallest positive float32 (any shared label qualifies)."""
     def subset_pairs(self, threshold: float = 0.9) -> list[PairResult]:
         """Pairs with |A n A'| / min(|A|, |A'|) >= threshold for both sets that are not similar
         pairs: (subset_key, superset_key, activating_overlap, context_overlap) with overlaps by

@@ -1,8 +1,16 @@
 """n2g_fast phase 1 through the public module: TopK and NeuronGraph, including wrong inputs."""
 
 import json
+import math
 import multiprocessing as mp
+import os
 import pickle
+import random
+import struct
+import subprocess
+import sys
+import threading
+import zlib
 
 import numpy as np
 import pytest
@@ -378,3 +386,244 @@ def test_fork_after_batch_call_does_not_deadlock():
     with ctx.Pool(2) as pool:
         res = pool.map_async(_predict_in_child, [g.to_bytes()] * 4).get(timeout=60)
     assert res == [pytest.approx([0.0, 0.0, 0.9])] * 4
+
+
+# --- robustness (fuzzing probe) ------------------------------------------------------------------
+
+
+def _run_isolated(code: str) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh interpreter: a crash there (abort, segfault) fails the test, not the run."""
+    prelude = "import numpy as np, n2g_fast as nf\n"
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RUST_BACKTRACE": "0"})
+
+
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+def encode_blob(nodes, n_roots, labels, finalized=True) -> bytes:
+    """An N2GG v1 blob (format.rs docs) with any trie, merged or not: `nodes` breadth-first as
+    (label or None for IGNORE, value, end or None, ids, n_children)."""
+    s = lambda x: _varint(len(x.encode())) + x.encode()  # noqa: E731
+    body = s("m") + _varint(0) + _varint(0) + s("h") + struct.pack("<d", 1.0)
+    body += _varint(len(labels)) + b"".join(s(lab) for lab in labels) + _varint(len(nodes)) + _varint(n_roots)
+    for label, value, end, ids, n_children in nodes:
+        body += bytes([(label is None) | ((end is not None) << 1)])
+        body += b"" if label is None else _varint(labels.index(label))
+        body += struct.pack("<f", value) + (b"" if end is None else struct.pack("<f", end))
+        body += _varint(len(ids)) + b"".join(_varint(t if i == 0 else t - ids[i - 1] - 1) for i, t in enumerate(ids))
+        body += _varint(n_children)
+    head = b"N2GG" + struct.pack("<HHI", 1, int(finalized), len(body))
+    return head + struct.pack("<I", zlib.crc32(head + body)) + body
+
+
+def _exponential_doc(n: int) -> str:
+    """a <- x1 <- ... <- xn, each x_i with an END and an IGNORE sibling leading to y: 3n + 1 nodes
+    whose IGNORE merge would make about 3 * 2**n."""
+    def node(label, ids, end, children, ignore=False, root=False):
+        return {"label": label, "token_ids": ids, "ignore": ignore, "importance": 0.9,
+                "activation": 1.0 if root else None, "end": end, "children": children}
+    sub = []
+    for i in range(n, 0, -1):
+        sub = [node(f"x{i}", [i], 0.9, sub), node("<IGNORE>", [], None, [node("y", [999], 0.8, [])], ignore=True)]
+    return json.dumps({"schema": "n2g.graph/v1", "model": "m", "layer": 0, "neuron": 0, "hook": "h",
+                       "max_activation": 1.0, "roots": [node("a", [0], 0.9, sub, root=True)]})
+
+
+def test_finalize_refuses_exponential_growth():
+    # An 11 KB document would need ~100M nodes (tens of GB) once merged.
+    with pytest.raises(N2GError, match="would need more than 1000000 nodes"):
+        NeuronGraph.from_json(_exponential_doc(25))
+    assert NeuronGraph.from_json(_exponential_doc(8)).n_nodes == 3 * 2**8 - 2  # small ones still merge
+    # Built path by path: reading the trie raises, and leaves the graph as it was.
+    g = NeuronGraph("m", 0, 0, "h", 1.0)
+    for i in range(1, 26):
+        ctx = [(f"x{j}", [j], 0.9) for j in range(1, i + 1)]
+        g.add_path(("a", [0], 1.0), ctx, 0.9)
+        g.add_path(("a", [0], 1.0), ctx[:-1] + [None, ("y", [999], 0.9)], 0.8)
+    for read in (g.finalize, lambda: g.n_nodes, g.to_bytes, lambda: g.predict([[1, 0]])):
+        with pytest.raises(N2GError, match="would need more than"):
+            read()
+
+
+def test_finalize_refusal_from_bytes_and_store():
+    # The same exponential trie as an unmerged blob, flagged finalized or not. Breadth-first:
+    # a; x1 IG1; x2 IG2 y; x3 IG3 y; ...; xn IGn y; y.
+    n = 22
+    x = lambda i: (f"x{i}", 0.9, 0.9, [i], 2 if i < n else 0)  # noqa: E731
+    ig, y = (None, 0.0, None, [], 1), ("y", 0.9, 0.8, [999], 0)
+    bfs = [("a", 1.0, 0.9, [0], 2), x(1), ig]
+    for i in range(2, n + 1):
+        bfs += [x(i), ig, y]
+    bfs.append(y)
+    labels = ["a", "y"] + [f"x{i}" for i in range(1, n + 1)]
+    for finalized in (True, False):
+        blob = encode_blob(bfs, 1, labels, finalized=finalized)
+        with pytest.raises(N2GError, match="would need more than"):
+            NeuronGraph.from_bytes(blob).n_nodes
+        with pytest.raises(N2GError, match="blob 0: .*would need more than"):
+            n2g_fast.GraphStore.from_bytes_list([blob])
+
+
+def test_add_path_reentrant_calls_do_not_panic():
+    g = NeuronGraph("m", 0, 0, "h", 1.0)
+    g.add_path(("a", [1], 1.0), [], 0.9)
+    seen = []
+
+    def context():
+        seen.append(g.predict([[2, 1]])[0].tolist())  # uses the graph while add_path reads its arguments
+        yield ("b", [2], 0.5)
+
+    class Value:
+        def __float__(self):
+            seen.append(len(pickle.dumps(g)) > 0)
+            return 0.5
+
+    g.add_path(("a", [1], 1.0), context(), 0.7)
+    g.add_path(("a", [1], Value()), [], 0.9)
+    assert seen[0] == pytest.approx([0.0, 0.9]) and seen[1] is True
+    assert g.predict([[2, 1]])[0].tolist() == pytest.approx([0.0, 0.9])
+
+
+def test_add_path_with_a_generator_while_another_thread_predicts():
+    g = NeuronGraph("m", 0, 0, "h", 1.0)
+    g.add_path(("a", [1], 1.0), [], 0.9)
+    errors, stop = [], threading.Event()
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+
+    def reader():
+        while not stop.is_set():
+            try:
+                g.predict([[1, 2, 3]])
+            except BaseException as e:  # noqa: BLE001 - a PanicException is a BaseException
+                errors.append(e)
+                return
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for i in range(300):
+            g.add_path(("a", [1], 1.0), ((f"c{j}", [j], 0.5) for j in range(i % 20)), 0.7)
+    finally:
+        stop.set()
+        t.join()
+        sys.setswitchinterval(old)
+    assert errors == []
+
+
+def test_json_round_trips_awkward_doubles():
+    rng = random.Random(0)
+    values = [4.0745362639427185e-10, 5e-324, 1.7976931348623157e308, 0.1 + 0.2]
+    while len(values) < 300:
+        v = struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))[0]
+        if math.isfinite(v):
+            values.append(v)
+    for v in values:
+        g = NeuronGraph("m", 0, 0, "h", v)
+        g.add_path(("a", [1], rng.random()), [("b", [2], rng.random())], rng.random())
+        back = NeuronGraph.from_json(g.to_json())
+        assert back.max_activation == v and back == g, v
+
+
+def test_deep_refused_json_on_a_small_thread_stack():
+    code = r'''
+import threading
+n = 2048
+def doc(schema, root_ignore):
+    head = "".join('{"label":"c%d","token_ids":%s,"ignore":%s,"importance":0.5,"activation":%s,"end":null,"children":['
+                   % (i, "[]" if (i == 0 and root_ignore) else "[1]", "true" if (i == 0 and root_ignore) else "false",
+                      "1.0" if i == 0 else "null") for i in range(n - 1))
+    leaf = '{"label":"z","token_ids":[1],"ignore":false,"importance":0.5,"activation":null,"end":0.5,"children":[]}'
+    return ('{"schema":"%s","model":"m","layer":0,"neuron":0,"hook":"h","max_activation":1.0,"roots":[' % schema
+            + head + leaf + "]}" * (n - 1) + "]}")
+out = []
+def run():
+    for text in (doc("n2g.graph/v9", False), doc("n2g.graph/v1", True), doc("n2g.graph/v1", False)[:-40] + "x"):
+        try:
+            nf.NeuronGraph.from_json(text)
+            out.append("accepted")
+        except nf.N2GError:
+            out.append("refused")
+    out.append(nf.NeuronGraph.from_json(doc("n2g.graph/v1", False)).n_nodes)
+threading.stack_size(128 * 1024)
+t = threading.Thread(target=run)
+t.start()
+t.join()
+print(out)
+'''
+    p = _run_isolated(code)
+    assert p.returncode == 0 and p.stdout.strip() == "['refused', 'refused', 'refused', 2048]", (p.returncode, p.stdout, p.stderr[-500:])
+
+
+def test_topk_too_large_is_a_clean_error():
+    p = _run_isolated("""
+try:
+    nf.TopK(2**34, 1)
+except nf.N2GError as e:
+    print("refused:", e)
+""")
+    assert p.returncode == 0 and "too large" in p.stdout, (p.returncode, p.stdout, p.stderr[-500:])
+
+
+@pytest.mark.parametrize("call", [
+    "g.predict(np.empty((2**40, 0), np.int64))",
+    "g.predict(np.broadcast_to(np.int64(1), (10**6, 10**6)))",
+    "g.predict([np.broadcast_to(np.int64(1), (10**12,))])",
+    "nf.TopK(2, 1).update(np.broadcast_to(np.float32(0), (10**6, 10**6, 2)), np.arange(10**6))",
+    "nf.TopK(2, 1).update_window_max(np.zeros((1, 2), np.float32), np.broadcast_to(np.int64(0), (10**12,)))",
+])
+def test_huge_logical_arrays_are_clean_errors(call):
+    p = _run_isolated(f"""
+g = nf.NeuronGraph('m', 0, 0, 'h', 1.0)
+g.add_path(('a', [1], 1.0), [], 0.9)
+try:
+    {call}
+    print("no error")
+except (nf.N2GError, MemoryError) as e:
+    print("clean:", type(e).__name__, e)
+""")
+    assert p.returncode == 0 and p.stdout.startswith("clean:"), (p.returncode, p.stdout, p.stderr[-500:])
+
+
+def test_blob_flagged_finalized_but_not_merged_is_merged_on_reading():
+    # a (END .1) -> [b (no END) -> c (END .8), IGNORE -> d (END .7)]: finalize moves c under the
+    # IGNORE and drops b, so "c, x, a" predicts .8 at a, as the same graph read from JSON does.
+    nodes = [("a", 1.0, 0.1, [1], 2), ("b", 0.9, None, [2], 1), (None, 0.0, None, [], 1),
+             ("c", 0.9, 0.8, [3], 0), ("d", 0.9, 0.7, [4], 0)]
+    blob = encode_blob(nodes, 1, ["a", "b", "c", "d"], finalized=True)
+    g = NeuronGraph.from_bytes(blob)
+    want = NeuronGraph.from_bytes(encode_blob(nodes, 1, ["a", "b", "c", "d"], finalized=False))
+    assert g == want == NeuronGraph.from_json(g.to_json())
+    assert g.predict([[3, 9, 1]])[0].tolist() == pytest.approx([0, 0, 0.8])
+    s = n2g_fast.GraphStore.from_bytes_list([blob])
+    assert s.predict([(0, 0)], [[3, 9, 1]])[0].tolist() == [pytest.approx([0, 0, 0.8])]
+    assert s.get((0, 0)) == g
+
+
+def test_vocab_size_of_2_to_the_32_or_more_admits_every_id():
+    g = NeuronGraph("m", 0, 0, "h", 1.0)
+    g.add_path(("a", [2**32 - 1], 1.0), [], 0.9)
+    for vocab in (2**32, 2**33):
+        assert g.predict([[2**32 - 1]], vocab_size=vocab)[0].tolist() == pytest.approx([0.9])
+    with pytest.raises(N2GError, match="out of vocabulary"):
+        g.predict([[2**32 - 1]], vocab_size=2**32 - 1)
+
+
+def test_topk_window_ids_are_exact_and_non_negative():
+    t = TopK(1, 2)
+    with pytest.raises(N2GError, match="too large"):
+        t.update(np.ones((1, 1, 1), np.float32), np.array([2**64 - 1], np.uint64))
+    for update in (lambda ids: t.update(np.ones((1, 1, 1), np.float32), ids),
+                   lambda ids: t.update_window_max(np.ones((1, 1), np.float32), ids)):
+        with pytest.raises(N2GError, match="negative"):
+            update([-1])
+    assert t.top()[0].tolist() == [[-1, -1]]
+    t.update(np.ones((1, 1, 1), np.float32), np.array([2**63 - 1], np.uint64))
+    assert t.top()[0].tolist() == [[2**63 - 1, -1]]

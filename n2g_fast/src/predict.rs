@@ -314,7 +314,7 @@ mod tests {
         g.add_path(&tok("a", &[1], 1.0), &[], 0.2).unwrap();
         g.add_path(&tok("a", &[1], 1.0), &[ctx("b", &[2], 0.9)], 0.3).unwrap();
         g.add_path(&tok("a", &[1], 1.0), &[None, ctx("c", &[3], 0.9)], 0.9).unwrap();
-        g.finalize();
+        g.finalize().unwrap();
         g
     }
 
@@ -336,7 +336,7 @@ mod tests {
         let mut g = graph();
         g.add_path(&tok("a", &[1], 1.0), &[], 0.9).unwrap();
         g.add_path(&tok("a", &[1], 1.0), &[ctx("b", &[2], 0.9)], 0.4).unwrap();
-        g.finalize();
+        g.finalize().unwrap();
         let ct = CompiledTrie::new(&g);
         assert_eq!(ct.predict(&[2, 1], Semantics::GreedyDeepest), vec![0.0, 0.4]);
         assert_eq!(ct.predict(&[2, 1], Semantics::AllPathsMax), vec![0.0, 0.9]);
@@ -347,7 +347,7 @@ mod tests {
         let mut g = graph();
         g.add_path(&tok("x", &[1], 1.0), &[], 0.1).unwrap();
         g.add_path(&tok("y", &[1, 4], 1.0), &[ctx("q", &[5], 0.9)], 0.8).unwrap();
-        g.finalize();
+        g.finalize().unwrap();
         let ct = CompiledTrie::new(&g);
         assert_eq!(ct.predict(&[5, 1], Semantics::GreedyDeepest), vec![0.0, 0.1]);
         assert_eq!(ct.predict(&[5, 1], Semantics::AllPathsMax), vec![0.0, 0.8]);
@@ -363,7 +363,7 @@ mod tests {
         #[test]
         fn compiled_walk_equals_reference(g in arb_graph(), seq in prop::collection::vec(0u32..20, 0..24), finalize in any::<bool>()) {
             let mut g = g;
-            if finalize { g.finalize(); }
+            if finalize { g.finalize().unwrap(); }
             let ct = CompiledTrie::new(&g);
             prop_assert_eq!(ct.predict(&seq, Semantics::GreedyDeepest), reference::greedy(&g, &seq));
             prop_assert_eq!(ct.predict(&seq, Semantics::AllPathsMax), reference::all_paths(&g, &seq));
@@ -372,10 +372,10 @@ mod tests {
         #[test]
         fn finalize_is_a_fixed_point(g in arb_graph()) {
             let mut g = g;
-            g.finalize();
+            g.finalize().unwrap();
             let once = g.clone();
             let mut again = NeuronGraph::from_nodes(g.model.clone(), g.layer, g.neuron, g.hook.clone(), g.max_activation, g.nodes().to_vec(), false).unwrap();
-            again.finalize();
+            again.finalize().unwrap();
             prop_assert_eq!(again, once);
         }
     }

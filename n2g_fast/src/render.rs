@@ -352,7 +352,7 @@ mod tests {
         g.add_path(&tok(" <b>&\"", &[1], 0.9), &[ctx("x y", &[2], 0.9), None, ctx("\n", &[3], 0.8)], 0.9).unwrap();
         g.add_path(&tok("a", &[4], 0.6), &[ctx("x y", &[2], 0.9)], 0.6).unwrap();
         g.add_path(&tok("a", &[4], 0.6), &[None, ctx("\t", &[5], 0.8)], 0.5).unwrap();
-        g.finalize();
+        g.finalize().unwrap();
         g
     }
 
@@ -378,7 +378,7 @@ mod tests {
         }
         g.add_path(&tok("t99", &[109], 0.95), &[ctx("ctx", &[2], 0.9), ctx("far", &[3], 0.9)], 0.95).unwrap();
         g.add_path(&tok("t00", &[10], 0.5), &[ctx("ctx0", &[4], 0.9)], 0.5).unwrap();
-        g.finalize();
+        g.finalize().unwrap();
         let d = dag(&g);
         let roots: Vec<&str> = d.nodes.iter().filter(|x| x.depth == 0).map(|x| x.label.as_str()).collect();
         assert_eq!(roots.len(), MAX_DRAWN_ACTIVATING);
@@ -425,7 +425,7 @@ mod tests {
         g.add_path(&tok("z", &[9], 0.3), &[ctx("y", &[8], 0.9)], 0.3).unwrap(); // graded only
         g.add_path(&tok("a", &[4], 0.6), &[None, None, ctx("w", &[7], 0.9)], 0.1).unwrap();
         g.add_path(&tok("a", &[4], 0.2), &[], 0.2).unwrap(); // a graded END on a drawn node
-        g.finalize();
+        g.finalize().unwrap();
         assert_eq!(dag(&g), dag(&sample()));
     }
 

@@ -320,7 +320,7 @@ pub(crate) mod tests {
                         let end = if fires { 0.7 } else { 0.3 };
                         g.add_path(&tok(&format!("t{a}"), &[a, a + 20], 0.8), &c, end).unwrap();
                     }
-                    g.finalize();
+                    g.finalize().unwrap();
                     g
                 })
                 .collect()
@@ -414,7 +414,7 @@ pub(crate) mod tests {
         g.add_path(&tok("a", &[1], 0.9), &[Some(tok("b", &[2], 0.9))], 0.8).unwrap();
         g.add_path(&tok("a", &[1], 0.9), &[], 0.2).unwrap(); // graded: "a" alone
         g.add_path(&tok("c", &[3], 0.2), &[Some(tok("d", &[4], 0.5))], 0.2).unwrap(); // graded
-        g.finalize();
+        g.finalize().unwrap();
         let ix = index(&[g]);
         let found = |t: u32, r: Role| !ix.search(&[(Term::Token(t), r)]).unwrap().is_empty();
         assert!(found(1, Role::Activating) && found(2, Role::Context));

@@ -34,7 +34,10 @@ pub struct Pair {
 
 pub fn check_threshold(t: f64) -> Result<f32> {
     if t > 0.0 && t <= 1.0 {
-        Ok(t as f32)
+        // A positive threshold below f32's range would round to 0 (which selects nothing); the
+        // smallest positive f32 selects the same pairs as any tiny threshold (overlaps are 0 or
+        // at least 1 / set size).
+        Ok((t as f32).max(f32::from_bits(1)))
     } else {
         Err(invalid!("threshold must be in (0, 1], got {t}"))
     }
@@ -304,7 +307,7 @@ mod tests {
                 g.add_path(&tok(a, &[1], 0.9), &[], 0.8).unwrap();
             }
         }
-        g.finalize();
+        g.finalize().unwrap();
         g
     }
 

@@ -29,7 +29,7 @@ use crate::parallel;
 use crate::predict::Semantics;
 use crate::search::{Extract, Key, Role, StoreIndex, Term};
 use crate::similarity::{self, Pair};
-use crate::trie::NeuronGraph;
+use crate::trie::{is_merged, BfsTrie, NeuronGraph};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -88,7 +88,7 @@ fn decode_and_pack(blobs: &[&[u8]], syms: &mut Symbols) -> Result<Vec<(Key, Pack
                 })
                 .collect::<Result<_>>()
         })??;
-        for ((raw, label_map), p) in work.iter_mut().zip(packed) {
+        for (i, ((raw, label_map), p)) in work.iter_mut().zip(packed).enumerate() {
             let key = (raw.layer, raw.neuron);
             out.push(match p {
                 Some((mut p, missing)) => {
@@ -99,7 +99,7 @@ fn decode_and_pack(blobs: &[&[u8]], syms: &mut Symbols) -> Result<Vec<(Key, Pack
                 }
                 None => {
                     let mut g = raw.to_graph();
-                    g.finalize();
+                    g.finalize().map_err(|e| corrupt!("blob {}: {e}", done + i))?;
                     (key, PackedGraph::pack(&g, syms))
                 }
             });
@@ -193,6 +193,62 @@ fn check_words(words: &[u32], sym_rank: &[u32], depth: &mut Vec<u32>) -> std::re
     Ok(())
 }
 
+/// A version-2 graph's words (file symbols, checked by `check_words`) seen as a [`BfsTrie`];
+/// labels compare by rank, ids come from the file's symbol table.
+struct WordsTrie<'a> {
+    sym: &'a [u32],
+    value: &'a [u32],
+    end: &'a [u32],
+    cs: &'a [u32],
+    sym_rank: &'a [u32],
+    starts: &'a [u32],
+    ids: &'a [u32],
+}
+
+impl<'a> WordsTrie<'a> {
+    fn new(words: &'a [u32], sym_rank: &'a [u32], starts: &'a [u32], ids: &'a [u32]) -> Self {
+        let m = (words.len() - 1) / 4;
+        let (sym, rest) = words.split_at(m);
+        let (value, rest) = rest.split_at(m);
+        let (end, cs) = rest.split_at(m);
+        WordsTrie { sym, value, end, cs, sym_rank, starts, ids }
+    }
+    fn rank(&self, i: usize) -> u32 {
+        match self.sym[i] {
+            IGNORE_SYM => u32::MAX,
+            s => self.sym_rank[s as usize],
+        }
+    }
+}
+
+impl BfsTrie for WordsTrie<'_> {
+    fn len(&self) -> usize {
+        self.sym.len()
+    }
+    fn children(&self, i: usize) -> std::ops::Range<usize> {
+        self.cs[i] as usize..self.cs[i + 1] as usize
+    }
+    fn is_ignore(&self, i: usize) -> bool {
+        self.sym[i] == IGNORE_SYM
+    }
+    fn cmp_label(&self, a: usize, b: usize) -> std::cmp::Ordering {
+        self.rank(a).cmp(&self.rank(b))
+    }
+    fn value(&self, i: usize) -> f32 {
+        f32::from_bits(self.value[i])
+    }
+    fn end(&self, i: usize) -> Option<f32> {
+        let e = f32::from_bits(self.end[i]);
+        (!e.is_nan()).then_some(e)
+    }
+    fn ids(&self, i: usize) -> &[u32] {
+        match self.sym[i] {
+            IGNORE_SYM => &[],
+            s => &self.ids[self.starts[s as usize] as usize..self.starts[s as usize + 1] as usize],
+        }
+    }
+}
+
 /// Reads a version-2 payload (module docs) after the header, checking everything.
 fn read_v2(r: &mut Reader, count: usize) -> Result<GraphStore> {
     let mut store = GraphStore::new();
@@ -253,23 +309,34 @@ fn read_v2(r: &mut Reader, count: usize) -> Result<GraphStore> {
     if r.remaining() != 0 {
         return Err(corrupt!("store file is corrupt: {} bytes after the last graph", r.remaining()));
     }
-    let packed: Vec<PackedGraph> = parallel::install(|| {
+    // (graph, whether it is in merged form; see `trie::is_merged`).
+    let mut packed: Vec<(PackedGraph, bool)> = parallel::install(|| {
         at.par_iter()
-            .map_init(Vec::new, |depth, g| {
+            .map_init(|| (Vec::new(), Vec::new()), |(depth, stack), g| {
                 let mut words: Box<[u32]> = g.words.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
                 check_words(&words, &sym_rank, depth).map_err(|e| corrupt!("store file is corrupt: graph ({}, {}): {e}", g.key.0, g.key.1))?;
+                let merged = is_merged(&WordsTrie::new(&words, &sym_rank, &starts, &ids), stack);
                 let m = (words.len() - 1) / 4;
                 for w in &mut words[1..m] {
                     if *w != IGNORE_SYM {
                         *w = sym_map[*w as usize];
                     }
                 }
-                Ok(PackedGraph::from_words(words, g.max_activation, str_ids[g.model as usize], str_ids[g.hook as usize]))
+                Ok((PackedGraph::from_words(words, g.max_activation, str_ids[g.model as usize], str_ids[g.hook as usize]), merged))
             })
             .collect::<Result<_>>()
     })??;
+    // Graphs are stored finalized, but a file is not trusted to say so: one not in merged form
+    // (corrupt, with a repaired checksum) is merged again, so it predicts as its JSON would.
+    for (g, (p, merged)) in at.iter().zip(&mut packed) {
+        if !*merged {
+            let mut graph = p.unpack(g.key, &store.syms);
+            graph.refinalize().map_err(|e| corrupt!("store file: graph ({}, {}): {e}", g.key.0, g.key.1))?;
+            *p = PackedGraph::pack(&graph, &mut store.syms);
+        }
+    }
     // Sorted entries built in bulk, so the map's nodes are full.
-    store.graphs = at.iter().map(|g| g.key).zip(packed).collect();
+    store.graphs = at.iter().map(|g| g.key).zip(packed.into_iter().map(|p| p.0)).collect();
     Ok(store)
 }
 
@@ -302,18 +369,21 @@ impl GraphStore {
         *self.pairs_cache.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    /// Adds (or replaces) the graph under its own (layer, neuron); it is finalized.
-    pub fn insert(&mut self, mut graph: NeuronGraph) {
+    /// Adds (or replaces) the graph under its own (layer, neuron); it is finalized (an error,
+    /// and nothing changes, when finalizing is refused).
+    pub fn insert(&mut self, mut graph: NeuronGraph) -> Result<()> {
+        graph.finalize()?;
         self.changed();
-        graph.finalize();
         let p = PackedGraph::pack(&graph, &mut self.syms);
         self.graphs.insert(graph.key(), p);
+        Ok(())
     }
 
-    pub fn extend(&mut self, graphs: Vec<NeuronGraph>) {
+    pub fn extend(&mut self, graphs: Vec<NeuronGraph>) -> Result<()> {
         for g in graphs {
-            self.insert(g);
+            self.insert(g)?;
         }
+        Ok(())
     }
 
     pub fn remove(&mut self, key: Key) -> Result<NeuronGraph> {
@@ -748,7 +818,7 @@ mod tests {
 
     fn store(gs: &[NeuronGraph]) -> GraphStore {
         let mut s = GraphStore::new();
-        s.extend(gs.to_vec());
+        s.extend(gs.to_vec()).unwrap();
         s
     }
 
@@ -768,7 +838,7 @@ mod tests {
     #[test]
     fn save_load_file_and_refusals() {
         let mut s = GraphStore::new();
-        s.insert(crate::format::tests::sample());
+        s.insert(crate::format::tests::sample()).unwrap();
         let dir = std::env::temp_dir().join(format!("n2g_store_test_{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("s.n2gstore");
@@ -799,7 +869,7 @@ mod tests {
         let seq = [7, 4_000_000_000, 9, 3, 4_000_000_001];
         for sem in [Semantics::GreedyDeepest, Semantics::AllPathsMax] {
             let mut g2 = g.clone();
-            g2.finalize();
+            g2.finalize().unwrap();
             let want = match sem {
                 Semantics::GreedyDeepest => reference::greedy(&g2, &seq),
                 Semantics::AllPathsMax => reference::all_paths(&g2, &seq),
@@ -841,7 +911,7 @@ mod tests {
     #[test]
     fn version_2_refuses_structural_damage_with_a_valid_checksum() {
         let mut s = GraphStore::new();
-        s.insert(crate::format::tests::sample());
+        s.insert(crate::format::tests::sample()).unwrap();
         let data = s.to_bytes();
         // Last graph's last word is child_start[m] (= m): any other value breaks the tree.
         let mut d = data.clone();
@@ -920,8 +990,8 @@ mod tests {
             let mut want_graphs = Vec::new();
             for (i, mut g) in gs.into_iter().enumerate() {
                 g.neuron = i as u32;
-                s.insert(g.clone());
-                g.finalize();
+                s.insert(g.clone()).unwrap();
+                g.finalize().unwrap();
                 want_graphs.push(g);
             }
             let keys = s.keys();
@@ -944,7 +1014,7 @@ mod tests {
             for g in want_graphs.iter().rev() {
                 let mut g2 = g.clone();
                 g2.neuron = want_graphs.len() as u32 - 1 - g.neuron;
-                s2.insert(g2);
+                s2.insert(g2).unwrap();
             }
             for (k, g) in keys.iter().zip(want_graphs.iter().rev()) {
                 let mut g2 = g.clone();

@@ -18,7 +18,7 @@
 //! crc u32 (CRC-32 of every byte before it)
 //! ```
 
-use crate::error::{corrupt, invalid, Result};
+use crate::error::{corrupt, invalid, N2GError, Result};
 use crate::parallel;
 use rayon::prelude::*;
 
@@ -97,6 +97,26 @@ fn raise_max(amax: &mut f32, s: f32) {
     }
 }
 
+/// Most (neuron, slot) pairs an accumulator holds: 12 GiB, far above any layer's scan (tens of
+/// thousands of neurons times k in the tens).
+const MAX_SLOTS: usize = 1 << 30;
+
+/// `vec![v; n]` that reports an allocation failure instead of aborting the process.
+fn filled<T: Clone>(n: usize, v: T) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(n).map_err(|_| N2GError::Resource(format!("cannot allocate a TopK of {n} slots: out of memory")))?;
+    out.resize(n, v);
+    Ok(out)
+}
+
+/// Window ids are >= 0: -1 marks an empty slot in `top()`.
+fn check_window_ids(ids: &[i64]) -> Result<()> {
+    match ids.iter().position(|&w| w < 0) {
+        Some(i) => Err(invalid!("window_ids[{i}] = {} is negative; window ids must be >= 0 (-1 marks an empty slot)", ids[i])),
+        None => Ok(()),
+    }
+}
+
 impl TopK {
     pub fn new(n_neurons: usize, k: usize) -> Result<Self> {
         if n_neurons == 0 {
@@ -105,14 +125,17 @@ impl TopK {
         if k == 0 {
             return Err(invalid!("k must be at least 1"));
         }
-        let total = n_neurons.checked_mul(k).filter(|&t| t <= (1usize << 34)).ok_or_else(|| invalid!("n_neurons * k = {n_neurons} * {k} is too large"))?;
+        let total = n_neurons
+            .checked_mul(k)
+            .filter(|&t| t <= MAX_SLOTS)
+            .ok_or_else(|| invalid!("n_neurons * k = {n_neurons} * {k} is too large (at most 2**30 slots, 12 bytes each)"))?;
         Ok(TopK {
             n_neurons,
             k,
-            ids: vec![-1; total],
-            scores: vec![f32::NEG_INFINITY; total],
-            len: vec![0; n_neurons],
-            a_max: vec![f32::NEG_INFINITY; n_neurons],
+            ids: filled(total, -1)?,
+            scores: filled(total, f32::NEG_INFINITY)?,
+            len: filled(n_neurons, 0)?,
+            a_max: filled(n_neurons, f32::NEG_INFINITY)?,
         })
     }
 
@@ -145,6 +168,7 @@ impl TopK {
         if b.window_ids.len() != b.batch {
             return Err(invalid!("window_ids has {} entries, expected one per batch row ({})", b.window_ids.len(), b.batch));
         }
+        check_window_ids(b.window_ids)?;
         if let Some(m) = b.token_mask {
             if m.len() != b.batch * b.tokens {
                 return Err(invalid!("token_mask has {} values, expected batch * tokens = {} * {}", m.len(), b.batch, b.tokens));
@@ -218,6 +242,7 @@ impl TopK {
                 window_max.len()
             ));
         }
+        check_window_ids(window_ids)?;
         const CHUNK: usize = 1 << 14;
         let first_nan = parallel::install(|| {
             window_max

@@ -29,6 +29,13 @@ pub const MAX_PATH_NODES: usize = 2048;
 /// drawings) leaves them out.
 pub const FIRING_THRESHOLD: f32 = 0.5;
 
+/// [`NeuronGraph::finalize`] refuses a merge whose arena would pass this many nodes, or
+/// [`FINALIZE_GROWTH`] times the nodes before, whichever is larger (real graphs have at most
+/// tens of thousands of nodes, and the merge rarely adds more than a few times what it starts
+/// from).
+pub const FINALIZE_MIN_BUDGET: usize = 1_000_000;
+pub const FINALIZE_GROWTH: usize = 8;
+
 pub type NodeId = u32;
 /// Token-id set of a node: inline up to 4 ids (a label rarely has more), so nodes need no
 /// allocation of their own; graphs of a 46k-neuron store decode without millions of mallocs.
@@ -338,17 +345,25 @@ impl NeuronGraph {
     }
 
     /// Merges `src`'s subtree into `dst_parent`'s children: same label -> same node, values and
-    /// END folded with max, id sets unioned.
-    fn merge_subtree(&mut self, src: NodeId, dst_parent: NodeId) {
+    /// END folded with max, id sets unioned. Fails (leaving a partial merge) once the arena holds
+    /// more than `budget` nodes.
+    fn merge_subtree(&mut self, src: NodeId, dst_parent: NodeId, budget: usize) -> Result<()> {
         let mut stack = vec![(src, dst_parent)];
         while let Some((s, p)) = stack.pop() {
             let sn = &self.nodes[s as usize];
             let (label, ids, value, end) = (sn.label.clone(), sn.token_ids.clone(), sn.value, sn.end);
             let d = self.upsert_child(p, &label, &ids, value, end);
+            if self.nodes.len() > budget {
+                return Err(invalid!(
+                    "finalizing this graph would need more than {budget} nodes: its IGNORE merges multiply paths \
+                     (nested IGNORE siblings copy each other's subtrees); graphs of real neurons stay far smaller"
+                ));
+            }
             for i in 0..self.nodes[s as usize].children.len() {
                 stack.push((self.nodes[s as usize].children[i], d));
             }
         }
+        Ok(())
     }
 
     /// n2g-method.md section 5, as the reference code's `merge_ignores` does it, with values
@@ -362,10 +377,29 @@ impl NeuronGraph {
     /// Then the children of N (G included, with what was merged in) are visited in turn. The
     /// arena is compacted afterwards. The result is a fixed point (finalizing again changes
     /// nothing: property-tested), and a flag makes a repeated call free.
-    pub fn finalize(&mut self) {
+    ///
+    /// Nested IGNORE siblings can multiply the trie exponentially (a few KB of JSON would need
+    /// gigabytes), so the merge is refused once the arena exceeds [`FINALIZE_MIN_BUDGET`] nodes
+    /// or [`FINALIZE_GROWTH`] times its size before; the graph is then left as it was.
+    pub fn finalize(&mut self) -> Result<()> {
         if self.finalized {
-            return;
+            return Ok(());
         }
+        let budget = FINALIZE_MIN_BUDGET.max(FINALIZE_GROWTH.saturating_mul(self.nodes.len()));
+        // The merge works in place; a refused one is undone from this copy (compact moves nodes
+        // instead of cloning them, which pays for it).
+        let before = self.nodes.clone();
+        if let Err(e) = self.merge_ignores(budget) {
+            self.nodes = before;
+            return Err(e);
+        }
+        drop(before);
+        self.compact();
+        self.finalized = true;
+        Ok(())
+    }
+
+    fn merge_ignores(&mut self, budget: usize) -> Result<()> {
         let mut stack = vec![ROOT];
         while let Some(n) = stack.pop() {
             let children: Vec<NodeId> = self.nodes[n as usize].children.to_vec();
@@ -373,7 +407,7 @@ impl NeuronGraph {
                 for &c in &children[..children.len() - 1] {
                     for i in 0..self.nodes[c as usize].children.len() {
                         let cc = self.nodes[c as usize].children[i];
-                        self.merge_subtree(cc, g);
+                        self.merge_subtree(cc, g, budget)?;
                     }
                 }
                 let nodes = &self.nodes;
@@ -383,26 +417,36 @@ impl NeuronGraph {
             }
             stack.extend(self.nodes[n as usize].children.iter().copied());
         }
-        self.compact();
-        self.finalized = true;
+        Ok(())
     }
 
-    /// Drops nodes no longer reachable from the root and renumbers breadth-first.
+    /// For decoders whose input claimed to be finalized but is not in merged form: finalizes
+    /// it for real.
+    pub(crate) fn refinalize(&mut self) -> Result<()> {
+        self.finalized = false;
+        self.finalize()
+    }
+
+    /// Drops nodes no longer reachable from the root and renumbers breadth-first. Every
+    /// reachable node has one parent, so nodes are moved out of the old arena, not cloned.
     fn compact(&mut self) {
-        let old = std::mem::take(&mut self.nodes);
+        let mut old = std::mem::take(&mut self.nodes);
         let mut nodes = Vec::with_capacity(old.len());
-        let mut root = old[0].clone();
-        root.children.clear();
+        let mut take = |i: NodeId| {
+            let mut node = std::mem::replace(&mut old[i as usize], Node::root());
+            let children = std::mem::take(&mut node.children);
+            (node, children)
+        };
+        let (root, root_children) = take(ROOT);
         nodes.push(root);
-        let mut queue = std::collections::VecDeque::from([(ROOT, ROOT)]);
-        while let Some((o, n)) = queue.pop_front() {
-            for &c in &old[o as usize].children {
+        let mut queue = std::collections::VecDeque::from([(root_children, ROOT)]);
+        while let Some((children, n)) = queue.pop_front() {
+            for c in children {
                 let nc = nodes.len() as NodeId;
-                let mut node = old[c as usize].clone();
-                node.children.clear();
+                let (node, grandchildren) = take(c);
                 nodes.push(node);
                 nodes[n as usize].children.push(nc);
-                queue.push_back((c, nc));
+                queue.push_back((grandchildren, nc));
             }
         }
         self.nodes = nodes;
@@ -499,6 +543,72 @@ impl NeuronGraph {
     }
 }
 
+/// Read access to a valid breadth-first trie whose children are contiguous (a decoded blob, a
+/// store file's words), for [`is_merged`]. Node 0 is the root.
+pub(crate) trait BfsTrie {
+    fn len(&self) -> usize;
+    fn children(&self, i: usize) -> std::ops::Range<usize>;
+    fn is_ignore(&self, i: usize) -> bool;
+    /// [`Label`] order between two nodes' labels.
+    fn cmp_label(&self, a: usize, b: usize) -> std::cmp::Ordering;
+    fn value(&self, i: usize) -> f32;
+    fn end(&self, i: usize) -> Option<f32>;
+    fn ids(&self, i: usize) -> &[u32];
+}
+
+/// Whether [`NeuronGraph::finalize`] would leave the trie unchanged, so data that says it is
+/// finalized can be trusted without merging again: at every node with an IGNORE child G, every
+/// other child C holds an END, and merging C's children into G's would change nothing (each
+/// label already there, max and union folds that keep the bits). `stack` is scratch.
+pub(crate) fn is_merged(t: &impl BfsTrie, stack: &mut Vec<(usize, usize)>) -> bool {
+    for n in 0..t.len() {
+        let ch = t.children(n);
+        if ch.is_empty() || !t.is_ignore(ch.end - 1) {
+            continue;
+        }
+        let g = ch.end - 1;
+        for c in ch.start..g {
+            if t.end(c).is_none() {
+                return false;
+            }
+            stack.clear();
+            stack.push((c, g));
+            while let Some((s, d)) = stack.pop() {
+                // Both child lists are sorted by label with unique labels.
+                let dch = t.children(d);
+                let mut j = dch.start;
+                for sc in t.children(s) {
+                    while j < dch.end && t.cmp_label(j, sc).is_lt() {
+                        j += 1;
+                    }
+                    if j == dch.end || t.cmp_label(j, sc).is_ne() || !folds_unchanged(t, sc, j) {
+                        return false;
+                    }
+                    stack.push((sc, j));
+                    j += 1;
+                }
+            }
+        }
+    }
+    true
+}
+
+/// Whether folding node `s` into node `d` (as `upsert_child` does) leaves `d` as it is.
+fn folds_unchanged(t: &impl BfsTrie, s: usize, d: usize) -> bool {
+    let (dv, de) = (t.value(d), t.end(d));
+    if dv.max(t.value(s)).to_bits() != dv.to_bits() || max_opt(de, t.end(s)).map(f32::to_bits) != de.map(f32::to_bits) {
+        return false;
+    }
+    let (si, di) = (t.ids(s), t.ids(d));
+    let mut j = 0;
+    si.iter().all(|&x| {
+        while j < di.len() && di[j] < x {
+            j += 1;
+        }
+        j < di.len() && di[j] == x
+    })
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -556,7 +666,7 @@ pub(crate) mod tests {
         g.add_path(&tok("a", &[1], 1.0), &[ctx("z", &[4], 0.8), ctx("w", &[5], 0.9)], 0.4).unwrap();
         g.add_path(&tok("a", &[1], 1.0), &[ctx("z", &[4], 0.8)], 0.3).unwrap();
         g.add_path(&tok("a", &[1], 1.0), &[None, ctx("y", &[6], 0.7)], 0.9).unwrap();
-        g.finalize();
+        g.finalize().unwrap();
         // x had no END: dropped, its sub-path y moved under IGNORE (y ids unioned, max END).
         // z has an END: kept with its subtree; its child w is copied under IGNORE too.
         assert_eq!(
@@ -573,7 +683,7 @@ pub(crate) mod tests {
         assert_eq!((y.token_ids.to_vec(), y.value), (vec![3, 6], 0.8));
         let before = g.clone();
         g.finalized = false;
-        g.finalize();
+        g.finalize().unwrap();
         assert_eq!(g, before, "finalize is a fixed point");
     }
 
@@ -583,11 +693,36 @@ pub(crate) mod tests {
         let mut g = graph();
         g.add_path(&tok("a", &[1], 1.0), &[ctx("c", &[2], 0.8), ctx("x", &[3], 0.8), ctx("y", &[4], 0.8)], 0.5).unwrap();
         g.add_path(&tok("a", &[1], 1.0), &[None, None, ctx("z", &[5], 0.8)], 0.6).unwrap();
-        g.finalize();
+        g.finalize().unwrap();
         assert_eq!(
             path_labels(&g),
             vec![("a <- <IGNORE> <- <IGNORE> <- y".to_owned(), Some(0.5)), ("a <- <IGNORE> <- <IGNORE> <- z".to_owned(), Some(0.6)),]
         );
+    }
+
+    #[test]
+    fn finalize_refuses_exponential_growth_and_leaves_the_graph_unchanged() {
+        // a <- x1 <- ... <- xn, each x_i with an END and an IGNORE sibling leading to y: the
+        // merge would make about 3 * 2^n nodes.
+        let build = |n: usize| {
+            let mut g = graph();
+            for i in 1..=n {
+                let xs: Vec<Option<Element>> = (1..=i).map(|j| ctx(&format!("x{j}"), &[j as u32], 0.9)).collect();
+                g.add_path(&tok("a", &[0], 1.0), &xs, 0.9).unwrap();
+                let mut ys = xs[..i - 1].to_vec();
+                ys.extend([None, ctx("y", &[999], 0.9)]);
+                g.add_path(&tok("a", &[0], 1.0), &ys, 0.8).unwrap();
+            }
+            g
+        };
+        let mut small = build(8);
+        small.finalize().unwrap();
+        assert_eq!(small.n_nodes(), 3 * (1 << 8) - 2);
+        let mut g = build(20);
+        let before = g.clone();
+        let err = g.finalize().unwrap_err().to_string();
+        assert!(err.contains("more than 1000000 nodes"), "{err}");
+        assert_eq!(g, before, "a refused finalize changes nothing");
     }
 
     #[test]

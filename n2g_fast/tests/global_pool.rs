@@ -18,7 +18,7 @@ fn graph(neuron: u32) -> NeuronGraph {
     let mut g = NeuronGraph::new("m".into(), 0, neuron, "h".into(), 2.0).unwrap();
     g.add_path(&el("a", 1, 1.0), &[Some(el("b", 2, 0.9)), None, Some(el("c", 3, 0.8))], 0.7).unwrap();
     g.add_path(&el("a", 1, 1.0), &[Some(el(&format!("n{}", neuron % 3), 4 + neuron % 3, 0.9))], 0.5).unwrap();
-    g.finalize();
+    g.finalize().unwrap();
     g
 }
 

@@ -8,6 +8,7 @@ use crate::predict::{CompiledTrie, Semantics};
 use crate::render;
 use crate::trie::{Element, NeuronGraph};
 use numpy::PyArray1;
+use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use rayon::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
@@ -26,19 +27,26 @@ impl PyNeuronGraph {
         PyNeuronGraph { inner, compiled: None }
     }
 
-    /// The finalized trie (finalizing on first use after a change).
-    pub(crate) fn finalized(&mut self) -> &NeuronGraph {
+    /// The finalized trie (finalizing on first use after a change; an N2GError, with the graph
+    /// unchanged, when the merge would grow it past the limit of `NeuronGraph::finalize`).
+    pub(crate) fn finalized(&mut self) -> PyResult<&NeuronGraph> {
         if !self.inner.is_finalized() {
-            self.inner.finalize();
             self.compiled = None;
+            self.inner.finalize()?;
         }
-        &self.inner
+        Ok(&self.inner)
     }
 
-    fn compiled(&mut self) -> Arc<CompiledTrie> {
-        self.finalized();
-        self.compiled.get_or_insert_with(|| Arc::new(CompiledTrie::new(&self.inner))).clone()
+    fn compiled(&mut self) -> PyResult<Arc<CompiledTrie>> {
+        self.finalized()?;
+        Ok(self.compiled.get_or_insert_with(|| Arc::new(CompiledTrie::new(&self.inner))).clone())
     }
+}
+
+/// The graph is borrowed by another call. Arguments are converted before borrowing, so this
+/// needs two threads inside the core at once (free-threaded Python); a clean error, not a panic.
+fn busy<E>(_: E) -> PyErr {
+    PyRuntimeError::new_err("the NeuronGraph is being used by another call (another thread); try again")
 }
 
 fn element(obj: &Bound<'_, PyAny>, what: &str, value_name: &str) -> PyResult<Element> {
@@ -110,7 +118,10 @@ impl PyNeuronGraph {
         Ok(())
     }
 
-    fn add_path(&mut self, activating: &Bound<'_, PyAny>, context: &Bound<'_, PyAny>, end: f64) -> PyResult<()> {
+    // `slf`, not `&mut self`: converting the arguments runs Python code (iterators, __float__,
+    // __index__) that may use this graph (another thread, or re-entrantly), so the graph is
+    // borrowed only once they are Rust values.
+    fn add_path(slf: &Bound<'_, Self>, activating: &Bound<'_, PyAny>, context: &Bound<'_, PyAny>, end: f64) -> PyResult<()> {
         let act = element(activating, "activating", "activation")?;
         let mut ctx = Vec::new();
         let iter = context
@@ -120,13 +131,15 @@ impl PyNeuronGraph {
             let e = e?;
             ctx.push(if e.is_none() { None } else { Some(element(&e, &format!("context[{j}]"), "importance")?) });
         }
-        self.inner.add_path(&act, &ctx, end as f32)?;
-        self.compiled = None;
+        let mut this = slf.try_borrow_mut().map_err(busy)?;
+        this.inner.add_path(&act, &ctx, end as f32)?;
+        this.compiled = None;
         Ok(())
     }
 
-    fn finalize(&mut self) {
-        self.finalized();
+    fn finalize(&mut self) -> PyResult<()> {
+        self.finalized()?;
+        Ok(())
     }
 
     #[pyo3(signature = (token_id_sequences, semantics = "all_paths_max", *, vocab_size = None))]
@@ -141,7 +154,7 @@ impl PyNeuronGraph {
         let seqs = token_sequences(token_id_sequences, vocab_size)?;
         // Borrow only long enough to get the compiled trie, so other threads can use the
         // graph while this one predicts without the GIL.
-        let ct = slf.borrow_mut().compiled();
+        let ct = slf.try_borrow_mut().map_err(busy)?.compiled()?;
         let outs: Vec<Vec<f32>> = py.detach(|| {
             parallel::install(|| {
                 (0..seqs.len())
@@ -158,26 +171,26 @@ impl PyNeuronGraph {
         PyList::new(py, outs.into_iter().map(|v| PyArray1::from_vec(py, v)))
     }
 
-    fn activating_labels(&mut self) -> Vec<String> {
-        self.finalized().activating_labels()
+    fn activating_labels(&mut self) -> PyResult<Vec<String>> {
+        Ok(self.finalized()?.activating_labels())
     }
 
-    fn context_labels(&mut self) -> Vec<String> {
-        self.finalized().context_labels()
-    }
-
-    #[getter]
-    fn n_nodes(&mut self) -> usize {
-        self.finalized().n_nodes()
+    fn context_labels(&mut self) -> PyResult<Vec<String>> {
+        Ok(self.finalized()?.context_labels())
     }
 
     #[getter]
-    fn n_paths(&mut self) -> usize {
-        self.finalized().n_paths()
+    fn n_nodes(&mut self) -> PyResult<usize> {
+        Ok(self.finalized()?.n_nodes())
     }
 
-    fn to_json(&mut self) -> String {
-        format::graph_to_json(self.finalized())
+    #[getter]
+    fn n_paths(&mut self) -> PyResult<usize> {
+        Ok(self.finalized()?.n_paths())
+    }
+
+    fn to_json(&mut self) -> PyResult<String> {
+        Ok(format::graph_to_json(self.finalized()?))
     }
 
     #[staticmethod]
@@ -185,8 +198,8 @@ impl PyNeuronGraph {
         Ok(Self::wrap(format::graph_from_json(text)?))
     }
 
-    fn to_bytes<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &format::graph_to_bytes(self.finalized()))
+    fn to_bytes<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        Ok(PyBytes::new(py, &format::graph_to_bytes(self.finalized()?)))
     }
 
     #[staticmethod]
@@ -194,12 +207,12 @@ impl PyNeuronGraph {
         Ok(Self::wrap(format::graph_from_bytes(&data)?))
     }
 
-    fn to_dot(&mut self) -> String {
-        render::to_dot(self.finalized())
+    fn to_dot(&mut self) -> PyResult<String> {
+        Ok(render::to_dot(self.finalized()?))
     }
 
-    fn to_svg(&mut self) -> String {
-        render::to_svg(self.finalized())
+    fn to_svg(&mut self) -> PyResult<String> {
+        Ok(render::to_svg(self.finalized()?))
     }
 
     /// Same metadata and same finalized trie.
@@ -208,21 +221,21 @@ impl PyNeuronGraph {
             return Ok(true);
         }
         let Ok(other) = other.cast::<PyNeuronGraph>() else { return Ok(false) };
-        let (mut a, mut b) = (slf.try_borrow_mut()?, other.try_borrow_mut()?);
-        Ok(a.finalized() == b.finalized())
+        let (mut a, mut b) = (slf.try_borrow_mut().map_err(busy)?, other.try_borrow_mut().map_err(busy)?);
+        Ok(a.finalized()? == b.finalized()?)
     }
 
     /// Pickles through the binary form (so graphs cross `multiprocessing` boundaries).
     fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
         let py = slf.py();
         let ctor = py.get_type::<PyNeuronGraph>().getattr("from_bytes")?;
-        let bytes = slf.borrow_mut().to_bytes(py);
+        let bytes = slf.try_borrow_mut().map_err(busy)?.to_bytes(py)?;
         Ok((ctor, (bytes,)))
     }
 
-    fn __repr__(&mut self) -> String {
-        let g = self.finalized();
-        format!(
+    fn __repr__(&mut self) -> PyResult<String> {
+        let g = self.finalized()?;
+        Ok(format!(
             "NeuronGraph(model={:?}, layer={}, neuron={}, hook={:?}, max_activation={}, n_nodes={}, n_paths={})",
             g.model,
             g.layer,
@@ -231,6 +244,6 @@ impl PyNeuronGraph {
             g.max_activation,
             g.n_nodes(),
             g.n_paths()
-        )
+        ))
     }
 }

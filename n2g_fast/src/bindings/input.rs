@@ -4,6 +4,8 @@
 use super::error::bad_input;
 use crate::format::token_id;
 use numpy::{PyArray1, PyArrayDescrMethods, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
+use numpy::ndarray::{ArrayView, Dimension};
+use pyo3::exceptions::PyMemoryError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 
@@ -31,6 +33,24 @@ impl TokenSeqs {
     }
 }
 
+/// Most token ids (and sequences) one prediction call takes: inputs far beyond memory (a
+/// broadcast view, a zero-width array of 2**40 rows) are refused before anything is sized by them.
+const MAX_IDS: usize = 1 << 31;
+
+/// Room for `n` more values, or a MemoryError: an array's logical size can be far beyond its
+/// memory (broadcast views, zero-width axes), and a failed `reserve` would abort the process.
+pub fn reserve<T>(v: &mut Vec<T>, n: usize, what: &str) -> PyResult<()> {
+    v.try_reserve(n).map_err(|_| PyMemoryError::new_err(format!("{what}: cannot allocate room for {n} values")))
+}
+
+/// A copy of an array view in logical (C) order; a MemoryError when it cannot be allocated.
+pub fn copy_array<T: Copy, D: Dimension>(a: ArrayView<'_, T, D>, what: &str) -> PyResult<Vec<T>> {
+    let mut out = Vec::new();
+    reserve(&mut out, a.len(), what)?;
+    out.extend(a.iter().copied());
+    Ok(out)
+}
+
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".to_owned())
 }
@@ -50,7 +70,10 @@ fn push_int_array(arr: &Bound<'_, PyUntypedArray>, name: &str, vocab: Option<u32
     if kind != b'i' && kind != b'u' {
         return Err(bad_input(format!("{name} must hold integer token ids, got dtype {}", dtype.str().map(|s| s.to_string()).unwrap_or_default())));
     }
-    out.reserve(arr.len());
+    if arr.len() > MAX_IDS - out.len() {
+        return Err(bad_input(format!("{name} holds {} token ids; at most {MAX_IDS} per call (predict in smaller batches)", arr.len() + out.len())));
+    }
+    reserve(out, arr.len(), name)?;
     let borrow_err = |e: numpy::BorrowError| bad_input(format!("{name}: cannot read the array ({e})"));
     let mut push = |i: usize, v: i64| -> PyResult<()> {
         let id = token_id(v, || at(i))?;
@@ -94,7 +117,8 @@ fn push_int_array(arr: &Bound<'_, PyUntypedArray>, name: &str, vocab: Option<u32
 fn vocab_arg(vocab_size: Option<i64>) -> PyResult<Option<u32>> {
     match vocab_size {
         None => Ok(None),
-        Some(v) if v >= 1 => Ok(Some(u32::try_from(v).unwrap_or(u32::MAX))),
+        // Ids are u32: a vocabulary of 2**32 or more holds every one of them.
+        Some(v) if v >= 1 => Ok(u32::try_from(v).ok()),
         Some(v) => Err(bad_input(format!("vocab_size must be at least 1, got {v}"))),
     }
 }
@@ -116,7 +140,11 @@ pub fn token_sequences(obj: &Bound<'_, PyAny>, vocab_size: Option<i64>) -> PyRes
             )));
         }
         let (n, t) = (arr.shape()[0], arr.shape()[1]);
+        if n > MAX_IDS {
+            return Err(bad_input(format!("{NAME} has {n} sequences; at most {MAX_IDS} per call (predict in smaller batches)")));
+        }
         push_int_array(arr, NAME, vocab, &mut seqs.ids, &|i| format!("sequence {}, position {}", i / t.max(1), i % t.max(1)))?;
+        reserve(&mut seqs.offsets, n, NAME)?;
         seqs.offsets.extend((1..=n).map(|s| s * t));
         return Ok(seqs);
     }
@@ -140,7 +168,7 @@ pub fn token_sequences(obj: &Bound<'_, PyAny>, vocab_size: Option<i64>) -> PyRes
             let v: Vec<i64> = item
                 .extract()
                 .map_err(|_| bad_input(format!("{NAME}[{s}] must be a sequence of int token ids, got {}", type_name(&item))))?;
-            seqs.ids.reserve(v.len());
+            reserve(&mut seqs.ids, v.len(), NAME)?;
             for (p, x) in v.into_iter().enumerate() {
                 let id = token_id(x, || format!("sequence {s}, position {p}"))?;
                 seqs.ids.push(check_vocab(id, vocab, || format!("sequence {s}, position {p}"))?);
@@ -155,12 +183,23 @@ pub fn token_sequences(obj: &Bound<'_, PyAny>, vocab_size: Option<i64>) -> PyRes
 pub fn int64_vec(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>> {
     if let Ok(arr) = obj.cast::<PyArray1<i64>>() {
         let a = arr.try_readonly().map_err(|e| bad_input(format!("{name}: cannot read the array ({e})")))?;
-        return Ok(a.as_array().to_vec());
+        return copy_array(a.as_array(), name);
     }
     if let Ok(arr) = obj.cast::<PyUntypedArray>() {
         let kind = arr.dtype().kind();
         if arr.ndim() != 1 || (kind != b'i' && kind != b'u') {
             return Err(bad_input(format!("{name} must be a 1-D integer array, got a {}-D array of kind '{}'", arr.ndim(), kind as char)));
+        }
+        if let Ok(a) = arr.cast::<PyArray1<u64>>() {
+            // astype would wrap values >= 2**63 into negative ones.
+            let a = a.try_readonly().map_err(|e| bad_input(format!("{name}: cannot read the array ({e})")))?;
+            let a = a.as_array();
+            let mut out = Vec::new();
+            reserve(&mut out, a.len(), name)?;
+            for (i, &v) in a.iter().enumerate() {
+                out.push(i64::try_from(v).map_err(|_| bad_input(format!("{name}[{i}] = {v} is too large (at most {})", i64::MAX)))?);
+            }
+            return Ok(out);
         }
         let conv = arr.call_method1("astype", ("int64",))?;
         return int64_vec(&conv, name);

@@ -50,6 +50,9 @@ fn keys(obj: &Bound<'_, PyAny>) -> PyResult<Vec<Key>> {
     iter.map(|k| key(&k?)).collect()
 }
 
+/// Largest output `GraphStore.predict` makes: 2**31 float32 values (8 GiB).
+const MAX_PREDICT_VALUES: usize = 1 << 31;
+
 type PairOut = ((u32, u32), (u32, u32), f32, f32);
 
 fn pairs_out(p: &[Pair]) -> Vec<PairOut> {
@@ -91,9 +94,9 @@ impl PyGraphStore {
     fn add(&self, py: Python<'_>, graph: &Bound<'_, PyNeuronGraph>) -> PyResult<()> {
         let g = {
             let mut pg = graph.try_borrow_mut()?;
-            pg.finalized().clone()
+            pg.finalized()?.clone()
         };
-        py.detach(|| self.write().insert(g));
+        py.detach(|| self.write().insert(g))?;
         Ok(())
     }
 
@@ -182,9 +185,18 @@ impl PyGraphStore {
             return Err(bad_input("token_id_sequences has sequences of 0 tokens"));
         }
         let n = seqs.len();
+        // Keys may repeat, so a small request can ask for terabytes: refuse before allocating.
+        let total = ks.len().checked_mul(n).and_then(|x| x.checked_mul(t)).filter(|&x| x <= MAX_PREDICT_VALUES);
+        if total.is_none() {
+            return Err(bad_input(format!(
+                "the output [len(keys), sequences, tokens] = [{}, {n}, {t}] would hold more than {MAX_PREDICT_VALUES} values; predict in smaller batches",
+                ks.len()
+            )));
+        }
         // numpy's zeros: lazily zeroed and (on Linux) backed by huge pages, so the mostly-zero
-        // output costs little; the core writes only the non-zero predictions.
-        let out = PyArray3::<f32>::zeros(py, [ks.len(), n, t], false);
+        // output costs little; the core writes only the non-zero predictions. Called through
+        // Python so a failed allocation is a MemoryError (rust-numpy's `zeros` panics).
+        let out = py.import("numpy")?.getattr("zeros")?.call1(((ks.len(), n, t), "float32"))?.cast_into::<PyArray3<f32>>()?;
         // SAFETY: the array was just created here and is not visible to Python yet, so this is
         // the only reference to its (C-contiguous) data.
         let slice = unsafe { out.as_slice_mut() }.map_err(|e| bad_input(format!("cannot write the output array: {e}")))?;

@@ -1,7 +1,7 @@
 //! Python wrapper of `crate::topk::TopK`.
 
 use super::error::bad_input;
-use super::input::int64_vec;
+use super::input::{copy_array, int64_vec};
 use crate::topk::{Batch, TopK};
 use numpy::{PyArray1, PyArray2, PyArray3, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -64,7 +64,7 @@ impl PyTopK {
         // Non C-contiguous input (a transposed view, a slice) is copied once into C order.
         let data: Cow<[f32]> = match ro.as_slice().ok().filter(|_| acts.is_c_contiguous()) {
             Some(s) => Cow::Borrowed(s),
-            None => Cow::Owned(ro.as_array().iter().copied().collect()),
+            None => Cow::Owned(copy_array(ro.as_array(), "activations")?),
         };
         let ids = int64_vec(window_ids, "window_ids")?;
         if ids.len() != b {
@@ -84,7 +84,7 @@ impl PyTopK {
                 mask_ro = arr.try_readonly().map_err(|e| bad_input(format!("token_mask: cannot read the array ({e})")))?;
                 Some(match mask_ro.as_slice().ok().filter(|_| arr.is_c_contiguous()) {
                     Some(s) => Cow::Borrowed(s),
-                    None => Cow::Owned(mask_ro.as_array().iter().copied().collect()),
+                    None => Cow::Owned(copy_array(mask_ro.as_array(), "token_mask")?),
                 })
             }
         };
@@ -113,7 +113,7 @@ impl PyTopK {
         let ro = arr.try_readonly().map_err(|e| bad_input(format!("window_max: cannot read the array ({e})")))?;
         let data: Cow<[f32]> = match ro.as_slice().ok().filter(|_| arr.is_c_contiguous()) {
             Some(s) => Cow::Borrowed(s),
-            None => Cow::Owned(ro.as_array().iter().copied().collect()),
+            None => Cow::Owned(copy_array(ro.as_array(), "window_max")?),
         };
         let inner = &mut self.inner;
         py.detach(|| inner.update_window_max(&data, &ids))?;
@@ -169,9 +169,9 @@ impl PyTopK {
             return Err(bad_input(format!("max_activation has {} values; window_ids has {n} rows", am.len())));
         }
         let read = |e: numpy::BorrowError| bad_input(format!("cannot read the array ({e})"));
-        let ids: Vec<i64> = ids.try_readonly().map_err(read)?.as_array().iter().copied().collect();
-        let sc: Vec<f32> = sc.try_readonly().map_err(read)?.as_array().iter().copied().collect();
-        let am: Vec<f32> = am.try_readonly().map_err(read)?.as_array().iter().copied().collect();
+        let ids = copy_array(ids.try_readonly().map_err(read)?.as_array(), "window_ids")?;
+        let sc = copy_array(sc.try_readonly().map_err(read)?.as_array(), "scores")?;
+        let am = copy_array(am.try_readonly().map_err(read)?.as_array(), "max_activation")?;
         Ok(PyTopK { inner: TopK::from_parts(n, k, ids, sc, am)? })
     }
 
