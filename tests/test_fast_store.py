@@ -493,20 +493,3 @@ def test_thresholds_below_float32_range_still_select_pairs():
     assert s.similar_pairs(1e-50) == s.similar_pairs(5e-324) == want
     with pytest.raises(N2GError):
         s.similar_pairs(0.0)
-
-
-def test_store_file_not_in_merged_form_is_merged_on_load():
-    # a (END .1) -> [b (END .625) -> c (END .8), IGNORE -> [c (END .9), d (END .7)]] is merged; with
-    # the IGNORE's c lowered to .3 (checksum repaired) it is not: finalize raises it back to .8.
-    a, b, c, d = tok(1, 1.0), tok(2, 0.5), tok(3, 0.5), tok(4, 0.5)
-    g = make_graph(0, 0, [(a, [], 0.1), (a, [b], 0.625), (a, [b, c], 0.8), (a, [None, c], 0.9), (a, [None, d], 0.7)])
-    data = bytearray(store_of([g]).to_bytes())
-    (at,) = [i for i in range(40, len(data) - 3) if data[i:i + 4] == struct.pack("<f", 0.9)]
-    data[at:at + 4] = struct.pack("<f", 0.3)
-    data[32:36] = struct.pack("<I", zlib.crc32(bytes(data[:32] + data[40:])))
-    s = GraphStore.from_bytes(bytes(data))
-    got = s.get((0, 0))
-    assert got == NeuronGraph.from_json(got.to_json())
-    # "c, x, a": the IGNORE path to c, at its merged END .8 (.3 unmerged).
-    assert s.predict([(0, 0)], [[3, 9, 1]])[0].tolist() == [pytest.approx([0, 0, 0.8])]
-    assert got.predict([[3, 9, 1]])[0].tolist() == pytest.approx([0, 0, 0.8])

@@ -31,7 +31,7 @@
 //! Breadth-first order with child counts rebuilds the exact arena, so a round trip is exact.
 
 use crate::error::{corrupt, invalid, N2GError, Result};
-use crate::trie::{is_merged, sorted_unique, BfsTrie, Children, Ids, Label, NeuronGraph, Node, NodeId, MAX_PATH_NODES, ROOT};
+use crate::trie::{sorted_unique, Children, Ids, Label, NeuronGraph, Node, NodeId, MAX_PATH_NODES, ROOT};
 use smol_str::SmolStr;
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -625,52 +625,7 @@ fn decode_body<'a>(body: &'a [u8], finalized: bool, out: &mut RawGraph<'a>) -> R
     }
     check_finite_meta(max_activation)?;
     *out = RawGraph { model, layer, neuron, hook, max_activation, finalized, labels, nodes, ids, expected };
-    // The flag is not trusted: a blob that is not in merged form is merged again by its reader
-    // (otherwise it would predict unlike the same graph read from JSON).
-    if finalized && out.nodes[1..].iter().any(|n| n.label == RAW_IGNORE) {
-        let mut first = Vec::with_capacity(out.nodes.len() + 1);
-        first.push(1u32);
-        for n in &out.nodes {
-            first.push(first[first.len() - 1] + n.n_children);
-        }
-        out.finalized = is_merged(&RawTrie { g: out, first: &first }, &mut Vec::new());
-    }
     Ok(())
-}
-
-/// A decoded blob seen as a [`BfsTrie`]; `first[i]..first[i + 1]` are node i's children.
-struct RawTrie<'r, 'a> {
-    g: &'r RawGraph<'a>,
-    first: &'r [u32],
-}
-
-impl BfsTrie for RawTrie<'_, '_> {
-    fn len(&self) -> usize {
-        self.g.nodes.len()
-    }
-    fn children(&self, i: usize) -> std::ops::Range<usize> {
-        self.first[i] as usize..self.first[i + 1] as usize
-    }
-    fn is_ignore(&self, i: usize) -> bool {
-        self.g.nodes[i].label == RAW_IGNORE
-    }
-    fn cmp_label(&self, a: usize, b: usize) -> std::cmp::Ordering {
-        match (self.g.nodes[a].label, self.g.nodes[b].label) {
-            (RAW_IGNORE, RAW_IGNORE) => std::cmp::Ordering::Equal,
-            (RAW_IGNORE, _) => std::cmp::Ordering::Greater,
-            (_, RAW_IGNORE) => std::cmp::Ordering::Less,
-            (x, y) => self.g.labels[x as usize].cmp(self.g.labels[y as usize]),
-        }
-    }
-    fn value(&self, i: usize) -> f32 {
-        self.g.nodes[i].value
-    }
-    fn end(&self, i: usize) -> Option<f32> {
-        self.g.nodes[i].end
-    }
-    fn ids(&self, i: usize) -> &[u32] {
-        self.g.ids_of(&self.g.nodes[i])
-    }
 }
 
 fn check_finite_meta(max_activation: f64) -> Result<()> {
@@ -842,19 +797,6 @@ pub(crate) mod tests {
             prop_assert_eq!(graph_to_bytes(&back), b);
             g.finalize().unwrap();
             prop_assert_eq!(graph_from_json(&graph_to_json(&g)).unwrap(), g);
-        }
-
-        /// A blob flagged finalized is trusted exactly when finalizing would not change it.
-        #[test]
-        fn finalized_flag_is_trusted_only_in_merged_form(g in arb_graph()) {
-            let flagged = NeuronGraph::from_checked_nodes(g.model.clone(), g.layer, g.neuron, g.hook.clone(), g.max_activation, g.nodes().to_vec(), true);
-            let b = graph_to_bytes(&flagged);
-            let mut f = g.clone();
-            f.finalize().unwrap();
-            prop_assert_eq!(raw_graph_from_bytes(&b).unwrap().finalized, graph_to_bytes(&f) == b);
-            let mut back = graph_from_bytes(&b).unwrap();
-            back.finalize().unwrap();
-            prop_assert_eq!(graph_to_bytes(&back), graph_to_bytes(&f));
         }
 
         #[test]

@@ -29,7 +29,7 @@ use crate::parallel;
 use crate::predict::Semantics;
 use crate::search::{Extract, Key, Role, StoreIndex, Term};
 use crate::similarity::{self, Pair};
-use crate::trie::{is_merged, BfsTrie, NeuronGraph};
+use crate::trie::NeuronGraph;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -193,62 +193,6 @@ fn check_words(words: &[u32], sym_rank: &[u32], depth: &mut Vec<u32>) -> std::re
     Ok(())
 }
 
-/// A version-2 graph's words (file symbols, checked by `check_words`) seen as a [`BfsTrie`];
-/// labels compare by rank, ids come from the file's symbol table.
-struct WordsTrie<'a> {
-    sym: &'a [u32],
-    value: &'a [u32],
-    end: &'a [u32],
-    cs: &'a [u32],
-    sym_rank: &'a [u32],
-    starts: &'a [u32],
-    ids: &'a [u32],
-}
-
-impl<'a> WordsTrie<'a> {
-    fn new(words: &'a [u32], sym_rank: &'a [u32], starts: &'a [u32], ids: &'a [u32]) -> Self {
-        let m = (words.len() - 1) / 4;
-        let (sym, rest) = words.split_at(m);
-        let (value, rest) = rest.split_at(m);
-        let (end, cs) = rest.split_at(m);
-        WordsTrie { sym, value, end, cs, sym_rank, starts, ids }
-    }
-    fn rank(&self, i: usize) -> u32 {
-        match self.sym[i] {
-            IGNORE_SYM => u32::MAX,
-            s => self.sym_rank[s as usize],
-        }
-    }
-}
-
-impl BfsTrie for WordsTrie<'_> {
-    fn len(&self) -> usize {
-        self.sym.len()
-    }
-    fn children(&self, i: usize) -> std::ops::Range<usize> {
-        self.cs[i] as usize..self.cs[i + 1] as usize
-    }
-    fn is_ignore(&self, i: usize) -> bool {
-        self.sym[i] == IGNORE_SYM
-    }
-    fn cmp_label(&self, a: usize, b: usize) -> std::cmp::Ordering {
-        self.rank(a).cmp(&self.rank(b))
-    }
-    fn value(&self, i: usize) -> f32 {
-        f32::from_bits(self.value[i])
-    }
-    fn end(&self, i: usize) -> Option<f32> {
-        let e = f32::from_bits(self.end[i]);
-        (!e.is_nan()).then_some(e)
-    }
-    fn ids(&self, i: usize) -> &[u32] {
-        match self.sym[i] {
-            IGNORE_SYM => &[],
-            s => &self.ids[self.starts[s as usize] as usize..self.starts[s as usize + 1] as usize],
-        }
-    }
-}
-
 /// Reads a version-2 payload (module docs) after the header, checking everything.
 fn read_v2(r: &mut Reader, count: usize) -> Result<GraphStore> {
     let mut store = GraphStore::new();
@@ -309,34 +253,23 @@ fn read_v2(r: &mut Reader, count: usize) -> Result<GraphStore> {
     if r.remaining() != 0 {
         return Err(corrupt!("store file is corrupt: {} bytes after the last graph", r.remaining()));
     }
-    // (graph, whether it is in merged form; see `trie::is_merged`).
-    let mut packed: Vec<(PackedGraph, bool)> = parallel::install(|| {
+    let packed: Vec<PackedGraph> = parallel::install(|| {
         at.par_iter()
-            .map_init(|| (Vec::new(), Vec::new()), |(depth, stack), g| {
+            .map_init(Vec::new, |depth, g| {
                 let mut words: Box<[u32]> = g.words.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
                 check_words(&words, &sym_rank, depth).map_err(|e| corrupt!("store file is corrupt: graph ({}, {}): {e}", g.key.0, g.key.1))?;
-                let merged = is_merged(&WordsTrie::new(&words, &sym_rank, &starts, &ids), stack);
                 let m = (words.len() - 1) / 4;
                 for w in &mut words[1..m] {
                     if *w != IGNORE_SYM {
                         *w = sym_map[*w as usize];
                     }
                 }
-                Ok((PackedGraph::from_words(words, g.max_activation, str_ids[g.model as usize], str_ids[g.hook as usize]), merged))
+                Ok(PackedGraph::from_words(words, g.max_activation, str_ids[g.model as usize], str_ids[g.hook as usize]))
             })
             .collect::<Result<_>>()
     })??;
-    // Graphs are stored finalized, but a file is not trusted to say so: one not in merged form
-    // (corrupt, with a repaired checksum) is merged again, so it predicts as its JSON would.
-    for (g, (p, merged)) in at.iter().zip(&mut packed) {
-        if !*merged {
-            let mut graph = p.unpack(g.key, &store.syms);
-            graph.refinalize().map_err(|e| corrupt!("store file: graph ({}, {}): {e}", g.key.0, g.key.1))?;
-            *p = PackedGraph::pack(&graph, &mut store.syms);
-        }
-    }
     // Sorted entries built in bulk, so the map's nodes are full.
-    store.graphs = at.iter().map(|g| g.key).zip(packed.into_iter().map(|p| p.0)).collect();
+    store.graphs = at.iter().map(|g| g.key).zip(packed).collect();
     Ok(store)
 }
 

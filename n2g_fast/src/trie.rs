@@ -420,13 +420,6 @@ impl NeuronGraph {
         Ok(())
     }
 
-    /// For decoders whose input claimed to be finalized but is not in merged form: finalizes
-    /// it for real.
-    pub(crate) fn refinalize(&mut self) -> Result<()> {
-        self.finalized = false;
-        self.finalize()
-    }
-
     /// Drops nodes no longer reachable from the root and renumbers breadth-first. Every
     /// reachable node has one parent, so nodes are moved out of the old arena, not cloned.
     fn compact(&mut self) {
@@ -541,72 +534,6 @@ impl NeuronGraph {
         }
         out
     }
-}
-
-/// Read access to a valid breadth-first trie whose children are contiguous (a decoded blob, a
-/// store file's words), for [`is_merged`]. Node 0 is the root.
-pub(crate) trait BfsTrie {
-    fn len(&self) -> usize;
-    fn children(&self, i: usize) -> std::ops::Range<usize>;
-    fn is_ignore(&self, i: usize) -> bool;
-    /// [`Label`] order between two nodes' labels.
-    fn cmp_label(&self, a: usize, b: usize) -> std::cmp::Ordering;
-    fn value(&self, i: usize) -> f32;
-    fn end(&self, i: usize) -> Option<f32>;
-    fn ids(&self, i: usize) -> &[u32];
-}
-
-/// Whether [`NeuronGraph::finalize`] would leave the trie unchanged, so data that says it is
-/// finalized can be trusted without merging again: at every node with an IGNORE child G, every
-/// other child C holds an END, and merging C's children into G's would change nothing (each
-/// label already there, max and union folds that keep the bits). `stack` is scratch.
-pub(crate) fn is_merged(t: &impl BfsTrie, stack: &mut Vec<(usize, usize)>) -> bool {
-    for n in 0..t.len() {
-        let ch = t.children(n);
-        if ch.is_empty() || !t.is_ignore(ch.end - 1) {
-            continue;
-        }
-        let g = ch.end - 1;
-        for c in ch.start..g {
-            if t.end(c).is_none() {
-                return false;
-            }
-            stack.clear();
-            stack.push((c, g));
-            while let Some((s, d)) = stack.pop() {
-                // Both child lists are sorted by label with unique labels.
-                let dch = t.children(d);
-                let mut j = dch.start;
-                for sc in t.children(s) {
-                    while j < dch.end && t.cmp_label(j, sc).is_lt() {
-                        j += 1;
-                    }
-                    if j == dch.end || t.cmp_label(j, sc).is_ne() || !folds_unchanged(t, sc, j) {
-                        return false;
-                    }
-                    stack.push((sc, j));
-                    j += 1;
-                }
-            }
-        }
-    }
-    true
-}
-
-/// Whether folding node `s` into node `d` (as `upsert_child` does) leaves `d` as it is.
-fn folds_unchanged(t: &impl BfsTrie, s: usize, d: usize) -> bool {
-    let (dv, de) = (t.value(d), t.end(d));
-    if dv.max(t.value(s)).to_bits() != dv.to_bits() || max_opt(de, t.end(s)).map(f32::to_bits) != de.map(f32::to_bits) {
-        return false;
-    }
-    let (si, di) = (t.ids(s), t.ids(d));
-    let mut j = 0;
-    si.iter().all(|&x| {
-        while j < di.len() && di[j] < x {
-            j += 1;
-        }
-        j < di.len() && di[j] == x
-    })
 }
 
 #[cfg(test)]
