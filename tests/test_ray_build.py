@@ -135,6 +135,18 @@ def test_an_unreachable_ray_address_fails_at_once():
         with pytest.raises(ConnectionError, match="cannot reach the Ray cluster at 127.0.0.1"):
             check_reachable(f"127.0.0.1:{closed_port.getsockname()[1]}")
         assert time.monotonic() - t0 < 10
-    with pytest.raises(ValueError, match="port must be a number"):
-        check_reachable("host:http")
+        # IPv6 in brackets, and surrounding blanks
+        check_reachable(f" 127.0.0.1:{open_port.getsockname()[1]} ")
+    with socket.socket(socket.AF_INET6) as v6:
+        v6.bind(("::1", 0))
+        v6.listen()
+        check_reachable(f"[::1]:{v6.getsockname()[1]}")
+    # no port: Ray's own (6379, or 10001 for Ray Client), checked too, not skipped
+    with pytest.raises(ConnectionError, match="cannot reach the Ray cluster at 127.0.0.1"):
+        check_reachable("127.0.0.1")
+    with pytest.raises(ConnectionError, match="cannot reach the Ray cluster at ray://127.0.0.1"):
+        check_reachable("ray://127.0.0.1")
+    for bad in ("host:http", "ray://[::1]:x", ":6379", "host:0"):
+        with pytest.raises(ValueError, match="give HOST:PORT"):
+            check_reachable(bad)
     check_reachable("auto")  # resolved by Ray from the local node, not a host:port

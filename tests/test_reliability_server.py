@@ -246,6 +246,26 @@ def test_a_stored_job_with_huge_k_fails_once_and_is_never_resumed(tmp_path_facto
             running.stop(0)
 
 
+def test_stored_jobs_obey_the_operator_settings_rule(tmp_path_factory):
+    """Jobs stored by an older n2g (or under another --ray-address) naming a Ray cluster or a
+    fill-mask model are checked by the same rule as new requests when a server resumes them:
+    each fails once, with the reason, and the server joins and loads nothing."""
+    from n2g_service.server import serve
+
+    ws = native_workspace(tmp_path_factory, "rel-operator")
+    _store_job(ws, "ray-elsewhere", executor="ray", ray_address="evil.example:6379", neurons=[25], sample=None,
+               layers=[0])
+    _store_job(ws, "mlm", fit__mlm_name="/tmp/any-model", neurons=[26], sample=None, layers=[0])
+    running = serve(ws, NATIVE_MODEL, device="cpu", port=0, block=False, max_workers=8)
+    try:
+        with N2GClient(f"127.0.0.1:{running.port}") as c:
+            ray_job, mlm_job = c.get_job("ray-elsewhere"), c.get_job("mlm")
+            assert ray_job.state == "failed" and "only on the cluster on its own machine" in ray_job.error, ray_job
+            assert mlm_job.state == "failed" and "loads no model a request names" in mlm_job.error, mlm_job
+    finally:
+        running.stop(0)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. streams do not take every thread
 

@@ -360,7 +360,7 @@ def test_creation_is_atomic_and_writes_no_temporary_files(tmp_path):
     (tmp_path / "killed" / (DB_NAME + ".new")).write_bytes(b"half")
     Workspace(tmp_path / "killed", create=True).close()
     assert not (tmp_path / "killed" / (DB_NAME + ".new")).exists()
-    assert Workspace(tmp_path / "killed", mode="read").get_meta("schema_version") == "1"
+    assert Workspace(tmp_path / "killed", mode="read").get_meta("schema_version") == "2"
 
 
 def test_read_only_workspace_is_read_and_refused_for_writing(ws_path):
@@ -413,21 +413,31 @@ def test_damaged_stored_true_activations_are_left_out_and_stored_again(ws_path, 
     assert sorted(ws.load_ordinary_activations(0, list(range(5)))) == list(range(5))
 
 
-def test_an_older_workspace_gains_the_checksum_column(ws_path):
+def test_an_older_workspace_gains_the_checksum_columns_and_version_2(ws_path):
     _sql(ws_path, "DROP TABLE eval_ordinary_acts")
     _sql(ws_path, "CREATE TABLE eval_ordinary_acts (layer INTEGER NOT NULL, neuron INTEGER NOT NULL, n_windows "
                   "INTEGER NOT NULL, length INTEGER NOT NULL, dtype TEXT NOT NULL, acts BLOB NOT NULL, "
                   "PRIMARY KEY (layer, neuron))")
     _sql(ws_path, "INSERT INTO eval_ordinary_acts VALUES (0, 1, 1, 2, 'float32', ?)",
          np.array([[0.25, 0.5]], np.float32).tobytes())
+    for table in ("windows", "layer_scans"):  # as version 1 wrote them (SQLite >= 3.35 drops columns)
+        _sql(ws_path, f"ALTER TABLE {table} DROP COLUMN crc")
+    _sql(ws_path, "UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     reader = Workspace(ws_path, mode="read")
     assert np.array_equal(reader.load_ordinary_activations(0, [1])[1], [[0.25, 0.5]])  # read without it
-    ws = Workspace(ws_path)
+    assert reader.load_windows().shape == (1000, 64) and reader.get_meta("schema_version") == "1"
+    ws = Workspace(ws_path)  # a writer upgrades it to version 2 (an older n2g then refuses it)
+    assert ws.get_meta("schema_version") == "2"
     ws.save_ordinary_activations(0, {2: np.ones((1, 2), np.float32)})  # the writer adds the column first
     assert sorted(ws.load_ordinary_activations(0, [1, 2])) == [1, 2]
     conn = sqlite3.connect(ws_path / DB_NAME)
     assert conn.execute("SELECT crc IS NULL FROM eval_ordinary_acts ORDER BY neuron").fetchall() == [(1,), (0,)]
     conn.close()
+    ws.close()
+    _sql(ws_path, "UPDATE meta SET value = '3' WHERE key = 'schema_version'")  # a newer n2g's
+    for mode in ("read", "auto"):
+        with pytest.raises(WorkspaceError, match="schema version 3, this n2g reads 1, 2: use the n2g that wrote it"):
+            Workspace(ws_path, mode=mode)
 
 
 def test_damaged_corpus_windows_and_scans_are_refused_in_one_line(ws_path):

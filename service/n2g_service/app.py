@@ -581,10 +581,6 @@ class N2GApp:
             raise invalid(f"sample must be positive, got {sample}")
         if seed < 0:
             raise invalid(f"seed must be 0 or more, got {seed}")
-        if ray_address and not self.trusted_caller and ray_address != self.ray_address:
-            named = f"its operator named ({self.ray_address})" if self.ray_address else "on its own machine"
-            raise N2GError(C.PERMISSION_DENIED, f"this server runs Ray builds only on the cluster {named}: leave "
-                                                f"ray_address unset (the operator sets it with n2g serve --ray-address)")
         if executor == "ray" and not ray_address:
             ray_address = self.ray_address
         for name, v, hi in (("group_size", group_size, MAX_GROUP_SIZE), ("k", k, MAX_K),
@@ -620,11 +616,23 @@ class N2GApp:
             model.token_id_for(req.fit.mask_token)  # e.g. "id:N" past the vocabulary fails now, not in the job
         except (ValueError, TypeError) as e:
             raise invalid(str(e)) from None
-        if req.fit.mlm_name and not self.trusted_caller:
-            raise N2GError(C.PERMISSION_DENIED, "this server loads no model a request names (fit.mlm_name): leave it "
-                                                "unset, or build with the mlm proposer locally (n2g build --workspace)")
+        self._check_operator_settings(req.ray_address, req.fit.mlm_name)
         self._check_bounds(req, model.n_layers)
         return req
+
+    def _check_operator_settings(self, ray_address: str | None, mlm_name: str | None) -> None:
+        """PERMISSION_DENIED for what only this process's operator may choose, unless the caller is
+        that operator: a Ray cluster to join other than the operator's, a fill-mask model to load."""
+        if self.trusted_caller:
+            return
+        if ray_address and ray_address != self.ray_address:
+            named = f"its operator named ({self.ray_address})" if self.ray_address else "on its own machine"
+            raise N2GError(C.PERMISSION_DENIED, f"this server runs Ray builds only on the cluster {named}, not "
+                                                f"{_shown(ray_address)}: leave ray_address unset (the operator sets "
+                                                f"it with n2g serve --ray-address)")
+        if mlm_name:
+            raise N2GError(C.PERMISSION_DENIED, "this server loads no model a request names (fit.mlm_name): leave it "
+                                                "unset, or build with the mlm proposer locally (n2g build --workspace)")
 
     def _check_bounds(self, req, n_layers: int) -> None:
         """Sizes that would exhaust the machine, refused before any work (also for stored jobs)."""
@@ -644,6 +652,8 @@ class N2GApp:
         req = BuildRequest.from_dict(request)
         req.validate(model.n_layers, model.d_mlp)
         try:
+            # stored by an older n2g, or under another --ray-address: the same rules as a new request
+            self._check_operator_settings(req.ray_address, req.fit.mlm_name)
             self._check_bounds(req, model.n_layers)
         except N2GError as e:
             raise ValueError(e.message) from None

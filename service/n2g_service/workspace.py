@@ -48,7 +48,10 @@ from n2g.vocab import JOB_FINAL, JOB_STATES
 
 log = logging.getLogger("n2g.workspace")
 
-SCHEMA_VERSION = 1
+# 2: CRC-32 columns on windows, layer_scans and eval_ordinary_acts. This n2g reads version 1 as it
+# is and its writers upgrade it; an older n2g refuses version 2 (its inserts would not fit).
+SCHEMA_VERSION = 2
+READ_SCHEMA_VERSIONS = (1, 2)
 DB_NAME = "n2g.sqlite"
 LOCK_NAME = "writer.lock"
 
@@ -566,9 +569,9 @@ class Workspace:
             found = None
         if found is None or not found.isdigit():
             raise self._not_a_workspace()
-        if int(found) != SCHEMA_VERSION:
-            raise WorkspaceError(f"workspace {self.path} has schema version {found}, this n2g reads {SCHEMA_VERSION}",
-                                 "schema")
+        if int(found) not in READ_SCHEMA_VERSIONS:
+            raise WorkspaceError(f"workspace {self.path} has schema version {found}, this n2g reads "
+                                 f"{', '.join(map(str, READ_SCHEMA_VERSIONS))}: use the n2g that wrote it", "schema")
         for key, value in (("model", model), ("corpus", corpus), ("hook", hook)):
             if value is None:
                 continue
@@ -680,7 +683,9 @@ class Workspace:
             for name, decl in added:
                 if name not in cols:
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
-        conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        # an older version is upgraded (a newer one is left as it is: the check at open refuses it)
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version' AND CAST(value AS INTEGER) < ?",
+                     (str(SCHEMA_VERSION), SCHEMA_VERSION))
         self._added_columns = True
 
     def _not_a_workspace(self) -> WorkspaceError:
@@ -690,7 +695,10 @@ class Workspace:
     def _schema_complete(self) -> bool:
         conn = self._conn()
         have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        return _schema_tables() <= have and self._has_added_columns()
+        if not (_schema_tables() <= have and self._has_added_columns()):
+            return False
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() if "meta" in have else None
+        return row is None or not str(row[0]).isdigit() or int(row[0]) >= SCHEMA_VERSION  # (None: refused at open)
 
     def _has_added_columns(self) -> bool:
         """Whether every added column is there (jobs' and the others': a writer adds them together)."""

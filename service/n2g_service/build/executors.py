@@ -29,19 +29,28 @@ _SERVICE_DIR = str(Path(__file__).resolve().parents[2])  # holds the n2g_service
 
 
 def check_reachable(address: str, timeout: float = 10.0) -> None:
-    """Raises ConnectionError unless ``address`` ("HOST:PORT" or "ray://HOST:PORT"; "auto" and
+    """Raises ConnectionError unless ``address`` ("HOST[:PORT]", "ray://HOST[:PORT]"; a bare
+    host means Ray's port, 6379 or 10001 for Ray Client; "[::1]:6379" for IPv6; "auto" and
     "local" are not checked) accepts a connection within ``timeout`` seconds: ``ray.init`` waits
     minutes on an address nobody answers, and cannot be interrupted meanwhile."""
     import socket
 
-    hostport = address.removeprefix("ray://")
-    host, sep, port = hostport.rpartition(":")
-    if address in ("auto", "local") or not sep:
+    address = address.strip()
+    if address in ("auto", "local"):
         return
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"Ray address {address!r}: the port must be a number from 1 to 65535")
+    client = address.startswith("ray://")
+    hostport = address.removeprefix("ray://")
+    host, port = hostport, str(10001 if client else 6379)
+    if hostport.startswith("["):  # [IPv6] or [IPv6]:port
+        host, _, rest = hostport[1:].partition("]")
+        if rest:
+            port = rest.removeprefix(":")
+    elif hostport.count(":") == 1:
+        host, port = hostport.split(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"Ray address {address!r}: give HOST:PORT (a port from 1 to 65535), or ray://HOST:PORT")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as e:
         raise ConnectionError(f"cannot reach the Ray cluster at {address}: {e}") from None
 
@@ -216,6 +225,7 @@ class RayExecutor:
             if address is None:
                 kw["num_cpus"] = max(workers, 1)
             else:
+                address = address.strip()
                 check_reachable(address)
             ray.init(address=address, **kw)
             self._owns_ray = address is None
