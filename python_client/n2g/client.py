@@ -390,8 +390,10 @@ class _Api:
 def write_file(path: str | os.PathLike, data: bytes | str) -> None:
     """Writes ``path`` whole or not at all (a temporary file beside it, then renamed over it), so
     a process killed meanwhile, or a full disk, never leaves a cut-off file that looks complete."""
+    import threading
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         if path.is_dir():
             raise IsADirectoryError(21, "Is a directory", str(path))

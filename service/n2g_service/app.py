@@ -290,7 +290,7 @@ class N2GApp:
         self.max_streams = max_streams
         self.stream_stall_s = STREAM_STALL_S
         self._open_streams: dict[int, _OpenStream] = {}
-        self._open_lock = threading.Lock()
+        self._open_lock = threading.RLock()  # re-entrant: a stream finalised by the GC under it releases
         # True activations (forward passes, one at a time on the model) and evaluations hold a
         # server thread for seconds to minutes: past this many at once, new ones are refused, so
         # that a flood of them cannot queue the short calls behind it. Predictions are bounded by
