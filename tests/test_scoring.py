@@ -181,3 +181,21 @@ def test_report_to_dict_is_strict_json(built):
     assert back["test_sets"] == list(TEST_SETS) and len(back["neurons"]) == len(report.neurons)
     assert {(p["layer"], p["test_set"], p["metric"], p["method"], p["baseline"]) for p in back["paired"]} == \
         {(p.layer, p.test_set, p.metric, p.method, p.baseline) for p in report.paired}
+
+
+def test_a_workspace_another_writer_holds_is_scored_with_the_passes_it_ran(built, native_model):
+    """`n2g eval --compute` beside a running build: the true activations cannot be stored (the
+    build holds the writer lock), so they are used for this evaluation instead of failing after
+    every forward pass ran; the next evaluation computes them again."""
+    ws, _, _, report, _, _ = built
+    path = ws.path.parent / "locked"
+    shutil.copytree(ws.path.parent / "copy", path)  # built, never scored on ordinary text
+    builder = Workspace(path, mode="write", purpose="a build (test)")
+    try:
+        evaluator = Workspace(path)
+        fresh = evaluate_workspace(evaluator, native_model, None, CFG)
+        assert fresh.unavailable == {} and {s.test_set for s in fresh.neurons} == set(TEST_SETS)
+        assert all(not evaluator.load_ordinary_activations(l, [n]) for l, n in evaluator.built_keys())
+        assert len(fresh.neurons) == len(report.neurons)
+    finally:
+        builder.close()
