@@ -197,8 +197,6 @@ def _cmd_serve(args) -> int:
         raise CliError("an empty --token (or N2G_TOKEN) would switch auth off: give a real token or none")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise CliError("TLS needs both --tls-cert and --tls-key")
-    if not 0 <= args.port <= 65535:
-        raise CliError(f"--port must be from 0 to 65535 (0 picks a free one), got {args.port}")
     for path in (args.tls_cert, args.tls_key):
         if path is not None and not path.is_file():
             raise CliError(f"no such file: {path}")

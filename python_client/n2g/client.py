@@ -387,18 +387,21 @@ class _Api:
         return _unzip(self.report(timeout=timeout), out_dir)
 
 
-def write_file(path: str | os.PathLike, data: bytes | str) -> None:
+def write_file(path: str | os.PathLike, data: bytes | str | Iterable[bytes]) -> None:
     """Writes ``path`` whole or not at all (a temporary file beside it, then renamed over it), so
-    a process killed meanwhile, or a full disk, never leaves a cut-off file that looks complete."""
+    a process killed meanwhile, or a full disk, never leaves a cut-off file that looks complete.
+    ``data`` may be pieces (an iterable of bytes), written as they come."""
     import threading
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    pieces = [data.encode()] if isinstance(data, str) else [data] if isinstance(data, (bytes, bytearray)) else data
     try:
         if path.is_dir():
             raise IsADirectoryError(21, "Is a directory", str(path))
         with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            for piece in pieces:
+                f.write(piece)
         os.replace(tmp, path)
     except OSError as e:  # named by the file asked for, not the temporary one
         tmp.unlink(missing_ok=True)
@@ -462,6 +465,15 @@ def _unzip(data: bytes, out_dir) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     root = out.resolve()
     written = 0
+
+    def blocks(src) -> Iterator[bytes]:  # the archive's bytes as unpacked, counted across its files
+        nonlocal written
+        while block := src.read(1 << 20):
+            written += len(block)
+            if written > MAX_REPORT_UNPACKED_BYTES:
+                raise ValueError(f"report archive unpacks past {MAX_REPORT_UNPACKED_BYTES} bytes; refused")
+            yield block
+
     (out / "index.html").unlink(missing_ok=True)
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         infos = sorted(zf.infolist(), key=lambda i: i.filename == "index.html")
@@ -474,17 +486,8 @@ def _unzip(data: bytes, out_dir) -> Path:
                 target.mkdir(parents=True, exist_ok=True)
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            try:
-                with zf.open(info) as src, open(tmp, "wb") as dst:
-                    while block := src.read(1 << 20):
-                        written += len(block)
-                        if written > MAX_REPORT_UNPACKED_BYTES:
-                            raise ValueError(f"report archive unpacks past {MAX_REPORT_UNPACKED_BYTES} bytes; refused")
-                        dst.write(block)
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
+            with zf.open(info) as src:
+                write_file(target, blocks(src))
     return out / "index.html"
 
 

@@ -336,10 +336,12 @@ class N2GApp:
 
     @staticmethod
     @contextmanager
-    def _slot(slots: threading.BoundedSemaphore, refusal: str):
-        """Holds one of ``slots`` for the call; RESOURCE_EXHAUSTED saying ``refusal`` when none is free."""
+    def _slot(slots: threading.BoundedSemaphore, refusal: str, free_one: Callable[[], bool] = lambda: False):
+        """Holds one of ``slots`` for the call; RESOURCE_EXHAUSTED saying ``refusal`` when none is
+        free, unless ``free_one()`` frees one (it says whether it tried; a slot has 2 s to come)."""
         if not slots.acquire(blocking=False):
-            raise busy(refusal)
+            if not (free_one() and slots.acquire(timeout=2.0)):
+                raise busy(refusal)
         try:
             yield
         finally:
@@ -348,22 +350,19 @@ class N2GApp:
     def _streamed(self, what: str, deadline: Deadline, items: Callable[[], Iterator[Any]]) -> Iterator[Any]:
         """Yields ``items()`` while holding a stream slot. When none is free, the stream whose
         reader has stalled longest (>= STREAM_STALL_S at one message) is cancelled for this one."""
-        if not self._streams.acquire(blocking=False):
-            if not (self._cancel_stalled_stream() and self._streams.acquire(timeout=2.0)):
-                raise busy(f"{self.max_streams} streams are open on this server already ({what} is one); "
-                           f"retry when one ends")
-        entry = _OpenStream(what, deadline.cancel)
-        with self._open_lock:
-            self._open_streams[id(entry)] = entry
-        try:
-            for item in items():
-                entry.waiting_since = time.monotonic()
-                yield item
-                entry.waiting_since = None
-        finally:
+        refusal = f"{self.max_streams} streams are open on this server already ({what} is one); retry when one ends"
+        with self._slot(self._streams, refusal, self._cancel_stalled_stream):
+            entry = _OpenStream(what, deadline.cancel)
             with self._open_lock:
-                self._open_streams.pop(id(entry), None)
-            self._streams.release()
+                self._open_streams[id(entry)] = entry
+            try:
+                for item in items():
+                    entry.waiting_since = time.monotonic()
+                    yield item
+                    entry.waiting_since = None
+            finally:
+                with self._open_lock:
+                    self._open_streams.pop(id(entry), None)
 
     def _cancel_stalled_stream(self) -> bool:
         now = time.monotonic()

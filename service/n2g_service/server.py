@@ -236,7 +236,7 @@ def serve(workspace: str | Path, model: str | None = None, *, no_model: bool = F
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("TLS needs both --tls-cert and --tls-key")
     if not 0 <= port <= 65535:  # grpc would wrap it (99999 -> 34463)
-        raise ValueError(f"port must be from 0 to 65535 (0 picks a free one), got {port}")
+        raise ValueError(f"--port must be from 0 to 65535 (0 picks a free one), got {port}")
     creds = _server_credentials(tls_cert, tls_key) if tls_cert is not None else None
 
     # A signal while starting (loading the model can take minutes) stops the start-up at once;

@@ -1244,7 +1244,7 @@ class Workspace:
             fits = bool(np.all(np.abs(a) < 60000.0))
             dtype = "float16" if fits else "float32"
             blob = _blob(a.astype(dtype))
-            rows.append((int(layer), int(neuron), a.shape[0], a.shape[1], dtype, blob, zlib.crc32(blob)))
+            rows.append((int(layer), int(neuron), a.shape[0], a.shape[1], dtype, blob, _crc(blob)))
         with self.transaction() as c:
             c.executemany("INSERT OR REPLACE INTO eval_ordinary_acts (layer, neuron, n_windows, length, dtype, acts, "
                           "crc) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
@@ -1270,7 +1270,7 @@ class Workspace:
                 why = f"dtype {dtype!r}"
             elif len(blob) != nw * length * np.dtype(dtype).itemsize:
                 why = f"{len(blob)} bytes for [{nw}, {length}] {dtype}"
-            elif crc is not None and zlib.crc32(blob) != crc:
+            elif crc is not None and _crc(blob) != crc:
                 why = "checksum mismatch"
             else:
                 a = np.frombuffer(blob, dtype=dtype).reshape(nw, length).astype(np.float32)
