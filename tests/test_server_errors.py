@@ -246,6 +246,15 @@ def test_auth_and_tls(secure_server):
             next(reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
                 iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
         assert e.value.code() == C.UNAUTHENTICATED
+        # two credentials, the right one among them, in either order: ambiguous, so refused
+        stub = pbg.N2GStub(ch)
+        for pair in (("Bearer s3cret", "Bearer wrong"), ("Bearer wrong", "Bearer s3cret")):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10,
+                                  metadata=[("authorization", v) for v in pair])
+            assert e.value.code() == C.UNAUTHENTICATED and "exactly one" in e.value.details()
+        assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10,
+                                 metadata=[("authorization", "Bearer s3cret")]).n_layers == 2
     # plain text against a TLS port fails (after the client's retries)
     with N2GClient(srv.address, token="s3cret", retries=1, backoff=0.05, timeout=3) as c:
         with pytest.raises(N2GError) as e:

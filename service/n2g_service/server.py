@@ -144,14 +144,15 @@ class _AuthInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
             return continuation(handler_call_details)
-        got = None
-        for k, v in handler_call_details.invocation_metadata or ():
-            if k == "authorization":
-                got = v if isinstance(v, str) else v.decode("utf-8", "replace")
-        if got is None:
+        got = [v if isinstance(v, str) else v.decode("utf-8", "replace")
+               for k, v in handler_call_details.invocation_metadata or () if k == "authorization"]
+        if not got:
             return self._deny("missing credentials: this server wants metadata 'authorization: Bearer <token>' "
                               "(n2g --token / N2G_TOKEN)")
-        if not hmac.compare_digest(got.encode(), self._expected):
+        # Two credentials are ambiguous (a proxy may read the other one): refused, not picked from.
+        if len(got) > 1:
+            return self._deny(f"{len(got)} 'authorization' headers: send exactly one")
+        if not hmac.compare_digest(got[0].encode(), self._expected):
             return self._deny("invalid bearer token")
         return continuation(handler_call_details)
 
