@@ -460,3 +460,26 @@ def test_damaged_corpus_windows_and_scans_are_refused_in_one_line(ws_path):
     with pytest.raises(WorkspaceError) as e:
         ws.load_layer_scan(0)
     assert e.value.kind == "damaged" and "scan of layer 0 is damaged" in _one_line(e.value)
+
+
+def test_a_database_removed_or_replaced_under_a_writer_stops_its_writes(ws_path, tmp_path):
+    import shutil
+
+    backup = tmp_path / "backup.sqlite"
+    ws = Workspace(ws_path, mode="write")
+    ws.put_neuron(_record(2, 0))
+    shutil.copy(ws_path / DB_NAME, backup)  # (the WAL is not in it: only the checked file's identity matters)
+    # SQLite would write on into the unlinked file and say nothing: every neuron after would be lost
+    (ws_path / DB_NAME).unlink()
+    with pytest.raises(WorkspaceError) as e:
+        ws.put_neuron(_record(2, 1))
+    assert e.value.kind == "damaged" and "removed or replaced" in _one_line(e.value)
+    # another file in its place (a restored backup) is not the one this handle wrote to either
+    shutil.copy(backup, ws_path / DB_NAME)
+    with pytest.raises(WorkspaceError, match="removed or replaced"):
+        ws.set_meta("x", "y")
+    ws.close()
+    ws = Workspace(ws_path, mode="write")  # a new handle opens the file that is there now and writes
+    ws.put_neuron(_record(2, 1))
+    assert ws.has_neuron(2, 1)
+    ws.close()

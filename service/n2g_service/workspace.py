@@ -341,6 +341,15 @@ def _check_db_file(db: Path, where: str) -> None:
             "restore it from a backup or build into a new workspace", "damaged")
 
 
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """Which file `path` names now (device, inode), None if none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _translate(e: sqlite3.Error, where: str) -> WorkspaceError:
     """A one-line WorkspaceError for an SQLite error."""
     msg = (str(e).splitlines() or [""])[0] or type(e).__name__
@@ -743,6 +752,7 @@ class Workspace:
             except sqlite3.DatabaseError as e:
                 raise _translate(e, str(self.path)) from e
             conn.where = str(self.path)
+            self._local.file_id = _file_id(self._db_path) if self._uri is None else None
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=30000")
             if self.mode == "read" or self._uri is not None:
@@ -759,6 +769,10 @@ class Workspace:
         if not self._writer.held:
             self._become_writer()
         conn = self._conn()
+        if _file_id(self._db_path) != self._local.file_id:
+            # SQLite would go on writing to the unlinked file and report success: nothing would be kept
+            raise WorkspaceError(f"workspace {self.path}: {DB_NAME} was removed or replaced while this process had it "
+                                 "open; what it writes now would be lost, so it stops (start it again)", "damaged")
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
