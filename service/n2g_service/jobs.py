@@ -388,10 +388,6 @@ def check_built_settings(ws, keys: Sequence[tuple[int, int]], fit: FitConfig) ->
     """A build keeps the graphs already built among ``keys``: raises ValueError when one was built
     with other fit settings (e.g. --method paper, then calibrated), which would otherwise be kept
     silently beside the new ones."""
-    built = set(ws.built_keys()) & set(keys)
-    if not built:
-        return
-
     def result_settings(d: dict[str, Any]) -> dict[str, Any]:
         try:  # older records: fill the fields added since with their defaults
             d = FitConfig.from_dict(d).to_dict()
@@ -400,19 +396,19 @@ def check_built_settings(ws, keys: Sequence[tuple[int, int]], fit: FitConfig) ->
         return {k: v for k, v in d.items() if k not in _RUN_ONLY_FIT_SETTINGS}
 
     want = result_settings(fit.to_dict())
-    for rec in ws.iter_neurons(with_examples=False, layers=sorted({l for l, _ in built})):
-        stored = (rec.stats or {}).get("fit_config")
-        if (rec.layer, rec.neuron) not in built or not isinstance(stored, dict):
+    for text, built in sorted(ws.fit_settings(keys).items(), key=lambda kv: min(kv[1])):
+        stored = json.loads(text) if text else None
+        if not isinstance(stored, dict):  # a record from before settings were recorded
             continue
         got = result_settings(stored)
         if got != want:
+            layer, neuron = min(built)
             diff = [k for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)]
             shown = ", ".join(f"{k}={got.get(k)!r} (now {want.get(k)!r})" for k in diff[:4])
-            n_same = sum(1 for k in built if k[0] == rec.layer)
-            raise ValueError(f"neuron {rec.layer}:{rec.neuron} (one of {n_same} already built in layer {rec.layer}) was "
-                             f"built with other fit settings: {shown}{' ...' if len(diff) > 4 else ''}. A workspace "
-                             f"keeps one graph a neuron: build these settings in another workspace, or leave the "
-                             f"built neurons out")
+            more = f" (and {len(built) - 1} more)" if len(built) > 1 else ""
+            raise ValueError(f"neuron {layer}:{neuron}{more} was built with other fit settings: {shown}"
+                             f"{' ...' if len(diff) > 4 else ''}. A workspace keeps one graph a neuron: build these "
+                             f"settings in another workspace, or leave the built neurons out")
 
 
 def run_build(ws: Workspace, model, req: BuildRequest, *, job_id: str | None = None,

@@ -1043,6 +1043,22 @@ class Workspace:
                 continue
             yield rec
 
+    def fit_settings(self, keys: Collection[tuple[int, int]]) -> dict[str, list[tuple[int, int]]]:
+        """The fit settings the sound built neurons among ``keys`` were built with: each distinct
+        stored `fit_config` (JSON text; "" for a record without one) -> its keys. SQLite reads the
+        one field, so a whole layer costs neither its graphs nor its statistics in Python."""
+        wanted = {(int(l), int(n)) for l, n in keys} & set(self._healthy_keys())
+        layers = sorted({l for l, _ in wanted})
+        if not layers:
+            return {}
+        sql = ("SELECT layer, neuron, CASE WHEN json_valid(stats) THEN json_extract(stats, '$.fit_config') END "
+               f"FROM neurons WHERE layer IN ({', '.join('?' * len(layers))})")
+        out: dict[str, list[tuple[int, int]]] = {}
+        for layer, neuron, settings in self._conn().execute(sql, layers):
+            if (layer, neuron) in wanted:
+                out.setdefault(settings if isinstance(settings, str) else "", []).append((layer, neuron))
+        return out
+
     def graph_bytes(self) -> list[tuple[int, int, bytes]]:
         """(layer, neuron, graph blob) of every sound neuron (as `built_keys`)."""
         self._healthy_keys()
