@@ -734,7 +734,7 @@ class N2GApp:
         self._limit(limit)
         states = sorted(set(states)) if states else None
         jobs = self.ws.list_jobs(states, limit=limit or None)
-        total = len(self.ws.list_jobs(states, with_request=False)) if limit else len(jobs)
+        total = self.ws.count_jobs(states) if limit else len(jobs)
         return T.ListResult([_job(j) for j in jobs], total)
 
     def watch_job(self, job_id: str, *, deadline: Deadline = NO_DEADLINE) -> Iterator[T.JobEvent]:

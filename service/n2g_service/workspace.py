@@ -1219,19 +1219,27 @@ class Workspace:
                   with_request: bool = True) -> list[JobRecord]:
         """Jobs in creation order, optionally only those in `states`, only the latest `limit`,
         and without their requests (`request` = {}; `request_bytes` still says their size)."""
-        sql, args = self._job_sql(with_request), []
-        if states:
-            bad = [s for s in states if s not in JOB_STATES]
-            if bad:
-                raise WorkspaceError(f"unknown job state {bad[0]!r}: one of {', '.join(JOB_STATES)}", "invalid")
-            sql += f" WHERE state IN ({', '.join('?' * len(states))})"
-            args.extend(states)
-        sql += " ORDER BY created_at DESC, rowid DESC"
+        where, args = self._job_states(states)
+        sql = self._job_sql(with_request) + where + " ORDER BY created_at DESC, rowid DESC"
         if limit is not None:
             sql += " LIMIT ?"
             args.append(max(0, int(limit)))
         rows = self._conn().execute(sql, args).fetchall()
         return [self._job_record(r) for r in reversed(rows)]
+
+    def count_jobs(self, states: list[str] | tuple[str, ...] | None = None) -> int:
+        """How many jobs `list_jobs(states)` lists."""
+        where, args = self._job_states(states)
+        return int(self._conn().execute("SELECT COUNT(*) FROM jobs" + where, args).fetchone()[0])
+
+    @staticmethod
+    def _job_states(states: list[str] | tuple[str, ...] | None) -> tuple[str, list[Any]]:
+        if not states:
+            return "", []
+        bad = [s for s in states if s not in JOB_STATES]
+        if bad:
+            raise WorkspaceError(f"unknown job state {bad[0]!r}: one of {', '.join(JOB_STATES)}", "invalid")
+        return f" WHERE state IN ({', '.join('?' * len(states))})", list(states)
 
     # -- evaluation on ordinary text (owned by evaluate.py) ---------------------------------------
     def window_count(self) -> int | None:
