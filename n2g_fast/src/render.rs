@@ -253,10 +253,13 @@ pub fn to_svg(g: &NeuronGraph) -> String {
     let step = NODE_H + V_GAP;
     let mut y = vec![0.0f32; d.nodes.len()];
     let mut columns: Vec<Vec<usize>> = vec![Vec::new(); max_depth + 1];
-    for (depth, column) in columns.iter_mut().enumerate() {
-        let mut col: Vec<(f32, usize)> = (0..d.nodes.len())
-            .filter(|&i| d.nodes[i].depth == depth)
-            .map(|i| {
+    for (i, n) in d.nodes.iter().enumerate() {
+        columns[n.depth].push(i); // (one pass: filtering all nodes per depth was quadratic on deep graphs)
+    }
+    for column in columns.iter_mut() {
+        let mut col: Vec<(f32, usize)> = column
+            .iter()
+            .map(|&i| {
                 let ps = &parents[i];
                 let want = if ps.is_empty() { 0.0 } else { ps.iter().map(|&p| y[p]).sum::<f32>() / ps.len() as f32 };
                 (want, i)
