@@ -198,3 +198,22 @@ def test_an_oversized_request_stored_before_the_limit_is_not_loaded_and_fails(ws
     assert _queue(ws).resume_pending() == []
     job = ws.get_job("legacy")
     assert job.state == "failed" and "over the" in job.error and str(len(huge)) in job.error
+
+
+def test_watchers_hear_that_a_job_ended_when_the_workspace_cannot_record_it(ws):
+    """A workspace whose database was removed under the server: the job fails, and since that
+    cannot be stored, its watchers are told directly instead of waiting on it for ever."""
+    q = _queue(ws)
+    q.submit("lost", REQUEST)
+    sub = q.subscribe("lost")
+    (Path(ws.path) / DB_NAME).unlink()
+    q.start()
+    try:
+        up = sub.get(timeout=30)
+        while not up.final:
+            up = sub.get(timeout=30)
+    finally:
+        q.stop()
+    assert up.job.id == "lost" and up.job.state == "failed" and up.event.stage == "failed"
+    assert "not recorded in the workspace" in up.job.error
+    assert not (Path(ws.path) / DB_NAME).exists()  # no new empty database made in its place

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .jobs import BuildEvent
-from .workspace import ACTIVE_JOB_STATES, MAX_JOB_REQUEST_BYTES, TERMINAL_JOB_STATES, JobRecord, Workspace
+from .workspace import (ACTIVE_JOB_STATES, MAX_JOB_REQUEST_BYTES, TERMINAL_JOB_STATES, JobRecord, Workspace,
+                        WorkspaceError)
 
 log = logging.getLogger("n2g.jobs")
 
@@ -68,6 +69,7 @@ class JobQueue:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.current: str | None = None
+        self._seen: JobRecord | None = None  # the job the worker last read, for when it cannot read it again
 
     # -- life cycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -145,7 +147,16 @@ class JobQueue:
 
     def _fail(self, job: JobRecord, reason: str) -> None:
         log.warning("job %s failed: %s", job.id, reason)
-        self.ws.update_job(job.id, state="failed", error=reason)
+        try:
+            self.ws.update_job(job.id, state="failed", error=reason)
+        except Exception as e:  # noqa: BLE001 - e.g. the disk is full: the next start decides
+            # The workspace cannot record it (its file removed, a full disk): its watchers must
+            # still hear that it ended, or they would wait on a job that never moves again.
+            log.error("job %s: could not record its failure: %s", job.id, e)
+            reason += " (not recorded in the workspace)"
+            ended = dataclasses.replace(job, state="failed", error=reason)
+            self._publish(job.id, BuildEvent("failed", job.done, job.total, reason), job=ended)
+            return
         self._publish(job.id, BuildEvent("failed", job.done, job.total, reason))
 
     # -- requests -------------------------------------------------------------------------------
@@ -181,13 +192,12 @@ class JobQueue:
                 self._subs.pop(job_id, None)
 
     # -- worker ---------------------------------------------------------------------------------
-    def _publish(self, job_id: str, event: BuildEvent) -> None:
+    def _publish(self, job_id: str, event: BuildEvent, job: JobRecord | None = None) -> None:
         with self._lock:
             subs = list(self._subs.get(job_id, ()))
         if not subs:
             return
-        job = self.ws.get_job(job_id)
-        update = JobUpdate(job, event)
+        update = JobUpdate(job or self.ws.get_job(job_id), event)
         for q in subs:
             q.put(update)
 
@@ -199,20 +209,22 @@ class JobQueue:
             try:
                 self._run(job_id)
             except Exception as e:  # noqa: BLE001 - the worker must survive anything
-                log.exception("job %s: unexpected error in the job runner", job_id)
+                log.error("job %s: error in the job runner: %s: %s", job_id, type(e).__name__, e,
+                          exc_info=not isinstance(e, WorkspaceError))
                 try:  # fail it once, with the reason, rather than leave it to be resumed again
                     job = self.ws.get_job(job_id)
-                    if job is not None and job.state in ACTIVE_JOB_STATES:
-                        self._fail(job, f"{type(e).__name__}: {e}")
-                except Exception:  # noqa: BLE001 - e.g. the disk is full: the next start decides
-                    log.exception("job %s: could not record its failure", job_id)
+                except Exception:  # noqa: BLE001 - the workspace cannot be read: still tell the watchers
+                    job = self._seen if self._seen is not None and self._seen.id == job_id else \
+                        JobRecord(job_id, "running", {}, 0, 0, None, 0.0, time.time())
+                if job is not None and job.state in ACTIVE_JOB_STATES:
+                    self._fail(job, f"{type(e).__name__}: {e}")
             finally:
                 self.current = None
 
     def _run(self, job_id: str) -> None:
         from .jobs import BuildCancelled, BuildRequest, run_build
 
-        job = self.ws.get_job(job_id)
+        job = self._seen = self.ws.get_job(job_id)
         if job is None or job.state not in ACTIVE_JOB_STATES:
             return
         with self._lock:
@@ -266,11 +278,11 @@ class JobQueue:
             self._publish(job_id, BuildEvent("cancelled", j.done, j.total, "cancelled",
                                              elapsed_s=time.perf_counter() - t0))
         except Exception as e:  # noqa: BLE001 - a failed job is recorded, the server goes on
-            log.exception("job %s failed", job_id)
-            self.ws.update_job(job_id, state="failed", error=f"{type(e).__name__}: {e}")
-            j = self.ws.get_job(job_id)
-            self._publish(job_id, BuildEvent("failed", j.done, j.total, f"{type(e).__name__}: {e}",
-                                             elapsed_s=time.perf_counter() - t0))
+            if isinstance(e, WorkspaceError):  # a known kind of failure, said in its message
+                log.error("job %s failed: %s", job_id, e)
+            else:
+                log.exception("job %s failed", job_id)
+            self._fail(self.ws.get_job(job_id) or job, f"{type(e).__name__}: {e}")
         else:
             self.ws.update_job(job_id, state="succeeded")
             self._on_commit()

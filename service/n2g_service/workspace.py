@@ -747,8 +747,9 @@ class Workspace:
                     conn = sqlite3.connect(self._uri, uri=True, timeout=30.0, isolation_level=None,
                                            check_same_thread=False, factory=_Conn)
                 else:
-                    conn = sqlite3.connect(self._db_path, timeout=30.0, isolation_level=None, check_same_thread=False,
-                                           factory=_Conn)
+                    # mode=rw: a database gone from under this handle is an error here, not a new empty file
+                    conn = sqlite3.connect(f"file:{urllib.parse.quote(str(self._db_path))}?mode=rw", uri=True,
+                                           timeout=30.0, isolation_level=None, check_same_thread=False, factory=_Conn)
             except sqlite3.DatabaseError as e:
                 raise _translate(e, str(self.path)) from e
             conn.where = str(self.path)
