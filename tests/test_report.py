@@ -32,6 +32,7 @@ VOCAB = [
     "<|endoftext|>", " the", "<script>alert(1)</script>", "\"quoted\" & 'single'", "\n", "\t", " ", "  ",
     "naïve", "日本語", "\x07", "\x00", "\u200b", "\ufffd", "cat", " dog", ".", "</span><b>x</b>",
     "{{ jinja }}", "Ġbyte", "\r\n", "a\tb c",
+    " שלום", " 1", " -", " 2", " עולם",  # right-to-left words among neutrals
 ]
 ID = {s: i for i, s in enumerate(VOCAB)}
 MODEL = "test/hand-made"
@@ -69,7 +70,8 @@ NEURONS = {
 SEQUENCES = [
     [ID[" the"], ID["cat"], ID["."], ID["\n"], ID[" "], ID["\n"], ID["\"quoted\" & 'single'"], ID["\t"], ID["<|endoftext|>"],
      ID["\"quoted\" & 'single'"], ID["<script>alert(1)</script>"]],
-    [ID["日本語"], ID["\x07"], ID["naïve"], ID["\x00"], ID["\ufffd"], ID["\u200b"], ID[" dog"], ID[" the"], ID["."], ID[" dog"]],
+    [ID["日本語"], ID["\x07"], ID["naïve"], ID["\x00"], ID["\ufffd"], ID["\u200b"], ID[" dog"], ID[" the"], ID["."], ID[" dog"],
+     ID[" שלום"], ID[" 1"], ID[" -"], ID[" 2"], ID[" עולם"], ID["."]],
     [ID["Ġbyte"], ID["{{ jinja }}"], ID["</span><b>x</b>"], ID["\r\n"], ID["  "], ID["a\tb c"], ID["cat"], ID[" the"], ID["cat"]],
 ]
 
@@ -352,6 +354,10 @@ def test_report_in_chromium(tmp_path, browser):
             assert shown in text, shown
         for raw in ("\x07", "\x00", "\u200b", "\t"):
             assert raw not in text, repr(raw)
+        # cells stand in token order, right-to-left words too (each cell is its own bidi island)
+        lefts = browser.eval("Array.from(document.querySelectorAll('.ex')).map(e => Array.from(e.querySelectorAll('.t'))"
+                             ".map(t => t.getBoundingClientRect().left))")
+        assert all(row == sorted(row) for row in lefts), lefts
         shots.append(browser.screenshot(ARTIFACTS / f"neuron_{page}.png"))
     # the graph SVG alone (its labels are escaped and visible in the rendered image too)
     browser.open((index.parent / "graphs" / "0_3.svg").as_uri())
