@@ -110,6 +110,26 @@ def test_errors_are_one_line(capsys, setup):
     assert code == 2 and "no workspace" in err
 
 
+def test_text_that_is_not_valid_unicode_is_refused_the_same_remotely_and_locally(capsys, setup):
+    """A lone surrogate (a Python string protobuf cannot carry) is INVALID_ARGUMENT naming where it
+    is, from the remote client (it crashed with UnicodeEncodeError) and the local one alike."""
+    from n2g.client import N2GClient, N2GError
+    from n2g.local import LocalN2GClient
+
+    ws, addr = setup
+    with N2GClient(addr) as remote, LocalN2GClient(ws, no_model=True) as local:
+        label = remote.list_graphs()[0].activating[0]
+        for c in (remote, local):
+            for call in (lambda: c.predict(["0:1"], ["fine", "a\ud800b"]), lambda: c.tokenize(["\udcff"]),
+                         lambda: c.search([(label, "activating"), ("x\udfff", "context")])):
+                with pytest.raises(N2GError) as e:
+                    call()
+                assert e.value.code.name == "INVALID_ARGUMENT" and "lone surrogate U+D" in e.value.message
+            assert c.search([(label, "activating")]).neurons  # the same call with valid text is answered
+    code, out, err = run(capsys, "predict", "--neurons", "0:1", "--text", "a\udc80", "--server", addr)
+    assert code == 1 and err.startswith("error: INVALID_ARGUMENT: texts[0] holds a lone surrogate U+DC80")
+
+
 def test_output_paths_and_settings_errors_are_one_line(capsys, setup, tmp_path):
     """A folder where a file is to go, a file where a folder is to go, a port past 65535, an
     unknown device: one line and exit 2, never a traceback; and a dry run leaves no workspace."""

@@ -76,6 +76,30 @@ def _keys(neurons: Iterable[str | Sequence[int]] | None) -> list[Key]:
     return [parse_neuron(n) for n in neurons or ()]
 
 
+def _checked_text(args: dict[str, Any]) -> dict[str, Any]:
+    """`args` if every string in it can travel (UTF-8); else INVALID_ARGUMENT naming the string.
+    Python strings may hold lone surrogates (from surrogateescape, JSON "\\ud800", a cut UTF-16
+    pair), which protobuf cannot encode; the local client refuses them the same way."""
+    def bad(v: Any, where: str) -> str | None:
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return f"{where} holds a lone surrogate U+{ord(v[e.start]):04X} at character {e.start}"
+        elif isinstance(v, dict):
+            return next((r for k, x in v.items() for r in [bad(k, where) or bad(x, f"{where}[{k!r}]")] if r), None)
+        elif isinstance(v, (list, tuple)):
+            return next((r for i, x in enumerate(v) for r in [bad(x, f"{where}[{i}]")] if r), None)
+        return None
+
+    for name, value in args.items():
+        problem = bad(value, name)
+        if problem:
+            raise N2GError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{problem}: not valid Unicode text; decode the bytes it came from as UTF-8 first")
+    return args
+
+
 def _seqs(token_ids) -> list[list[int]]:
     return [[int(x) for x in np.asarray(s).ravel()] for s in (token_ids or [])]
 
@@ -542,11 +566,11 @@ class N2GClient(_ClientBase, _Api):
 
     def _call(self, name: str, args: dict[str, Any], timeout: float | None):
         op = OPS[name]
-        return op.result(self._unary(op.rpc, op.request(**args), timeout))
+        return op.result(self._unary(op.rpc, op.request(**_checked_text(args)), timeout))
 
     def _stream_call(self, name: str, args: dict[str, Any], timeout: float | None) -> Iterator:
         op = OPS[name]
-        for msg in self._stream(op.rpc, op.request(**args), timeout):
+        for msg in self._stream(op.rpc, op.request(**_checked_text(args)), timeout):
             item = op.result(msg)
             if isinstance(item, list):
                 yield from item
@@ -625,11 +649,11 @@ class AsyncN2GClient(_ClientBase, _Api):
 
     async def _call(self, name: str, args: dict[str, Any], timeout: float | None):
         op = OPS[name]
-        return op.result(await self._unary(op.rpc, op.request(**args), timeout))
+        return op.result(await self._unary(op.rpc, op.request(**_checked_text(args)), timeout))
 
     async def _stream_call(self, name: str, args: dict[str, Any], timeout: float | None) -> AsyncIterator:
         op = OPS[name]
-        async for msg in self._stream(op.rpc, op.request(**args), timeout):
+        async for msg in self._stream(op.rpc, op.request(**_checked_text(args)), timeout):
             item = op.result(msg)
             for x in (item if isinstance(item, list) else [item]):
                 yield x

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator
 
-from .client import _Api
+from .client import _Api, _checked_text
 
 
 class LocalN2GClient(_Api):
@@ -54,13 +54,13 @@ class LocalN2GClient(_Api):
 
     def _call(self, name: str, args: dict[str, Any], timeout: float | None):
         try:
-            return getattr(self.app, name)(**args, deadline=self._deadline(timeout))
+            return getattr(self.app, name)(**_checked_text(args), deadline=self._deadline(timeout))
         except Exception as e:
             self._reraise(e)
 
     def _stream_call(self, name: str, args: dict[str, Any], timeout: float | None) -> Iterator:
         try:
-            for item in getattr(self.app, name)(**args, deadline=self._deadline(timeout)):
+            for item in getattr(self.app, name)(**_checked_text(args), deadline=self._deadline(timeout)):
                 if isinstance(item, list):
                     yield from item
                 else:
