@@ -188,3 +188,23 @@ def test_a_watched_build_says_its_state_once(capsys, tmp_path_factory):
     assert code == 0, err
     assert "building neurons" in err  # it ran long enough to be watched again and again
     assert err.count("[state] running") == 1, err[-2000:]
+
+
+def test_a_corpus_too_short_for_one_window_fails_in_one_line_and_leaves_the_workspace_usable(capsys, tmp_path):
+    """It stored an empty set of windows that every later build reused and failed on."""
+    from n2g_servers import write_corpus
+
+    short, good = tmp_path / "short.txt", write_corpus(tmp_path / "good.jsonl")
+    short.write_text("the cat")
+    ws = tmp_path / "ws"
+    args = ["build", "--workspace", str(ws), "--model", "native:0", "--layers", "0", "--neurons", "1",
+            "--window-tokens", "32", "--device", "cpu"]
+    code, out, err = run(capsys, *args, "--corpus", str(short))
+    assert code == 1 and "fewer than one window of 32" in err and "Traceback" not in err
+    # the workspace read nothing from that corpus: a build on another one goes ahead
+    code, out, err = run(capsys, *args, "--corpus", str(good), "--json")
+    assert code == 0, err
+    from n2g_service.workspace import Workspace
+
+    w = Workspace(ws, mode="read")
+    assert w.built_keys() == [(0, 1)] and w.corpus == str(good) and w.window_count() > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -108,6 +109,35 @@ def test_corpus_paths(tmp_path):
         load_texts(str(tmp_path / "missing"))
 
 
+def test_corpus_files_that_cannot_be_read_as_text_are_refused_with_where(tmp_path):
+    import codecs
+
+    d = tmp_path
+    (d / "bom8.jsonl").write_bytes(codecs.BOM_UTF8 + b'{"text": "caf\xc3\xa9"}\n')
+    (d / "utf16.txt").write_bytes("tea for two".encode("utf-16"))  # with its byte-order mark
+    assert load_texts(str(d / "bom8.jsonl")) == ["café"] and load_texts(str(d / "utf16.txt")) == ["tea for two"]
+    # bytes that are not UTF-8 (a binary file, Latin-1) were decoded into replacement characters
+    (d / "latin1.jsonl").write_bytes(b'"fine"\n"na\xefve"\n')
+    with pytest.raises(ValueError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xef at offset 10\)"):
+        load_texts(str(d / "latin1.jsonl"))
+    (d / "noise.txt").write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match=r"noise.txt:\d+: not UTF-8"):
+        load_texts(str(d / "noise.txt"))
+    (d / "surrogate.jsonl").write_text('"ok"\n{"text": "a\\ud800b"}\n')
+    with pytest.raises(ValueError, match=r"surrogate.jsonl:2: the text holds a lone surrogate U\+D800"):
+        load_texts(str(d / "surrogate.jsonl"))
+    (d / "deep.jsonl").write_text("[" * 100_000 + "\n")
+    with pytest.raises(ValueError, match=r"deep.jsonl:1: (JSON nested too deeply|not JSON)"):
+        load_texts(str(d / "deep.jsonl"))
+    # a pipe would block the build for ever; a link loop is not an "unknown corpus"
+    os.mkfifo(d / "pipe.txt")
+    with pytest.raises(ValueError, match="not a regular file"):
+        load_texts(str(d / "pipe.txt"))
+    (d / "loop.txt").symlink_to(d / "loop.txt")
+    with pytest.raises(FileNotFoundError, match="leads nowhere"):
+        load_texts(str(d / "loop.txt"))
+
+
 def test_make_windows(native_model):
     m = native_model
     texts = ["the cat sat on the mat.", "a dog", "the man said no " * 5]
@@ -119,7 +149,8 @@ def test_make_windows(native_model):
     assert w.shape[0] == len(stream) // 7
     assert w[:, 1:].ravel().tolist() == stream[: w.shape[0] * 7]
     assert make_windows(m, texts, window_tokens=8, max_windows=2).shape == (2, 8)
-    assert make_windows(m, ["the"], window_tokens=8).shape == (0, 8)
+    with pytest.raises(ValueError, match=r"holds 1 tokens, fewer than one window of 8"):
+        make_windows(m, ["the"], window_tokens=8)
 
 
 # ---- real default model ------------------------------------------------------------------------

@@ -212,6 +212,7 @@ def open_workspace(path: str | Path, *, model: str | None = None, no_model: bool
     (recording model, corpus and hook). `no_model` never loads one and only reads. `writer` (what
     the process does, e.g. "n2g serve") takes the workspace's one writer lock at once, so a second
     writer is refused before it loads anything; otherwise the lock is taken at the first write."""
+    from .corpus import canonical_spec
     from .models import load_named_model
 
     path = Path(path)
@@ -226,6 +227,7 @@ def open_workspace(path: str | Path, *, model: str | None = None, no_model: bool
     if ws is not None and ws.model_name and model and model != ws.model_name:
         raise WorkspaceError(f"workspace {path} was built for model={ws.model_name!r}, not {model!r}; "
                              f"use another --workspace")
+    corpus = canonical_spec(corpus) if corpus else None
     if ws is None or ws.corpus is None or ws.hook is None:
         # a new workspace records its model, hook and corpus (the hook needs the model loaded)
         loaded = load_named_model(name, device=device, hook=hook)
@@ -238,9 +240,11 @@ def open_workspace(path: str | Path, *, model: str | None = None, no_model: bool
         host = ModelHost(name, lambda: loaded)
         host.get()
         return ws, host
-    if corpus and corpus != ws.corpus:
-        raise WorkspaceError(f"workspace {path} was built for corpus={ws.corpus!r}, not {corpus!r}; "
-                             f"use another --workspace")
+    if corpus and corpus not in (ws.corpus, canonical_spec(ws.corpus)):
+        if ws.window_count() is not None:
+            raise WorkspaceError(f"workspace {path} was built for corpus={ws.corpus!r}, not {corpus!r}; "
+                                 f"use another --workspace")
+        ws.set_meta("corpus", corpus)  # nothing was read from the one recorded (e.g. a first build failed on it)
     ws_hook = ws.hook
     host = ModelHost(name, lambda: load_named_model(name, device=device, hook=hook or ws_hook))
     if load_now:

@@ -19,8 +19,10 @@ and a window may start inside a text. A last chunk shorter than ``window_tokens 
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -66,23 +68,52 @@ def load_fortunes(directory: str | Path = FORTUNES_DIR) -> list[str]:
     return texts
 
 
+def _read_file(path: Path) -> str:
+    """A corpus file's text. Regular files only (a FIFO would block a build for ever, a device
+    never ends); UTF-8, or UTF-16/32 with a byte-order mark; any other bytes are refused with
+    where they are, not decoded into replacement characters and built on silently."""
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise ValueError(f"corpus file {path} is not a regular file (a pipe, a device, ...): give a file")
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"corpus file {path} cannot be read ({e.strerror or e})") from None
+    for bom, codec in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+                       (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if data.startswith(bom):
+            break
+    else:
+        codec = "utf-8"
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"corpus file {path}:{line}: not {codec.upper().replace('-SIG', '')} text (byte "
+                         f"0x{data[e.start]:02x} at offset {e.start}): convert the file to UTF-8") from None
+
+
 def _read_jsonl(path: Path) -> list[str]:
     out = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e})") from e
-            if isinstance(obj, str):
-                out.append(obj)
-            elif isinstance(obj, dict) and isinstance(obj.get("text"), str):
-                out.append(obj["text"])
-            else:
-                raise ValueError(f'{path}:{n}: expected a JSON string or an object with a "text" string')
+    for n, line in enumerate(_read_file(path).split("\n"), 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+        except RecursionError:
+            raise ValueError(f"{path}:{n}: JSON nested too deeply") from None
+        if isinstance(obj, dict):
+            obj = obj.get("text")
+        if not isinstance(obj, str):
+            raise ValueError(f'{path}:{n}: expected a JSON string or an object with a "text" string')
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON's "\\ud800" escapes decode to a lone surrogate
+            raise ValueError(f"{path}:{n}: the text holds a lone surrogate U+{ord(obj[e.start]):04X}, not "
+                             "valid Unicode text") from None
+        out.append(obj)
     return out
 
 
@@ -96,10 +127,18 @@ def _load_path(path: Path) -> list[str]:
             texts.extend(_load_path(f))
         return texts
     if path.suffix == ".txt":
-        return [path.read_text(encoding="utf-8", errors="replace")]
+        return [_read_file(path)]
     if path.suffix == ".jsonl":
         return _read_jsonl(path)
     raise ValueError(f"unsupported corpus file {path}: use .txt, .jsonl or a directory of them")
+
+
+def canonical_spec(spec: str) -> str:
+    """The spec a workspace records: a path made absolute (a build resumed from another folder
+    reads the same files), a named corpus as it is."""
+    if spec == "fortunes" or spec.startswith("hf:"):
+        return spec
+    return str(Path(spec).expanduser().absolute())
 
 
 def _load_hf(spec: str) -> list[str]:
@@ -127,6 +166,8 @@ def load_texts(spec: str = DEFAULT_CORPUS) -> list[str]:
     if spec.startswith("hf:"):
         return _load_hf(spec)
     path = Path(spec).expanduser()
+    if not path.exists() and os.path.lexists(path):
+        raise FileNotFoundError(f"corpus {spec!r} is a link that leads nowhere (broken, or a loop)")
     if path.exists():
         texts = _load_path(path)
         texts = [t for t in texts if t.strip()]
@@ -167,7 +208,8 @@ def make_windows(
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
-        return np.zeros((0, window_tokens), dtype=np.int64)
+        raise ValueError(f"the corpus holds {len(stream)} tokens, fewer than one window of {window_tokens} "
+                         f"(BOS + {body}): give a larger corpus or fewer --window-tokens")
     arr = np.asarray(stream[: n * body], dtype=np.int64).reshape(n, body)
     bos = np.full((n, 1), model.bos_id, dtype=np.int64)
     return np.ascontiguousarray(np.concatenate([bos, arr], axis=1))

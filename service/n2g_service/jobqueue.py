@@ -278,8 +278,9 @@ class JobQueue:
             self._publish(job_id, BuildEvent("cancelled", j.done, j.total, "cancelled",
                                              elapsed_s=time.perf_counter() - t0))
         except Exception as e:  # noqa: BLE001 - a failed job is recorded, the server goes on
-            if isinstance(e, WorkspaceError):  # a known kind of failure, said in its message
+            if isinstance(e, (ValueError, OSError)):  # a bad corpus, a workspace error: said in its message
                 log.error("job %s failed: %s", job_id, e)
+                log.debug("job %s failed", job_id, exc_info=True)
             else:
                 log.exception("job %s failed", job_id)
             self._fail(self.ws.get_job(job_id) or job, f"{type(e).__name__}: {e}")

@@ -842,7 +842,7 @@ class Workspace:
 
     def load_windows(self) -> np.ndarray | None:
         row = self._conn().execute(f"SELECT n, length, tokens, {self._crc_column()} FROM windows WHERE id = 0").fetchone()
-        if row is None:
+        if row is None or row[0] == 0:  # none, or none kept by an older n2g from a too short corpus
             return None
         n, length, blob, crc = row
         try:
@@ -1246,7 +1246,7 @@ class Workspace:
     def window_count(self) -> int | None:
         """How many corpus windows the workspace holds (None before the corpus is tokenised)."""
         row = self._conn().execute("SELECT n FROM windows WHERE id = 0").fetchone()
-        return None if row is None else int(row[0])
+        return None if row is None or not row[0] else int(row[0])
 
     def record_heldout_windows(self, ids: np.ndarray, seed: int, requested: int, n_windows: int) -> dict[str, Any]:
         """Stores the held-out window ids unless some are stored already; returns the stored ones
