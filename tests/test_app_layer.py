@@ -256,3 +256,25 @@ def test_a_damaged_workspace_under_search_is_data_loss_not_a_bad_request(tmp_pat
         with pytest.raises(N2GError) as e:
             c.search([(1, "either")])
     assert e.value.code == grpc.StatusCode.DATA_LOSS and "malformed" in e.value.message
+
+
+def test_what_the_model_cannot_read_is_refused_before_any_work(pair, tmp_path):
+    """The native model reads 256 tokens (n_ctx): longer corpus windows were stored, then failed the
+    scan and poisoned the workspace; a longer sequence for true activations was an INTERNAL error.
+    A config_json window length other than the stored one failed in the job."""
+    from n2g.local import LocalN2GClient
+
+    local, _ = pair
+    with LocalN2GClient(tmp_path / "new", model=NATIVE_MODEL, device="cpu", create=True) as c:
+        with pytest.raises(N2GError) as e:
+            c.plan_build([0], [1], window_tokens=300)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "model reads (n_ctx 256)" in e.value.message
+    with LocalN2GClient(local, device="cpu") as c:
+        key = c.list_graphs()[0].key
+        with pytest.raises(N2GError) as e:
+            c.activations([key], token_ids=[[1, 2, 3], list(range(1, 301))])
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "sequence 1 is 300 tokens long" in e.value.message
+        assert c.activations([key], token_ids=[list(range(1, 257))]).values[0].shape == (1, 256)
+        with pytest.raises(N2GError) as e:
+            c.plan_build([0], [1], config={"scan": {"window_tokens": 48}})
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "windows of 32 tokens, not 48" in e.value.message

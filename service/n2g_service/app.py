@@ -617,10 +617,13 @@ class N2GApp:
                 scan=ScanConfig.from_dict(scan_d), fit=fit_cfg, eval=eval_cfg, **run)
             req.validate(model.n_layers, model.d_mlp)
             model.token_id_for(req.fit.mask_token)  # e.g. "id:N" past the vocabulary fails now, not in the job
+            if stored_len is not None and req.scan.window_tokens != stored_len:  # asked in config_json
+                raise ValueError(f"this workspace holds corpus windows of {stored_len} tokens, not "
+                                 f"{req.scan.window_tokens}; leave scan.window_tokens unset or use another workspace")
         except (ValueError, TypeError) as e:
             raise invalid(str(e)) from None
         self._check_operator_settings(req.ray_address, req.fit.mlm_name)
-        self._check_bounds(req, model.n_layers)
+        self._check_bounds(req, model)
         return req
 
     def _check_operator_settings(self, ray_address: str | None, mlm_name: str | None) -> None:
@@ -637,12 +640,16 @@ class N2GApp:
             raise N2GError(C.PERMISSION_DENIED, "this server loads no model a request names (fit.mlm_name): leave it "
                                                 "unset, or build with the mlm proposer locally (n2g build --workspace)")
 
-    def _check_bounds(self, req, n_layers: int) -> None:
-        """Sizes that would exhaust the machine, refused before any work (also for stored jobs)."""
+    def _check_bounds(self, req, model) -> None:
+        """Sizes that would exhaust the machine or that the model cannot read, refused before any
+        work (also for stored jobs)."""
         if req.scan.k > MAX_K or req.scan.window_tokens > MAX_WINDOW_TOKENS or req.group_size > MAX_GROUP_SIZE:
             raise too_big(f"scan.k must be at most {MAX_K}, scan.window_tokens at most {MAX_WINDOW_TOKENS} and "
                           f"group_size at most {MAX_GROUP_SIZE}")
-        layers = req.resolved_layers(n_layers)
+        if model.n_ctx and req.scan.window_tokens > model.n_ctx:
+            raise invalid(f"scan.window_tokens {req.scan.window_tokens} is longer than the model reads (n_ctx "
+                          f"{model.n_ctx}): ask at most {model.n_ctx}")
+        layers = req.resolved_layers(model.n_layers)
         planned = len(layers) * (len(set(req.neurons)) if req.neurons else req.sample)
         if self.limits.max_build_neurons and planned > self.limits.max_build_neurons:
             raise too_big(f"the build plans {planned} neurons; the limit per job is {self.limits.max_build_neurons}")
@@ -657,7 +664,7 @@ class N2GApp:
         try:
             # stored by an older n2g, or under another --ray-address: the same rules as a new request
             self._check_operator_settings(req.ray_address, req.fit.mlm_name)
-            self._check_bounds(req, model.n_layers)
+            self._check_bounds(req, model)
         except N2GError as e:
             raise ValueError(e.message) from None
 
@@ -833,10 +840,14 @@ class N2GApp:
                     deadline: Deadline = NO_DEADLINE) -> T.Activations:
         from .activations import ActivationRunner
 
-        self.host.get()
+        n_ctx = self.host.get().n_ctx
         keys = self._keys(neurons, built=False)
         seqs, labels = self._inputs(texts, token_ids, skip_bos, labels=True)
         self._cost(len(keys), seqs)
+        longest = max(range(len(seqs)), key=lambda i: len(seqs[i]))
+        if n_ctx and len(seqs[longest]) > n_ctx:
+            raise invalid(f"sequence {longest} is {len(seqs[longest])} tokens long; the model reads at most {n_ctx} "
+                          f"(n_ctx): cut it or split it")
         scan_max = np.array([self._scan_max(l, n) for l, n in keys], dtype=np.float32)
         if normalise and np.isnan(scan_max).any():
             l, n = keys[int(np.flatnonzero(np.isnan(scan_max))[0])]

@@ -72,6 +72,12 @@ class LoadedModel:
     _special_ids: frozenset[int] | None = field(default=None, repr=False, compare=False)
     _unit_embed: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
+    @property
+    def n_ctx(self) -> int | None:
+        """The longest token sequence the model reads (None where its config states none)."""
+        n = getattr(getattr(self.bridge, "cfg", None), "n_ctx", None)
+        return int(n) if isinstance(n, int) and n > 0 else None
+
     # ---- hooks -------------------------------------------------------------------------------
     def hook_name(self, layer: int) -> str:
         """Full hook name of the neurons of ``layer`` (e.g. ``blocks.3.mlp.hook_post``)."""
