@@ -138,3 +138,36 @@ def test_a_rebuild_with_other_fit_settings_is_refused_not_mixed(native_model, na
     again = BuildRequest(**dict(small, neurons=[5, 9, 12]),
                          fit=dataclasses.replace(preset("paper"), batch_tokens=1024))
     assert run_build(ws, native_model, again) == [(0, 5), (0, 9), (0, 12)]
+
+
+def test_a_cancel_is_kept_when_the_server_stops_before_the_job_does(native_model, native_windows, tmp_path):
+    """A cancelled running job was only told in memory: a server stopped (or killed) before the
+    neuron group ended stored it `queued` (or left it `running`) and the next start finished it."""
+    import threading
+
+    from n2g_service.jobqueue import JobQueue
+
+    ws = Workspace(tmp_path / "ws", create=True, model=native_model.name, corpus="fortunes", hook=native_model.hook)
+    ws.save_windows(native_windows[:128])
+    req = BuildRequest(layers=[0], neurons=list(range(0, 128, 2)), group_size=8, scan=ScanConfig(**SCAN))
+    q = JobQueue(ws, lambda: native_model, threading.Lock())
+    q.start()
+    q.submit("c1", req.to_dict())
+    sub = q.subscribe("c1")
+    while not (up := sub.get(timeout=120)).event.stage == "fit" or up.event.neuron is None:
+        assert not up.final, up
+    assert q.cancel("c1").state == "cancelled"  # stored at once: a kill -9 from here on keeps it
+    q.stop()  # SIGTERM: the worker stops after its group, as on a shutdown
+    assert q.join(120)
+    job = ws.get_job("c1")
+    assert job.state == "cancelled" and 0 < job.done < job.total
+    assert JobQueue(ws, lambda: native_model, threading.Lock()).resume_pending() == []
+    # a cancel that comes after the job ended leaves its final state
+    q2 = JobQueue(ws, lambda: native_model, threading.Lock())
+    q2.start()
+    q2.submit("c2", BuildRequest(layers=[0], neurons=[1], scan=ScanConfig(**SCAN)).to_dict())
+    deadline = time.monotonic() + 120
+    while ws.get_job("c2").state != "succeeded" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert q2.cancel("c2").state == "succeeded"
+    q2.stop()

@@ -167,13 +167,17 @@ class JobQueue:
         return job
 
     def cancel(self, job_id: str) -> JobRecord:
+        """Cancels a queued or running job. The state is stored at once, also for the job running
+        here (which stops after its current neuron group): a server stopped or killed before that
+        does not resume it. A job that has just ended keeps its final state."""
         with self._lock:
             self._cancel.setdefault(job_id, threading.Event()).set()
-        job = self.ws.get_job(job_id)
-        if job is not None and job.state in ACTIVE_JOB_STATES and self.current != job_id:
-            # not running here: queued, left `running` by a crash, or running in another process
-            # (whose runner sees the state at its next neuron group and stops)
-            self.ws.update_job(job_id, state="cancelled")
+            running_here = self.current == job_id
+            job = self.ws.get_job(job_id)
+            cancelled = job is not None and self.ws.update_job(job_id, state="cancelled", only_if=ACTIVE_JOB_STATES)
+        if cancelled and not running_here:
+            # queued, left `running` by a crash, or running in another process (whose runner sees
+            # the state at its next neuron group and stops); the runner here reports its own end
             self._publish(job_id, BuildEvent("cancelled", job.done, job.total, "cancelled"))
         return self.ws.get_job(job_id)
 
@@ -269,7 +273,8 @@ class JobQueue:
                       model_lock=self._model_lock)
         except BuildCancelled:
             self._on_commit()
-            if self._stopping:  # a clean shutdown: queued again, it resumes on restart
+            if self._stopping and self.ws.get_job(job_id).state != "cancelled":
+                # a clean shutdown, not a user's cancel: queued again, it resumes on restart
                 self.ws.update_job(job_id, state="queued")
                 return
             self.ws.update_job(job_id, state="cancelled")

@@ -1182,7 +1182,9 @@ class Workspace:
 
     def update_job(self, job_id: str, *, state: str | None = None, total: int | None = None,
                    done: int | None = None, error: str | None = None, stage: str | None = None,
-                   stalls: int | None = None) -> None:
+                   stalls: int | None = None, only_if: Collection[str] | None = None) -> bool:
+        """Sets the given fields; with `only_if`, only while the job is in one of those states (one
+        statement, so a job that just ended is not changed). Whether the job was changed."""
         if state is not None and state not in JOB_STATES:
             raise ValueError(f"unknown job state {state!r}")
         sets, args = ["updated_at = ?"], [time.time()]
@@ -1191,8 +1193,10 @@ class Workspace:
             if val is not None:
                 sets.append(f"{col} = ?")
                 args.append(val)
+        where = " AND state IN ({})".format(", ".join("?" * len(only_if))) if only_if else ""
         with self.transaction() as c:
-            c.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*args, job_id))
+            cur = c.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?{where}", (*args, job_id, *(only_if or ())))
+            return cur.rowcount > 0
 
     def start_job(self, job_id: str) -> JobRecord | None:
         """Marks a queued (or resumed) job running and counts the attempt: `start_done` keeps
