@@ -278,3 +278,41 @@ def test_what_the_model_cannot_read_is_refused_before_any_work(pair, tmp_path):
         with pytest.raises(N2GError) as e:
             c.plan_build([0], [1], config={"scan": {"window_tokens": 48}})
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "windows of 32 tokens, not 48" in e.value.message
+
+
+def test_a_reader_during_a_graph_index_update_waits_for_it(tmp_path, monkeypatch):
+    """The index marked itself fresh before its update had finished: a call arriving meanwhile (an
+    evaluation right after a build's last commit) answered from the graphs before it."""
+    import threading
+    import time
+
+    import n2g_fast
+
+    from n2g_service.graphs import GraphIndex
+    from n2g_service.workspace import NeuronRecord, Workspace
+
+    def record(n: int) -> NeuronRecord:
+        g = n2g_fast.NeuronGraph("m", 0, n, "h", 2.0)
+        g.add_path(("cat", [7], 1.0), [], 1.0)
+        return NeuronRecord(0, n, 2.0, g.to_bytes(), {}, {}, {})
+
+    ws = Workspace(tmp_path / "ws", create=True, model="m")
+    for n in (0, 1):
+        ws.put_neuron(record(n))
+    index = GraphIndex(ws, refresh_interval=60)
+    assert index.keys() == {(0, 0), (0, 1)}
+    for n in (2, 3, 4):
+        ws.put_neuron(record(n))
+    index.invalidate()
+    rows = ws.graph_rows
+
+    def slow_rows(keys):
+        time.sleep(0.5)  # an update of many graphs
+        yield from rows(keys)
+
+    monkeypatch.setattr(ws, "graph_rows", slow_rows)
+    first = threading.Thread(target=index.keys)
+    first.start()
+    time.sleep(0.1)  # the first reader is inside the update
+    assert index.keys() == {(0, n) for n in range(5)}
+    first.join()

@@ -89,7 +89,9 @@ class GraphIndex:
         return self.ws.neurons_version()
 
     def _fresh(self):
-        if not self._dirty and time.monotonic() - self._checked_at < self.refresh_interval:
+        # The fast path only while no update runs: a reader during one waits for it, or it would
+        # answer from the graphs before it (e.g. an evaluation right after a build's last commit).
+        if not self._dirty and time.monotonic() - self._checked_at < self.refresh_interval and not self._lock.locked():
             return self._store
         with self._lock:
             if not self._dirty and time.monotonic() - self._checked_at < self.refresh_interval:
