@@ -305,3 +305,34 @@ def test_async_client(server, ws):
     info, pred, jobs, pairs, err = asyncio.run(go())
     assert info.loaded and pred.values[0].shape == (1, 3) and isinstance(jobs, list)
     assert err.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_identical_start_builds_at_once_get_one_job(server, client):
+    """The job id was looked up, then stored: of 8 identical calls at once (a client's retries),
+    some got ALREADY_EXISTS."""
+    import threading
+
+    from n2g_service.workspace import Workspace
+
+    built = {n for l, n in Workspace(server.workspace).built_keys() if l == 0}
+    todo = [n for n in range(127, 0, -1) if n not in built][:5]
+    answers: dict[str, list] = {f"same-{n}": [] for n in todo}
+    gate = threading.Barrier(8)
+
+    def call(job_id: str, neuron: int):
+        with N2GClient(server.address, retries=0) as c:
+            gate.wait()
+            try:
+                answers[job_id].append(c.start_build([0], [neuron], job_id=job_id).id)
+            except N2GError as e:
+                answers[job_id].append(e.code.name)
+
+    for n in todo:
+        threads = [threading.Thread(target=call, args=(f"same-{n}", n)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert answers == {job_id: [job_id] * 8 for job_id in answers}
+    for job_id in answers:
+        assert client.wait_job(job_id, timeout=120).state == "succeeded"

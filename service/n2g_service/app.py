@@ -287,6 +287,7 @@ class N2GApp:
         self.jobs = JobQueue(ws, host.get, host.lock, on_commit=self.graphs.invalidate,
                              check_request=self._check_stored_request)
         self._report_lock = threading.Lock()
+        self._submit_lock = threading.Lock()  # a job id is looked up and stored as one step
         self._shape: tuple[int, int, int] | None = None
         # Long-lived streams (watching a job, pairs, export, report) each hold a server thread:
         # past this many at once, new ones are refused so short calls always find a thread.
@@ -683,15 +684,16 @@ class N2GApp:
                                  config_json, executor, ray_address, workers, precision, shard_windows,
                                  worker_threads)
         job_id = job_id or new_job_id()
-        existing = self.ws.get_job(job_id)
-        if existing is not None:
-            if existing.request == json.loads(json.dumps(req.to_dict(), sort_keys=True)):
-                return _job(existing)  # a retried call: the same job
-            raise invalid(f"job id {job_id!r} already names another build request; pick a new id")
-        try:
-            return _job(self.jobs.submit(job_id, req.to_dict()))
-        except OSError as e:  # e.g. a full disk while storing the job
-            raise N2GError(C.UNAVAILABLE, f"could not store the job: {e}") from None
+        with self._submit_lock:  # identical calls at once (a client's retries) get one job
+            existing = self.ws.get_job(job_id)
+            if existing is not None:
+                if existing.request == json.loads(json.dumps(req.to_dict(), sort_keys=True)):
+                    return _job(existing)  # a retried call: the same job
+                raise invalid(f"job id {job_id!r} already names another build request; pick a new id")
+            try:
+                return _job(self.jobs.submit(job_id, req.to_dict()))
+            except OSError as e:  # e.g. a full disk while storing the job
+                raise N2GError(C.UNAVAILABLE, f"could not store the job: {e}") from None
 
     @_computation("a build plan")  # a plan of many layers takes seconds under the model lock
     def plan_build(self, layers: Sequence[int] = (), layer_spec: str | None = None,
