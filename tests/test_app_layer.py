@@ -316,3 +316,29 @@ def test_a_reader_during_a_graph_index_update_waits_for_it(tmp_path, monkeypatch
     time.sleep(0.1)  # the first reader is inside the update
     assert index.keys() == {(0, n) for n in range(5)}
     first.join()
+
+
+def test_a_report_whose_caller_has_gone_is_not_built(pair, monkeypatch):
+    """Calls with a 10 ms deadline queued behind a report each built a whole report afterwards,
+    holding a stream slot all along."""
+    import threading
+    import time
+
+    import n2g_service.app as app_module
+    from n2g_service.app import Deadline, N2GApp, open_workspace
+
+    local, _ = pair
+    ws, host = open_workspace(local, no_model=True)
+    app = N2GApp(ws, host)
+    built = []
+    monkeypatch.setattr(app_module, "report_zip", lambda path: built.append(path) or b"zip")
+    app._report_lock.acquire()  # a report is being built
+    got: list = []
+    t = threading.Thread(target=lambda: got.extend(app.report(deadline=Deadline.after(0.3))))
+    t.start()
+    time.sleep(0.8)
+    app._report_lock.release()
+    t.join(5)
+    assert not t.is_alive() and got == [] and built == []
+    assert [c.data for c in app.report()] == [b"zip"] and len(built) == 1  # a caller that waits gets it
+    app.close()

@@ -1039,8 +1039,17 @@ class N2GApp:
         chunk = max(1024, min(REPORT_CHUNK, limit - 1024)) if limit else REPORT_CHUNK
 
         def pieces():
-            with self._report_lock:
+            # one report at a time; a caller that has gone while it waited builds none (it would
+            # hold a stream slot for the whole build of a report nobody reads)
+            while not self._report_lock.acquire(timeout=0.25):
+                if not deadline.active():
+                    return
+            try:
+                if not deadline.active():
+                    return
                 data = report_zip(self.ws.path)
+            finally:
+                self._report_lock.release()
             for i in range(0, max(len(data), 1), chunk):
                 if not deadline.active():
                     return
