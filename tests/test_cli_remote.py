@@ -153,6 +153,12 @@ def test_output_paths_and_settings_errors_are_one_line(capsys, setup, tmp_path):
     assert code == 2 and "--sample must be at least 1" in err
     code, _, err = run(capsys, "serve", "--workspace", str(ws), "--no-model", "--port", "99999")
     assert code == 2 and "--port must be from 0 to 65535" in err
+    # streams and long computations must leave RPC threads for the short calls
+    code, _, err = run(capsys, "serve", "--workspace", str(ws), "--no-model", "--port", "0", "--max-workers", "32",
+                       "--max-streams", "200")
+    assert code == 2 and "would leave no RPC thread of --max-workers 32" in err and "at most 15 streams" in err
+    code, _, err = run(capsys, "serve", "--workspace", str(ws), "--no-model", "--port", "0", "--max-workers", "1")
+    assert code == 2 and "give --max-workers 3 or more" in err
     code, _, err = run(capsys, "build", "--workspace", str(tmp_path / "w1"), "--model", "native:0", "--layers", "0",
                        "--sample", "1", "--device", "bogus")
     assert code == 2 and "unknown device 'bogus'" in err and "Traceback" not in err

@@ -982,6 +982,7 @@ class N2GApp:
         shown = found[:limit] if limit else found
         return T.InContextResult([T.InContextNeuron(x.key, x.shared, x.fraction) for x in shown], len(found))
 
+    @_computation("finding similar neurons")  # waits on a heavy-work thread: it holds an RPC thread as long
     def similar(self, layer: int | None, neuron: int | None, threshold: float | None = None, k: int | None = None,
                 *, deadline: Deadline = NO_DEADLINE) -> T.Similar:
         key = self._built_key(layer, neuron)

@@ -238,6 +238,14 @@ def serve(workspace: str | Path, model: str | None = None, *, no_model: bool = F
         raise ValueError("TLS needs both --tls-cert and --tls-key")
     if not 0 <= port <= 65535:  # grpc would wrap it (99999 -> 34463)
         raise ValueError(f"--port must be from 0 to 65535 (0 picks a free one), got {port}")
+    # A quarter of the RPC threads for streams, half for long computations: what is left is for the
+    # short calls, which must always find a thread.
+    streams, computations = max_streams or max(1, max_workers // 4), max(1, max_workers // 2)
+    if streams < 1 or streams + computations >= max_workers:
+        raise ValueError(f"--max-streams {streams} and {computations} long computations (half of --max-workers) "
+                         f"would leave no RPC thread of --max-workers {max_workers} for short calls: "
+                         + (f"give at most {max_workers - computations - 1} streams" if max_workers - computations > 1
+                            else "give --max-workers 3 or more"))
     creds = _server_credentials(tls_cert, tls_key) if tls_cert is not None else None
 
     # A signal while starting (loading the model can take minutes) stops the start-up at once;
@@ -260,10 +268,8 @@ def serve(workspace: str | Path, model: str | None = None, *, no_model: bool = F
         ws, model_host = open_workspace(workspace, model=model, no_model=no_model, corpus=corpus, device=device,
                                         hook=hook, create=not no_model, writer=None if no_model else "n2g serve",
                                         load_now=not no_model)
-        # a quarter of the RPC threads for streams, half for long computations: short calls always find one
-        app = N2GApp(ws, model_host, limits, max_streams=max_streams or max(1, max_workers // 4),
-                     max_computations=max(1, max_workers // 2), ray_address=ray_address or None,
-                     trusted_caller=False)
+        app = N2GApp(ws, model_host, limits, max_streams=streams, max_computations=computations,
+                     ray_address=ray_address or None, trusted_caller=False)
         if model_host.loaded:
             m = model_host.get()
             log.info("model %s loaded on %s in %.1f s (%d layers x %d neurons, hook %s)", model_host.name, m.device,
