@@ -214,3 +214,33 @@ def test_a_corpus_too_short_for_one_window_fails_in_one_line_and_leaves_the_work
 
     w = Workspace(ws, mode="read")
     assert w.built_keys() == [(0, 1)] and w.corpus == str(good) and w.window_count() > 0
+
+
+def test_jobs_cancel_on_a_workspace_no_process_runs(capsys, tmp_path):
+    """A job a killed server left queued or running could not be cancelled locally (the command
+    opened the workspace read-only): starting a server, which resumes it, was the only way."""
+    from n2g_service.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws", create=True, model="native:0", corpus="fortunes", hook="mlp.hook_post")
+    for job_id, state in (("left-queued", "queued"), ("left-running", "running")):
+        ws.create_job(job_id, {"layers": [0], "neurons": [1]}, 1)
+        ws.update_job(job_id, state=state)
+    ws.close()
+    for job_id in ("left-queued", "left-running"):
+        code, out, err = run(capsys, "jobs", "cancel", job_id, "--workspace", str(tmp_path / "ws"))
+        assert code == 0, err
+    assert {j.id: j.state for j in Workspace(tmp_path / "ws", mode="read").list_jobs()} == {
+        "left-queued": "cancelled", "left-running": "cancelled"}
+    # while another process writes the workspace, the command says who (it does not wait or break it)
+    holder = Workspace(tmp_path / "ws", create=True)
+    holder.create_job("busy", {"layers": [0], "neurons": [1]}, 1)
+    import subprocess
+    import sys
+
+    from n2g_servers import env
+
+    p = subprocess.run([sys.executable, "-m", "n2g.cli", "jobs", "cancel", "busy", "--workspace", str(tmp_path / "ws")],
+                       capture_output=True, text=True, env=env(), timeout=120)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "writer" in p.stderr.lower(), p.stderr
+    assert holder.get_job("busy").state == "queued"
+    holder.close()

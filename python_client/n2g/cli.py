@@ -95,7 +95,7 @@ def _add_conn(p: argparse.ArgumentParser, *, workspace_required: bool = False) -
     p.add_argument("--json", action="store_true", help="machine-readable JSON output")
 
 
-def _client(args, *, needs_model: bool = True, create: bool = False):
+def _client(args, *, needs_model: bool = True, create: bool = False, writes: bool = False):
     """The client every command uses: over the network (--server) or on a local workspace
     (--workspace), the same API and the same application layer below either."""
     if args.workspace is not None and args.server:
@@ -117,7 +117,7 @@ def _client(args, *, needs_model: bool = True, create: bool = False):
 
     return LocalN2GClient(args.workspace, model=getattr(args, "model", None), corpus=getattr(args, "corpus", None),
                           no_model=not needs_model, create=create, device=getattr(args, "device", None),
-                          timeout=args.timeout)
+                          timeout=args.timeout, writes=writes)
 
 
 def _neurons(specs: Sequence[str]) -> list[tuple[int, int]]:
@@ -421,7 +421,7 @@ def _job_row(j) -> tuple:
 def _cmd_jobs(args) -> int:
     if args.action != "list" and not args.job_id:
         raise CliError(f"jobs {args.action} needs a job id")
-    with _client(args, needs_model=False) as c:
+    with _client(args, needs_model=False, writes=args.action == "cancel") as c:
         if args.action == "list":
             jobs = c.list_jobs(args.state, limit=args.limit)
             if args.json:

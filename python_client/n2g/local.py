@@ -18,11 +18,12 @@ from .client import _Api, _checked_text
 class LocalN2GClient(_Api):
     """The client API over a local workspace. `model` names the model (default: the workspace's);
     `create=True` makes a new workspace (with `corpus`); `no_model=True` never loads one (model
-    calls answer FAILED_PRECONDITION)."""
+    calls answer FAILED_PRECONDITION); with `no_model`, `writes=True` still takes the writer lock
+    when it writes (e.g. cancelling a job no process runs)."""
 
     def __init__(self, workspace: str | os.PathLike, *, model: str | None = None, corpus: str | None = None,
                  device: str | None = None, no_model: bool = False, create: bool = False,
-                 timeout: float | None = None):
+                 timeout: float | None = None, writes: bool = False):
         from n2g_service.app import N2GApp, open_workspace
 
         self.target = f"local:{workspace}"
@@ -30,7 +31,7 @@ class LocalN2GClient(_Api):
         # a build (create=True) is the workspace's writer: it takes the lock at once; other
         # commands read, and take it only if they must write (e.g. evaluation's stored activations)
         ws, host = open_workspace(workspace, model=model, no_model=no_model, corpus=corpus, device=device,
-                                  create=create, writer="n2g build" if create else None)
+                                  create=create, writer="n2g build" if create else None, writes=writes)
         self.app = N2GApp(ws, host)
         if create:
             self.app.record_shape()

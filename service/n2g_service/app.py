@@ -205,11 +205,13 @@ class ModelHost:
 
 def open_workspace(path: str | Path, *, model: str | None = None, no_model: bool = False, corpus: str | None = None,
                    device: str | None = None, hook: str | None = None, create: bool = False,
-                   writer: str | None = None, load_now: bool = False) -> tuple[Workspace, ModelHost]:
+                   writer: str | None = None, load_now: bool = False,
+                   writes: bool = False) -> tuple[Workspace, ModelHost]:
     """The workspace at `path` and the host of its model (loaded lazily unless `load_now`).
 
     The model is `model`, else the workspace's, else the default; `create` makes a new workspace
-    (recording model, corpus and hook). `no_model` never loads one and only reads. `writer` (what
+    (recording model, corpus and hook). `no_model` never loads one and only reads, unless `writes`
+    (then it takes the writer lock at its first write, e.g. to cancel a job). `writer` (what
     the process does, e.g. "n2g serve") takes the workspace's one writer lock at once, so a second
     writer is refused before it loads anything; otherwise the lock is taken at the first write."""
     from .corpus import canonical_spec
@@ -219,7 +221,7 @@ def open_workspace(path: str | Path, *, model: str | None = None, no_model: bool
     exists = Workspace.exists(path)
     if not exists and (no_model or not create):
         raise WorkspaceError(f"no workspace at {path}; build one first with `n2g build --workspace {path}`")
-    mode = "read" if no_model else ("write" if writer else "auto")
+    mode = "read" if no_model and not writes else ("write" if writer else "auto")
     ws = Workspace(path, mode=mode, purpose=writer) if exists else None
     if no_model:
         return ws, ModelHost(ws.model_name, None)
