@@ -244,3 +244,19 @@ def test_jobs_cancel_on_a_workspace_no_process_runs(capsys, tmp_path):
     assert p.returncode != 0 and "Traceback" not in p.stderr and "writer" in p.stderr.lower(), p.stderr
     assert holder.get_job("busy").state == "queued"
     holder.close()
+
+
+def test_watching_a_job_no_process_runs_says_so(tmp_path):
+    """A reader's WatchJob on a job whose server was killed sent one `running` event, then nothing
+    until the caller's deadline."""
+    from n2g.local import LocalN2GClient
+    from n2g_service.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws", create=True, model="native:0", corpus="fortunes", hook="mlp.hook_post")
+    ws.create_job("orphan", {"layers": [0], "neurons": [1]}, 1)
+    ws.update_job("orphan", state="running")
+    ws.close()
+    with LocalN2GClient(tmp_path / "ws", no_model=True) as c:
+        events = list(c.watch_job("orphan", timeout=2.5))
+    assert [e.job.state for e in events] == ["running", "running"]
+    assert "no process is running this job" in events[1].message

@@ -767,6 +767,7 @@ class N2GApp:
             if job.state in vocab.JOB_FINAL:
                 return
             last_done = job.done
+            orphan_said = False
             while deadline.active():
                 try:
                     up = q.get(timeout=0.5)
@@ -782,6 +783,14 @@ class N2GApp:
                         last_done = now.done
                         yield T.JobEvent(_job(now), "fit", now.done, now.total,
                                          f"{now.done}/{now.total} neurons committed", None, 0.0)
+                    # no writer anywhere (its server or build died): say so once, rather than look
+                    # like a job that is merely slow; it resumes when a writer opens the workspace
+                    orphaned = self.jobs.current != job.id and self.ws.writer_holder() is None
+                    if orphaned and not orphan_said:
+                        yield T.JobEvent(_job(now), "state", now.done, now.total,
+                                         "no process is running this job (its server or build stopped): it resumes "
+                                         "when `n2g serve` with the model opens the workspace", None, 0.0)
+                    orphan_said = orphaned
                     continue
                 last_done = up.job.done
                 b = up.event
