@@ -25,6 +25,11 @@ GRAPH_SCHEMA: str  # "n2g.graph/v1"
 
 class N2GError(ValueError): ...
 
+def visible(label: str) -> str:
+    """`label` as the drawings and the report show tokens: space '·', newline '⏎', CR '␍', tab
+    '⇥', other invisible characters (Unicode Cc Cf Cs Co Cn Zl Zp Zs, and letters that draw blank
+    such as U+3164) as \\xNN / U+XXXX, empty as '∅'."""
+
 class TopK:
     """Per-neuron top-k accumulator for the dataset scan (n2g-method.md section 1).
 

@@ -144,6 +144,16 @@ def test_report_unzip_and_stream_are_bounded(tmp_path, monkeypatch):
         client._unzip(bomb, tmp_path / "out")
     # refused while unpacking: nothing of it is left (files are written whole or not at all)
     assert not (tmp_path / "out" / "index.html").exists() and not list((tmp_path / "out").iterdir())
+    # an archive of many empty files (inodes, not bytes) is refused before anything is written
+    monkeypatch.setattr(client, "MAX_REPORT_FILES", 50)
+    with pytest.raises(ValueError, match="holds 60 files, past 50"):
+        client._unzip(_zip({f"neurons/{i}.html": b"" for i in range(59)} | {"index.html": b"x"}), tmp_path / "many")
+    assert not (tmp_path / "many" / "neurons").exists()
+    # the front page is written last whatever its name in the archive says
+    order = []
+    monkeypatch.setattr(client, "write_file", lambda target, blocks: order.append(Path(target).name) or list(blocks))
+    client._unzip(_zip({"./index.html": b"i", "neurons/0_1.html": b"p"}), tmp_path / "front")
+    assert order == ["0_1.html", "index.html"]
     monkeypatch.setattr(client, "MAX_REPORT_BYTES", 10)
     sink = client._ReportSink()
     sink.add(b"12345")

@@ -104,6 +104,9 @@ def test_errors_are_one_line(capsys, setup):
     assert code == 2 and "both LAYER and NEURON" in err
     code, out, err = run(capsys, "predict", "--neurons", "0-1", "--tokens", "1", "--server", addr)
     assert code == 2 and "LAYER:NEURON" in err
+    for spec in ("\u0660:\u0661", "0:1_0", "0:-1", "0:"):  # Arabic-Indic digits and 1_0 were read as 0:1, 0:10
+        code, out, err = run(capsys, "predict", "--neurons", spec, "--tokens", "1", "--server", addr)
+        assert code == 2 and "bad neuron" in err and "LAYER:NEURON" in err, (spec, err)
     code, out, err = run(capsys, "tokenize", "the cat", "--server", addr)
     assert code == 1 and "FAILED_PRECONDITION" in err
     code, out, err = run(capsys, "eval", "--workspace", str(ws / "missing"))
@@ -260,3 +263,19 @@ def test_watching_a_job_no_process_runs_says_so(tmp_path):
         events = list(c.watch_job("orphan", timeout=2.5))
     assert [e.job.state for e in events] == ["running", "running"]
     assert "no process is running this job" in events[1].message
+
+
+def test_terminal_controls_in_workspace_or_server_strings_are_shown_not_obeyed(capsys, setup, tmp_path):
+    """A model name, corpus or error message holding ESC sequences set the terminal's title and
+    cleared its screen when printed."""
+    from n2g_service.workspace import Workspace
+
+    evil = "m\x1b]0;OWNED\x07\x1b[2J\u202e"
+    ws = Workspace(tmp_path / "ws", create=True, model=evil, corpus=f"c{evil}", hook=f"h{evil}")
+    ws.close()
+    code, out, err = run(capsys, "info", "--workspace", str(tmp_path / "ws"))
+    assert code == 0, err
+    assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
+    assert "m\\x1b]0;OWNED\\x07\\x1b[2J\\u202e" in out  # shown, as codes
+    code, out, err = run(capsys, "graph", "0", "1", "--workspace", str(tmp_path / "ws" / f"x{evil}"))
+    assert code == 2 and "\x1b" not in err and "\\x1b" in err

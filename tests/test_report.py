@@ -103,6 +103,13 @@ def test_visible_tokens():
     assert visible_text("naïve 日本語") == "naïve·日本語"
     assert visible_text("") == "∅"
     assert [k for k, _ in visible_segments("a\tb")] == ["", "ws", ""]
+    # the report and the drawings agree on every character: letters that draw blank, and characters
+    # Python's Unicode tables (older than n2g_fast's) call unassigned
+    for text in ("\u3164\u115f\u1160\uffa0\u2800\u034f", "\U0001fa75\U0001f6dc\u0cf3\U00011f00\U0002b739",
+                 "a\x00b\u202e c\u2028"):
+        assert visible_text(text) == n2g_fast.visible(text), text
+    assert visible_text("\u3164") == "U+3164" and visible_text("\U0001fa75") == "\U0001fa75"
+    assert visible_text("\ud800") == "U+D800"  # a lone surrogate (n2g_fast takes none) is a code too
 
 
 def test_trajectory_formats():

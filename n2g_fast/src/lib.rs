@@ -28,5 +28,6 @@ fn n2g_fast(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<bindings::topk::PyTopK>()?;
     m.add_class::<bindings::graph::PyNeuronGraph>()?;
     m.add_class::<bindings::store::PyGraphStore>()?;
+    m.add_function(wrap_pyfunction!(bindings::graph::visible, m)?)?;
     Ok(())
 }

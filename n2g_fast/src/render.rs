@@ -105,10 +105,9 @@ pub fn dag(g: &NeuronGraph) -> Dag {
 /// The label made visible, as the report's token display does it (one convention for the
 /// project): space '·', newline '⏎', carriage return '␍', tab '⇥'; every other character of
 /// Unicode category Cc, Cf, Cs, Co, Cn, Zl, Zp or Zs (controls, zero-width and direction marks,
-/// BOM, non-characters, other spaces and separators) as its code, `\xNN` below U+0100 and
-/// `U+XXXX` above; the empty label as '∅'.
+/// BOM, non-characters, other spaces and separators) and the blank glyphs of [`BLANK_GLYPHS`] as
+/// its code, `\xNN` below U+0100 and `U+XXXX` above; the empty label as '∅'.
 pub fn visible(label: &str) -> String {
-    use unicode_general_category::{get_general_category, GeneralCategory as C};
     if label.is_empty() {
         return "∅".to_owned();
     }
@@ -119,23 +118,36 @@ pub fn visible(label: &str) -> String {
             '\n' => out.push('⏎'),
             '\r' => out.push('␍'),
             '\t' => out.push('⇥'),
-            c => match get_general_category(c) {
-                C::Control
+            c if invisible(c) => {
+                let cp = c as u32;
+                let _ = if cp < 0x100 { write!(out, "\\x{cp:02x}") } else { write!(out, "U+{cp:04X}") };
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Letters and symbols that draw as blank space although their category says otherwise: the
+/// combining grapheme joiner, the Hangul fillers and the blank Braille pattern.
+const BLANK_GLYPHS: [char; 6] = ['\u{034F}', '\u{115F}', '\u{1160}', '\u{3164}', '\u{FFA0}', '\u{2800}'];
+
+/// Whether `c` is shown as its code (see [`visible`]); the report asks this too, so the HTML and
+/// the drawings agree on every character (one Unicode version: this crate's).
+pub fn invisible(c: char) -> bool {
+    use unicode_general_category::{get_general_category, GeneralCategory as C};
+    BLANK_GLYPHS.contains(&c)
+        || matches!(
+            get_general_category(c),
+            C::Control
                 | C::Format
                 | C::Surrogate
                 | C::PrivateUse
                 | C::Unassigned
                 | C::LineSeparator
                 | C::ParagraphSeparator
-                | C::SpaceSeparator => {
-                    let cp = c as u32;
-                    let _ = if cp < 0x100 { write!(out, "\\x{cp:02x}") } else { write!(out, "U+{cp:04X}") };
-                }
-                _ => out.push(c),
-            },
-        }
-    }
-    out
+                | C::SpaceSeparator
+        )
 }
 
 fn dot_escape(s: &str) -> String {
@@ -420,6 +432,7 @@ mod tests {
         assert_eq!(visible("\u{200b}\u{a0}\u{202e}\u{feff}\u{85}\u{2028}\u{fffe}\u{ffff}\u{7f}\u{0}"), "U+200B\\xa0U+202EU+FEFF\\x85U+2028U+FFFEU+FFFF\\x7f\\x00");
         assert_eq!(visible("é日"), "é日");
         assert_eq!(visible(""), "∅");
+        assert_eq!(visible("a\u{3164}\u{2800}\u{34f}"), "aU+3164U+2800U+034F"); // blank although letters
     }
 
     #[test]

@@ -31,6 +31,25 @@ class CliError(Exception):
 # ---------------------------------------------------------------------------------------------
 # Output helpers
 
+# Characters a terminal acts on rather than shows: controls (ESC starts sequences that set the
+# title, clear the screen, ...; newline and tab excepted), line separators and bidi controls.
+_TERMINAL_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)] if c not in (0x09, 0x0a)}
+_TERMINAL_CONTROLS.update({c: f"\\u{c:04x}" for c in (0x061c, 0x200e, 0x200f, 0x2028, 0x2029, *range(0x202a, 0x202f),
+                                                       *range(0x2066, 0x206a))})
+
+
+def _shown(text: Any) -> str:
+    """`text` safe to print: strings from a workspace or a server (model and corpus names, error
+    messages, job messages) may hold terminal controls."""
+    return str(text).translate(_TERMINAL_CONTROLS)
+
+
+def print(*parts: Any, **kw: Any) -> None:  # noqa: A001 - every line this command prints is shown safely
+    import builtins
+
+    builtins.print(*(_shown(p) for p in parts), **kw)
+
+
 def _plain(obj: Any) -> Any:
     """JSON-ready copy of dataclasses, numpy arrays and tuples."""
     import numpy as np
@@ -310,7 +329,7 @@ def _progress_printer(json_mode: bool):
                 bar = bars[ev.stage] = tqdm(total=ev.total, initial=ev.done, desc=desc, unit=unit, file=sys.stderr)
             bar.total = ev.total
             bar.n = ev.done
-            bar.set_postfix_str(ev.message[-40:])
+            bar.set_postfix_str(_shown(ev.message)[-40:])
             bar.refresh()
         elif ev.stage in ("corpus", "state") or (ev.stage in _BAR_UNITS and ev.message):
             print(f"[{ev.stage}] {ev.message}", file=sys.stderr)

@@ -27,6 +27,7 @@ import asyncio
 import json as _json
 import os
 import random
+import re
 import time
 import uuid
 import zipfile
@@ -55,19 +56,17 @@ __all__ = [
 # A report archive is refused past these (a hostile server could send an endless stream or a zip bomb).
 MAX_REPORT_BYTES = 1 << 30
 MAX_REPORT_UNPACKED_BYTES = 4 << 30
+MAX_REPORT_FILES = 2_000_000  # a page and a drawing a neuron: a whole Llama-3.1-8B (458,752 neurons) fits
 
 
 def parse_neuron(spec: str | Sequence[int]) -> Key:
     """(layer, neuron) from "L:N", "L/N" or a pair."""
     if isinstance(spec, str):
-        for sep in (":", "/", ","):
-            if sep in spec:
-                a, b = spec.split(sep, 1)
-                try:
-                    return int(a), int(b)
-                except ValueError:
-                    break
-        raise ValueError(f"bad neuron {spec!r}: write LAYER:NEURON, e.g. 0:17")
+        # ASCII digits only: int() would also read "١٧" (Arabic-Indic) and "1_7" as 17
+        m = re.fullmatch(r"\s*([0-9]+)\s*[:/,]\s*([0-9]+)\s*", spec)
+        if m is None:
+            raise ValueError(f"bad neuron {spec!r}: write LAYER:NEURON, e.g. 0:17")
+        return int(m[1]), int(m[2])
     layer, neuron = spec
     return int(layer), int(neuron)
 
@@ -500,7 +499,10 @@ def _unzip(data: bytes, out_dir) -> Path:
 
     (out / "index.html").unlink(missing_ok=True)
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        infos = sorted(zf.infolist(), key=lambda i: i.filename == "index.html")
+        if len(zf.infolist()) > MAX_REPORT_FILES:  # ~93 bytes of archive an empty file: inodes, not bytes
+            raise ValueError(f"report archive holds {len(zf.infolist())} files, past {MAX_REPORT_FILES}; refused")
+        front = root / "index.html"
+        infos = sorted(zf.infolist(), key=lambda i: (root / i.filename).resolve() == front)  # ./index.html too
         for info in infos:
             if not (root / info.filename).resolve().is_relative_to(root):
                 raise ValueError(f"unsafe path in report archive: {info.filename}")

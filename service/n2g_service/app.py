@@ -57,7 +57,7 @@ MAX_NEIGHBOURS = 10_000
 MAX_PAIR_BATCH = 100_000
 MIN_PAIR_THRESHOLD = 0.25      # below, nearly every two graphs sharing a token pair up: quadratic output
 HEAVY_SLOTS = 2                # whole-store computations (all pairs) running at once
-CHARS_PER_TOKEN = 8            # texts are measured in characters before they are tokenised
+BYTES_PER_TOKEN = 8            # texts are measured in UTF-8 bytes before they are tokenised
 STOP_WAIT_S = 120              # on shutdown, how long the build worker may take to finish its group
 
 
@@ -467,15 +467,13 @@ class N2GApp:
             raise invalid(f"limit must be positive (0 = all), got {limit}")
         return limit
 
-    def _encode(self, texts: Sequence[str], skip_bos: bool) -> tuple[list[list[int]], list[list[str]]]:
+    def _encode(self, texts: Sequence[str], skip_bos: bool) -> list[list[int]]:
         self.host.get()
         with self.host.tokenizer_lock:
             model = self.host.tokenizer()
             ids = model.encode_batch(list(texts))
             prefix = [] if skip_bos else [int(model.bos_id)]
-            ids = [prefix + list(map(int, x)) for x in ids]
-            labels = [model.decode_tokens(x) for x in ids]
-        return ids, labels
+            return [prefix + list(map(int, x)) for x in ids]
 
     def _labels(self, seqs: Sequence[Sequence[int]]) -> list[list[str]]:
         if not self.host.enabled:
@@ -488,7 +486,9 @@ class N2GApp:
     def _inputs(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]], skip_bos: bool,
                 *, labels: bool) -> tuple[list[list[int]], list[list[str]]]:
         """Token-id sequences (and labels) from texts or token ids, within the limits. Texts are
-        measured in characters before they are tokenised, so an oversized request costs nothing."""
+        measured in UTF-8 bytes before they are tokenised (a character may be several tokens: an
+        emoji is 2-4 in a byte-level BPE), and labels are made only for sequences within the
+        limits, so an oversized request costs little."""
         lim = self.limits
         if texts and token_ids:
             raise invalid("give texts or token_ids, not both")
@@ -498,15 +498,14 @@ class N2GApp:
         if lim.max_texts and n > lim.max_texts:
             raise too_big(f"{n} sequences in one request; the limit is {lim.max_texts}")
         if texts:
-            longest = max(len(t) for t in texts)
-            if lim.max_tokens_per_sequence and longest > 2 * CHARS_PER_TOKEN * lim.max_tokens_per_sequence:
-                raise too_big(f"a text of {longest} characters is far past the limit of "
+            sizes = [len(t.encode("utf-8", "surrogatepass")) for t in texts]
+            if lim.max_tokens_per_sequence and max(sizes) > 2 * BYTES_PER_TOKEN * lim.max_tokens_per_sequence:
+                raise too_big(f"a text of {max(sizes)} bytes (UTF-8) is far past the limit of "
                               f"{lim.max_tokens_per_sequence} tokens per sequence")
-            chars = sum(len(t) for t in texts)
-            if lim.max_total_tokens and chars > CHARS_PER_TOKEN * lim.max_total_tokens:
-                raise too_big(f"{chars} characters of text in one request is far past the limit of "
+            if lim.max_total_tokens and sum(sizes) > BYTES_PER_TOKEN * lim.max_total_tokens:
+                raise too_big(f"{sum(sizes)} bytes of text (UTF-8) in one request is far past the limit of "
                               f"{lim.max_total_tokens} tokens per request: split it")
-            seqs, labs = self._encode(texts, skip_bos)
+            seqs = self._encode(texts, skip_bos)
         else:
             total = sum(len(s) for s in token_ids)
             if lim.max_total_tokens and total > lim.max_total_tokens:
@@ -519,7 +518,6 @@ class N2GApp:
                     rng = f"0..{d_vocab - 1}" if d_vocab is not None else "0 or more"
                     raise invalid(f"token id {bad[0]} in sequence {i} out of range: the vocabulary has ids {rng}")
                 seqs.append([int(x) for x in ids])
-            labs = self._labels(seqs) if labels else [[] for _ in seqs]
         for i, s in enumerate(seqs):
             if not s:
                 raise invalid(f"sequence {i} is empty: every text or token-id sequence needs at least one token")
@@ -529,7 +527,7 @@ class N2GApp:
         total = sum(len(s) for s in seqs)
         if lim.max_total_tokens and total > lim.max_total_tokens:
             raise too_big(f"{total} tokens in one request; the limit is {lim.max_total_tokens}")
-        return seqs, labs
+        return seqs, self._labels(seqs) if labels else [[] for _ in seqs]
 
     def _cost(self, n_neurons: int, seqs: Sequence[Sequence[int]]) -> None:
         tokens = sum(len(s) for s in seqs)

@@ -247,3 +247,11 @@ impl PyNeuronGraph {
         ))
     }
 }
+
+
+/// The label as the drawings show it (see `render::visible`): the report shows tokens the same
+/// way, so both agree on every character.
+#[pyfunction]
+pub fn visible(label: &str) -> String {
+    render::visible(label)
+}

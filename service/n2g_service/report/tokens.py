@@ -5,7 +5,6 @@ Unicode) before Jinja2's autoescape turns the result into HTML."""
 from __future__ import annotations
 
 import json
-import unicodedata
 from functools import lru_cache
 from typing import Any, Sequence
 
@@ -13,8 +12,16 @@ from markupsafe import Markup, escape
 
 # Characters drawn as a visible glyph instead of themselves.
 _GLYPHS = {" ": "·", "\n": "⏎", "\r": "␍", "\t": "⇥"}
-_INVISIBLE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"}
 EMPTY_TOKEN = "∅"
+
+
+@lru_cache(maxsize=1 << 16)
+def _invisible(ch: str) -> bool:
+    """Whether the character is shown as its code: n2g_fast decides, so the report and the graph
+    drawings agree on every character (Python's own Unicode tables are older than the crate's)."""
+    import n2g_fast
+
+    return 0xD800 <= ord(ch) <= 0xDFFF or n2g_fast.visible(ch) != ch  # (a lone surrogate cannot cross)
 
 
 def _hex(ch: str) -> str:
@@ -32,7 +39,7 @@ def visible_segments(text: str) -> tuple[tuple[str, str], ...]:
     plain: list[str] = []
     for ch in text:
         glyph = _GLYPHS.get(ch)
-        kind = "ws" if glyph else ("hex" if unicodedata.category(ch) in _INVISIBLE else "")
+        kind = "ws" if glyph else ("hex" if _invisible(ch) else "")
         if not kind:
             plain.append(ch)
             continue
