@@ -235,7 +235,7 @@ def test_auth_and_tls(secure_server):
         assert e.value.code == C.UNAUTHENTICATED and "invalid bearer token" in e.value.message
     with N2GClient(srv.address, token="s3cret", **tls) as c:
         info = c.model_info()
-        assert not info.loaded and info.n_layers == 2 and info.d_mlp == 128  # recorded by the builder
+        assert not info.loaded and (info.n_layers, info.d_mlp, info.n_ctx) == (2, 128, 256)  # recorded by the builder
         assert len(c.list_graphs()) == info.neurons_built
     # reflection is guarded too
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc

@@ -65,7 +65,7 @@ def test_health_reflection_and_info(server, client):
     assert {"n2g.v1.N2G", "grpc.health.v1.Health"} <= names
     info = client.model_info()
     assert info.loaded and info.model == NATIVE_MODEL
-    assert (info.n_layers, info.d_mlp) == (2, 128) and info.d_vocab > 100
+    assert (info.n_layers, info.d_mlp, info.n_ctx) == (2, 128, 256) and info.d_vocab > 100
     assert info.hook == "mlp.hook_post" and info.device == "cpu"
     assert info.neurons_built >= len(NATIVE_LAYERS) * NATIVE_SAMPLE
     assert {l.layer for l in info.layers} >= set(NATIVE_LAYERS) and all(l.scanned for l in info.layers)

@@ -239,7 +239,8 @@ def _cmd_info(args) -> int:
         _print_json(info)
         return 0
     print(f"model      {info.model} ({'loaded on ' + info.device if info.loaded else 'not loaded'})")
-    print(f"shape      {info.n_layers} layers x {info.d_mlp} neurons, vocabulary {info.d_vocab}, hook {info.hook}")
+    print(f"shape      {info.n_layers} layers x {info.d_mlp} neurons, vocabulary {info.d_vocab}, context "
+          f"{info.n_ctx or '?'} tokens, hook {info.hook}")
     print(f"workspace  {info.workspace} (corpus {info.corpus})")
     print(f"built      {info.neurons_built} neurons")
     if info.layers:

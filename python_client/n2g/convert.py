@@ -138,7 +138,8 @@ def _model_info(r) -> T.ModelInfo:
         device=r.device, workspace=r.workspace, corpus=r.corpus,
         layers=[T.LayerStatus(x.layer, x.scanned, x.neurons_built) for x in r.layers], neurons_built=r.neurons_built,
         limits=T.Limits(**{f: getattr(lim, f) for f in T.Limits.__dataclass_fields__}),
-        server_version=r.server_version, semantics=list(r.semantics), default_semantics=r.default_semantics)
+        server_version=r.server_version, semantics=list(r.semantics), default_semantics=r.default_semantics,
+        n_ctx=r.n_ctx)
 
 
 def _model_info_pb(m: T.ModelInfo) -> pb.ModelInfo:
@@ -147,7 +148,7 @@ def _model_info_pb(m: T.ModelInfo) -> pb.ModelInfo:
         device=m.device, workspace=m.workspace, corpus=m.corpus,
         layers=[pb.LayerStatus(layer=x.layer, scanned=x.scanned, neurons_built=x.neurons_built) for x in m.layers],
         neurons_built=m.neurons_built, limits=pb.Limits(**asdict(m.limits)), server_version=m.server_version,
-        semantics=m.semantics, default_semantics=m.default_semantics)
+        semantics=m.semantics, default_semantics=m.default_semantics, n_ctx=m.n_ctx)
 
 
 def _tokenized(r) -> list[T.TokenizedText]:

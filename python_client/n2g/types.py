@@ -72,6 +72,7 @@ class ModelInfo:
     server_version: str
     semantics: list[str]
     default_semantics: str
+    n_ctx: int = 0  # the longest token sequence the model reads (0 when unknown)
 
 
 @dataclass(frozen=True)

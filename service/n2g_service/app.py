@@ -551,7 +551,8 @@ class N2GApp:
             d_mlp=d_mlp or 0, d_vocab=d_vocab or 0, hook=self.ws.hook or "",
             device=str(self.host.get().device) if self.host.loaded else "", workspace=str(self.ws.path.resolve()),
             corpus=self.ws.corpus or "", layers=layers, neurons_built=sum(per_layer.values()), limits=self.limits,
-            server_version=version, semantics=list(vocab.SEMANTICS), default_semantics=vocab.DEFAULT_SEMANTICS)
+            server_version=version, semantics=list(vocab.SEMANTICS), default_semantics=vocab.DEFAULT_SEMANTICS,
+            n_ctx=(self.host.get().n_ctx or 0) if self.host.loaded else int(self.ws.get_meta("n_ctx") or 0))
 
     def tokenize(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]], skip_bos: bool, *,
                  deadline: Deadline = NO_DEADLINE) -> list[T.TokenizedText]:

@@ -160,8 +160,9 @@ def plan_neurons(req: BuildRequest, max_activation: dict[int, np.ndarray]) -> li
 
 def record_model_meta(ws: Workspace, model) -> None:
     """Stores what model-free readers (the report, a server without a model) need: n_layers,
-    d_mlp, d_vocab and (once) the vocabulary's token strings."""
-    for k, v in (("n_layers", model.n_layers), ("d_mlp", model.d_mlp), ("d_vocab", model.d_vocab)):
+    d_mlp, d_vocab, n_ctx and (once) the vocabulary's token strings."""
+    for k, v in (("n_layers", model.n_layers), ("d_mlp", model.d_mlp), ("d_vocab", model.d_vocab),
+                 ("n_ctx", model.n_ctx or 0)):
         if ws.get_meta(k) != str(v):
             ws.set_meta(k, str(v))
     if ws.get_meta("token_strings") is None:
