@@ -214,6 +214,8 @@ def test_add_path_refuses_bad_inputs():
         g.add_path(("a", [1], 1.0), [], float("nan"))
     with pytest.raises(N2GError, match="label must be a str"):
         g.add_path((3, [1], 1.0), [], 0.5)
+    with pytest.raises(N2GError, match="label is not valid Unicode text .*lone surrogate"):
+        g.add_path(("a", [1], 1.0), [("b\ud800", [2], 0.5)], 0.5)
     with pytest.raises(N2GError, match="layer"):
         NeuronGraph("m", -1, 0, "h", 1.0)
     with pytest.raises(N2GError, match="finite"):

@@ -55,7 +55,14 @@ fn element(obj: &Bound<'_, PyAny>, what: &str, value_name: &str) -> PyResult<Ele
         .ok()
         .filter(|t| t.len() == 3)
         .ok_or_else(|| bad_input(format!("{what} must be a (label, token_ids, {value_name}) tuple, got {obj}")))?;
-    let label: String = t.get_item(0)?.extract().map_err(|_| bad_input(format!("{what} label must be a str")))?;
+    let item = t.get_item(0)?;
+    let label: String = item.extract().map_err(|e| {
+        if item.is_instance_of::<pyo3::types::PyString>() {
+            bad_input(format!("{what} label is not valid Unicode text ({e}): e.g. a lone surrogate"))
+        } else {
+            bad_input(format!("{what} label must be a str"))
+        }
+    })?;
     let ids = token_ids(&t.get_item(1)?, what)?;
     let value: f64 = t.get_item(2)?.extract().map_err(|_| bad_input(format!("{what} {value_name} must be a number")))?;
     Ok(Element { label, token_ids: ids, value: value as f32 })
