@@ -146,8 +146,11 @@ def test_report_unzip_and_stream_are_bounded(tmp_path, monkeypatch):
     assert not (tmp_path / "out" / "index.html").exists() and not list((tmp_path / "out").iterdir())
     # an archive of many empty files (inodes, not bytes) is refused before anything is written
     monkeypatch.setattr(client, "MAX_REPORT_FILES", 50)
-    with pytest.raises(ValueError, match="holds 60 files, past 50"):
-        client._unzip(_zip({f"neurons/{i}.html": b"" for i in range(59)} | {"index.html": b"x"}), tmp_path / "many")
+    many = _zip({f"neurons/{i}.html": b"" for i in range(59)} | {"index.html": b"x"})
+    with monkeypatch.context() as m:  # from the archive's end record, before zipfile reads its directory
+        m.setattr(client.zipfile, "ZipFile", lambda *a, **k: pytest.fail("the directory was parsed first"))
+        with pytest.raises(ValueError, match="holds 60 files, past 50"):
+            client._unzip(many, tmp_path / "many")
     assert not (tmp_path / "many" / "neurons").exists()
     # the front page is written last whatever its name in the archive says
     order = []
@@ -288,6 +291,13 @@ def test_what_the_model_cannot_read_is_refused_before_any_work(pair, tmp_path):
         with pytest.raises(N2GError) as e:
             c.plan_build([0], [1], config={"scan": {"window_tokens": 48}})
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "windows of 32 tokens, not 48" in e.value.message
+    # a plan on a corpus that cannot make one window says so (it was INTERNAL on a server)
+    (tmp_path / "short.txt").write_text("the cat")
+    with LocalN2GClient(tmp_path / "short", model=NATIVE_MODEL, device="cpu", create=True,
+                        corpus=str(tmp_path / "short.txt")) as c:
+        with pytest.raises(N2GError) as e:
+            c.plan_build([0], [1])
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "fewer than one window" in e.value.message
 
 
 def test_a_reader_during_a_graph_index_update_waits_for_it(tmp_path, monkeypatch):

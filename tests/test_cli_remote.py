@@ -279,3 +279,25 @@ def test_terminal_controls_in_workspace_or_server_strings_are_shown_not_obeyed(c
     assert "m\\x1b]0;OWNED\\x07\\x1b[2J\\u202e" in out  # shown, as codes
     code, out, err = run(capsys, "graph", "0", "1", "--workspace", str(tmp_path / "ws" / f"x{evil}"))
     assert code == 2 and "\x1b" not in err and "\\x1b" in err
+
+
+def test_a_corpus_file_name_that_is_not_utf8_fails_the_job_with_it_escaped(capsys, tmp_path):
+    """The failure quoted the name with a lone surrogate, which neither the workspace nor gRPC can
+    carry: the job stayed `running` for good and its watch answered INTERNAL."""
+    import os
+
+    from n2g_service.workspace import Workspace
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "fine.txt").write_text("the cat sat on the mat " * 40)
+    (corpus / os.fsdecode(b"z\xe9.txt")).write_bytes(b"caf\xe9")  # Latin-1 name and content
+    ws = tmp_path / "ws"
+    code, out, err = run(capsys, "build", "--workspace", str(ws), "--model", "native:0", "--corpus", str(corpus),
+                         "--layers", "0", "--neurons", "1", "--window-tokens", "32", "--device", "cpu")
+    assert code == 1 and "z\\udce9.txt:1: not UTF-8 text" in err and "Traceback" not in err
+    [job] = Workspace(ws, mode="read").list_jobs()
+    assert job.state == "failed" and "z\\udce9.txt" in job.error
+    code, out, err = run(capsys, "build", "--workspace", str(tmp_path / "ws2"), "--model", "native:0", "--corpus",
+                         str(tmp_path / os.fsdecode(b"caf\xe9.jsonl")), "--layers", "0", "--neurons", "1")
+    assert code == 2 and "is not UTF-8: rename it" in err

@@ -116,6 +116,14 @@ def test_corpus_files_that_cannot_be_read_as_text_are_refused_with_where(tmp_pat
     (d / "bom8.jsonl").write_bytes(codecs.BOM_UTF8 + b'{"text": "caf\xc3\xa9"}\n')
     (d / "utf16.txt").write_bytes("tea for two".encode("utf-16"))  # with its byte-order mark
     assert load_texts(str(d / "bom8.jsonl")) == ["café"] and load_texts(str(d / "utf16.txt")) == ["tea for two"]
+    # line ends read as text mode read them: CRLF and CR become LF (no stray "\r" tokens)
+    (d / "crlf.txt").write_bytes(b"one\r\ntwo\rthree\n")
+    (d / "mac.jsonl").write_bytes(b'"a"\r"b"\r\n"c"')
+    assert load_texts(str(d / "crlf.txt")) == ["one\ntwo\nthree\n"] and load_texts(str(d / "mac.jsonl")) == ["a", "b", "c"]
+    # the line of a bad byte in UTF-16 counts characters, not 0x0a bytes (U+010A holds one)
+    (d / "u16bad.txt").write_bytes(codecs.BOM_UTF16_LE + "\u010a\u010a\n".encode("utf-16-le") + b"\x00\xdc")
+    with pytest.raises(ValueError, match=r"u16bad.txt:2: not UTF-16"):
+        load_texts(str(d / "u16bad.txt"))
     # bytes that are not UTF-8 (a binary file, Latin-1) were decoded into replacement characters
     (d / "latin1.jsonl").write_bytes(b'"fine"\n"na\xefve"\n')
     with pytest.raises(ValueError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xef at offset 10\)"):

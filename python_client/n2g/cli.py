@@ -309,16 +309,16 @@ _BAR_UNITS = {"scan": ("scanning the corpus", "window"), "merge": ("merging scan
 def _progress_printer(json_mode: bool):
     """A JobEvent callback drawing one progress bar per stage (or JSON lines with --json)."""
     bars: dict[str, Any] = {}
-    shown_state = [None]
+    shown_states: set[str] = set()
 
     def on_event(ev) -> None:
         if json_mode:
             print(json.dumps(_plain(ev)), flush=True)
             return
-        if ev.stage == "state":  # each (re)opened watch starts with the job's state: say it once
-            if ev.message == shown_state[0]:
+        if ev.stage == "state":  # each (re)opened watch starts with the job's state: say each once
+            if ev.message in shown_states:
                 return
-            shown_state[0] = ev.message
+            shown_states.add(ev.message)
         if ev.stage in _BAR_UNITS and ev.total:
             bar = bars.get(ev.stage)
             if bar is None:

@@ -477,6 +477,22 @@ class _ReportSink:
         return b"".join(self._parts)
 
 
+def _zip_entries(data: bytes) -> int | None:
+    """The entry count a zip archive's end-of-central-directory record states (ZIP64 too), or
+    None when there is none to read (zipfile then says what is wrong)."""
+    import struct
+
+    end = data.rfind(b"PK\x05\x06", max(0, len(data) - 22 - 0xFFFF))
+    if end < 0 or end + 22 > len(data):
+        return None
+    entries = struct.unpack_from("<H", data, end + 10)[0]
+    if entries == 0xFFFF and end >= 20 and data[end - 20:end - 16] == b"PK\x06\x07":  # ZIP64
+        at = struct.unpack_from("<Q", data, end - 12)[0]
+        if data[at:at + 4] == b"PK\x06\x06" and at + 40 <= len(data):
+            entries = struct.unpack_from("<Q", data, at + 32)[0]
+    return entries
+
+
 def _unzip(data: bytes, out_dir) -> Path:
     """Unpacks a report archive into out_dir, refusing paths outside it and archives that unpack
     past MAX_REPORT_UNPACKED_BYTES (sizes are checked as bytes are written, not trusted from the
@@ -497,9 +513,14 @@ def _unzip(data: bytes, out_dir) -> Path:
                 raise ValueError(f"report archive unpacks past {MAX_REPORT_UNPACKED_BYTES} bytes; refused")
             yield block
 
+    # ~93 bytes of archive an empty file: the count is read from the archive's end record before
+    # zipfile parses its directory (11 M entries would take gigabytes there), and checked again after
+    entries = _zip_entries(data)
+    if entries is not None and entries > MAX_REPORT_FILES:
+        raise ValueError(f"report archive holds {entries} files, past {MAX_REPORT_FILES}; refused")
     (out / "index.html").unlink(missing_ok=True)
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        if len(zf.infolist()) > MAX_REPORT_FILES:  # ~93 bytes of archive an empty file: inodes, not bytes
+        if len(zf.infolist()) > MAX_REPORT_FILES:
             raise ValueError(f"report archive holds {len(zf.infolist())} files, past {MAX_REPORT_FILES}; refused")
         front = root / "index.html"
         infos = sorted(zf.infolist(), key=lambda i: (root / i.filename).resolve() == front)  # ./index.html too

@@ -68,16 +68,28 @@ def load_fortunes(directory: str | Path = FORTUNES_DIR) -> list[str]:
     return texts
 
 
+class CorpusError(ValueError):
+    """A corpus that cannot be read as text (a caller's mistake, not a bug: said in one line)."""
+
+
+def shown_path(path: Path | str) -> str:
+    """A path for a message: a file name that is not UTF-8 (Python keeps its bytes as lone
+    surrogates) is shown with escapes, so the message can be stored and sent."""
+    return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _read_file(path: Path) -> str:
     """A corpus file's text. Regular files only (a FIFO would block a build for ever, a device
     never ends); UTF-8, or UTF-16/32 with a byte-order mark; any other bytes are refused with
-    where they are, not decoded into replacement characters and built on silently."""
+    where they are, not decoded into replacement characters and built on silently. Line ends
+    become "\\n" (as text-mode reading did)."""
+    name = shown_path(path)
     try:
         if not stat.S_ISREG(path.stat().st_mode):
-            raise ValueError(f"corpus file {path} is not a regular file (a pipe, a device, ...): give a file")
+            raise CorpusError(f"corpus file {name} is not a regular file (a pipe, a device, ...): give a file")
         data = path.read_bytes()
     except OSError as e:
-        raise ValueError(f"corpus file {path} cannot be read ({e.strerror or e})") from None
+        raise CorpusError(f"corpus file {name} cannot be read ({e.strerror or e})") from None
     for bom, codec in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
                        (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
         if data.startswith(bom):
@@ -85,15 +97,17 @@ def _read_file(path: Path) -> str:
     else:
         codec = "utf-8"
     try:
-        return data.decode(codec)
+        text = data.decode(codec)
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"corpus file {path}:{line}: not {codec.upper().replace('-SIG', '')} text (byte "
-                         f"0x{data[e.start]:02x} at offset {e.start}): convert the file to UTF-8") from None
+        line = data[: e.start].decode(codec, "replace").count("\n") + 1
+        raise CorpusError(f"corpus file {name}:{line}: not {codec.upper().replace('-SIG', '')} text (byte "
+                          f"0x{data[e.start]:02x} at offset {e.start}): convert the file to UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _read_jsonl(path: Path) -> list[str]:
     out = []
+    name = shown_path(path)
     for n, line in enumerate(_read_file(path).split("\n"), 1):
         line = line.strip()
         if not line:
@@ -101,18 +115,18 @@ def _read_jsonl(path: Path) -> list[str]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+            raise CorpusError(f"{name}:{n}: not JSON ({e})") from None
         except RecursionError:
-            raise ValueError(f"{path}:{n}: JSON nested too deeply") from None
+            raise CorpusError(f"{name}:{n}: JSON nested too deeply") from None
         if isinstance(obj, dict):
             obj = obj.get("text")
         if not isinstance(obj, str):
-            raise ValueError(f'{path}:{n}: expected a JSON string or an object with a "text" string')
+            raise CorpusError(f'{name}:{n}: expected a JSON string or an object with a "text" string')
         try:
             obj.encode("utf-8")
         except UnicodeEncodeError as e:  # JSON's "\\ud800" escapes decode to a lone surrogate
-            raise ValueError(f"{path}:{n}: the text holds a lone surrogate U+{ord(obj[e.start]):04X}, not "
-                             "valid Unicode text") from None
+            raise CorpusError(f"{name}:{n}: the text holds a lone surrogate U+{ord(obj[e.start]):04X}, not "
+                              "valid Unicode text") from None
         out.append(obj)
     return out
 
@@ -121,7 +135,7 @@ def _load_path(path: Path) -> list[str]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl"))
         if not files:
-            raise ValueError(f"no .txt or .jsonl files under {path}")
+            raise CorpusError(f"no .txt or .jsonl files under {shown_path(path)}")
         texts: list[str] = []
         for f in files:
             texts.extend(_load_path(f))
@@ -130,7 +144,7 @@ def _load_path(path: Path) -> list[str]:
         return [_read_file(path)]
     if path.suffix == ".jsonl":
         return _read_jsonl(path)
-    raise ValueError(f"unsupported corpus file {path}: use .txt, .jsonl or a directory of them")
+    raise CorpusError(f"unsupported corpus file {shown_path(path)}: use .txt, .jsonl or a directory of them")
 
 
 def canonical_spec(spec: str) -> str:
@@ -138,6 +152,10 @@ def canonical_spec(spec: str) -> str:
     reads the same files), a named corpus as it is."""
     if spec == "fortunes" or spec.startswith("hf:"):
         return spec
+    try:
+        spec.encode("utf-8")
+    except UnicodeEncodeError:  # a file name in another encoding: it could not be recorded and found again
+        raise CorpusError(f"corpus path {shown_path(spec)} is not UTF-8: rename it") from None
     return str(Path(spec).expanduser().absolute())
 
 
@@ -167,15 +185,15 @@ def load_texts(spec: str = DEFAULT_CORPUS) -> list[str]:
         return _load_hf(spec)
     path = Path(spec).expanduser()
     if not path.exists() and os.path.lexists(path):
-        raise FileNotFoundError(f"corpus {spec!r} is a link that leads nowhere (broken, or a loop)")
+        raise FileNotFoundError(f"corpus {shown_path(spec)!r} is a link that leads nowhere (broken, or a loop)")
     if path.exists():
         texts = _load_path(path)
         texts = [t for t in texts if t.strip()]
         if not texts:
-            raise ValueError(f"corpus {spec} holds no text")
+            raise CorpusError(f"corpus {shown_path(spec)} holds no text")
         return texts
     raise FileNotFoundError(
-        f"unknown corpus {spec!r}: use 'fortunes', a path to .txt/.jsonl files, or 'hf:<dataset>'"
+        f"unknown corpus {shown_path(spec)!r}: use 'fortunes', a path to .txt/.jsonl files, or 'hf:<dataset>'"
     )
 
 
@@ -208,7 +226,7 @@ def make_windows(
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
-        raise ValueError(f"the corpus holds {len(stream)} tokens, fewer than one window of {window_tokens} "
+        raise CorpusError(f"the corpus holds {len(stream)} tokens, fewer than one window of {window_tokens} "
                          f"(BOS + {body}): give a larger corpus or fewer --window-tokens")
     arr = np.asarray(stream[: n * body], dtype=np.int64).reshape(n, body)
     bos = np.full((n, 1), model.bos_id, dtype=np.int64)

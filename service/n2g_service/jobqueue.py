@@ -146,6 +146,7 @@ class JobQueue:
         return None
 
     def _fail(self, job: JobRecord, reason: str) -> None:
+        reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")  # storable and sendable
         log.warning("job %s failed: %s", job.id, reason)
         try:
             self.ws.update_job(job.id, state="failed", error=reason)
@@ -290,9 +291,15 @@ class JobQueue:
                 log.exception("job %s failed", job_id)
             self._fail(self.ws.get_job(job_id) or job, f"{type(e).__name__}: {e}")
         else:
-            self.ws.update_job(job_id, state="succeeded")
+            # a job cancelled during its last neuron group stays cancelled (its watchers were told)
+            succeeded = self.ws.update_job(job_id, state="succeeded", only_if=("running",))
             self._on_commit()
             j = self.ws.get_job(job_id)
-            log.info("job %s succeeded: %d neurons in %.1f s", job_id, j.total, time.perf_counter() - t0)
-            self._publish(job_id, BuildEvent("done", j.done, j.total, "build finished",
-                                             elapsed_s=time.perf_counter() - t0))
+            if succeeded:
+                log.info("job %s succeeded: %d neurons in %.1f s", job_id, j.total, time.perf_counter() - t0)
+                self._publish(job_id, BuildEvent("done", j.done, j.total, "build finished",
+                                                 elapsed_s=time.perf_counter() - t0))
+            else:
+                log.info("job %s cancelled during its last neuron group (%d/%d neurons)", job_id, j.done, j.total)
+                self._publish(job_id, BuildEvent("cancelled", j.done, j.total, "cancelled",
+                                                 elapsed_s=time.perf_counter() - t0))

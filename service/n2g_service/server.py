@@ -74,9 +74,11 @@ def _abort(context, rpc: str, e: Exception):
         # busy, not wrong: google.rpc.RetryInfo says when to try again (gRPC's rich error model)
         context.abort_with_status(rpc_status.to_status(_status_with_retry(err)))
     if err is not None:
-        context.abort(err.code, err.message)
+        # (a message may quote a file name that is not UTF-8: sent with escapes, not an encoding error)
+        context.abort(err.code, err.message.encode("utf-8", "backslashreplace").decode("utf-8"))
     log.exception("internal error in %s", rpc)
-    context.abort(C.INTERNAL, f"internal error in {rpc}: {type(e).__name__}: {str(e)[:500]}")
+    message = f"internal error in {rpc}: {type(e).__name__}: {str(e)[:500]}"
+    context.abort(C.INTERNAL, message.encode("utf-8", "backslashreplace").decode("utf-8"))
 
 
 def _status_with_retry(err: N2GError) -> status_pb2.Status:
@@ -242,7 +244,8 @@ def serve(workspace: str | Path, model: str | None = None, *, no_model: bool = F
     # short calls, which must always find a thread.
     streams, computations = max_streams or max(1, max_workers // 4), max(1, max_workers // 2)
     if streams < 1 or streams + computations >= max_workers:
-        raise ValueError(f"--max-streams {streams} and {computations} long computations (half of --max-workers) "
+        given = "--max-streams" if max_streams else "a quarter of --max-workers"
+        raise ValueError(f"{streams} streams ({given}) and {computations} long computations (half of --max-workers) "
                          f"would leave no RPC thread of --max-workers {max_workers} for short calls: "
                          + (f"give at most {max_workers - computations - 1} streams" if max_workers - computations > 1
                             else "give --max-workers 3 or more"))
