@@ -245,6 +245,7 @@ def test_jobs_cancel_on_a_workspace_no_process_runs(capsys, tmp_path):
     p = subprocess.run([sys.executable, "-m", "n2g.cli", "jobs", "cancel", "busy", "--workspace", str(tmp_path / "ws")],
                        capture_output=True, text=True, env=env(), timeout=120)
     assert p.returncode != 0 and "Traceback" not in p.stderr and "writer" in p.stderr.lower(), p.stderr
+    assert "n2g jobs cancel busy --server HOST:PORT" in p.stderr
     assert holder.get_job("busy").state == "queued"
     holder.close()
 

@@ -455,7 +455,15 @@ def _cmd_jobs(args) -> int:
         if args.action == "show":
             job = c.get_job(args.job_id)
         elif args.action == "cancel":
-            job = c.cancel_job(args.job_id)
+            from .client import N2GError
+
+            try:
+                job = c.cancel_job(args.job_id)
+            except N2GError as e:  # a server (or a build) writes the workspace: the cancel goes through it
+                if args.workspace is None or e.code.name != "UNAVAILABLE":
+                    raise
+                raise CliError(f"{e.message}. To cancel a job a running server holds, ask it: "
+                               f"n2g jobs cancel {args.job_id} --server HOST:PORT") from None
         else:
             printer = _progress_printer(args.json)
             try:
