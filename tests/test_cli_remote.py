@@ -302,3 +302,56 @@ def test_a_corpus_file_name_that_is_not_utf8_fails_the_job_with_it_escaped(capsy
     code, out, err = run(capsys, "build", "--workspace", str(tmp_path / "ws2"), "--model", "native:0", "--corpus",
                          str(tmp_path / os.fsdecode(b"caf\xe9.jsonl")), "--layers", "0", "--neurons", "1")
     assert code == 2 and "is not UTF-8: rename it" in err
+
+
+def test_the_clients_take_numpy_and_refuse_what_they_would_truncate(setup):
+    """numpy arrays as neurons or token ids crashed in the client ("truth value of an array");
+    34.9 was neuron 34, True layer 1, [1.0, 2.7] ids [1, 2]; ids past int64 and float layers were a
+    bare ValueError / TypeError remotely and answered locally; the summary's layer keys were
+    strings remotely; timeout=None broke every call; a closed client failed three ways."""
+    import asyncio
+    import math
+
+    import numpy as np
+
+    from n2g.client import AsyncN2GClient, N2GClient, N2GError
+    from n2g.local import LocalN2GClient
+
+    ws, addr = setup
+    with N2GClient(addr) as remote, LocalN2GClient(ws, no_model=True) as local:
+        key = remote.list_graphs()[0].key
+        for c in (remote, local):
+            a = c.predict([key], token_ids=[[1, 5, 7], [1, 9, 2]])
+            b = c.predict(np.array([key]), token_ids=np.array([[1, 5, 7], [1, 9, 2]], dtype=np.int32))
+            assert len(b.values) == 2 and all((x == y).all() for x, y in zip(a.values, b.values))
+            for bad in (dict(neurons=[(key[0], key[1] + 0.9)]), dict(neurons=[(True, key[1])]),
+                        dict(neurons=np.array(5)), dict(token_ids=[[1.0, 2.7]]), dict(token_ids=[[[1, 2], [3, 4]]]),
+                        dict(token_ids=np.array([1, 2, 3]))):
+                with pytest.raises(ValueError):
+                    c.predict(**{"neurons": [key], "token_ids": [[1, 2]], **bad})
+            with pytest.raises(ValueError, match="layer 0.0 is not a whole number"):
+                c.list_graphs(layers=[0.0])
+            with pytest.raises(N2GError) as e:
+                c.predict([key], token_ids=[[1, 2 ** 70]])
+            assert e.value.code.name == "INVALID_ARGUMENT"
+            assert all(isinstance(layer, int) for layer in c.evaluate().summary)
+    for timeout in (None, math.inf):  # no deadline
+        with N2GClient(addr, timeout=timeout) as c:
+            assert c.model_info().neurons_built > 0
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        N2GClient(addr, timeout=0)
+    closed = [N2GClient(addr), LocalN2GClient(ws, no_model=True)]
+    for c in closed:
+        c.close()
+        with pytest.raises(N2GError) as e:
+            c.model_info()
+        assert e.value.code.name == "FAILED_PRECONDITION" and "closed" in e.value.message
+
+    async def closed_async():
+        c = AsyncN2GClient(addr)
+        await c.close()
+        with pytest.raises(N2GError) as e:
+            await c.model_info()
+        assert e.value.code.name == "FAILED_PRECONDITION"
+
+    asyncio.run(closed_async())

@@ -173,10 +173,11 @@ def test_eval_config_validates():
             EvalConfig(fire_threshold=bad)
     with pytest.raises(ValueError, match="ordinary_windows"):
         EvalConfig(ordinary_windows=0)
-    with pytest.raises(ValueError, match="confidence"):
-        EvalConfig(confidence=1.5)
-    for bad in (0, 10_001):
-        with pytest.raises(ValueError, match="n_bootstrap"):
+    for bad in (1.5, 1.0, 1e-12):  # an "interval" of a 1e-12 level is the median, beside the mean
+        with pytest.raises(ValueError, match="confidence"):
+            EvalConfig(confidence=bad)
+    for bad in (0, 1, 2, 99, 10_001):  # with 1 resample the interval of [0, .2, .9, 1] was [.75, .75], mean .525
+        with pytest.raises(ValueError, match="n_bootstrap must be from 100"):
             EvalConfig(n_bootstrap=bad)
     for field in ("seed", "heldout_seed"):
         with pytest.raises(ValueError, match="seed"):

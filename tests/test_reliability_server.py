@@ -584,7 +584,7 @@ def test_evaluate_refuses_a_bad_fire_threshold(stub, value):
 
 @pytest.mark.parametrize("cfg, error", [('{"seed": -5}', "seed and heldout_seed must be 0 or more"),
                                         ('{"heldout_seed": -1}', "seed and heldout_seed must be 0 or more"),
-                                        ('{"n_bootstrap": 3000000}', "n_bootstrap must be from 1 to 10000")])
+                                        ('{"n_bootstrap": 3000000}', "n_bootstrap must be from 100 to 10000")])
 def test_evaluate_refuses_bad_eval_settings_before_any_work(stub, cfg, error):
     # with the test sets (the path that used them) and in a build's settings alike
     _expect(lambda: stub.Evaluate(pb.EvaluateRequest(test_sets=True, eval_config_json=cfg), timeout=30),

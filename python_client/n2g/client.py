@@ -67,12 +67,48 @@ def parse_neuron(spec: str | Sequence[int]) -> Key:
         if m is None:
             raise ValueError(f"bad neuron {spec!r}: write LAYER:NEURON, e.g. 0:17")
         return int(m[1]), int(m[2])
-    layer, neuron = spec
-    return int(layer), int(neuron)
+    if isinstance(spec, np.ndarray) and spec.ndim != 1:
+        raise ValueError(f"bad neuron {spec!r}: a pair (layer, neuron) or LAYER:NEURON")
+    try:
+        layer, neuron = spec
+    except (TypeError, ValueError):
+        raise ValueError(f"bad neuron {spec!r}: a pair (layer, neuron) or LAYER:NEURON") from None
+    return _whole(layer, "layer"), _whole(neuron, "neuron")
+
+
+def _whole(x: Any, what: str) -> int:
+    """`x` as an int if it is a whole number (numpy's too); a float, a bool or a string is refused,
+    not truncated or read as 0/1 (34.9 was neuron 34, True layer 1)."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
+        raise ValueError(f"{what} {x!r} is not a whole number")
+    return int(x)
+
+
+def _items(value: Any, what: str) -> list:
+    """A list from a list, a tuple, a numpy array or any other iterable; None is empty. (numpy
+    arrays have no truth value, so `value or []` failed on them.)"""
+    if value is None:
+        return []
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        raise ValueError(f"{what} is a 0-d array: give a list")
+    return list(value)
 
 
 def _keys(neurons: Iterable[str | Sequence[int]] | None) -> list[Key]:
-    return [parse_neuron(n) for n in neurons or ()]
+    return [parse_neuron(n) for n in _items(neurons, "neurons")]
+
+
+def _texts(texts: str | Iterable[str] | None) -> list[str]:
+    """A single string is one text (not one text a character)."""
+    texts = [texts] if isinstance(texts, str) else _items(texts, "texts")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"texts[{i}] is {type(t).__name__}, not str")
+    return texts
+
+
+def _layers(layers: Iterable[int] | None) -> list[int] | None:
+    return [_whole(l, "layer") for l in _items(layers, "layers")] or None
 
 
 def _checked_text(args: dict[str, Any]) -> dict[str, Any]:
@@ -99,8 +135,39 @@ def _checked_text(args: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
+def _request(op, args: dict[str, Any]):
+    """The request message of `op`: a string protobuf cannot carry, or a number past its field
+    (a token id past int64, a neuron past int32), is INVALID_ARGUMENT as the server would say."""
+    try:
+        return op.request(**_checked_text(args))
+    except (ValueError, TypeError, OverflowError) as e:
+        raise N2GError(grpc.StatusCode.INVALID_ARGUMENT, f"{op.rpc}: {e}") from None
+
+
+def _budget(timeout: float | None) -> float | None:
+    """A deadline in seconds: None or infinity is none; zero, negative or NaN is refused."""
+    if timeout is None or timeout == float("inf"):
+        return None
+    if not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds (None or inf: none), got {timeout!r}")
+    return float(timeout)
+
+
 def _seqs(token_ids) -> list[list[int]]:
-    return [[int(x) for x in np.asarray(s).ravel()] for s in (token_ids or [])]
+    """Token-id sequences: a list of 1-D sequences, or a 2-D array (a sequence a row). Ids must be
+    whole numbers; a float id or a nested row is refused, not truncated or flattened."""
+    if isinstance(token_ids, np.ndarray) and token_ids.ndim == 1:
+        raise ValueError("token_ids is one 1-D array: give a list of sequences (e.g. [ids]) or a 2-D array")
+    out = []
+    for i, s in enumerate(_items(token_ids, "token_ids")):
+        a = np.asarray(s)
+        whole = a.size == 0 or np.issubdtype(a.dtype, np.integer) or (  # ints past int64 are objects
+            a.dtype == object and all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in a.flat))
+        if a.ndim != 1 or not whole:
+            raise ValueError(f"token_ids[{i}] must be a 1-D sequence of whole numbers, got shape {a.shape} "
+                             f"of {a.dtype}")
+        out.append([int(x) for x in a.tolist()])
+    return out
 
 
 def _choice(value: str | None, names: Sequence[str], what: str) -> str | None:
@@ -241,6 +308,13 @@ class _Api:
     result of the operation `name` (n2g.convert.OPS), `_stream_call` an iterator of its items."""
 
     timeout: float | None
+    closed = False
+
+    def _open(self, args: dict[str, Any]) -> dict[str, Any]:
+        """`args`, if this client is still open (every client says the same after close())."""
+        if self.closed:
+            raise N2GError(grpc.StatusCode.FAILED_PRECONDITION, "this client is closed: open a new one")
+        return args
 
     def _call(self, name: str, args: dict[str, Any], timeout: float | None):
         raise NotImplementedError
@@ -254,7 +328,7 @@ class _Api:
 
     def tokenize(self, texts: Sequence[str] | None = None, *, token_ids=None, skip_bos: bool = False,
                  timeout: float | None = None) -> list[TokenizedText]:
-        return self._call("tokenize", dict(texts=list(texts or []), token_ids=_seqs(token_ids), skip_bos=skip_bos),
+        return self._call("tokenize", dict(texts=_texts(texts), token_ids=_seqs(token_ids), skip_bos=skip_bos),
                           timeout)
 
     # -- jobs -----------------------------------------------------------------------------------
@@ -326,26 +400,26 @@ class _Api:
     # -- graphs ---------------------------------------------------------------------------------
     def list_graphs(self, layers: Sequence[int] | None = None, *, limit: int = 0,
                     timeout: float | None = None) -> ListResult:
-        return self._call("list_graphs", dict(layers=list(layers) if layers else None, limit=limit), timeout)
+        return self._call("list_graphs", dict(layers=_layers(layers), limit=limit), timeout)
 
     def graph(self, layer: int, neuron: int, *, structure: bool = False, dot: bool = False, svg: bool = False,
               json: bool = False, examples: bool = False, timeout: float | None = None) -> Graph:
         """One graph; `structure`, `dot`, `svg`, `json` and `examples` add those parts."""
-        return self._call("graph", dict(layer=int(layer), neuron=int(neuron), structure=structure, dot=dot, svg=svg,
+        return self._call("graph", dict(layer=_whole(layer, "layer"), neuron=_whole(neuron, "neuron"), structure=structure, dot=dot, svg=svg,
                                         json=json, examples=examples), timeout)
 
     # -- activations ----------------------------------------------------------------------------
     def predict(self, neurons: Sequence, texts: Sequence[str] | None = None, *, token_ids=None,
                 semantics: str | None = None, skip_bos: bool = False, timeout: float | None = None) -> Activations:
         """Predicted normalised activations of built neurons (from their graphs)."""
-        return self._call("predict", dict(neurons=_keys(neurons), texts=list(texts or []), token_ids=_seqs(token_ids),
+        return self._call("predict", dict(neurons=_keys(neurons), texts=_texts(texts), token_ids=_seqs(token_ids),
                                           semantics=_choice(semantics, vocab.SEMANTICS, "semantics"),
                                           skip_bos=skip_bos), timeout)
 
     def activations(self, neurons: Sequence, texts: Sequence[str] | None = None, *, token_ids=None,
                     normalise: bool = True, skip_bos: bool = False, timeout: float | None = None) -> Activations:
         """The model's true activations (normalised by a_max unless `normalise=False`)."""
-        return self._call("activations", dict(neurons=_keys(neurons), texts=list(texts or []),
+        return self._call("activations", dict(neurons=_keys(neurons), texts=_texts(texts),
                                               token_ids=_seqs(token_ids), normalise=normalise, skip_bos=skip_bos),
                           timeout)
 
@@ -357,7 +431,7 @@ class _Api:
         detection test sets with intervals and paired comparisons (`Evaluation.report`,
         `.details`); `compute_heldout` first computes missing true activations on the held-out
         windows (needs the model)."""
-        return self._call("evaluate", dict(neurons=_keys(neurons) or None, layers=list(layers) if layers else None,
+        return self._call("evaluate", dict(neurons=_keys(neurons) or None, layers=_layers(layers),
                                            eval_config_json=_json.dumps(eval_config) if eval_config else None,
                                            test_sets=test_sets or compute_heldout, compute_heldout=compute_heldout),
                           timeout)
@@ -366,8 +440,8 @@ class _Api:
                timeout: float | None = None) -> SearchResult:
         """Neurons matching every (token, role) clause; token is a label or a token id, role
         activating | context | either."""
-        out = [(int(t) if isinstance(t, (int, np.integer)) else str(t), _choice(r, vocab.ROLES, "role"))
-               for t, r in clauses]
+        out = [(_whole(t, "token id") if isinstance(t, (int, np.integer)) and not isinstance(t, bool) else str(t),
+                _choice(r, vocab.ROLES, "role")) for t, r in _items(clauses, "clauses")]
         return self._call("search", dict(clauses=out, limit=limit), timeout)
 
     def in_context_neurons(self, *, limit: int = 0, timeout: float | None = None) -> InContextResult:
@@ -376,7 +450,8 @@ class _Api:
 
     def similar(self, layer: int, neuron: int, *, threshold: float | None = None, k: int | None = None,
                 timeout: float | None = None) -> Similar:
-        return self._call("similar", dict(layer=int(layer), neuron=int(neuron), threshold=threshold or None,
+        return self._call("similar", dict(layer=_whole(layer, "layer"), neuron=_whole(neuron, "neuron"),
+                                          threshold=threshold or None,
                                           k=k or None), timeout)
 
     def pairs(self, kind: str = vocab.DEFAULT_PAIR_KIND, *, threshold: float | None = None,
@@ -388,7 +463,7 @@ class _Api:
     # -- export and report ----------------------------------------------------------------------
     def export(self, layers: Sequence[int] | None = None, *, examples: bool = True,
                timeout: float | None = None) -> Iterator[ExportedNeuron]:
-        return self._stream_call("export", dict(layers=list(layers) if layers else None, examples=examples), timeout)
+        return self._stream_call("export", dict(layers=_layers(layers), examples=examples), timeout)
 
     def export_to(self, out_dir: str | os.PathLike, layers: Sequence[int] | None = None, *,
                   timeout: float | None = None) -> int:
@@ -552,7 +627,7 @@ class _ClientBase:
                  timeout: float = 60.0, retries: int = 5, backoff: float = 0.1, max_backoff: float = 2.0,
                  max_message_bytes: int = 64 << 20):
         self.target = target
-        self.timeout = timeout
+        self.timeout = _budget(timeout)
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
@@ -578,6 +653,7 @@ class N2GClient(_ClientBase, _Api):
     """Blocking client (see `_ClientBase` for the connection options)."""
 
     def close(self) -> None:
+        self.closed = True
         if self._channel is not None:
             self._channel.close()
 
@@ -589,11 +665,11 @@ class N2GClient(_ClientBase, _Api):
 
     def _call(self, name: str, args: dict[str, Any], timeout: float | None):
         op = OPS[name]
-        return op.result(self._unary(op.rpc, op.request(**_checked_text(args)), timeout))
+        return op.result(self._unary(op.rpc, _request(op, self._open(args)), timeout))
 
     def _stream_call(self, name: str, args: dict[str, Any], timeout: float | None) -> Iterator:
         op = OPS[name]
-        for msg in self._stream(op.rpc, op.request(**_checked_text(args)), timeout):
+        for msg in self._stream(op.rpc, _request(op, self._open(args)), timeout):
             item = op.result(msg)
             if isinstance(item, list):
                 yield from item
@@ -601,8 +677,8 @@ class N2GClient(_ClientBase, _Api):
                 yield item
 
     def _unary(self, method: str, request, timeout: float | None = None):
-        budget = self.timeout if timeout is None else timeout
-        retry = _Retry(self, time.monotonic() + budget, time.monotonic)
+        budget = self.timeout if timeout is None else _budget(timeout)
+        retry = _Retry(self, None if budget is None else time.monotonic() + budget, time.monotonic)
         while True:
             try:
                 return getattr(self._stub, method)(request, timeout=retry.remaining(), metadata=self._metadata)
@@ -614,6 +690,7 @@ class N2GClient(_ClientBase, _Api):
 
     def _stream(self, method: str, request, timeout: float | None = None) -> Iterator:
         """A server stream; retried (as `_Retry` says) only before its first message."""
+        timeout = _budget(timeout)
         retry = _Retry(self, None if timeout is None else time.monotonic() + timeout, time.monotonic)
         while True:
             call = getattr(self._stub, method)(request, timeout=retry.remaining(), metadata=self._metadata)
@@ -662,6 +739,7 @@ class AsyncN2GClient(_ClientBase, _Api):
         return grpc.aio
 
     async def close(self) -> None:
+        self.closed = True
         await self._channel.close()
 
     async def __aenter__(self) -> "AsyncN2GClient":
@@ -672,19 +750,19 @@ class AsyncN2GClient(_ClientBase, _Api):
 
     async def _call(self, name: str, args: dict[str, Any], timeout: float | None):
         op = OPS[name]
-        return op.result(await self._unary(op.rpc, op.request(**_checked_text(args)), timeout))
+        return op.result(await self._unary(op.rpc, _request(op, self._open(args)), timeout))
 
     async def _stream_call(self, name: str, args: dict[str, Any], timeout: float | None) -> AsyncIterator:
         op = OPS[name]
-        async for msg in self._stream(op.rpc, op.request(**_checked_text(args)), timeout):
+        async for msg in self._stream(op.rpc, _request(op, self._open(args)), timeout):
             item = op.result(msg)
             for x in (item if isinstance(item, list) else [item]):
                 yield x
 
     async def _unary(self, method: str, request, timeout: float | None = None):
-        budget = self.timeout if timeout is None else timeout
+        budget = self.timeout if timeout is None else _budget(timeout)
         loop = asyncio.get_running_loop()
-        retry = _Retry(self, loop.time() + budget, loop.time)
+        retry = _Retry(self, None if budget is None else loop.time() + budget, loop.time)
         while True:
             try:
                 return await getattr(self._stub, method)(request, timeout=retry.remaining(), metadata=self._metadata)
@@ -696,6 +774,7 @@ class AsyncN2GClient(_ClientBase, _Api):
 
     async def _stream(self, method: str, request, timeout: float | None = None) -> AsyncIterator:
         loop = asyncio.get_running_loop()
+        timeout = _budget(timeout)
         retry = _Retry(self, None if timeout is None else loop.time() + timeout, loop.time)
         while True:
             call = getattr(self._stub, method)(request, timeout=retry.remaining(), metadata=self._metadata)

@@ -209,11 +209,18 @@ def _activations_pb(a: T.Activations) -> pb.ActivationsResponse:
     return resp
 
 
+def _layer_keyed(summary: Any) -> Any:
+    """The summary as the server made it, keyed by layer number (JSON made the keys strings)."""
+    if isinstance(summary, dict) and all(isinstance(k, str) and k.isdigit() for k in summary):
+        return {int(k): v for k, v in summary.items()}
+    return summary
+
+
 def _evaluation(r) -> T.Evaluation:
     return T.Evaluation(
         [T.NeuronEvaluation(key(n.key), _scores(n.scores), json.loads(n.metrics_json or "{}")) for n in r.neurons],
         [T.LayerEvaluation(l.layer, l.n_neurons, _scores(l.scores)) for l in r.layers],
-        r.table, json.loads(r.summary_json) if r.summary_json else None, r.report,
+        r.table, _layer_keyed(json.loads(r.summary_json)) if r.summary_json else None, r.report,
         json.loads(r.report_json) if r.report_json else None)
 
 

@@ -40,7 +40,9 @@ class LocalN2GClient(_Api):
             self.app.start_jobs(resume=False)
 
     def close(self) -> None:
-        self.app.close()
+        if not self.closed:
+            self.closed = True
+            self.app.close()
 
     def __enter__(self) -> "LocalN2GClient":
         return self
@@ -55,13 +57,13 @@ class LocalN2GClient(_Api):
 
     def _call(self, name: str, args: dict[str, Any], timeout: float | None):
         try:
-            return getattr(self.app, name)(**_checked_text(args), deadline=self._deadline(timeout))
+            return getattr(self.app, name)(**_checked_text(self._open(args)), deadline=self._deadline(timeout))
         except Exception as e:
             self._reraise(e)
 
     def _stream_call(self, name: str, args: dict[str, Any], timeout: float | None) -> Iterator:
         try:
-            for item in getattr(self.app, name)(**_checked_text(args), deadline=self._deadline(timeout)):
+            for item in getattr(self.app, name)(**_checked_text(self._open(args)), deadline=self._deadline(timeout)):
                 if isinstance(item, list):
                     yield from item
                 else:

@@ -322,6 +322,7 @@ class FitConfig(_Config):
 
 
 MAX_BOOTSTRAP = 10_000
+MIN_BOOTSTRAP = 100  # resamples: fewer cannot place the percentiles of a 95% interval
 
 
 @dataclass(frozen=True)
@@ -355,10 +356,13 @@ class EvalConfig(_Config):
         if self.ordinary_windows < 1:
             raise ValueError("EvalConfig.ordinary_windows must be >= 1")
         # each interval resamples n_bootstrap x neurons values: bounded so one request cannot
-        # take minutes and gigabytes (10,000 is already far past what a 95% interval needs)
-        if not 1 <= self.n_bootstrap <= MAX_BOOTSTRAP:
-            raise ValueError(f"EvalConfig.n_bootstrap must be from 1 to {MAX_BOOTSTRAP}, got {self.n_bootstrap}")
-        if not 0 < self.confidence < 1:
-            raise ValueError("EvalConfig.confidence must be between 0 and 1 (exclusive)")
+        # take minutes and gigabytes (10,000 is already far past what a 95% interval needs), and
+        # from below so the percentiles exist (with 1 or 2 resamples an "interval" could lie
+        # beside its own mean)
+        if not MIN_BOOTSTRAP <= self.n_bootstrap <= MAX_BOOTSTRAP:
+            raise ValueError(f"EvalConfig.n_bootstrap must be from {MIN_BOOTSTRAP} to {MAX_BOOTSTRAP}, got "
+                             f"{self.n_bootstrap}")
+        if not 0.5 <= self.confidence < 1:
+            raise ValueError(f"EvalConfig.confidence must be from 0.5 to 1 (exclusive), got {self.confidence!r}")
         if self.batch_tokens < 1:
             raise ValueError("EvalConfig.batch_tokens must be >= 1")
