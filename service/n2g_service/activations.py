@@ -9,6 +9,7 @@ All functions run under ``torch.no_grad()`` on the model's device and take token
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -31,7 +32,29 @@ def forward_tokens() -> tuple[int, int]:
     return _FORWARD["tokens"], _FORWARD["passes"]
 
 
+class Stopped(Exception):
+    """A forward pass not run because the work it belongs to was cancelled (see `stop_when`)."""
+
+
+# Every forward pass starts in _count: the one place a cancelled build is stopped within a neuron
+# group, not only between groups (a group can hold the model for minutes on a CPU).
+_STOP: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar("n2g_stop", default=None)
+
+
+@contextlib.contextmanager
+def stop_when(check: Callable[[], bool] | None):
+    """Within the block, a forward pass raises `Stopped` once `check()` is true (None: never)."""
+    token = _STOP.set(check)
+    try:
+        yield
+    finally:
+        _STOP.reset(token)
+
+
 def _count(toks: torch.Tensor) -> torch.Tensor:
+    stop = _STOP.get()
+    if stop is not None and stop():
+        raise Stopped()
     _FORWARD["tokens"] += int(toks.numel())
     _FORWARD["passes"] += 1
     return toks

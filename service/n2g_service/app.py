@@ -58,7 +58,7 @@ MAX_PAIR_BATCH = 100_000
 MIN_PAIR_THRESHOLD = 0.25      # below, nearly every two graphs sharing a token pair up: quadratic output
 HEAVY_SLOTS = 2                # whole-store computations (all pairs) running at once
 BYTES_PER_TOKEN = 8            # texts are measured in UTF-8 bytes before they are tokenised
-STOP_WAIT_S = 120              # on shutdown, how long the build worker may take to finish its group
+STOP_WAIT_S = 120              # on shutdown, how long the build worker may take to stop
 
 
 # What each kind of workspace failure is for a caller (WorkspaceError.kind -> status code).
@@ -319,8 +319,8 @@ class N2GApp:
         return self.jobs.resume_pending(resume=resume)
 
     def close(self) -> None:
-        """Stops cleanly: the build worker finishes its current neuron group (committed; the job
-        is queued again and resumes at the next start) before the workspace closes."""
+        """Stops cleanly: the build worker stops at its next forward pass (the groups it committed
+        stay; the job is queued again and resumes at the next start) before the workspace closes."""
         self.jobs.stop()
         if not self.jobs.join(STOP_WAIT_S):
             log.warning("the build worker did not stop within %d s", STOP_WAIT_S)

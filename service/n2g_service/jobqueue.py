@@ -78,8 +78,8 @@ class JobQueue:
             self._thread.start()
 
     def stop(self) -> None:
-        """Stops after the current neuron group; the running job stays `running` in the table and
-        resumes on the next start."""
+        """Stops the running job at its next forward pass (an in-process build; a Ray build after
+        its current units); it is stored `queued` and resumes on the next start."""
         for ev in list(self._cancel.values()):
             ev.set()
         self._stopping = True
@@ -88,7 +88,7 @@ class JobQueue:
     _stopping = False
 
     def join(self, timeout: float | None = None) -> bool:
-        """Waits for the worker to finish its current neuron group after stop(); True if it did."""
+        """Waits for the worker to stop after stop(); True if it did."""
         if self._thread is not None:
             self._thread.join(timeout)
             return not self._thread.is_alive()
@@ -169,7 +169,7 @@ class JobQueue:
 
     def cancel(self, job_id: str) -> JobRecord:
         """Cancels a queued or running job. The state is stored at once, also for the job running
-        here (which stops after its current neuron group): a server stopped or killed before that
+        here (which stops at its next forward pass): a server stopped or killed before that
         does not resume it. A job that has just ended keeps its final state."""
         with self._lock:
             self._cancel.setdefault(job_id, threading.Event()).set()

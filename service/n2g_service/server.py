@@ -201,7 +201,7 @@ class _StoppedWhileStarting(BaseException):
 @dataclass
 class RunningServer:
     """A started server: `port` is the bound port; `stop()` shuts it down cleanly (the build
-    worker stops after its current neuron group, which stays committed; the job resumes later)."""
+    worker stops at its next forward pass, the groups it committed kept; the job resumes later)."""
     server: grpc.Server
     app: N2GApp
     health: health.HealthServicer

@@ -134,7 +134,8 @@ class InProcessExecutor:
             on_start: Callable[[Unit, str], None] | None = None,
             on_progress: Callable[[Unit, int, int], None] | None = None) -> Iterator[UnitResult]:
         """``on_progress(unit, done, total)`` follows a scan unit batch by batch; a cancel
-        stops it within a batch (nothing of the unit is committed)."""
+        stops a unit at its next forward pass (nothing of the unit is committed)."""
+        from ..activations import Stopped, stop_when
         from ..jobs import BuildCancelled
 
         for unit in units:
@@ -150,8 +151,11 @@ class InProcessExecutor:
                     on_progress(unit, done, total)
 
             t0 = time.perf_counter()
-            with self.lock:
-                value = execute_unit(self.model, unit, windows, batch_done)
+            try:
+                with self.lock, stop_when(None if cancel is None else cancel.is_set):
+                    value = execute_unit(self.model, unit, windows, batch_done)
+            except Stopped:  # cancelled within the unit: nothing of it is committed
+                raise BuildCancelled() from None
             yield UnitResult(unit, value, time.perf_counter() - t0, "inprocess")
 
     def close(self) -> None:
