@@ -28,6 +28,14 @@ from n2g_service.config import ScanConfig
 from n2g_service.jobs import BuildRequest, run_build
 from n2g_service.models import native_random_model
 from n2g_service.workspace import Workspace
+import time
+from n2g_service.build import executors
+_unit = executors.execute_unit
+def paced_unit(*args, **kwargs):  # each unit takes 0.1 s more, so the watcher sees every stage
+    out = _unit(*args, **kwargs)
+    time.sleep(0.1)
+    return out
+executors.execute_unit = paced_unit
 model = native_random_model(n_layers=2, d_model=64, d_mlp=128, seed=0)
 req = BuildRequest(**{PLAIN!r}, scan=ScanConfig(**{SCAN!r}))
 run_build(Workspace(sys.argv[1]), model, req, job_id="j1")
