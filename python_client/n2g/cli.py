@@ -38,7 +38,7 @@ _TERMINAL_CONTROLS.update({c: f"\\u{c:04x}" for c in (0x061c, 0x200e, 0x200f, 0x
                                                        *range(0x2066, 0x206a))})
 
 
-def _shown(text: Any) -> str:
+def _printable(text: Any) -> str:
     """`text` safe to print: strings from a workspace or a server (model and corpus names, error
     messages, job messages) may hold terminal controls."""
     return str(text).translate(_TERMINAL_CONTROLS)
@@ -47,7 +47,7 @@ def _shown(text: Any) -> str:
 def print(*parts: Any, **kw: Any) -> None:  # noqa: A001 - every line this command prints is shown safely
     import builtins
 
-    builtins.print(*(_shown(p) for p in parts), **kw)
+    builtins.print(*(_printable(p) for p in parts), **kw)
 
 
 def _plain(obj: Any) -> Any:
@@ -330,7 +330,7 @@ def _progress_printer(json_mode: bool):
                 bar = bars[ev.stage] = tqdm(total=ev.total, initial=ev.done, desc=desc, unit=unit, file=sys.stderr)
             bar.total = ev.total
             bar.n = ev.done
-            bar.set_postfix_str(_shown(ev.message)[-40:])
+            bar.set_postfix_str(_printable(ev.message)[-40:])
             bar.refresh()
         elif ev.stage in ("corpus", "state") or (ev.stage in _BAR_UNITS and ev.message):
             print(f"[{ev.stage}] {ev.message}", file=sys.stderr)

@@ -405,8 +405,8 @@ class _Api:
     def graph(self, layer: int, neuron: int, *, structure: bool = False, dot: bool = False, svg: bool = False,
               json: bool = False, examples: bool = False, timeout: float | None = None) -> Graph:
         """One graph; `structure`, `dot`, `svg`, `json` and `examples` add those parts."""
-        return self._call("graph", dict(layer=_whole(layer, "layer"), neuron=_whole(neuron, "neuron"), structure=structure, dot=dot, svg=svg,
-                                        json=json, examples=examples), timeout)
+        return self._call("graph", dict(layer=_whole(layer, "layer"), neuron=_whole(neuron, "neuron"),
+                                        structure=structure, dot=dot, svg=svg, json=json, examples=examples), timeout)
 
     # -- activations ----------------------------------------------------------------------------
     def predict(self, neurons: Sequence, texts: Sequence[str] | None = None, *, token_ids=None,
@@ -440,7 +440,7 @@ class _Api:
                timeout: float | None = None) -> SearchResult:
         """Neurons matching every (token, role) clause; token is a label or a token id, role
         activating | context | either."""
-        out = [(_whole(t, "token id") if isinstance(t, (int, np.integer)) and not isinstance(t, bool) else str(t),
+        out = [(int(t) if isinstance(t, (int, np.integer)) and not isinstance(t, bool) else str(t),
                 _choice(r, vocab.ROLES, "role")) for t, r in _items(clauses, "clauses")]
         return self._call("search", dict(clauses=out, limit=limit), timeout)
 
@@ -588,15 +588,16 @@ def _unzip(data: bytes, out_dir) -> Path:
                 raise ValueError(f"report archive unpacks past {MAX_REPORT_UNPACKED_BYTES} bytes; refused")
             yield block
 
+    def count(entries: int | None) -> None:
+        if entries is not None and entries > MAX_REPORT_FILES:
+            raise ValueError(f"report archive holds {entries} files, past {MAX_REPORT_FILES}; refused")
+
     # ~93 bytes of archive an empty file: the count is read from the archive's end record before
     # zipfile parses its directory (11 M entries would take gigabytes there), and checked again after
-    entries = _zip_entries(data)
-    if entries is not None and entries > MAX_REPORT_FILES:
-        raise ValueError(f"report archive holds {entries} files, past {MAX_REPORT_FILES}; refused")
+    count(_zip_entries(data))
     (out / "index.html").unlink(missing_ok=True)
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        if len(zf.infolist()) > MAX_REPORT_FILES:
-            raise ValueError(f"report archive holds {len(zf.infolist())} files, past {MAX_REPORT_FILES}; refused")
+        count(len(zf.infolist()))
         front = root / "index.html"
         infos = sorted(zf.infolist(), key=lambda i: (root / i.filename).resolve() == front)  # ./index.html too
         for info in infos:

@@ -29,6 +29,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .models import LoadedModel
+from .workspace import utf8_text
 
 from n2g.vocab import DEFAULT_CORPUS  # noqa: E402
 FORTUNES_DIR = Path(os.environ.get("N2G_FORTUNES_DIR", "/usr/share/games/fortunes"))
@@ -72,18 +73,12 @@ class CorpusError(ValueError):
     """A corpus that cannot be read as text (a caller's mistake, not a bug: said in one line)."""
 
 
-def shown_path(path: Path | str) -> str:
-    """A path for a message: a file name that is not UTF-8 (Python keeps its bytes as lone
-    surrogates) is shown with escapes, so the message can be stored and sent."""
-    return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def _read_file(path: Path) -> str:
     """A corpus file's text. Regular files only (a FIFO would block a build for ever, a device
     never ends); UTF-8, or UTF-16/32 with a byte-order mark; any other bytes are refused with
     where they are, not decoded into replacement characters and built on silently. Line ends
     become "\\n" (as text-mode reading did)."""
-    name = shown_path(path)
+    name = utf8_text(path)
     try:
         if not stat.S_ISREG(path.stat().st_mode):
             raise CorpusError(f"corpus file {name} is not a regular file (a pipe, a device, ...): give a file")
@@ -107,7 +102,7 @@ def _read_file(path: Path) -> str:
 
 def _read_jsonl(path: Path) -> list[str]:
     out = []
-    name = shown_path(path)
+    name = utf8_text(path)
     for n, line in enumerate(_read_file(path).split("\n"), 1):
         line = line.strip()
         if not line:
@@ -135,7 +130,7 @@ def _load_path(path: Path) -> list[str]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl"))
         if not files:
-            raise CorpusError(f"no .txt or .jsonl files under {shown_path(path)}")
+            raise CorpusError(f"no .txt or .jsonl files under {utf8_text(path)}")
         texts: list[str] = []
         for f in files:
             texts.extend(_load_path(f))
@@ -144,7 +139,7 @@ def _load_path(path: Path) -> list[str]:
         return [_read_file(path)]
     if path.suffix == ".jsonl":
         return _read_jsonl(path)
-    raise CorpusError(f"unsupported corpus file {shown_path(path)}: use .txt, .jsonl or a directory of them")
+    raise CorpusError(f"unsupported corpus file {utf8_text(path)}: use .txt, .jsonl or a directory of them")
 
 
 def canonical_spec(spec: str) -> str:
@@ -155,7 +150,7 @@ def canonical_spec(spec: str) -> str:
     try:
         spec.encode("utf-8")
     except UnicodeEncodeError:  # a file name in another encoding: it could not be recorded and found again
-        raise CorpusError(f"corpus path {shown_path(spec)} is not UTF-8: rename it") from None
+        raise CorpusError(f"corpus path {utf8_text(spec)} is not UTF-8: rename it") from None
     return str(Path(spec).expanduser().absolute())
 
 
@@ -185,15 +180,15 @@ def load_texts(spec: str = DEFAULT_CORPUS) -> list[str]:
         return _load_hf(spec)
     path = Path(spec).expanduser()
     if not path.exists() and os.path.lexists(path):
-        raise FileNotFoundError(f"corpus {shown_path(spec)!r} is a link that leads nowhere (broken, or a loop)")
+        raise FileNotFoundError(f"corpus {utf8_text(spec)!r} is a link that leads nowhere (broken, or a loop)")
     if path.exists():
         texts = _load_path(path)
         texts = [t for t in texts if t.strip()]
         if not texts:
-            raise CorpusError(f"corpus {shown_path(spec)} holds no text")
+            raise CorpusError(f"corpus {utf8_text(spec)} holds no text")
         return texts
     raise FileNotFoundError(
-        f"unknown corpus {shown_path(spec)!r}: use 'fortunes', a path to .txt/.jsonl files, or 'hf:<dataset>'"
+        f"unknown corpus {utf8_text(spec)!r}: use 'fortunes', a path to .txt/.jsonl files, or 'hf:<dataset>'"
     )
 
 

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from .jobs import BuildEvent
 from .workspace import (ACTIVE_JOB_STATES, MAX_JOB_REQUEST_BYTES, TERMINAL_JOB_STATES, JobRecord, Workspace,
-                        WorkspaceError)
+                        WorkspaceError, utf8_text)
 
 log = logging.getLogger("n2g.jobs")
 
@@ -146,7 +146,7 @@ class JobQueue:
         return None
 
     def _fail(self, job: JobRecord, reason: str) -> None:
-        reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")  # storable and sendable
+        reason = utf8_text(reason)  # storable and sendable
         log.warning("job %s failed: %s", job.id, reason)
         try:
             self.ws.update_job(job.id, state="failed", error=reason)

@@ -36,6 +36,7 @@ from n2g.v1 import n2g_pb2 as pb
 from n2g.vocab import DEFAULT_PORT  # noqa: F401 - re-exported for callers of serve()
 
 from .app import Deadline, N2GApp, as_n2g_error, open_workspace
+from .workspace import utf8_text
 
 log = logging.getLogger("n2g.server")
 
@@ -75,10 +76,9 @@ def _abort(context, rpc: str, e: Exception):
         context.abort_with_status(rpc_status.to_status(_status_with_retry(err)))
     if err is not None:
         # (a message may quote a file name that is not UTF-8: sent with escapes, not an encoding error)
-        context.abort(err.code, err.message.encode("utf-8", "backslashreplace").decode("utf-8"))
+        context.abort(err.code, utf8_text(err.message))
     log.exception("internal error in %s", rpc)
-    message = f"internal error in {rpc}: {type(e).__name__}: {str(e)[:500]}"
-    context.abort(C.INTERNAL, message.encode("utf-8", "backslashreplace").decode("utf-8"))
+    context.abort(C.INTERNAL, utf8_text(f"internal error in {rpc}: {type(e).__name__}: {str(e)[:500]}"))
 
 
 def _status_with_retry(err: N2GError) -> status_pb2.Status:

@@ -341,6 +341,12 @@ def _check_db_file(db: Path, where: str) -> None:
             "restore it from a backup or build into a new workspace", "damaged")
 
 
+def utf8_text(text: object) -> str:
+    """``text`` as SQLite and gRPC can carry it: a lone surrogate (how Python holds a file name in
+    another encoding) becomes its escape, e.g. "\\udce9"."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _file_id(path: Path) -> tuple[int, int] | None:
     """Which file `path` names now (device, inode), None if none."""
     try:
