@@ -250,20 +250,43 @@ def test_jobs_cancel_on_a_workspace_no_process_runs(capsys, tmp_path):
     holder.close()
 
 
-def test_watching_a_job_no_process_runs_says_so(tmp_path):
+def test_watching_a_job_no_process_runs_says_so(capsys, tmp_path):
     """A reader's WatchJob on a job whose server was killed sent one `running` event, then nothing
-    until the caller's deadline."""
+    until the caller's deadline; GetJob and ListJobs said `running` as for a live job."""
+    from n2g.client import N2GClient
     from n2g.local import LocalN2GClient
+    from n2g_service.server import serve
     from n2g_service.workspace import Workspace
 
     ws = Workspace(tmp_path / "ws", create=True, model="native:0", corpus="fortunes", hook="mlp.hook_post")
     ws.create_job("orphan", {"layers": [0], "neurons": [1]}, 1)
     ws.update_job("orphan", state="running")
+    ws.create_job("ended", {"layers": [0], "neurons": [2]}, 1)
+    ws.update_job("ended", state="succeeded")
     ws.close()
     with LocalN2GClient(tmp_path / "ws", no_model=True) as c:
         events = list(c.watch_job("orphan", timeout=2.5))
+        local = [c.get_job("orphan"), *c.list_jobs()]
     assert [e.job.state for e in events] == ["running", "running"]
-    assert "no process is running this job" in events[1].message
+    assert "no process is running this job" in events[1].message and events[1].job.orphaned
+    running = serve(tmp_path / "ws", no_model=True, port=0, block=False)
+    try:
+        with N2GClient(f"127.0.0.1:{running.port}") as c:
+            remote = [c.get_job("orphan"), *c.list_jobs()]
+    finally:
+        running.stop(0)
+    for jobs in (local, remote):
+        assert [(j.id, j.state, j.orphaned) for j in jobs] == [
+            ("orphan", "running", True), ("orphan", "running", True), ("ended", "succeeded", False)]
+    code, out, err = run(capsys, "jobs", "--workspace", str(tmp_path / "ws"))
+    assert code == 0 and "running (no process runs it)" in out and "resumes when `n2g serve`" in out
+    # a writer holding the workspace runs it (or will): not orphaned
+    w = Workspace(tmp_path / "ws", mode="write")
+    try:
+        with LocalN2GClient(tmp_path / "ws", no_model=True) as c:
+            assert not c.get_job("orphan").orphaned
+    finally:
+        w.close()
 
 
 def test_terminal_controls_in_workspace_or_server_strings_are_shown_not_obeyed(capsys, setup, tmp_path):

@@ -494,6 +494,41 @@ def test_huge_texts_are_refused_fast_and_do_not_starve_a_small_predict(model_srv
 # ---------------------------------------------------------------------------------------------
 # 5. one writer per workspace
 
+def test_a_database_replaced_under_a_server_is_data_loss_and_not_serving(tmp_path_factory):
+    """With n2g.sqlite replaced (a restored backup) under a running server, its writes failed but its
+    reads went on answering from the deleted file, and health said SERVING."""
+    import shutil
+
+    from n2g_service.server import serve
+
+    ws = native_workspace(tmp_path_factory, "rel-replaced")
+    key = _keys(ws)[0]
+    backup = ws.parent / "backup.sqlite"
+    shutil.copy(_db(ws), backup)
+    running = serve(ws, no_model=True, port=0, block=False, max_workers=8)
+    try:
+        with N2GClient(f"127.0.0.1:{running.port}") as c:
+            assert c.health() == "SERVING" and c.graph(*key).key == key
+            os.replace(backup, _db(ws))
+            for call in (c.list_graphs, lambda: c.graph(*key), lambda: list(c.watch_job("none"))):
+                with pytest.raises(N2GError) as e:
+                    call()
+                assert e.value.code == C.DATA_LOSS and "removed or replaced" in e.value.message \
+                    and "restart the server" in e.value.message
+            deadline = time.monotonic() + 10
+            while c.health() == "SERVING" and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert c.health() == "NOT_SERVING"
+    finally:
+        running.stop(0)
+    running = serve(ws, no_model=True, port=0, block=False, max_workers=8)  # a restart serves the file there now
+    try:
+        with N2GClient(f"127.0.0.1:{running.port}") as c:
+            assert c.health() == "SERVING" and c.graph(*key).key == key
+    finally:
+        running.stop(0)
+
+
 def test_a_second_server_or_local_build_on_a_served_workspace_is_refused(model_srv):
     ws = str(model_srv.workspace)
     p = run_cli("serve", "--workspace", ws, "--port", "0", *MODEL_ARGS, check=False, timeout=120)

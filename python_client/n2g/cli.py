@@ -435,7 +435,19 @@ def _job_row(j) -> tuple:
     req = j.request
     what = f"layers {req.get('layers')} " + (f"neurons {req['neurons']}" if req.get("neurons")
                                              else f"sample {req.get('sample')}")
-    return (j.id, j.state, f"{j.done}/{j.total}", when, what, j.error or "")
+    state = f"{j.state} (no process runs it)" if j.orphaned else j.state
+    return (j.id, state, f"{j.done}/{j.total}", when, what, j.error or "")
+
+
+_ORPHAN_HINT = ("a job no process runs resumes when `n2g serve` with the model (or the same `n2g build`) "
+                "opens the workspace; `n2g jobs cancel ID --workspace W` drops it")
+
+
+def _print_jobs(jobs) -> None:
+    print(_table([_job_row(j) for j in jobs], ["id", "state", "done", "created", "request", "error"])
+          if jobs else "no jobs")
+    if any(j.orphaned for j in jobs):
+        print(_ORPHAN_HINT)
 
 
 def _cmd_jobs(args) -> int:
@@ -447,8 +459,7 @@ def _cmd_jobs(args) -> int:
             if args.json:
                 _print_json(list(jobs))
             else:
-                print(_table([_job_row(j) for j in jobs], ["id", "state", "done", "created", "request", "error"])
-                      if jobs else "no jobs")
+                _print_jobs(jobs)
                 if jobs.total > len(jobs):
                     print(f"(the newest {len(jobs)} of {jobs.total})")
             return 0
@@ -473,7 +484,7 @@ def _cmd_jobs(args) -> int:
     if args.json:
         _print_json(job)
     else:
-        print(_table([_job_row(job)], ["id", "state", "done", "created", "request", "error"]))
+        _print_jobs([job])
     return 0
 
 

@@ -75,12 +75,13 @@ def _token_ids(msgs) -> list[list[int]]:
 
 def _job(r: pb.Job) -> T.Job:
     return T.Job(r.id, _name(JOB_STATE, r.state, "job state", "unknown") or "unknown", r.total, r.done, r.error,
-                 r.created_at, r.updated_at, json.loads(r.request_json) if r.request_json else {})
+                 r.created_at, r.updated_at, json.loads(r.request_json) if r.request_json else {}, r.orphaned)
 
 
 def _job_pb(j: T.Job) -> pb.Job:
     return pb.Job(id=j.id, state=JOB_STATE.get(j.state, 0), total=j.total, done=j.done, error=j.error or "",
-                  created_at=j.created_at, updated_at=j.updated_at, request_json=json.dumps(j.request, sort_keys=True))
+                  created_at=j.created_at, updated_at=j.updated_at, request_json=json.dumps(j.request, sort_keys=True),
+                  orphaned=j.orphaned)
 
 
 def _scores(rs) -> list[T.MethodScore]:

@@ -91,6 +91,9 @@ class Job:
     created_at: float
     updated_at: float
     request: dict[str, Any]
+    # queued or running, but no process holds the workspace to run it (its server or build
+    # stopped); it resumes when a writer (`n2g serve` with the model, the same `n2g build`) opens it
+    orphaned: bool = False
 
     @property
     def finished(self) -> bool:

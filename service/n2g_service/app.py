@@ -327,6 +327,13 @@ class N2GApp:
         self._heavy.shutdown(wait=False, cancel_futures=True)
         self.ws.close()
 
+    def check_workspace(self) -> None:
+        """DATA_LOSS once the workspace's database was removed or replaced under this process: its
+        answers would come from the old file and its writes would be lost."""
+        if self.ws.replaced():
+            raise N2GError(C.DATA_LOSS, f"workspace {self.ws.path}: its database was removed or replaced "
+                                        "while this server had it open; restart the server to serve what is there now")
+
     def _heavy_call(self, fn: Callable[[], Any], deadline: Deadline, what: str) -> Any:
         """`fn()` on a heavy-work thread; DEADLINE_EXCEEDED when the caller's deadline passes
         first (the thread finishes on its own), RESOURCE_EXHAUSTED when every slot is busy."""
@@ -731,8 +738,15 @@ class N2GApp:
             raise not_found(f"no job {job_id!r} in this workspace (ListJobs shows the known ones)")
         return job
 
+    def _orphaned(self, job: JobRecord) -> bool:
+        """Whether a job that has not ended has no process to run it: no writer holds the workspace
+        (its server or build stopped). Only a reader sees this; a writer resumes such jobs."""
+        return (job.state not in vocab.JOB_FINAL and self.jobs.current != job.id
+                and self.ws.writer_holder() is None)
+
     def get_job(self, job_id: str, *, deadline: Deadline = NO_DEADLINE) -> T.Job:
-        return _job(self._job_record(job_id))
+        job = self._job_record(job_id)
+        return _job(job, self._orphaned(job))
 
     def cancel_job(self, job_id: str, *, deadline: Deadline = NO_DEADLINE) -> T.Job:
         job = self._job_record(job_id)
@@ -750,7 +764,7 @@ class N2GApp:
         states = sorted(set(states)) if states else None
         jobs = self.ws.list_jobs(states, limit=limit or None)
         total = self.ws.count_jobs(states) if limit else len(jobs)
-        return T.ListResult([_job(j) for j in jobs], total)
+        return T.ListResult([_job(j, self._orphaned(j)) for j in jobs], total)
 
     def watch_job(self, job_id: str, *, deadline: Deadline = NO_DEADLINE) -> Iterator[T.JobEvent]:
         """The job as it stands, then its progress events, ending with the one that finishes it."""
@@ -763,7 +777,7 @@ class N2GApp:
         q = self.jobs.subscribe(job.id)
         try:
             job = self.ws.get_job(job.id)
-            yield T.JobEvent(_job(job), "state", job.done, job.total, job.state, None, 0.0)
+            yield T.JobEvent(_job(job, self._orphaned(job)), "state", job.done, job.total, job.state, None, 0.0)
             if job.state in vocab.JOB_FINAL:
                 return
             last_done = job.done
@@ -785,9 +799,9 @@ class N2GApp:
                                          f"{now.done}/{now.total} neurons committed", None, 0.0)
                     # no writer anywhere (its server or build died): say so once, rather than look
                     # like a job that is merely slow; it resumes when a writer opens the workspace
-                    orphaned = self.jobs.current != job.id and self.ws.writer_holder() is None
+                    orphaned = self._orphaned(now)
                     if orphaned and not orphan_said:
-                        yield T.JobEvent(_job(now), "state", now.done, now.total,
+                        yield T.JobEvent(_job(now, True), "state", now.done, now.total,
                                          "no process is running this job (its server or build stopped): it resumes "
                                          "when `n2g serve` with the model opens the workspace", None, 0.0)
                     orphan_said = orphaned
@@ -1117,9 +1131,9 @@ def method_scores(metrics: dict[str, Any]) -> list[T.MethodScore]:
     return out
 
 
-def _job(job: JobRecord) -> T.Job:
+def _job(job: JobRecord, orphaned: bool = False) -> T.Job:
     return T.Job(job.id, job.state, job.total, job.done, job.error or "", job.created_at, job.updated_at,
-                 job.request)
+                 job.request, orphaned)
 
 
 def _pair(p) -> T.Pair:

@@ -102,6 +102,7 @@ class N2GServicer:
                 try:
                     if isinstance(request, _BadRequest):
                         raise N2GError(C.INVALID_ARGUMENT, request.message)
+                    self.app.check_workspace()
                     for item in method(**op.args(request), deadline=_deadline(context)):
                         yield op.result_pb(item)
                 except Exception as e:  # noqa: BLE001 - one request never takes the server down
@@ -112,6 +113,7 @@ class N2GServicer:
             try:
                 if isinstance(request, _BadRequest):
                     raise N2GError(C.INVALID_ARGUMENT, request.message)
+                self.app.check_workspace()
                 deadline = _deadline(context)
                 deadline.check()
                 return op.result_pb(method(**op.args(request), deadline=deadline))
@@ -212,7 +214,23 @@ class RunningServer:
     def servicer(self) -> N2GApp:  # older name
         return self.app
 
+    def __post_init__(self) -> None:
+        self._stopping = threading.Event()
+        threading.Thread(target=self._watch_workspace, name="n2g-workspace-watch", daemon=True).start()
+
+    def _watch_workspace(self, every_s: float = 2.0) -> None:
+        """Health NOT_SERVING once the workspace's database is removed or replaced under the server
+        (every RPC then answers DATA_LOSS): a balancer or an operator's probe sees it needs a restart."""
+        while not self._stopping.wait(every_s):
+            if self.app.ws.replaced():
+                log.error("workspace %s: its database was removed or replaced under this server; serving nothing "
+                          "until restarted", self.app.ws.path)
+                for name in ("", SERVICE_NAME):
+                    self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+                return
+
     def stop(self, grace: float | None = 2.0) -> None:
+        self._stopping.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.app.close()

@@ -347,6 +347,11 @@ def utf8_text(text: object) -> str:
     return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def _in(column: str, values: Collection[Any]) -> str:
+    """`column IN (?, ...)` for ``values`` (bound as parameters; never empty: SQL has no `IN ()`)."""
+    return f"{column} IN ({', '.join('?' * len(values))})"
+
+
 def _file_id(path: Path) -> tuple[int, int] | None:
     """Which file `path` names now (device, inode), None if none."""
     try:
@@ -559,6 +564,7 @@ class Workspace:
         # once per version, so listings stay cheap
         self._verdicts: dict[tuple[int, int], tuple[tuple, str | None]] = {}
         self._uri: str | None = None  # set to open a read-only directory immutably
+        self._opened_file: tuple[int, int] | None = None  # (device, inode) once open: see replaced()
         self._added_columns = False
         if not self._db_path.exists():
             if not create:
@@ -576,6 +582,8 @@ class Workspace:
                 self._open_immutable()
             elif mode == "auto" and not self._schema_complete():
                 self._upgrade_schema()
+        # the file this handle opened: a database removed or replaced under it is detected (replaced())
+        self._opened_file = _file_id(self._db_path)
         try:
             found = self.get_meta("schema_version")
         except WorkspaceError as e:
@@ -613,6 +621,11 @@ class Workspace:
     @property
     def is_writer(self) -> bool:
         return self._writer.held
+
+    def replaced(self) -> bool:
+        """Whether the database file this handle opened was removed or replaced since: its open
+        connections would go on reading the old file and writing where nothing is kept."""
+        return self._opened_file is not None and _file_id(self._db_path) != self._opened_file
 
     def writer_holder(self) -> dict[str, Any] | None:
         """The details (pid, host, purpose, since) of the process holding the writer lock, or
@@ -776,7 +789,7 @@ class Workspace:
         if not self._writer.held:
             self._become_writer()
         conn = self._conn()
-        if _file_id(self._db_path) != self._local.file_id:
+        if _file_id(self._db_path) != self._local.file_id or self.replaced():
             # SQLite would go on writing to the unlinked file and report success: nothing would be kept
             raise WorkspaceError(f"workspace {self.path}: {DB_NAME} was removed or replaced while this process had it "
                                  "open; what it writes now would be lost, so it stops (start it again)", "damaged")
@@ -1038,7 +1051,7 @@ class Workspace:
         args: list[int] = []
         if layers is not None:
             args = sorted({int(l) for l in layers})
-            sql += f" WHERE layer IN ({', '.join('?' * len(args))})" if args else " WHERE 0"
+            sql += f" WHERE {_in('layer', args)}" if args else " WHERE 0"
         for row in self._conn().execute(sql + " ORDER BY layer, neuron", args):
             key, fp = (row[0], row[1]), tuple(row[9:10])
             if self._known_damaged(key, fp):
@@ -1059,7 +1072,7 @@ class Workspace:
         if not layers:
             return {}
         sql = ("SELECT layer, neuron, CASE WHEN json_valid(stats) THEN json_extract(stats, '$.fit_config') END "
-               f"FROM neurons WHERE layer IN ({', '.join('?' * len(layers))})")
+               f"FROM neurons WHERE {_in('layer', layers)}")
         out: dict[str, list[tuple[int, int]]] = {}
         for layer, neuron, settings in self._conn().execute(sql, layers):
             if (layer, neuron) in wanted:
@@ -1199,7 +1212,7 @@ class Workspace:
             if val is not None:
                 sets.append(f"{col} = ?")
                 args.append(val)
-        where = " AND state IN ({})".format(", ".join("?" * len(only_if))) if only_if else ""
+        where = f" AND {_in('state', only_if)}" if only_if else ""
         with self.transaction() as c:
             cur = c.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?{where}", (*args, job_id, *(only_if or ())))
             return cur.rowcount > 0
@@ -1250,7 +1263,7 @@ class Workspace:
         bad = [s for s in states if s not in JOB_STATES]
         if bad:
             raise WorkspaceError(f"unknown job state {bad[0]!r}: one of {', '.join(JOB_STATES)}", "invalid")
-        return f" WHERE state IN ({', '.join('?' * len(states))})", list(states)
+        return f" WHERE {_in('state', states)}", list(states)
 
     # -- evaluation on ordinary text (owned by evaluate.py) ---------------------------------------
     def window_count(self) -> int | None:
