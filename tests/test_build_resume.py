@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from n2g_service.config import ScanConfig
-from n2g_service.jobs import BuildRequest, run_build
+from n2g_service.jobs import BuildRequest, plan_neurons, run_build
 from n2g_service.workspace import BuildStore, Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ SCRIPT = f"""
 import sys
 sys.path.insert(0, {str(ROOT / 'service')!r})
 from n2g_service.config import ScanConfig
-from n2g_service.jobs import BuildRequest, run_build
+from n2g_service.jobs import BuildRequest, plan_neurons, run_build
 from n2g_service.models import native_random_model
 from n2g_service.workspace import Workspace
 import time
@@ -146,6 +146,44 @@ def test_a_rebuild_with_other_fit_settings_is_refused_not_mixed(native_model, na
     again = BuildRequest(**dict(small, neurons=[5, 9, 12]),
                          fit=dataclasses.replace(preset("paper"), batch_tokens=1024))
     assert run_build(ws, native_model, again) == [(0, 5), (0, 9), (0, 12)]
+
+
+def test_other_fit_settings_are_refused_before_any_scan_and_a_larger_scan_serves(native_model, native_windows,
+                                                                                 tmp_path):
+    """A build asking other fit settings for a built neuron scanned the whole corpus first (hours
+    at depth) and only then failed, having replaced the stored scan by one of its own smaller k
+    (the default fit keeps 40 windows a neuron, the paper's 20): the next default build scanned
+    again. The check now runs before any scan (the dry run's too), and a stored scan with a larger
+    k serves a smaller one exactly."""
+    import pytest
+
+    from n2g_service.build.summary import plan_summary
+    from n2g_service.fit import preset
+
+    ws = _new_ws(tmp_path / "ws", native_model, native_windows[:128])
+    assert run_build(ws, native_model, BuildRequest(layers=[0], neurons=[5], group_size=2,
+                                                    scan=ScanConfig(k=12, window_tokens=32))) == [(0, 5)]
+    scan = ws.load_layer_scan(0)
+    assert scan["top_window_ids"].shape[1] == 12
+    paper = dict(layers=[0], group_size=2, scan=ScanConfig(**SCAN), fit=preset("paper"))
+    for neurons, sample in (([5, 9], None), (None, native_model.d_mlp)):  # a sample's come from the stored a_max
+        req = BuildRequest(**paper, neurons=neurons, sample=sample, seed=0)
+        if sample is not None:
+            assert (0, 5) in plan_neurons(req, {0: scan["max_activation"]})
+        with pytest.raises(ValueError, match=r"neuron 0:5 .*other fit settings"):
+            plan_summary(ws, native_model, req, calibrate=False)
+        with pytest.raises(ValueError, match=r"neuron 0:5 .*other fit settings"):
+            run_build(ws, native_model, req)
+        after = ws.load_layer_scan(0)
+        assert after["top_window_ids"].shape[1] == 12 and after["seconds"] == scan["seconds"]  # not scanned again
+    # another neuron with the paper fit: the k=12 scan serves k=6, the same graph as a k=6 scan gives
+    assert run_build(ws, native_model, BuildRequest(**paper, neurons=[9])) == [(0, 9)]
+    assert ws.load_layer_scan(0)["seconds"] == scan["seconds"]
+    fresh = _new_ws(tmp_path / "fresh", native_model, native_windows[:128])
+    run_build(fresh, native_model, BuildRequest(**paper, neurons=[9]))
+    assert fresh.load_layer_scan(0)["top_window_ids"].shape[1] == 6
+    assert ws.get_neuron(0, 9).graph().to_json() == fresh.get_neuron(0, 9).graph().to_json()
+    assert ws.get_neuron(0, 9).examples == fresh.get_neuron(0, 9).examples
 
 
 def test_a_cancel_is_kept_when_the_server_stops_before_the_job_does(native_model, native_windows, tmp_path):

@@ -289,6 +289,26 @@ def test_watching_a_job_no_process_runs_says_so(capsys, tmp_path):
         w.close()
 
 
+def test_a_build_with_other_fit_settings_is_refused_before_it_scans(capsys, tmp_path):
+    """`--method paper` on a neuron the default fit built scanned the whole corpus before it failed,
+    and its dry run planned that scan without a word."""
+    from n2g_servers import write_corpus
+    from n2g_service.workspace import Workspace
+
+    corpus = write_corpus(tmp_path / "c.jsonl", n_texts=200)
+    ws = tmp_path / "ws"
+    common = ("--workspace", str(ws), "--model", "native:0", "--corpus", str(corpus), "--layers", "0",
+              "--window-tokens", "32", "--device", "cpu")
+    code, out, err = run(capsys, "build", *common, "--neurons", "1")
+    assert code == 0, err
+    k = Workspace(ws, mode="read").load_layer_scan(0)["top_window_ids"].shape[1]
+    for extra in (("--dry-run",), ()):
+        code, out, err = run(capsys, "build", *common, "--neurons", "1", "2", "--method", "paper", *extra)
+        assert code != 0 and "neuron 0:1 was built with other fit settings" in err and "Traceback" not in err, err
+        assert "scan" not in out.lower(), out
+    assert Workspace(ws, mode="read").load_layer_scan(0)["top_window_ids"].shape[1] == k  # the scan kept
+
+
 def test_terminal_controls_in_workspace_or_server_strings_are_shown_not_obeyed(capsys, setup, tmp_path):
     """A model name, corpus or error message holding ESC sequences set the terminal's title and
     cleared its screen when printed."""

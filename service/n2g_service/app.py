@@ -714,6 +714,7 @@ class N2GApp:
         short calibration of the forward pass under the model lock). Writes nothing."""
         from .build.summary import plan_summary
         from .corpus import CorpusError
+        from .jobs import BuiltWithOtherSettings
 
         req = self.build_request(layers, layer_spec, neurons, sample, seed, group_size, k, window_tokens,
                                  config_json, executor, ray_address, workers, precision, shard_windows,
@@ -721,7 +722,8 @@ class N2GApp:
         with self.host.forward(deadline) as model:
             try:
                 s = plan_summary(self.ws, model, req)
-            except (FileNotFoundError, CorpusError) as e:  # the workspace's corpus is gone or unreadable
+            except (FileNotFoundError, CorpusError, BuiltWithOtherSettings) as e:
+                # the workspace's corpus is gone or unreadable, or holds these neurons fitted otherwise
                 raise N2GError(C.FAILED_PRECONDITION, str(e)) from None
         return T.BuildPlan(list(s.layers), int(s.neurons), int(s.neurons_built), int(s.scan_shards),
                            int(s.scan_tokens), int(s.fit_groups), s.total_seconds, s.format(),

@@ -327,7 +327,7 @@ def build_group(ws: Workspace, model, layer: int, neurons: list[int], windows: n
                 scan: dict[str, Any], req: BuildRequest, job_id: str | None) -> list[NeuronRecord]:
     """Fits, evaluates and commits a group of neurons of one layer (outside any plan)."""
     records = compute_group(model, layer, neurons, windows, [float(scan["max_activation"][n]) for n in neurons],
-                            [scan["top_window_ids"][n].tolist() for n in neurons], req, job_id)
+                            [scan["top_window_ids"][n][:req.scan.k].tolist() for n in neurons], req, job_id)
     for rec in records:
         ws.put_neuron(rec)
     return records
@@ -369,16 +369,39 @@ def _scan_identity(req: BuildRequest, windows: np.ndarray, excluded: np.ndarray)
     return scan_key(windows.shape[0], windows.shape[1], req.scan.k, excluded)
 
 
-def _layers_to_scan(ws: Workspace, layers: list[int], k: int, key: str) -> list[int]:
-    """Layers with no stored scan, a scan with fewer than k windows a neuron, or one made with
-    other excluded windows."""
+def _stored_scans(ws: Workspace, layers: list[int], windows: np.ndarray, excluded: np.ndarray) -> dict[int, dict]:
+    """The stored scans of ``layers`` made on these windows with these excluded, whatever their k
+    (a_max does not depend on k; the best k' < k windows of a k-scan are the k'-scan's, exactly)."""
     keys = ws.get_meta_json("scan_keys", {}) or {}
-    out = []
+    out = {}
     for l in layers:
         s = ws.load_layer_scan(l)
-        if s is None or s["top_window_ids"].shape[1] < k or keys.get(str(l), key) != key:
-            out.append(l)
+        if s is None:
+            continue
+        own = scan_key(windows.shape[0], windows.shape[1], s["top_window_ids"].shape[1], excluded)
+        if keys.get(str(l), own) == own:
+            out[l] = s
     return out
+
+
+def _layers_to_scan(ws: Workspace, layers: list[int], k: int, windows: np.ndarray, excluded: np.ndarray) -> list[int]:
+    """Layers with no stored scan of these windows and excluded ones, or one of fewer than k
+    windows a neuron (a larger k serves)."""
+    stored = _stored_scans(ws, layers, windows, excluded)
+    return [l for l in layers if l not in stored or stored[l]["top_window_ids"].shape[1] < k]
+
+
+def keys_known_before_scan(ws: Workspace, req: BuildRequest, layers: list[int], windows: np.ndarray,
+                           excluded: np.ndarray) -> list[tuple[int, int]]:
+    """The keys of a request known without scanning: its explicit neurons, or its sample on the
+    layers a stored scan covers. Their fit settings are checked before any scan runs."""
+    if req.neurons is not None:
+        return [(l, n) for l in layers for n in sorted(set(req.neurons))]
+    return plan_neurons(req, {l: s["max_activation"] for l, s in _stored_scans(ws, layers, windows, excluded).items()})
+
+
+class BuiltWithOtherSettings(ValueError):
+    """A build asks other fit settings for a neuron the workspace already holds a graph of."""
 
 
 # Fit settings that change how a fit runs, not the graph it makes (sized to the device per build)
@@ -407,7 +430,7 @@ def check_built_settings(ws, keys: Sequence[tuple[int, int]], fit: FitConfig) ->
             diff = [k for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)]
             shown = ", ".join(f"{k}={got.get(k)!r} (now {want.get(k)!r})" for k in diff[:4])
             more = f" (and {len(built) - 1} more)" if len(built) > 1 else ""
-            raise ValueError(f"neuron {layer}:{neuron}{more} was built with other fit settings: {shown}"
+            raise BuiltWithOtherSettings(f"neuron {layer}:{neuron}{more} was built with other fit settings: {shown}"
                              f"{' ...' if len(diff) > 4 else ''}. A workspace keeps one graph a neuron: build these "
                              f"settings in another workspace, or leave the built neurons out")
 
@@ -451,9 +474,11 @@ def run_build(ws: Workspace, model, req: BuildRequest, *, job_id: str | None = N
     def on_start(unit: Unit, worker: str) -> None:
         store.mark_started(plan_id, unit.unit_id, worker)
 
+    # a built neuron with other fit settings refuses the build before hours of scanning, not after
+    check_built_settings(ws, keys_known_before_scan(ws, req, layers, windows, excluded), req.fit)
     try:
         # -- scan shards ------------------------------------------------------------------------
-        missing = _layers_to_scan(ws, layers, req.scan.k, key)
+        missing = _layers_to_scan(ws, layers, req.scan.k, windows, excluded)
         scan_cfg = req.scan
         if missing and (req.executor == "ray" or model.device.type == "cuda"):
             scan_cfg = dataclasses.replace(req.scan, batch_size=device_sizes(
@@ -544,7 +569,8 @@ def run_build(ws: Workspace, model, req: BuildRequest, *, job_id: str | None = N
             units.append(Unit(u.unit_id, "fit", {
                 "layer": g.layer, "neurons": neurons, "request": fit_req.to_dict(), "job_id": job_id,
                 "max_activation": [float(s["max_activation"][n]) for n in neurons],
-                "top_window_ids": [s["top_window_ids"][n].tolist() for n in neurons], "heldout": excluded}))
+                "top_window_ids": [s["top_window_ids"][n][:req.scan.k].tolist() for n in neurons],
+                "heldout": excluded}))
         if units:
             for r in get_executor().run(units, windows, cancel=cancel, on_start=on_start):
                 store.commit_fit_unit(plan_id, r.unit.unit_id, r.value, r.seconds, r.worker)
