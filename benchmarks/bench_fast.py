@@ -381,10 +381,10 @@ def bench_memory(args, synth: Synth) -> None:
         print(f"    {name}: {full['version']}")
         print(f"        bytes per graph: RSS growth {full['rss'] / n:,.0f}, after malloc_trim {full['rss_trim'] / n:,.0f}"
               + (f", accounted heap_bytes {full['heap'] / n:,.0f}" if full["heap"] else "")
-              + f"; after a first prediction over 1,000 graphs (trimmed) {full['rss_after_predict'] / n:,.0f}")
+              + f"; after a first prediction over {min(n, 1000):,} graphs (trimmed) {full['rss_after_predict'] / n:,.0f}")
         print(f"        load {n} graphs from the store file: {load * 1e3:.0f} ms best of 3 (file {full['file'] / n:.0f} bytes per graph); "
               f"from to_bytes() blobs: {full['blobs_s'] * 1e3:.0f} ms")
-        print(f"        predict 1,000 graphs x {args.sequences} x {args.tokens}: greedy_deepest {full['greedy_deepest'] / 1e6:.0f} M, "
+        print(f"        predict {min(n, 1000):,} graphs x {args.sequences} x {args.tokens}: greedy_deepest {full['greedy_deepest'] / 1e6:.0f} M, "
               f"all_paths_max {full['all_paths_max'] / 1e6:.0f} M neuron-tokens/s (best of 5)")
     if len(results) == 2:
         (a, fa), (b, fb) = results["this build"], results["baseline"]

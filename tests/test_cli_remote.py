@@ -94,6 +94,46 @@ def test_export_and_svg(capsys, setup, tmp_path):
     assert code == 0 and (tmp_path / "g.svg").read_text().lstrip().startswith("<")
 
 
+def test_the_commands_a_new_user_tripped_on(capsys, setup, tmp_path):
+    """A walk through the README found: a refused export left its folders; `--layers 0-1` and `all`
+    worked for build only; `--server` naming no server said "Connection refused" and nothing
+    more, and a host without a port went to 443; `n2g ... | head` ended in "error: Broken pipe";
+    `progress=print` printed ~2 KB an event; cancelling an ended job said nothing."""
+    import subprocess
+
+    from n2g.client import N2GClient
+    from n2g_servers import PYTHON, env, free_port
+    from n2g_service.workspace import Workspace
+
+    ws, addr = setup
+    code, out, err = run(capsys, "export", "--out", str(tmp_path / "bad"), "--layers", "40", "--server", addr)
+    assert code == 1 and "out of range" in err and not (tmp_path / "bad").exists()
+    layers = sorted({l for l, _ in Workspace(ws, mode="read").built_keys()})
+    assert layers == [0, 1]
+    for cmd in (("eval", "--json"), ("graph", "--json")):
+        explicit = both(capsys, setup, *cmd, "--layers", "0", "1")
+        assert both(capsys, setup, *cmd, "--layers", "0-1") == explicit == both(capsys, setup, *cmd, "--layers", "all")
+    assert both(capsys, setup, "graph", "--json", "--layers", "1") != explicit
+    code, out, err = run(capsys, "graph", "--layers", "1-0", "--workspace", str(ws))
+    assert code == 2 and "--layers: bad layer range" in err
+    # no server there: what to check, in one line
+    code, out, err = run(capsys, "info", "--server", f"127.0.0.1:{free_port()}", "--timeout", "3")
+    assert code == 1 and "UNAVAILABLE" in err and "is an n2g server running at 127.0.0.1:" in err
+    assert N2GClient("localhost").target == "localhost:50051" and N2GClient("[::1]").target == "[::1]:50051"
+    assert N2GClient(addr).target == addr and N2GClient("dns:///h:1").target == "dns:///h:1"
+    # a reader that goes away early: no error, the exit status of a broken pipe
+    p = subprocess.Popen([PYTHON, "-m", "n2g.cli", "graph", "--workspace", str(ws)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env())
+    p.stdout.close()
+    assert p.wait(120) == 141 and p.stderr.read() == b""
+    with N2GClient(addr) as c:
+        [job] = c.list_jobs()
+        event = next(iter(c.watch_job(job.id)))
+    assert str(event) == f"[{job.id}] state {event.done}/{event.total}: {event.message}" and "\n" not in str(event)
+    code, out, err = run(capsys, "jobs", "cancel", job.id, "--server", addr)
+    assert code == 0 and f"had already ended ({job.state}): nothing to cancel" in err
+
+
 def test_errors_are_one_line(capsys, setup):
     ws, addr = setup
     code, out, err = run(capsys, "graph", "0", "127", "--server", addr)

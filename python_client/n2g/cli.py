@@ -407,6 +407,18 @@ def _layers(specs: Sequence[str]) -> list[int] | str:
         return ",".join(specs)
 
 
+def _layer_filter(specs: Sequence[str] | None) -> list[int] | None:
+    """A listing's --layers (the build's grammar: numbers, ranges, lists; all = no filter)."""
+    from .layers import parse_layers
+
+    if not specs or any(s.strip().lower() == "all" for s in specs):
+        return None
+    try:
+        return parse_layers(specs)
+    except ValueError as e:
+        raise CliError(f"--layers: {e}") from None
+
+
 def _config(text: str | None) -> dict[str, Any] | None:
     if not text:
         return None
@@ -469,7 +481,10 @@ def _cmd_jobs(args) -> int:
             from .client import N2GError
 
             try:
+                before = c.get_job(args.job_id)
                 job = c.cancel_job(args.job_id)
+                if before.finished:
+                    print(f"job {args.job_id} had already ended ({before.state}): nothing to cancel", file=sys.stderr)
             except N2GError as e:  # a server (or a build) writes the workspace: the cancel goes through it
                 if args.workspace is None or e.code.name != "UNAVAILABLE":
                     raise
@@ -498,7 +513,7 @@ def _add_graph(sub) -> None:
     p.add_argument("--svg", type=Path, default=None, help="write the rendered graph here")
     p.add_argument("--dot", type=Path, default=None, help="write the Graphviz DOT here")
     p.add_argument("--json-out", type=Path, default=None, help="write the n2g.graph/v1 JSON here")
-    p.add_argument("--layers", type=int, nargs="+", default=None, help="listing: only these layers")
+    p.add_argument("--layers", nargs="+", default=None, help="listing: only these layers (0 2, 0-5, all)")
     p.add_argument("--limit", type=int, default=0, help="listing: at most this many")
     _add_conn(p)
 
@@ -512,7 +527,7 @@ def _cmd_graph(args) -> int:
         raise CliError("give both LAYER and NEURON (or neither, to list the graphs)")
     with _client(args, needs_model=False) as c:
         if args.layer is None:
-            graphs = c.list_graphs(args.layers, limit=args.limit)
+            graphs = c.list_graphs(_layer_filter(args.layers), limit=args.limit)
             if args.json:
                 _print_json(graphs)
             else:
@@ -671,7 +686,7 @@ def _cmd_similar(args) -> int:
 
 def _cmd_eval(args) -> int:
     with _client(args, needs_model=args.compute) as c:
-        ev = c.evaluate(_neurons(args.neurons) if args.neurons else None, layers=args.layers,
+        ev = c.evaluate(_neurons(args.neurons) if args.neurons else None, layers=_layer_filter(args.layers),
                         test_sets=not args.paper_only, compute_heldout=args.compute)
         info = c.model_info() if not args.json else None
     if args.json:
@@ -690,7 +705,7 @@ def _cmd_export(args) -> int:
     from .client import _ExportWriter
 
     with _client(args, needs_model=False) as c:
-        items = c.export(args.layers, examples=True)
+        items = c.export(_layer_filter(args.layers), examples=True)
         if not args.json and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -762,12 +777,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("neuron", type=int, nargs="?")
     p.add_argument("--all", action="store_true", help="every pair of the workspace")
     p.add_argument("--kind", choices=vocab.PAIR_KINDS, default=vocab.DEFAULT_PAIR_KIND, help="--all: which pairs")
-    p.add_argument("--threshold", type=float, default=None, help="overlap threshold (default 0.9)")
+    p.add_argument("--threshold", type=float, default=None, help="overlap threshold, 0.25 to 1 (default 0.9)")
     p.add_argument("--k", type=int, default=None, help="nearest neighbours to show (default 10)")
     _add_conn(p)
     p = sub.add_parser("eval", help="scores per layer: the paper's table, then every method on ordinary text and "
                                     "detection with 95%% intervals and paired differences")
-    p.add_argument("--layers", type=int, nargs="+", default=None)
+    p.add_argument("--layers", nargs="+", default=None, help="only these layers: numbers, a range (0-5), or all")
     p.add_argument("--neurons", nargs="+", default=None, metavar="L:N")
     p.add_argument("--paper-only", action="store_true", help="only the paper protocol's table")
     p.add_argument("--compute", action="store_true",
@@ -776,7 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_conn(p)
     p = sub.add_parser("export", help="write graphs/L_N.json and examples/L_N.json for every built neuron")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--layers", type=int, nargs="+", default=None)
+    p.add_argument("--layers", nargs="+", default=None, help="only these layers: numbers, a range (0-5), or all")
     _add_conn(p)
     p = sub.add_parser("report", help="write the workspace's HTML report")
     p.add_argument("--out", required=True, type=Path, help="output directory")
@@ -792,6 +807,17 @@ COMMANDS = {
 }
 
 
+def _connection_hint(args, e) -> str:
+    """What to check when no connection to --server could be made (gRPC's message names none)."""
+    if e.code.name != "UNAVAILABLE" or not getattr(args, "server", None):
+        return ""
+    if not any(w in e.message for w in ("failed to connect", "Connection refused", "Socket closed",
+                                        "handshake", "Connection reset")):
+        return ""
+    return (f" (is an n2g server running at {args.server}? `n2g serve` listens on port {vocab.DEFAULT_PORT} of "
+            f"127.0.0.1 by default; a server started with --tls-cert needs --tls)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -801,11 +827,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`n2g ... | head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit)
+        return 141
     except Exception as e:  # a clear one-line error for the known failure kinds
         from .client import N2GError
 
         if isinstance(e, N2GError):
-            print(f"error: {e.code.name}: {e.message}", file=sys.stderr)
+            print(f"error: {e.code.name}: {e.message}{_connection_hint(args, e)}", file=sys.stderr)
             return 1
         if type(e).__name__ == "WorkspaceError":
             print(f"error: {e}", file=sys.stderr)

@@ -44,7 +44,7 @@ from .types import (Activations, BuildPlan, Evaluation, ExportedNeuron, Graph, L
                     InContextResult, Job, JobEvent, Key, ModelInfo, N2GError, Pair, SearchResult, Similar, TokenizedText)
 from .types import *  # noqa: F401,F403 - the result types are part of the client's API
 from .v1 import n2g_pb2_grpc as _pbg
-from .vocab import DEFAULT_TARGET, JOB_FINAL  # noqa: F401 - re-exported
+from .vocab import DEFAULT_PORT, DEFAULT_TARGET, JOB_FINAL  # noqa: F401 - re-exported
 
 __all__ = [
     "N2GClient", "AsyncN2GClient", "N2GError", "ModelInfo", "Limits", "LayerStatus", "TokenizedText", "Job",
@@ -163,9 +163,10 @@ def _seqs(token_ids) -> list[list[int]]:
         a = np.asarray(s)
         whole = a.size == 0 or np.issubdtype(a.dtype, np.integer) or (  # ints past int64 are objects
             a.dtype == object and all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in a.flat))
-        if a.ndim != 1 or not whole:
-            raise ValueError(f"token_ids[{i}] must be a 1-D sequence of whole numbers, got shape {a.shape} "
-                             f"of {a.dtype}")
+        if a.ndim != 1:
+            raise ValueError(f"token_ids[{i}] must be a 1-D sequence of token ids, got shape {a.shape}")
+        if not whole:
+            raise ValueError(f"token_ids[{i}] must hold whole numbers (token ids), got {a.dtype} values")
         out.append([int(x) for x in a.tolist()])
     return out
 
@@ -515,13 +516,20 @@ class _ExportWriter:
 
     def __init__(self, out_dir) -> None:
         self.out = Path(out_dir)
-        (self.out / "graphs").mkdir(parents=True, exist_ok=True)
-        (self.out / "examples").mkdir(parents=True, exist_ok=True)
-        (self.out / "export.json").unlink(missing_ok=True)  # until this export finishes
         self.count = 0
         self.keys: list[list[int]] = []
+        self._open = False
+
+    def _start(self) -> None:
+        """Makes the folders at the first answer, so a refused export leaves nothing behind."""
+        if not self._open:
+            (self.out / "graphs").mkdir(parents=True, exist_ok=True)
+            (self.out / "examples").mkdir(parents=True, exist_ok=True)
+            (self.out / "export.json").unlink(missing_ok=True)  # until this export finishes
+            self._open = True
 
     def write(self, e: ExportedNeuron) -> None:
+        self._start()
         name = f"{int(e.key[0])}_{int(e.key[1])}.json"
         write_file(self.out / "graphs" / name, e.graph_json)
         if e.examples_json:
@@ -530,6 +538,7 @@ class _ExportWriter:
         self.keys.append([int(e.key[0]), int(e.key[1])])
 
     def finish(self) -> int:
+        self._start()
         write_file(self.out / "export.json", _json.dumps({"neurons": self.count, "keys": self.keys}))
         return self.count
 
@@ -617,6 +626,20 @@ def _unzip(data: bytes, out_dir) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Network transports
 
+_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
+
+
+def with_default_port(target: str) -> str:
+    """``target`` with n2g's port when it names a host alone (gRPC would use 443): "localhost"
+    -> "localhost:50051", "[::1]" -> "[::1]:50051"; URIs and host:port stay as they are."""
+    t = target.strip()
+    if not t or t.startswith(_SCHEMES) or "://" in t:
+        return target
+    if t.startswith("["):
+        return t if "]:" in t else f"{t}:{DEFAULT_PORT}"
+    return f"{t}:{DEFAULT_PORT}" if ":" not in t else t
+
+
 class _ClientBase:
     """Settings and channel shared by the blocking and the asyncio client. `target` is host:port;
     `token` sends `authorization: Bearer <token>` (default: $N2G_TOKEN); `tls=True` or
@@ -627,7 +650,7 @@ class _ClientBase:
                  root_certificates: bytes | str | os.PathLike | None = None, tls_server_name: str | None = None,
                  timeout: float = 60.0, retries: int = 5, backoff: float = 0.1, max_backoff: float = 2.0,
                  max_message_bytes: int = 64 << 20):
-        self.target = target
+        self.target = target = with_default_port(target)
         self.timeout = _budget(timeout)
         self.retries = retries
         self.backoff = backoff

@@ -111,6 +111,10 @@ class JobEvent:
     elapsed_s: float
     eta_s: float | None = None  # seconds left in this stage at this run's rate
 
+    def __str__(self) -> str:  # one line for a progress printer (`wait_job(id, progress=print)`)
+        count = f" {self.done}/{self.total}" if self.total else ""
+        return f"[{self.job.id}] {self.stage}{count}: {self.message}"
+
 
 @dataclass(frozen=True)
 class MethodScore:

@@ -551,7 +551,8 @@ def evaluate_workspace(ws, model=None, keys: Sequence[tuple[int, int]] | None = 
     if no_acts:
         layers = sorted({l for l, _ in no_acts})
         msg = (f"{len(no_acts)} of {len(keys)} neuron(s) (layers {layers}) have no stored true activations on the "
-               f"held-out windows: scoring them on ordinary text and detection needs the model loaded")
+               f"held-out windows: scoring them on ordinary text and detection needs the model to compute them "
+               f"once (`n2g eval --compute`; the Evaluate RPC's compute_heldout on a server with the model)")
         unavailable["ordinary"] = unavailable["detection"] = msg
     layer_scores, paired = summarise_scores(scores, cfg)
     progress(EvalEvent("done", done, len(keys), "evaluation finished"))
