@@ -134,6 +134,29 @@ def test_the_commands_a_new_user_tripped_on(capsys, setup, tmp_path):
     assert code == 0 and f"had already ended ({job.state}): nothing to cancel" in err
 
 
+def test_a_reader_scores_a_workspace_that_never_recorded_its_held_out_sample(setup, tmp_path):
+    """A workspace with corpus windows and no recorded held-out sample (an older n2g's, an import)
+    made `n2g eval` on a reader fail with INTERNAL (TypeError) instead of scoring it."""
+    import shutil
+    import sqlite3
+
+    from n2g.local import LocalN2GClient
+    from n2g_service.workspace import DB_NAME
+
+    ws, _ = setup
+    copy = tmp_path / "ws"
+    shutil.copytree(ws, copy, ignore=shutil.ignore_patterns("writer.lock"))
+    conn = sqlite3.connect(copy / DB_NAME)
+    conn.execute("DELETE FROM eval_heldout")
+    conn.execute("DELETE FROM eval_ordinary_acts")
+    conn.commit()
+    conn.close()
+    with LocalN2GClient(copy, no_model=True) as c:
+        ev = c.evaluate(test_sets=True)
+    assert ev.details["heldout"]["size"] > 0 and "n2g eval --compute" in ev.details["unavailable"]["ordinary"]
+    assert ev.layers and all(s.f1 >= 0 for l in ev.layers for s in l.scores)
+
+
 def test_errors_are_one_line(capsys, setup):
     ws, addr = setup
     code, out, err = run(capsys, "graph", "0", "127", "--server", addr)

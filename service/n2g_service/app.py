@@ -830,7 +830,10 @@ class N2GApp:
         wanted = {self._layer(l) for l in layers or ()}
         self._limit(limit)
         recs = self.ws.iter_neurons(with_examples=False, with_stats=False, layers=wanted or None)
-        shown = [self._summary(r) for r in (itertools.islice(recs, limit) if limit else recs)]
+        shown = []
+        for r in itertools.islice(recs, limit) if limit else recs:
+            deadline.check()  # a caller that gave up does not keep a thread busy listing a whole model
+            shown.append(self._summary(r))
         total = len(self.ws.built_keys(sorted(wanted) if wanted else None)) if limit else len(shown)
         return T.ListResult(shown, total)
 

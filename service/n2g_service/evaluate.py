@@ -510,7 +510,9 @@ def evaluate_workspace(ws, model=None, keys: Sequence[tuple[int, int]] | None = 
         unavailable["ordinary"] = unavailable["detection"] = "the workspace holds no corpus windows"
     else:
         heldout = heldout_window_ids(ws, cfg)
-        rec_h = ws.load_heldout_windows()
+        # (a reader on a workspace that never recorded its sample gets the seeded one unrecorded)
+        rec_h = ws.load_heldout_windows() or {"seed": cfg.heldout_seed, "requested": cfg.ordinary_windows,
+                                              "n_windows": int(windows.shape[0])}
         heldout_info = {"seed": rec_h["seed"], "requested": rec_h["requested"], "n_windows": rec_h["n_windows"],
                         "size": int(heldout.size)}
         if not heldout.size:

@@ -97,10 +97,11 @@ class GraphIndex:
             if not self._dirty and time.monotonic() - self._checked_at < self.refresh_interval:
                 return self._store
             self._dirty = False
-            self._checked_at = time.monotonic()
             version = self._db_version()
             if version != self._version:
                 self._update(version)
+            # from the end of the check: a check slower than the interval must not run on every read
+            self._checked_at = time.monotonic()
             return self._store
 
     def _update(self, version: tuple) -> None:
