@@ -150,3 +150,15 @@ def test_an_unreachable_ray_address_fails_at_once():
         with pytest.raises(ValueError, match="give HOST:PORT"):
             check_reachable(bad)
     check_reachable("auto")  # resolved by Ray from the local node, not a host:port
+
+
+def test_more_workers_than_the_cluster_can_place_are_refused_at_once(ray_executor, native_model):
+    """On a 2-CPU cluster, 3 workers waited for ever for a CPU (the build hung, a cancel could not
+    stop it, the server's queue jammed behind it): refused before any actor starts."""
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"the Ray cluster has 2 CPUs and 0 GPUs; 5 workers need 5 CPUs"):
+        RayExecutor(model_spec(native_model), workers=5, threads=1)
+    assert time.monotonic() - t0 < 30
+    assert len(ray_executor.actors) == 2  # the cluster and its actors are left as they were

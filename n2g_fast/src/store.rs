@@ -531,7 +531,7 @@ impl GraphStore {
         }
         let token_syms = self.token_syms.get_or_init(|| self.syms.token_index());
         let walker = Walker { tokens: token_syms };
-        let table = RootTable::new(&graphs, &self.syms);
+        let table = RootTable::new(&graphs, &self.syms, ids);
         // 1. Per position, the symbol its token matches (walk steps compare child symbols with
         //    it), and the matches (slot, sequence, position, table entry of the slot's first
         //    root); per sequence in parallel.
@@ -697,11 +697,18 @@ struct RootTable {
 const DENSE_LIMIT: u32 = 1 << 22;
 
 impl RootTable {
-    fn new(graphs: &[View], syms: &Symbols) -> Self {
+    /// The entries of the token ids that occur in `ids` (the call's input) only: a whole model's
+    /// graded token paths hold millions of entries a short input never looks up.
+    fn new(graphs: &[View], syms: &Symbols, ids: &[u32]) -> Self {
+        let mut present = vec![false; ids.iter().max().map_or(0, |&m| m as usize + 1)];
+        for &t in ids {
+            present[t as usize] = true;
+        }
+        let wanted = |t: u32| present.get(t as usize).copied().unwrap_or(false);
         let mut rows: Vec<(u32, u32, u32)> = Vec::new();
         for (slot, g) in graphs.iter().enumerate() {
             for r in g.roots() {
-                rows.extend(syms.ids(g.sym[r as usize]).iter().map(|&t| (t, slot as u32, r)));
+                rows.extend(syms.ids(g.sym[r as usize]).iter().filter(|&&t| wanted(t)).map(|&t| (t, slot as u32, r)));
             }
         }
         // Stable: keeps each graph's label order within a token.

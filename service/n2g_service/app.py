@@ -584,9 +584,10 @@ class N2GApp:
         if layer_spec is not None and len(layer_spec) > 200:
             raise invalid(f"layer_spec {_shown(layer_spec)} is too long: write e.g. all, 0-5 or 0,2,4-6")
         if workers is not None and not 0 < workers <= 1024:
-            raise invalid(f"workers must be between 1 and 1024 (0 = automatic), got {workers}")
+            raise invalid(f"workers must be between 1 and 1024 (leave it out for one per GPU or CPU), got {workers}")
         if worker_threads is not None and not 0 < worker_threads <= 1024:
-            raise invalid(f"worker_threads must be between 1 and 1024 (0 = automatic), got {worker_threads}")
+            raise invalid(f"worker_threads must be between 1 and 1024 (leave it out for the cores shared evenly), "
+                          f"got {worker_threads}")
         if shard_windows is not None and not 0 < shard_windows <= 1 << 20:
             raise invalid(f"shard_windows must be between 1 and {1 << 20} (0 = default), got {shard_windows}")
         if sample is not None and sample < 0:

@@ -215,7 +215,11 @@ class RayExecutor:
 
     def __init__(self, spec: dict[str, Any], *, address: str | None = None, workers: int = 0, threads: int = 0,
                  max_attempts: int = 3, on_submit: Callable[[Unit, int], None] | None = None) -> None:
-        import ray
+        try:
+            import ray
+        except ImportError:
+            raise RuntimeError("--executor ray needs Ray: pip install 'ray>=2.9' in this environment "
+                               "(and on every node of the cluster)") from None
 
         self.ray = ray
         self.spec = spec
@@ -231,13 +235,22 @@ class RayExecutor:
             else:
                 address = address.strip()
                 check_reachable(address)
-            ray.init(address=address, **kw)
+            # "local": a cluster of our own even where one already runs (ray start, RAY_ADDRESS),
+            # which would otherwise be joined and refuse the num_cpus given
+            ray.init(address=address or "local", **kw)
             self._owns_ray = address is None
-        gpus = int(ray.cluster_resources().get("GPU", 0))
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
         self.device = "cuda" if gpus else "cpu"
         self.n_workers, opts, self.threads, self.gpu_share = actor_layout(gpus, workers, os.cpu_count() or 1, threads)
-        self._actor_cls = ray.remote(max_restarts=0, max_task_retries=0, **opts)(_Worker)
+        # an actor the cluster cannot place waits for ever (and the build with it): refuse now
+        need = self.n_workers * opts.get("num_cpus", 0)
         self.actors: list[Any] = []
+        if need > resources.get("CPU", 0):
+            self.close()
+            raise RuntimeError(f"the Ray cluster has {resources.get('CPU', 0):g} CPUs and {gpus} GPUs; "
+                               f"{self.n_workers} workers need {need:g} CPUs: ask fewer --workers")
+        self._actor_cls = ray.remote(max_restarts=0, max_task_retries=0, **opts)(_Worker)
         self.pids: dict[Any, int] = {}
         self.started = 0
         for _ in range(self.n_workers):
