@@ -351,7 +351,7 @@ def test_a_report_whose_caller_has_gone_is_not_built(pair, monkeypatch):
     ws, host = open_workspace(local, no_model=True)
     app = N2GApp(ws, host)
     built = []
-    monkeypatch.setattr(app_module, "report_zip", lambda path: built.append(path) or b"zip")
+    monkeypatch.setattr(app_module, "report_zip", lambda path, layers=None: built.append(path) or b"zip")
     app._report_lock.acquire()  # a report is being built
     got: list = []
     t = threading.Thread(target=lambda: got.extend(app.report(deadline=Deadline.after(0.3))))

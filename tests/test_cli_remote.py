@@ -246,6 +246,16 @@ def test_report_remote_equals_local(capsys, setup, tmp_path):
     import zipfile
 
     assert sorted(zipfile.ZipFile(tmp_path / "r.zip").namelist()) == sorted(p.as_posix() for p in remote)
+    # a whole model's report was one archive past the client's limit: a few layers at a time
+    pages = {p.name for p in (tmp_path / "l" / "neurons").iterdir()}
+    for where in (("--server", addr), ("--workspace", str(ws))):
+        out_dir = tmp_path / f"one{where[0]}"
+        code, out, err = run(capsys, "report", "--out", str(out_dir), "--layers", "1", *where)
+        assert code == 0, err
+        one = {p.name for p in (out_dir / "neurons").iterdir()}
+        assert one == {p for p in pages if p.startswith("1_")} and one < pages, (one, pages)
+    code, out, err = run(capsys, "report", "--out", str(tmp_path / "none"), "--layers", "5", "--server", addr)
+    assert code == 1 and "out of range" in err
 
 
 def test_a_watched_build_says_its_state_once(capsys, tmp_path_factory):

@@ -725,7 +725,7 @@ def _cmd_report(args) -> int:
     from .client import _unzip, write_file
 
     with _client(args, needs_model=False) as c:
-        data = c.report()
+        data = c.report(_layer_filter(args.layers))
     if args.zip is not None:
         args.zip.parent.mkdir(parents=True, exist_ok=True)
         write_file(args.zip, data)
@@ -795,6 +795,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_conn(p)
     p = sub.add_parser("report", help="write the workspace's HTML report")
     p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--layers", nargs="+", default=None,
+                   help="only these layers (0 2, 0-5; default all): a whole model's report a few layers at a time")
     p.add_argument("--zip", type=Path, default=None, help="also keep the zip archive here")
     _add_conn(p)
     return parser

@@ -474,16 +474,18 @@ class _Api:
             writer.write(e)
         return writer.finish()
 
-    def report(self, *, timeout: float | None = None) -> bytes:
-        """The workspace's report as zip bytes (at most MAX_REPORT_BYTES)."""
+    def report(self, layers: Sequence[int] | None = None, *, timeout: float | None = None) -> bytes:
+        """The workspace's report (of `layers` only, if given) as zip bytes (at most
+        MAX_REPORT_BYTES: a whole model's report is best made a few layers at a time)."""
         sink = _ReportSink()
-        for chunk in self._stream_call("report", {}, timeout):
+        for chunk in self._stream_call("report", dict(layers=_layers(layers)), timeout):
             sink.add(chunk.data)
         return sink.bytes()
 
-    def report_to(self, out_dir: str | os.PathLike, *, timeout: float | None = None) -> Path:
+    def report_to(self, out_dir: str | os.PathLike, layers: Sequence[int] | None = None, *,
+                  timeout: float | None = None) -> Path:
         """Fetches the report and unpacks it into out_dir; returns out_dir/index.html."""
-        return _unzip(self.report(timeout=timeout), out_dir)
+        return _unzip(self.report(layers, timeout=timeout), out_dir)
 
 
 def write_file(path: str | os.PathLike, data: bytes | str | Iterable[bytes]) -> None:
@@ -865,11 +867,12 @@ class AsyncN2GClient(_ClientBase, _Api):
             writer.write(e)
         return writer.finish()
 
-    async def report(self, *, timeout: float | None = None) -> bytes:
+    async def report(self, layers: Sequence[int] | None = None, *, timeout: float | None = None) -> bytes:
         sink = _ReportSink()
-        async for chunk in self._stream_call("report", {}, timeout):
+        async for chunk in self._stream_call("report", dict(layers=_layers(layers)), timeout):
             sink.add(chunk.data)
         return sink.bytes()
 
-    async def report_to(self, out_dir: str | os.PathLike, *, timeout: float | None = None) -> Path:
-        return _unzip(await self.report(timeout=timeout), out_dir)
+    async def report_to(self, out_dir: str | os.PathLike, layers: Sequence[int] | None = None, *,
+                        timeout: float | None = None) -> Path:
+        return _unzip(await self.report(layers, timeout=timeout), out_dir)

@@ -425,7 +425,8 @@ OPS: dict[str, Op] = {op.name: op for op in (
         lambda r: T.ExportedNeuron(key(r.key), r.graph_json, r.examples_json),
         lambda e: pb.ExportedNeuron(key=key_pb(e.key), graph_json=e.graph_json, examples_json=e.examples_json),
         stream=True),
-    _op("report", "GetReport", lambda: pb.GetReportRequest(), lambda r: {},
+    _op("report", "GetReport", lambda layers: pb.GetReportRequest(layers=list(layers or [])),
+        lambda r: dict(layers=list(r.layers) or None),
         lambda r: T.ReportChunk(r.data, r.total_bytes, r.filename),
         lambda c: pb.ReportChunk(data=c.data, total_bytes=c.total_bytes, filename=c.filename), stream=True),
 )}

@@ -1063,9 +1063,12 @@ class N2GApp:
                                        json.dumps(rec.examples) if examples else "")
         yield from self._streamed("an export", deadline, neurons)
 
-    def report(self, *, deadline: Deadline = NO_DEADLINE) -> Iterator[T.ReportChunk]:
-        if not self.graphs.keys():
-            raise not_found("no neurons built in this workspace: nothing to report")
+    def report(self, layers: Sequence[int] | None = None, *,
+               deadline: Deadline = NO_DEADLINE) -> Iterator[T.ReportChunk]:
+        wanted = sorted({self._layer(l) for l in layers or ()}) or None
+        if not any(wanted is None or k[0] in wanted for k in self.graphs.keys()):
+            raise not_found("no neurons built in this workspace" + (f" in layers {wanted}" if wanted else "")
+                            + ": nothing to report")
         # pieces that fit the server's message limit, leaving room for the other fields
         limit = self.limits.max_message_bytes
         chunk = max(1024, min(REPORT_CHUNK, limit - 1024)) if limit else REPORT_CHUNK
@@ -1079,7 +1082,7 @@ class N2GApp:
             try:
                 if not deadline.active():
                     return
-                data = report_zip(self.ws.path)
+                data = report_zip(self.ws.path, wanted)
             finally:
                 self._report_lock.release()
             for i in range(0, max(len(data), 1), chunk):
@@ -1158,7 +1161,7 @@ def _pairs(examples: list[dict[str, Any]]) -> list[tuple[np.ndarray, np.ndarray]
     return [(np.asarray(e["token_ids"], np.int64), np.asarray(e["activations"], np.float32)) for e in examples]
 
 
-def report_zip(workspace_path: str | Path) -> bytes:
+def report_zip(workspace_path: str | Path, layers: Sequence[int] | None = None) -> bytes:
     """The workspace's report (n2g_service.report.write_report) as a zip archive in memory. The
     pages are written to a temporary folder under the system's temporary directory, removed
     even if writing fails; one a killed process left behind is removed by the next report."""
@@ -1167,7 +1170,7 @@ def report_zip(workspace_path: str | Path) -> bytes:
     _remove_stale_report_dirs()
     with tempfile.TemporaryDirectory(prefix=f"n2g-report-{os.getpid()}-") as tmp:
         out = Path(tmp) / "report"
-        write_report(Path(workspace_path), out)
+        write_report(Path(workspace_path), out, layers=layers)
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
             for f in sorted(out.rglob("*")):

@@ -22,7 +22,7 @@ import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import numpy as np
 
@@ -150,7 +150,8 @@ def _prepare_out(out: Path) -> None:
 
 def write_report(workspace_path: str | Path, out_dir: str | Path, *, use_model_tokenizer: bool = True,
                  neighbours_k: int = 8, semantics: str | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> Path:
+                 progress: Callable[[int, int], None] | None = None,
+                 layers: Collection[int] | None = None) -> Path:
     """Writes the static report of a workspace into `out_dir`; returns the path of index.html.
 
     use_model_tokenizer: when no token strings are stored in the workspace, load the model's
@@ -158,6 +159,8 @@ def write_report(workspace_path: str | Path, out_dir: str | Path, *, use_model_t
     semantics: the N2G prediction semantics used to shade predicted activations (default: the
     build's eval setting, else "all_paths_max").
     progress: called as progress(pages_written, pages_total) after each neuron page.
+    layers: only these layers' neurons (a whole model's report is best made a few layers at a
+    time); their similar neurons are found among them.
     """
     t0 = time.perf_counter()
     ws = Workspace(workspace_path)
@@ -178,7 +181,7 @@ def write_report(workspace_path: str | Path, out_dir: str | Path, *, use_model_t
     per_layer: dict[int, dict[str, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
     f1s: dict[str, list[float]] = defaultdict(list)
     traj_by_layer: dict[int, list] = defaultdict(list)
-    for rec in ws.iter_neurons(with_examples=False):
+    for rec in ws.iter_neurons(with_examples=False, layers=layers):
         key = (rec.layer, rec.neuron)
         g = rec.graph()
         doc = json.loads(g.to_json())
@@ -223,7 +226,7 @@ def write_report(workspace_path: str | Path, out_dir: str | Path, *, use_model_t
     position = {k: i for i, k in enumerate(order)}
     known = position.keys()
     written = 0
-    for rec in ws.iter_neurons(with_examples=True):
+    for rec in ws.iter_neurons(with_examples=True, layers=layers):
         key = (rec.layer, rec.neuron)
         if key not in position:  # committed by a build running meanwhile: in the next report
             continue
