@@ -119,6 +119,8 @@ def test_the_commands_a_new_user_tripped_on(capsys, setup, tmp_path):
     # no server there: what to check, in one line
     code, out, err = run(capsys, "info", "--server", f"127.0.0.1:{free_port()}", "--timeout", "3")
     assert code == 1 and "UNAVAILABLE" in err and "is an n2g server running at 127.0.0.1:" in err
+    code, out, err = run(capsys, "eval", "--server", addr, "--timeout", "0.000001")
+    assert code == 1 and "DEADLINE_EXCEEDED" in err and "give a larger --timeout" in err
     assert N2GClient("localhost").target == "localhost:50051" and N2GClient("[::1]").target == "[::1]:50051"
     assert N2GClient(addr).target == addr and N2GClient("dns:///h:1").target == "dns:///h:1"
     # a reader that goes away early: no error, the exit status of a broken pipe

@@ -810,7 +810,11 @@ COMMANDS = {
 
 
 def _connection_hint(args, e) -> str:
-    """What to check when no connection to --server could be made (gRPC's message names none)."""
+    """What to check when no connection to --server could be made (gRPC's message names none),
+    or when a call ran past its deadline (gRPC's says only "Deadline Exceeded")."""
+    if e.code.name == "DEADLINE_EXCEEDED":
+        return (f" (the call took longer than --timeout {getattr(args, 'timeout', None):g} s: give a larger --timeout, "
+                "or ask for less, e.g. --limit or --layers)") if getattr(args, "timeout", None) else ""
     if e.code.name != "UNAVAILABLE" or not getattr(args, "server", None):
         return ""
     if not any(w in e.message for w in ("failed to connect", "Connection refused", "Socket closed",
