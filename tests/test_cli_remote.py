@@ -384,6 +384,37 @@ def test_a_build_with_other_fit_settings_is_refused_before_it_scans(capsys, tmp_
     assert Workspace(ws, mode="read").load_layer_scan(0)["top_window_ids"].shape[1] == k  # the scan kept
 
 
+def test_ctrl_c_on_a_local_build_cancels_its_job_and_the_same_command_resumes(capsys, tmp_path):
+    """Ctrl-C on `n2g build --workspace` left its job `queued` (or `running`) for good: no local
+    command resumes jobs, and a later server would have run it behind the user's back."""
+    import signal
+    import subprocess
+    import time
+
+    from n2g_servers import PYTHON, env, write_corpus
+    from n2g_service.workspace import Workspace
+
+    corpus = write_corpus(tmp_path / "c.jsonl", n_texts=300)
+    ws = tmp_path / "ws"
+    cmd = ["build", "--workspace", str(ws), "--model", "native:0", "--corpus", str(corpus), "--layers", "0", "1",
+           "--neurons", *map(str, range(0, 64, 2)), "--group-size", "2", "--window-tokens", "32", "--device", "cpu"]
+    p = subprocess.Popen([PYTHON, "-m", "n2g.cli", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env())
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and p.poll() is None:
+        if (ws / "n2g.sqlite").exists() and any(j.state == "running" for j in Workspace(ws, mode="read").list_jobs()):
+            break
+        time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert b"cancelled; what it committed is kept" in err
+    [job] = Workspace(ws, mode="read").list_jobs()
+    assert job.state == "cancelled"
+    code, out, err = run(capsys, *cmd)
+    assert code == 0, err
+    assert len(Workspace(ws, mode="read").built_keys()) == 64
+
+
 def test_terminal_controls_in_workspace_or_server_strings_are_shown_not_obeyed(capsys, setup, tmp_path):
     """A model name, corpus or error message holding ESC sequences set the terminal's title and
     cleared its screen when printed."""

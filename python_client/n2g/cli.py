@@ -389,6 +389,12 @@ def _cmd_build(args) -> int:
         printer = _progress_printer(args.json)
         try:
             job = c.wait_job(job.id, progress=printer)
+        except KeyboardInterrupt:
+            if args.server is None:  # the build runs in this process: it stops with it, as the user asked
+                c.cancel_job(job.id)
+                print(f"\ninterrupted: job {job.id} cancelled; what it committed is kept, and the same command "
+                      "resumes it", file=sys.stderr)
+            raise
         finally:
             printer.close()
     if job.state != "succeeded":

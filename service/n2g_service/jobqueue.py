@@ -107,8 +107,9 @@ class JobQueue:
                 stalls = job.stalls + 1 if job.done <= job.start_done else 0  # start_done -1: it progressed
                 if not resume:
                     self._fail(job, f"interrupted: the process running it stopped (stage {stage}, {job.done}/{job.total} "
-                                    "neurons committed) and the server started without resuming jobs; start the "
-                                    "build again to finish it")
+                                    "neurons committed) and the process that opened the workspace next does not "
+                                    "resume jobs (a local command, or `n2g serve --no-resume`); start the build again "
+                                    "to finish it")
                     continue
                 if stalls >= MAX_STALLS:
                     self._fail(job, f"interrupted {stalls} times in a row before committing any work (its process died "
