@@ -288,6 +288,10 @@ class RayExecutor:
         attempts: dict[str, int] = {}
         free = list(self.actors)
         pending: dict[Any, tuple[Unit, Any]] = {}
+        # replacements for dead workers, loading their model: they join `free` once ready, so the
+        # results of the others are taken meanwhile (waiting on one stalled the build ~25 s)
+        starting: dict[Any, Any] = {}
+        failed_starts = 0
         while queue or pending:
             if cancel is not None and cancel.is_set():
                 raise BuildCancelled()
@@ -302,8 +306,22 @@ class RayExecutor:
                 pending[ref] = (unit, actor)
                 if self.on_submit is not None:
                     self.on_submit(unit, pid)
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            ready, _ = ray.wait([*pending, *starting], num_returns=1, timeout=0.5)
             for ref in ready:
+                if ref in starting:
+                    actor = starting.pop(ref)
+                    try:
+                        self.pids[actor] = ray.get(ref)
+                    except RayActorError:  # it died while loading its model: another one, a few times
+                        self.actors.remove(actor)
+                        failed_starts += 1
+                        if failed_starts >= self.max_attempts:
+                            raise RuntimeError(f"{failed_starts} Ray workers died while loading the model") from None
+                        new = self._spawn()
+                        starting[new.pid.remote()] = new
+                        continue
+                    free.append(actor)
+                    continue
                 unit, actor = pending.pop(ref)
                 try:
                     value, seconds = ray.get(ref)
@@ -314,7 +332,8 @@ class RayExecutor:
                     if attempts[unit.unit_id] >= self.max_attempts:
                         raise RuntimeError(f"unit {unit.unit_id} failed on {attempts[unit.unit_id]} workers") from None
                     queue.appendleft(unit)
-                    free.append(self._spawn())
+                    new = self._spawn()
+                    starting[new.pid.remote()] = new
                     continue
                 free.append(actor)
                 yield UnitResult(unit, value, seconds, f"ray:{self.pids.get(actor)}")
