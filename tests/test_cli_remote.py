@@ -114,6 +114,14 @@ def test_the_commands_a_new_user_tripped_on(capsys, setup, tmp_path):
         explicit = both(capsys, setup, *cmd, "--layers", "0", "1")
         assert both(capsys, setup, *cmd, "--layers", "0-1") == explicit == both(capsys, setup, *cmd, "--layers", "all")
     assert both(capsys, setup, "graph", "--json", "--layers", "1") != explicit
+    # a whole model's listing in pages: --limit after --offset, the same remotely and locally
+    listed = json.loads(both(capsys, setup, "graph", "--json"))
+    pages = [json.loads(both(capsys, setup, "graph", "--json", "--limit", "3", "--offset", str(o)))
+             for o in range(0, len(listed) + 3, 3)]
+    assert [g for page in pages for g in page] == listed and pages[-1] == []
+    assert "--offset 3 for the next" in both(capsys, setup, "graph", "--limit", "3")
+    code, out, err = run(capsys, "graph", "--offset", "-1", "--server", addr)
+    assert code == 1 and "offset must be 0 or more" in err
     code, out, err = run(capsys, "graph", "--layers", "1-0", "--workspace", str(ws))
     assert code == 2 and "--layers: bad layer range" in err
     # no server there: what to check, in one line

@@ -521,6 +521,7 @@ def _add_graph(sub) -> None:
     p.add_argument("--json-out", type=Path, default=None, help="write the n2g.graph/v1 JSON here")
     p.add_argument("--layers", nargs="+", default=None, help="listing: only these layers (0 2, 0-5, all)")
     p.add_argument("--limit", type=int, default=0, help="listing: at most this many")
+    p.add_argument("--offset", type=int, default=0, help="listing: after skipping this many (pages of --limit)")
     _add_conn(p)
 
 
@@ -533,7 +534,7 @@ def _cmd_graph(args) -> int:
         raise CliError("give both LAYER and NEURON (or neither, to list the graphs)")
     with _client(args, needs_model=False) as c:
         if args.layer is None:
-            graphs = c.list_graphs(_layer_filter(args.layers), limit=args.limit)
+            graphs = c.list_graphs(_layer_filter(args.layers), limit=args.limit, offset=args.offset)
             if args.json:
                 _print_json(graphs)
             else:
@@ -541,7 +542,10 @@ def _cmd_graph(args) -> int:
                 print(_table([(_key(g.key), g.max_activation, g.n_nodes, g.n_paths, f1(g), _short(g.activating, 4),
                                _short(g.context, 4)) for g in graphs],
                              ["neuron", "a_max", "nodes", "paths", "f1", "activating", "context"])
-                      if graphs else "no graphs built")
+                      if graphs else "no graphs built" if not args.offset else "no graphs past that offset")
+                if graphs.total > len(graphs):
+                    print(f"({len(graphs)} from number {args.offset + 1} of {graphs.total}; --offset {args.offset + len(graphs)} "
+                          f"for the next)" if graphs else f"({graphs.total} graphs)")
             return 0
         g = c.graph(args.layer, args.neuron, svg=args.svg is not None, dot=args.dot is not None,
                     json=args.json_out is not None or args.json)

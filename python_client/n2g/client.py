@@ -399,9 +399,11 @@ class _Api:
             time.sleep(0.2)
 
     # -- graphs ---------------------------------------------------------------------------------
-    def list_graphs(self, layers: Sequence[int] | None = None, *, limit: int = 0,
+    def list_graphs(self, layers: Sequence[int] | None = None, *, limit: int = 0, offset: int = 0,
                     timeout: float | None = None) -> ListResult:
-        return self._call("list_graphs", dict(layers=_layers(layers), limit=limit), timeout)
+        """Summaries of the built graphs in (layer, neuron) order: `limit` of them after `offset`
+        (pages of a whole model); `.total` counts them all."""
+        return self._call("list_graphs", dict(layers=_layers(layers), limit=limit, offset=offset), timeout)
 
     def graph(self, layer: int, neuron: int, *, structure: bool = False, dot: bool = False, svg: bool = False,
               json: bool = False, examples: bool = False, timeout: float | None = None) -> Graph:

@@ -826,16 +826,19 @@ class N2GApp:
                               info.activating, info.context, rec.job_id or "", rec.created_at,
                               method_scores(rec.metrics))
 
-    def list_graphs(self, layers: Sequence[int] | None = None, limit: int = 0, *,
+    def list_graphs(self, layers: Sequence[int] | None = None, limit: int = 0, offset: int = 0, *,
                     deadline: Deadline = NO_DEADLINE) -> T.ListResult:
         wanted = {self._layer(l) for l in layers or ()}
         self._limit(limit)
+        if offset < 0:
+            raise invalid(f"offset must be 0 or more, got {offset}")
         recs = self.ws.iter_neurons(with_examples=False, with_stats=False, layers=wanted or None)
         shown = []
-        for r in itertools.islice(recs, limit) if limit else recs:
+        for r in itertools.islice(recs, offset, offset + limit if limit else None):
             deadline.check()  # a caller that gave up does not keep a thread busy listing a whole model
             shown.append(self._summary(r))
-        total = len(self.ws.built_keys(sorted(wanted) if wanted else None)) if limit else len(shown)
+        paged = limit or offset
+        total = len(self.ws.built_keys(sorted(wanted) if wanted else None)) if paged else len(shown)
         return T.ListResult(shown, total)
 
     def graph(self, layer: int | None, neuron: int | None, structure: bool = False, dot: bool = False,
