@@ -118,29 +118,44 @@ def test_cpu_actors_report_no_gpu_memory(ray_executor):
 
 
 def test_an_unreachable_ray_address_fails_at_once():
-    """`ray.init` waits minutes, uninterruptibly, on an address nobody answers: the executor checks
-    that the address takes a connection first, so such a build fails with a reason in seconds."""
+    """`ray.init` waits minutes, uninterruptibly, on an address nobody answers, and for ever on one
+    that answers another protocol (a web server, Ray's dashboard port): the executor checks that
+    the address takes a connection and speaks gRPC first, so such a build fails with a reason."""
+    import http.server
     import socket
+    import threading
     import time
+    from concurrent import futures
+
+    import grpc
 
     from n2g_service.build.executors import check_reachable
 
-    with socket.socket() as open_port, socket.socket() as closed_port:
-        open_port.bind(("127.0.0.1", 0))
-        open_port.listen()
-        closed_port.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
-        check_reachable(f"127.0.0.1:{open_port.getsockname()[1]}")
-        check_reachable(f"ray://127.0.0.1:{open_port.getsockname()[1]}")
-        t0 = time.monotonic()
-        with pytest.raises(ConnectionError, match="cannot reach the Ray cluster at 127.0.0.1"):
-            check_reachable(f"127.0.0.1:{closed_port.getsockname()[1]}")
-        assert time.monotonic() - t0 < 10
-        # IPv6 in brackets, and surrounding blanks
-        check_reachable(f" 127.0.0.1:{open_port.getsockname()[1]} ")
-    with socket.socket(socket.AF_INET6) as v6:
-        v6.bind(("::1", 0))
-        v6.listen()
-        check_reachable(f"[::1]:{v6.getsockname()[1]}")
+    server = grpc.server(futures.ThreadPoolExecutor(1))  # a gRPC server stands in for Ray's GCS
+    port = server.add_insecure_port("127.0.0.1:0")
+    port6 = server.add_insecure_port("[::1]:0")
+    server.start()
+    web = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        with socket.socket() as closed_port:
+            closed_port.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+            check_reachable(f"127.0.0.1:{port}")
+            check_reachable(f"ray://127.0.0.1:{port}")
+            t0 = time.monotonic()
+            with pytest.raises(ConnectionError, match="cannot reach the Ray cluster at 127.0.0.1"):
+                check_reachable(f"127.0.0.1:{closed_port.getsockname()[1]}")
+            assert time.monotonic() - t0 < 10
+            # IPv6 in brackets, and surrounding blanks
+            check_reachable(f" 127.0.0.1:{port} ")
+            check_reachable(f"[::1]:{port6}")
+            t0 = time.monotonic()
+            with pytest.raises(ConnectionError, match="takes connections but no gRPC server answers there"):
+                check_reachable(f"127.0.0.1:{web.server_address[1]}", timeout=2)
+            assert time.monotonic() - t0 < 8
+    finally:
+        web.shutdown()
+        server.stop(0)
     # no port: Ray's own (6379, or 10001 for Ray Client), checked too, not skipped
     with pytest.raises(ConnectionError, match="cannot reach the Ray cluster at 127.0.0.1"):
         check_reachable("127.0.0.1")

@@ -31,8 +31,9 @@ _SERVICE_DIR = str(Path(__file__).resolve().parents[2])  # holds the n2g_service
 def check_reachable(address: str, timeout: float = 10.0) -> None:
     """Raises ConnectionError unless ``address`` ("HOST[:PORT]", "ray://HOST[:PORT]"; a bare
     host means Ray's port, 6379 or 10001 for Ray Client; "[::1]:6379" for IPv6; "auto" and
-    "local" are not checked) accepts a connection within ``timeout`` seconds: ``ray.init`` waits
-    minutes on an address nobody answers, and cannot be interrupted meanwhile."""
+    "local" are not checked) accepts a connection and answers gRPC within ``timeout`` seconds each:
+    ``ray.init`` waits minutes on an address nobody answers (for ever on one that answers
+    another protocol), and cannot be interrupted meanwhile."""
     import socket
 
     address = address.strip()
@@ -53,6 +54,19 @@ def check_reachable(address: str, timeout: float = 10.0) -> None:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as e:
         raise ConnectionError(f"cannot reach the Ray cluster at {address}: {e}") from None
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("0", "false", ""):
+        # Ray's GCS and Ray Client speak gRPC: a port that takes connections but speaks something
+        # else (the dashboard's 8265, a web server) would leave ray.init waiting for ever
+        import grpc
+
+        channel = grpc.insecure_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise ConnectionError(f"{address} takes connections but no gRPC server answers there, so it is not a Ray "
+                                  "cluster: give its GCS address (HEAD:6379) or ray://HEAD:10001 for Ray Client") from None
+        finally:
+            channel.close()
 
 
 @dataclass
