@@ -759,7 +759,7 @@ def test_sigterm_resumes_kill_9_leaves_no_report_folder_and_no_resume_fails_the_
     with ServerProcess(ws, *MODEL_ARGS, "--no-resume", extra_env=env).running() as srv, \
             N2GClient(srv.address) as c:
         job = c.get_job("killed")
-        assert job.state == "failed" and "interrupted" in job.error and "without resuming" in job.error, job
+        assert job.state == "failed" and "interrupted" in job.error and "does not resume jobs" in job.error, job
         assert c.list_jobs(["queued", "running"]) == []
         assert c.report(timeout=120)[:2] == b"PK"
         assert list(tmp.glob("n2g-report-*")) == []
