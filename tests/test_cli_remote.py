@@ -124,9 +124,19 @@ def test_the_commands_a_new_user_tripped_on(capsys, setup, tmp_path):
     assert code == 1 and "offset must be 0 or more" in err
     code, out, err = run(capsys, "graph", "--layers", "1-0", "--workspace", str(ws))
     assert code == 2 and "--layers: bad layer range" in err
+    assert both(capsys, setup, "graph", "--json", "--layers", "all,0") == explicit  # "all" inside a list
+    for spec in ("0_1", "+1", "\u0661"):  # int() reads these; the layer grammar does not
+        code, out, err = run(capsys, "build", "--workspace", str(ws), "--layers", spec, "--neurons", "1", "--dry-run")
+        assert code != 0 and "bad layer spec" in err, (spec, err)
+    with N2GClient(addr) as c:  # the library takes the same grammar, and one number
+        full = c.list_graphs()
+        assert c.list_graphs("0-1") == full == c.list_graphs("all") and c.list_graphs(1) == c.list_graphs([1])
+        with pytest.raises(ValueError, match="bad layer spec"):
+            c.list_graphs("0_1")
     # no server there: what to check, in one line
     code, out, err = run(capsys, "info", "--server", f"127.0.0.1:{free_port()}", "--timeout", "3")
     assert code == 1 and "UNAVAILABLE" in err and "is an n2g server running at 127.0.0.1:" in err
+    assert N2GClient("127.0.0.1:").target == "127.0.0.1:50051"
     code, out, err = run(capsys, "eval", "--server", addr, "--timeout", "0.000001")
     assert code == 1 and "DEADLINE_EXCEEDED" in err and "give a larger --timeout" in err
     assert N2GClient("localhost").target == "localhost:50051" and N2GClient("[::1]").target == "[::1]:50051"
@@ -362,7 +372,10 @@ def test_watching_a_job_no_process_runs_says_so(capsys, tmp_path):
         assert [(j.id, j.state, j.orphaned) for j in jobs] == [
             ("orphan", "running", True), ("orphan", "running", True), ("ended", "succeeded", False)]
     code, out, err = run(capsys, "jobs", "--workspace", str(tmp_path / "ws"))
-    assert code == 0 and "running (no process runs it)" in out and "resumes when `n2g serve`" in out
+    assert code == 0 and "running (no process runs it)" in out and "resumed by `n2g serve`" in out
+    # watching it ends (it waited for a writer for ever) and says why
+    code, out, err = run(capsys, "jobs", "watch", "orphan", "--workspace", str(tmp_path / "ws"))
+    assert code == 1 and "running (no process runs it)" in out
     # a writer holding the workspace runs it (or will): not orphaned
     w = Workspace(tmp_path / "ws", mode="write")
     try:

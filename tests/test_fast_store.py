@@ -493,3 +493,29 @@ def test_thresholds_below_float32_range_still_select_pairs():
     assert s.similar_pairs(1e-50) == s.similar_pairs(5e-324) == want
     with pytest.raises(N2GError):
         s.similar_pairs(0.0)
+
+
+def test_predict_with_a_huge_token_id_allocates_nothing_by_it(tmp_path):
+    """The prediction's lookup table flagged each input id in an array as long as the largest id:
+    an id near 2^32 asked 4 GiB, and under an address-space limit Rust aborted the interpreter
+    (SIGABRT, which Python cannot catch). Run in a child with a 1 GiB limit."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import resource
+        import numpy as np
+        from n2g_fast import GraphStore, NeuronGraph
+        g = NeuronGraph("m", 0, 1, "h", 2.0)
+        g.add_path(("a", [1, 4294967295], 2.0), [], 1.0)
+        g.finalize()
+        s = GraphStore()
+        s.add(g)
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+        out = s.predict([(0, 1)], np.array([[1, 4294967295, 7]], np.int64), "all_paths_max")
+        print(out.tolist())
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[[[1.0, 1.0, 0.0]]]"

@@ -506,19 +506,30 @@ def test_a_database_replaced_under_a_server_is_data_loss_and_not_serving(tmp_pat
     backup = ws.parent / "backup.sqlite"
     shutil.copy(_db(ws), backup)
     running = serve(ws, no_model=True, port=0, block=False, max_workers=8)
+
+    def health_turns(c, status):
+        deadline = time.monotonic() + 10
+        while c.health() != status and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return c.health() == status
+
     try:
         with N2GClient(f"127.0.0.1:{running.port}") as c:
             assert c.health() == "SERVING" and c.graph(*key).key == key
+            # moved away and back (a backup tool): served again, health too
+            os.rename(_db(ws), ws.parent / "aside.sqlite")
+            with pytest.raises(N2GError, match="removed or replaced"):
+                c.list_graphs()
+            assert health_turns(c, "NOT_SERVING")
+            os.rename(ws.parent / "aside.sqlite", _db(ws))
+            assert c.graph(*key).key == key and health_turns(c, "SERVING")
             os.replace(backup, _db(ws))
             for call in (c.list_graphs, lambda: c.graph(*key), lambda: list(c.watch_job("none"))):
                 with pytest.raises(N2GError) as e:
                     call()
                 assert e.value.code == C.DATA_LOSS and "removed or replaced" in e.value.message \
                     and "restart the server" in e.value.message
-            deadline = time.monotonic() + 10
-            while c.health() == "SERVING" and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert c.health() == "NOT_SERVING"
+            assert health_turns(c, "NOT_SERVING")
     finally:
         running.stop(0)
     running = serve(ws, no_model=True, port=0, block=False, max_workers=8)  # a restart serves the file there now

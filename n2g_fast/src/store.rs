@@ -700,11 +700,27 @@ impl RootTable {
     /// The entries of the token ids that occur in `ids` (the call's input) only: a whole model's
     /// graded token paths hold millions of entries a short input never looks up.
     fn new(graphs: &[View], syms: &Symbols, ids: &[u32]) -> Self {
-        let mut present = vec![false; ids.iter().max().map_or(0, |&m| m as usize + 1)];
-        for &t in ids {
-            present[t as usize] = true;
+        // a flag a token id up to DENSE_LIMIT, a sorted list beyond (an id near 2^32 must not
+        // allocate 4 GiB)
+        let max = ids.iter().max().map_or(0, |&m| m);
+        let (mut present, mut sorted) = (Vec::new(), Vec::new());
+        if max < DENSE_LIMIT {
+            present = vec![false; max as usize + 1];
+            for &t in ids {
+                present[t as usize] = true;
+            }
+        } else {
+            sorted = ids.to_vec();
+            sorted.sort_unstable();
+            sorted.dedup();
         }
-        let wanted = |t: u32| present.get(t as usize).copied().unwrap_or(false);
+        let wanted = |t: u32| {
+            if max < DENSE_LIMIT {
+                present.get(t as usize).copied().unwrap_or(false)
+            } else {
+                sorted.binary_search(&t).is_ok()
+            }
+        };
         let mut rows: Vec<(u32, u32, u32)> = Vec::new();
         for (slot, g) in graphs.iter().enumerate() {
             for r in g.roots() {

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -393,7 +394,7 @@ def _cmd_build(args) -> int:
             if args.server is None:  # the build runs in this process: it stops with it, as the user asked
                 c.cancel_job(job.id)
                 print(f"\ninterrupted: job {job.id} cancelled; what it committed is kept, and the same command "
-                      "resumes it", file=sys.stderr)
+                      "builds the rest", file=sys.stderr)
             raise
         finally:
             printer.close()
@@ -406,18 +407,18 @@ def _cmd_build(args) -> int:
 
 
 def _layers(specs: Sequence[str]) -> list[int] | str:
-    """Layer numbers, or one spec string ("all", "0-5", "0,2,4-6") for the server to resolve."""
-    try:
+    """Layer numbers, or one spec string ("all", "0-5", "0,2,4-6") for the server to resolve
+    (ASCII digits only: int() would take "0_1", "+1" and other scripts' digits)."""
+    if all(s.isascii() and s.isdigit() for s in specs):
         return [int(x) for x in specs]
-    except ValueError:
-        return ",".join(specs)
+    return ",".join(specs)
 
 
 def _layer_filter(specs: Sequence[str] | None) -> list[int] | None:
     """A listing's --layers (the build's grammar: numbers, ranges, lists; all = no filter)."""
     from .layers import parse_layers
 
-    if not specs or any(s.strip().lower() == "all" for s in specs):
+    if not specs or any(p.lower() == "all" for s in specs for p in re.split(r"[,\s]+", s)):
         return None
     try:
         return parse_layers(specs)
@@ -457,8 +458,9 @@ def _job_row(j) -> tuple:
     return (j.id, state, f"{j.done}/{j.total}", when, what, j.error or "")
 
 
-_ORPHAN_HINT = ("a job no process runs resumes when `n2g serve` with the model (or the same `n2g build`) "
-                "opens the workspace; `n2g jobs cancel ID --workspace W` drops it")
+_ORPHAN_HINT = ("a job no process runs is resumed by `n2g serve` with the model when it opens the workspace; "
+                "running the same `n2g build` again builds the rest in a new job; "
+                "`n2g jobs cancel ID --workspace W` drops it")
 
 
 def _print_jobs(jobs) -> None:
@@ -466,6 +468,15 @@ def _print_jobs(jobs) -> None:
           if jobs else "no jobs")
     if any(j.orphaned for j in jobs):
         print(_ORPHAN_HINT)
+
+
+class _NoRunner(Exception):
+    """A watched job that no process runs (ends `n2g jobs watch`, which would otherwise wait for
+    a writer to open the workspace)."""
+
+    def __init__(self, job) -> None:
+        super().__init__(job.id)
+        self.job = job
 
 
 def _cmd_jobs(args) -> int:
@@ -498,10 +509,20 @@ def _cmd_jobs(args) -> int:
                                f"n2g jobs cancel {args.job_id} --server HOST:PORT") from None
         else:
             printer = _progress_printer(args.json)
+
+            def watch(ev) -> None:
+                printer(ev)
+                if ev.job.orphaned:  # nothing will change until a writer opens the workspace
+                    raise _NoRunner(ev.job)
             try:
-                job = c.wait_job(args.job_id, progress=printer)
+                job = c.wait_job(args.job_id, progress=watch)
+            except _NoRunner as e:
+                job = e.job
             finally:
                 printer.close()
+            if job.orphaned:
+                _print_json(job) if args.json else _print_jobs([job])
+                return 1
     if args.json:
         _print_json(job)
     else:
@@ -830,7 +851,10 @@ def _connection_hint(args, e) -> str:
     if not any(w in e.message for w in ("failed to connect", "Connection refused", "Socket closed",
                                         "handshake", "Connection reset")):
         return ""
-    return (f" (is an n2g server running at {args.server}? `n2g serve` listens on port {vocab.DEFAULT_PORT} of "
+    from .client import with_default_port
+
+    return (f" (is an n2g server running at {with_default_port(args.server)}? `n2g serve` listens on port "
+            f"{vocab.DEFAULT_PORT} of "
             f"127.0.0.1 by default; a server started with --tls-cert needs --tls)")
 
 

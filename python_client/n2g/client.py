@@ -107,7 +107,17 @@ def _texts(texts: str | Iterable[str] | None) -> list[str]:
     return texts
 
 
-def _layers(layers: Iterable[int] | None) -> list[int] | None:
+def _layers(layers: Iterable[int] | int | str | None) -> list[int] | None:
+    """A layer filter: layer numbers, one number, or a spec in the build's grammar ("0-3",
+    "0,2", "all" = no filter; n2g.layers)."""
+    if isinstance(layers, str):
+        from .layers import parse_layers
+
+        if any(p.lower() == "all" for p in re.split(r"[,\s]+", layers)):
+            return None
+        return parse_layers(layers)
+    if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
+        layers = [layers]
     return [_whole(l, "layer") for l in _items(layers, "layers")] or None
 
 
@@ -639,6 +649,8 @@ def with_default_port(target: str) -> str:
     t = target.strip()
     if not t or t.startswith(_SCHEMES) or "://" in t:
         return target
+    if t.endswith(":"):  # "host:" names no port either
+        t = t[:-1]
     if t.startswith("["):
         return t if "]:" in t else f"{t}:{DEFAULT_PORT}"
     return f"{t}:{DEFAULT_PORT}" if ":" not in t else t

@@ -221,13 +221,19 @@ class RunningServer:
     def _watch_workspace(self, every_s: float = 2.0) -> None:
         """Health NOT_SERVING once the workspace's database is removed or replaced under the server
         (every RPC then answers DATA_LOSS): a balancer or an operator's probe sees it needs a restart."""
+        lost = False
         while not self._stopping.wait(every_s):
-            if self.app.ws.replaced():
-                log.error("workspace %s: its database was removed or replaced under this server; serving nothing "
-                          "until restarted", self.app.ws.path)
-                for name in ("", SERVICE_NAME):
-                    self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-                return
+            if self.app.ws.replaced() == lost:
+                continue
+            lost = not lost  # (a folder moved away and back serves again, as every RPC does)
+            if lost:
+                log.error("workspace %s: its database was removed or replaced under this server; every call answers "
+                          "DATA_LOSS until it is back or the server restarts", self.app.ws.path)
+            else:
+                log.warning("workspace %s: its database is back; serving again", self.app.ws.path)
+            for name in ("", SERVICE_NAME):
+                self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING if lost
+                                else health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace: float | None = 2.0) -> None:
         self._stopping.set()
