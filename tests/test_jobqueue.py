@@ -217,3 +217,31 @@ def test_watchers_hear_that_a_job_ended_when_the_workspace_cannot_record_it(ws):
     assert up.job.id == "lost" and up.job.state == "failed" and up.event.stage == "failed"
     assert "not recorded in the workspace" in up.job.error
     assert not (Path(ws.path) / DB_NAME).exists()  # no new empty database made in its place
+
+
+def test_an_executor_that_cannot_go_on_fails_the_job_in_one_log_line(ws, monkeypatch, caplog):
+    """Ray workers that kept dying (or a cluster too small) failed the job with a full traceback
+    in the log, as for a bug; the reason is the whole story."""
+    import logging
+
+    import n2g_service.jobs as jobs_module
+    from n2g_service.build.executors import ExecutorError
+
+    def run_build(*a, **kw):
+        raise ExecutorError("3 Ray workers died while loading the model")
+
+    monkeypatch.setattr(jobs_module, "run_build", run_build)
+    q = _queue(ws)
+    q.start()
+    try:
+        q.submit("ex", REQUEST)
+        deadline = time.monotonic() + 30
+        while ws.get_job("ex").state not in ("failed", "succeeded") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        q.stop()
+        q.join(30)
+    job = ws.get_job("ex")
+    assert job.state == "failed" and "3 Ray workers died while loading the model" in job.error
+    records = [r for r in caplog.records if r.levelno >= logging.ERROR and "ex" in r.getMessage()]
+    assert records and not any(r.exc_info for r in records), records

@@ -285,7 +285,10 @@ class JobQueue:
             self._publish(job_id, BuildEvent("cancelled", j.done, j.total, "cancelled",
                                              elapsed_s=time.perf_counter() - t0))
         except Exception as e:  # noqa: BLE001 - a failed job is recorded, the server goes on
-            if isinstance(e, (ValueError, OSError)):  # a bad corpus, a workspace error: said in its message
+            from .build.executors import ExecutorError
+
+            # a bad corpus, a workspace error, Ray workers that keep dying: said in its message
+            if isinstance(e, (ValueError, OSError, ExecutorError)):
                 log.error("job %s failed: %s", job_id, e)
                 log.debug("job %s failed", job_id, exc_info=True)
             else:

@@ -69,6 +69,11 @@ def check_reachable(address: str, timeout: float = 10.0) -> None:
             channel.close()
 
 
+class ExecutorError(RuntimeError):
+    """A build's executor cannot go on (workers that keep dying, a cluster too small, Ray
+    missing): the message says why, and a failed job logs it in one line."""
+
+
 @dataclass
 class Unit:
     unit_id: str
@@ -232,7 +237,7 @@ class RayExecutor:
         try:
             import ray
         except ImportError:
-            raise RuntimeError("--executor ray needs Ray: pip install 'ray>=2.9' in this environment "
+            raise ExecutorError("--executor ray needs Ray: pip install 'ray>=2.9' in this environment "
                                "(and on every node of the cluster)") from None
 
         self.ray = ray
@@ -262,7 +267,7 @@ class RayExecutor:
         self.actors: list[Any] = []
         if need > resources.get("CPU", 0):
             self.close()
-            raise RuntimeError(f"the Ray cluster has {resources.get('CPU', 0):g} CPUs and {gpus} GPUs; "
+            raise ExecutorError(f"the Ray cluster has {resources.get('CPU', 0):g} CPUs and {gpus} GPUs; "
                                f"{self.n_workers} workers need {need:g} CPUs: ask fewer --workers")
         self._actor_cls = ray.remote(max_restarts=0, max_task_retries=0, **opts)(_Worker)
         self.pids: dict[Any, int] = {}
@@ -330,7 +335,7 @@ class RayExecutor:
                         self.actors.remove(actor)
                         failed_starts += 1
                         if failed_starts >= self.max_attempts:
-                            raise RuntimeError(f"{failed_starts} Ray workers died while loading the model") from None
+                            raise ExecutorError(f"{failed_starts} Ray workers died while loading the model") from None
                         new = self._spawn()
                         starting[new.pid.remote()] = new
                         continue
@@ -344,7 +349,7 @@ class RayExecutor:
                     if actor in self.actors:
                         self.actors.remove(actor)
                     if attempts[unit.unit_id] >= self.max_attempts:
-                        raise RuntimeError(f"unit {unit.unit_id} failed on {attempts[unit.unit_id]} workers") from None
+                        raise ExecutorError(f"unit {unit.unit_id} failed on {attempts[unit.unit_id]} workers") from None
                     queue.appendleft(unit)
                     new = self._spawn()
                     starting[new.pid.remote()] = new
