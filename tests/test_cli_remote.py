@@ -434,6 +434,10 @@ def test_ctrl_c_on_a_local_build_cancels_its_job_and_the_same_command_resumes(ca
     code, out, err = run(capsys, *cmd)
     assert code == 0, err
     assert len(Workspace(ws, mode="read").built_keys()) == 64
+    import re  # the closing line says what this run built (it said "built 64 neurons" either way)
+
+    now, before = map(int, re.search(r"\((\d+) built now, (\d+) before\)", out).groups())
+    assert now + before == 64 and now > 0
 
 
 def test_terminal_controls_in_workspace_or_server_strings_are_shown_not_obeyed(capsys, setup, tmp_path):

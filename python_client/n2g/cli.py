@@ -388,8 +388,13 @@ def _cmd_build(args) -> int:
             return 0
         print(f"job {job.id} {job.state}", file=sys.stderr)
         printer = _progress_printer(args.json)
+        last: list = []
+
+        def on_event(ev) -> None:
+            printer(ev)
+            last[:] = [ev]
         try:
-            job = c.wait_job(job.id, progress=printer)
+            job = c.wait_job(job.id, progress=on_event)
         except KeyboardInterrupt:
             if args.server is None:  # the build runs in this process: it stops with it, as the user asked
                 c.cancel_job(job.id)
@@ -402,7 +407,8 @@ def _cmd_build(args) -> int:
         print(f"error: job {job.id} {job.state}: {job.error}", file=sys.stderr)
         return 1
     if not args.json:  # with --json, the last line is the final event (it holds the job)
-        print(f"job {job.id}: built {job.total} neurons in {args.workspace or args.server}")
+        said = last[0].message.removeprefix("build finished: ") if last and last[0].stage == "done" else ""
+        print(f"job {job.id}: {job.total} neurons in {args.workspace or args.server}" + (f" ({said})" if said else ""))
     return 0
 
 

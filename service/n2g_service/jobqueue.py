@@ -250,6 +250,7 @@ class JobQueue:
         stage = [job.stage]
         first_done: dict[str, int] = {}
         progressed = [False]
+        finished = ["build finished"]  # run_build's last word (how many it built), sent once stored
 
         def progress(ev) -> None:
             if ev.stage != stage[0] and ev.stage != "done":  # kept for the reason of an interruption
@@ -266,6 +267,7 @@ class JobQueue:
                 if self.ws.get_job(job_id).state == "cancelled":  # cancelled from another process
                     cancel.set()
             if ev.stage == "done":  # the final event is sent below, once the state is stored
+                finished[0] = ev.message
                 return
             self._publish(job_id, dataclasses.replace(ev, elapsed_s=time.perf_counter() - t0))
 
@@ -301,7 +303,7 @@ class JobQueue:
             j = self.ws.get_job(job_id)
             if succeeded:
                 log.info("job %s succeeded: %d neurons in %.1f s", job_id, j.total, time.perf_counter() - t0)
-                self._publish(job_id, BuildEvent("done", j.done, j.total, "build finished",
+                self._publish(job_id, BuildEvent("done", j.done, j.total, finished[0],
                                                  elapsed_s=time.perf_counter() - t0))
             else:
                 log.info("job %s cancelled during its last neuron group (%d/%d neurons)", job_id, j.done, j.total)

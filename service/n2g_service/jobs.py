@@ -551,7 +551,7 @@ def run_build(ws: Workspace, model, req: BuildRequest, *, job_id: str | None = N
         fit_units = [u for u in store.units(plan_id, "fit") if u.state != "done"]
         fit_req = dataclasses.replace(req, fit=dataclasses.replace(req.fit, batch_tokens=sizes.get(
             "batch_tokens", req.fit.batch_tokens)))
-        done = store.count_built(keys)
+        done = already = store.count_built(keys)
         if job_id is not None:
             ws.update_job(job_id, state="running", total=len(keys), done=done)
         rate = _Rate(done)
@@ -582,5 +582,6 @@ def run_build(ws: Workspace, model, req: BuildRequest, *, job_id: str | None = N
     finally:
         if own_executor and ex is not None:
             ex.close()
-    progress(BuildEvent("done", done, len(keys), "build finished", elapsed_s=time.perf_counter() - start))
+    progress(BuildEvent("done", done, len(keys), f"build finished: {done - already} built now, {already} before",
+                        elapsed_s=time.perf_counter() - start))
     return keys
