@@ -50,7 +50,7 @@ def main() -> int:
     ap.add_argument("--time-limit", type=float, default=15 * 60, help="stop adding neurons after this many s")
     args = ap.parse_args()
     import n2g_fast
-    from n2g_service.workspace import NeuronRecord, Workspace, _pack_examples  # noqa: F401
+    from n2g_service.workspace import Workspace
 
     t_start = time.perf_counter()
     rng = np.random.default_rng(args.seed)

@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -422,12 +421,10 @@ def _layers(specs: Sequence[str]) -> list[int] | str:
 
 def _layer_filter(specs: Sequence[str] | None) -> list[int] | None:
     """A listing's --layers (the build's grammar: numbers, ranges, lists; all = no filter)."""
-    from .layers import parse_layers
+    from .layers import layer_filter
 
-    if not specs or any(p.lower() == "all" for s in specs for p in re.split(r"[,\s]+", s)):
-        return None
     try:
-        return parse_layers(specs)
+        return layer_filter(specs)
     except ValueError as e:
         raise CliError(f"--layers: {e}") from None
 
@@ -526,14 +523,11 @@ def _cmd_jobs(args) -> int:
                 job = e.job
             finally:
                 printer.close()
-            if job.orphaned:
-                _print_json(job) if args.json else _print_jobs([job])
-                return 1
     if args.json:
         _print_json(job)
     else:
         _print_jobs([job])
-    return 0
+    return 1 if args.action == "watch" and job.orphaned else 0
 
 
 # ---------------------------------------------------------------------------------------------

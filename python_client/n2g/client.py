@@ -111,11 +111,9 @@ def _layers(layers: Iterable[int] | int | str | None) -> list[int] | None:
     """A layer filter: layer numbers, one number, or a spec in the build's grammar ("0-3",
     "0,2", "all" = no filter; n2g.layers)."""
     if isinstance(layers, str):
-        from .layers import parse_layers
+        from .layers import layer_filter
 
-        if any(p.lower() == "all" for p in re.split(r"[,\s]+", layers)):
-            return None
-        return parse_layers(layers)
+        return layer_filter(layers)
     if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
         layers = [layers]
     return [_whole(l, "layer") for l in _items(layers, "layers")] or None
@@ -532,15 +530,15 @@ class _ExportWriter:
         self.out = Path(out_dir)
         self.count = 0
         self.keys: list[list[int]] = []
-        self._open = False
+        self._started = False
 
     def _start(self) -> None:
         """Makes the folders at the first answer, so a refused export leaves nothing behind."""
-        if not self._open:
+        if not self._started:
             (self.out / "graphs").mkdir(parents=True, exist_ok=True)
             (self.out / "examples").mkdir(parents=True, exist_ok=True)
             (self.out / "export.json").unlink(missing_ok=True)  # until this export finishes
-            self._open = True
+            self._started = True
 
     def write(self, e: ExportedNeuron) -> None:
         self._start()

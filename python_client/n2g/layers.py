@@ -13,6 +13,26 @@ _RANGE_RE = re.compile(r"^\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?$")  # ASCII digits 
 MAX_LAYERS = 4096
 
 
+def _items(spec: str | int | Iterable[int | str]) -> list[str]:
+    """The spec's items ("N", "A-B", "all"), split at commas and blanks."""
+    if isinstance(spec, (int, np.integer)):
+        return [str(int(spec))]
+    if isinstance(spec, str):
+        return [s for s in re.split(r"[,\s]+", spec.strip()) if s]
+    items: list[str] = []
+    for s in spec:
+        items.extend(_items(s) if isinstance(s, (int, np.integer)) else _items(str(s)))
+    return items
+
+
+def layer_filter(spec: str | int | Iterable[int | str] | None) -> list[int] | None:
+    """A listing's layers: None (every layer) for no spec or one that says "all" anywhere, else
+    `parse_layers(spec)` (no layer count is needed to filter)."""
+    if spec is None or any(item.lower() == "all" for item in _items(spec)):
+        return None
+    return parse_layers(spec)
+
+
 def parse_layers(spec: str | int | Iterable[int | str], n_layers: int | None = None) -> list[int]:
     """Layers named by ``spec``, sorted and unique.
 
@@ -20,18 +40,7 @@ def parse_layers(spec: str | int | Iterable[int | str], n_layers: int | None = N
     items each ``N`` or ``A-B`` (inclusive), or a sequence of such items (``[0, "2-4"]``).
     With ``n_layers`` every layer is checked against the model's range.
     """
-    items: list[str]
-    if isinstance(spec, (int, np.integer)):
-        items = [str(int(spec))]
-    elif isinstance(spec, str):
-        items = [s for s in re.split(r"[,\s]+", spec.strip()) if s]
-    else:
-        items = []
-        for s in spec:
-            if isinstance(s, (int, np.integer)):
-                items.append(str(int(s)))
-            else:
-                items.extend(x for x in re.split(r"[,\s]+", str(s).strip()) if x)
+    items = _items(spec)
     if not items:
         raise ValueError("no layers asked: give at least one layer (N, A-B, a list, or all)")
     out: set[int] = set()

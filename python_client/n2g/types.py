@@ -92,7 +92,7 @@ class Job:
     updated_at: float
     request: dict[str, Any]
     # queued or running, but no process holds the workspace to run it (its server or build
-    # stopped); it resumes when a writer (`n2g serve` with the model, the same `n2g build`) opens it
+    # stopped); `n2g serve` with the model resumes it when it opens the workspace
     orphaned: bool = False
 
     @property

@@ -384,20 +384,18 @@ def _stored_scans(ws: Workspace, layers: list[int], windows: np.ndarray, exclude
     return out
 
 
-def _layers_to_scan(ws: Workspace, layers: list[int], k: int, windows: np.ndarray, excluded: np.ndarray) -> list[int]:
-    """Layers with no stored scan of these windows and excluded ones, or one of fewer than k
-    windows a neuron (a larger k serves)."""
-    stored = _stored_scans(ws, layers, windows, excluded)
+def _layers_to_scan(stored: dict[int, dict], layers: list[int], k: int) -> list[int]:
+    """Layers with no usable stored scan (`_stored_scans`), or one of fewer than k windows a
+    neuron (a larger k serves)."""
     return [l for l in layers if l not in stored or stored[l]["top_window_ids"].shape[1] < k]
 
 
-def keys_known_before_scan(ws: Workspace, req: BuildRequest, layers: list[int], windows: np.ndarray,
-                           excluded: np.ndarray) -> list[tuple[int, int]]:
+def keys_known_before_scan(req: BuildRequest, layers: list[int], stored: dict[int, dict]) -> list[tuple[int, int]]:
     """The keys of a request known without scanning: its explicit neurons, or its sample on the
-    layers a stored scan covers. Their fit settings are checked before any scan runs."""
+    layers a usable stored scan covers. Their fit settings are checked before any scan runs."""
     if req.neurons is not None:
-        return [(l, n) for l in layers for n in sorted(set(req.neurons))]
-    return plan_neurons(req, {l: s["max_activation"] for l, s in _stored_scans(ws, layers, windows, excluded).items()})
+        return plan_neurons(req, dict.fromkeys(layers))  # (explicit neurons need no a_max)
+    return plan_neurons(req, {l: s["max_activation"] for l, s in stored.items()})
 
 
 class BuiltWithOtherSettings(ValueError):
@@ -474,11 +472,12 @@ def run_build(ws: Workspace, model, req: BuildRequest, *, job_id: str | None = N
     def on_start(unit: Unit, worker: str) -> None:
         store.mark_started(plan_id, unit.unit_id, worker)
 
+    stored = _stored_scans(ws, layers, windows, excluded)
     # a built neuron with other fit settings refuses the build before hours of scanning, not after
-    check_built_settings(ws, keys_known_before_scan(ws, req, layers, windows, excluded), req.fit)
+    check_built_settings(ws, keys_known_before_scan(req, layers, stored), req.fit)
     try:
         # -- scan shards ------------------------------------------------------------------------
-        missing = _layers_to_scan(ws, layers, req.scan.k, windows, excluded)
+        missing = _layers_to_scan(stored, layers, req.scan.k)
         scan_cfg = req.scan
         if missing and (req.executor == "ray" or model.device.type == "cuda"):
             scan_cfg = dataclasses.replace(req.scan, batch_size=device_sizes(
@@ -535,7 +534,7 @@ def run_build(ws: Workspace, model, req: BuildRequest, *, job_id: str | None = N
         for l in set(layers) - set(missing):  # partials left by a run killed after its merge
             if store.partial_ranges(key, l):
                 store.delete_partials(key, l)
-        scans = {l: ws.load_layer_scan(l) for l in layers}
+        scans = {l: stored[l] if l not in missing else ws.load_layer_scan(l) for l in layers}
 
         # -- fit groups -------------------------------------------------------------------------
         keys = plan_neurons(req, {l: s["max_activation"] for l, s in scans.items()})

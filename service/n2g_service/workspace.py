@@ -779,7 +779,6 @@ class Workspace:
             except sqlite3.DatabaseError as e:
                 raise _translate(e, str(self.path)) from e
             conn.where = str(self.path)
-            self._local.file_id = _file_id(self._db_path) if self._uri is None else None
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=30000")
             if self.mode == "read" or self._uri is not None:
@@ -796,7 +795,7 @@ class Workspace:
         if not self._writer.held:
             self._become_writer()
         conn = self._conn()
-        if _file_id(self._db_path) != self._local.file_id or self.replaced():
+        if self.replaced():
             # SQLite would go on writing to the unlinked file and report success: nothing would be kept
             raise WorkspaceError(f"workspace {self.path}: {DB_NAME} was removed or replaced while this process had it "
                                  "open; what it writes now would be lost, so it stops (start it again)", "damaged")

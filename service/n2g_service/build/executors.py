@@ -311,6 +311,10 @@ class RayExecutor:
         # results of the others are taken meanwhile (waiting on one stalled the build ~25 s)
         starting: dict[Any, Any] = {}
         failed_starts = 0
+
+        def replace() -> None:
+            new = self._spawn()
+            starting[new.pid.remote()] = new
         while queue or pending:
             if cancel is not None and cancel.is_set():
                 raise BuildCancelled()
@@ -336,8 +340,7 @@ class RayExecutor:
                         failed_starts += 1
                         if failed_starts >= self.max_attempts:
                             raise ExecutorError(f"{failed_starts} Ray workers died while loading the model") from None
-                        new = self._spawn()
-                        starting[new.pid.remote()] = new
+                        replace()
                         continue
                     free.append(actor)
                     continue
@@ -351,8 +354,7 @@ class RayExecutor:
                     if attempts[unit.unit_id] >= self.max_attempts:
                         raise ExecutorError(f"unit {unit.unit_id} failed on {attempts[unit.unit_id]} workers") from None
                     queue.appendleft(unit)
-                    new = self._spawn()
-                    starting[new.pid.remote()] = new
+                    replace()
                     continue
                 free.append(actor)
                 yield UnitResult(unit, value, seconds, f"ray:{self.pids.get(actor)}")

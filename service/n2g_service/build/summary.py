@@ -107,8 +107,8 @@ def plan_summary(ws, model, req, *, calibrate: bool = True, calibration_windows:
     time estimate from bare forward passes of ``calibration_windows`` windows at a few depths on
     this machine (seconds). Writes nothing to the workspace."""
     from ..fit import fit_method
-    from ..jobs import (_layers_to_scan, _scan_identity, check_built_settings, keys_known_before_scan,
-                        make_corpus_windows, resolve_fit_sizes)
+    from ..jobs import (_layers_to_scan, _scan_identity, _stored_scans, check_built_settings,
+                        keys_known_before_scan, make_corpus_windows, resolve_fit_sizes)
     from ..workspace import BuildStore
     from .plan import fit_groups, shard_ranges
 
@@ -125,8 +125,9 @@ def plan_summary(ws, model, req, *, calibrate: bool = True, calibration_windows:
     excluded = np.asarray(excluded, np.int64)
     key = _scan_identity(req, windows, excluded)
     store = BuildStore(ws, create=False)
-    check_built_settings(ws, keys_known_before_scan(ws, req, layers, windows, excluded), req.fit)
-    missing = _layers_to_scan(ws, layers, req.scan.k, windows, excluded)
+    stored = _stored_scans(ws, layers, windows, excluded)
+    check_built_settings(ws, keys_known_before_scan(req, layers, stored), req.fit)
+    missing = _layers_to_scan(stored, layers, req.scan.k)
     shards, scan_windows = 0, 0
     for a, b in shard_ranges(windows.shape[0], req.shard_windows):
         todo = [l for l in missing if (a, b) not in store.partial_ranges(key, l)]
