@@ -155,8 +155,8 @@ class NeuronGraph:
         (ragged allowed; an empty list gives []). Negative ids, ids >= 2**32 and, when
         `vocab_size` is given, ids >= vocab_size raise N2GError naming sequence and position
         (vocab_size >= 2**32 admits every id). More than 2**31 ids or sequences in one call raise
-        N2GError."""
-        Where sibling nodes share an id, greedy takes the first by label, all-paths takes all."""
+        N2GError. Where sibling nodes share an id, greedy takes the first by label, all-paths
+        takes all."""
     def activating_labels(self) -> list[str]:
         """Sorted labels of the activating tokens on paths that can fire (an END >= 0.5 at or
         below them): what the graph says the neuron fires on. Graded paths (ENDs below 0.5) are

@@ -346,7 +346,7 @@ def test_jobs_cancel_on_a_workspace_no_process_runs(capsys, tmp_path):
 def test_watching_a_job_no_process_runs_says_so(capsys, tmp_path):
     """A reader's WatchJob on a job whose server was killed sent one `running` event, then nothing
     until the caller's deadline; GetJob and ListJobs said `running` as for a live job."""
-    from n2g.client import N2GClient
+    from n2g.client import N2GClient, N2GError
     from n2g.local import LocalN2GClient
     from n2g_service.server import serve
     from n2g_service.workspace import Workspace
@@ -358,7 +358,11 @@ def test_watching_a_job_no_process_runs_says_so(capsys, tmp_path):
     ws.update_job("ended", state="succeeded")
     ws.close()
     with LocalN2GClient(tmp_path / "ws", no_model=True) as c:
-        events = list(c.watch_job("orphan", timeout=2.5))
+        events = []
+        with pytest.raises(N2GError) as e:  # the watch goes on (a writer may come) until its deadline
+            for event in c.watch_job("orphan", timeout=2.5):
+                events.append(event)
+        assert e.value.code.name == "DEADLINE_EXCEEDED"
         local = [c.get_job("orphan"), *c.list_jobs()]
     assert [e.job.state for e in events] == ["running", "running"]
     assert "no process is running this job" in events[1].message and events[1].job.orphaned
@@ -529,3 +533,89 @@ def test_the_clients_take_numpy_and_refuse_what_they_would_truncate(setup):
         assert e.value.code.name == "FAILED_PRECONDITION"
 
     asyncio.run(closed_async())
+
+
+def _hand_made_workspace(path):
+    """Layer-0 graphs whose pairs are known by construction: 0:1 and 0:2 hold the same labels
+    (similar), 0:3 holds half of each (a subset of both), 0:4 shares nothing, 0:5 fires on "a" after
+    "a" (a token in both roles)."""
+    import n2g_fast
+    from n2g_service.workspace import NeuronRecord, Workspace
+
+    ws = Workspace(path, create=True, model="test/hand-made", corpus="hand-made", hook="blocks.{l}.mlp.hook_post")
+    ws.set_meta("token_strings", json.dumps([chr(97 + i) for i in range(26)]))
+    spec = {1: [("a", "x"), ("b", "y")], 2: [("a", "x"), ("b", "y")], 3: [("a", "x")], 4: [("q", "z")], 5: [("a", "a")]}
+    for n, paths in spec.items():
+        g = n2g_fast.NeuronGraph("test/hand-made", 0, n, "blocks.0.mlp.hook_post", 2.0)
+        for act, ctx in paths:
+            g.add_path((act, [ord(act) - 97], 0.9), [(ctx, [ord(ctx) - 97], 0.9)], 0.9)
+        g.finalize()
+        ws.put_neuron(NeuronRecord(0, n, 2.0, g.to_bytes(), {"train": [], "test": []}, {}, {}))
+
+
+def test_similar_and_subset_pairs_of_graphs_made_to_have_them(capsys, tmp_path):
+    from n2g.client import N2GClient
+    from n2g_service.server import serve
+
+    _hand_made_workspace(tmp_path / "ws")
+    running = serve(tmp_path / "ws", no_model=True, port=0, block=False)
+    try:
+        hand = (tmp_path / "ws", f"127.0.0.1:{running.port}")
+
+        def pairs(doc):
+            return [(tuple(p["a"]), tuple(p["b"]), p["kind"], p["activating_overlap"], p["context_overlap"]) for p in doc]
+
+        assert pairs(json.loads(both(capsys, hand, "similar", "--all", "--json"))) == [
+            ((0, 1), (0, 2), "similar", 1.0, 1.0)]
+        assert pairs(json.loads(both(capsys, hand, "similar", "--all", "--kind", "subset", "--json"))) == [
+            ((0, 3), (0, 1), "subset", 1.0, 1.0), ((0, 3), (0, 2), "subset", 1.0, 1.0)]
+        one = json.loads(both(capsys, hand, "similar", "0", "3", "--json"))
+        assert pairs(one["similar"]) == []
+        assert pairs(one["subset"]) == [((0, 3), (0, 1), "subset", 1.0, 1.0), ((0, 3), (0, 2), "subset", 1.0, 1.0)]
+        assert [(tuple(n["key"]), n["score"]) for n in one["neighbours"]] == [((0, 1), 0.5), ((0, 2), 0.5), ((0, 5), 0.5)]
+        # at a threshold of .5, 0:3 and 0:1 overlap by half on both sets: similar now
+        low = json.loads(both(capsys, hand, "similar", "0", "1", "--threshold", "0.5", "--json"))
+        assert {(tuple(p["a"]), tuple(p["b"])) for p in low["similar"]} == {((0, 1), (0, 2)), ((0, 1), (0, 3))}
+        # the client library gives the same
+        with N2GClient(hand[1]) as c:
+            got = c.similar(0, 1)
+            assert [(p.a, p.b) for p in got.similar] == [((0, 1), (0, 2))]
+            assert [(p.a, p.b) for p in got.subset] == [((0, 3), (0, 1))]
+            assert [(n.key, n.score) for n in got.neighbours] == [((0, 2), 1.0), ((0, 3), 0.5), ((0, 5), 0.25)]
+            assert [(p.a, p.b) for p in c.pairs("subset", threshold=0.9, batch_size=1)] == [((0, 3), (0, 1)),
+                                                                                            ((0, 3), (0, 2))]
+            assert c.similar(0, 4).neighbours == [] and c.similar(0, 4).subset == []
+        # searches by role, and the neurons with a token in both roles
+        found = json.loads(both(capsys, hand, "search", "--in-context", "--json"))
+        assert found["neurons"] == [{"key": [0, 5], "shared": ["a"], "fraction": 1.0}] and found["total"] == 1
+        assert json.loads(both(capsys, hand, "search", "--context", "x", "--json"))["neurons"] == [[0, 1], [0, 2], [0, 3]]
+        assert json.loads(both(capsys, hand, "search", "--either", "a", "--json"))["neurons"] == [[0, 1], [0, 2], [0, 3],
+                                                                                                 [0, 5]]
+        assert json.loads(both(capsys, hand, "search", "--context", "a", "--activating", "a", "--json"))["neurons"] == [
+            [0, 5]]
+    finally:
+        running.stop(0)
+
+
+def test_a_local_stream_is_not_cut_by_the_unary_timeout_and_never_ends_as_if_complete(setup, tmp_path):
+    """The client's timeout bounds unary calls; a stream (export, report) has a deadline only when
+    the call gives one, locally as over the network. A stream its deadline cuts short raises
+    DEADLINE_EXCEEDED: an export or a report is never written as if complete."""
+    from n2g.client import N2GError
+    from n2g.local import LocalN2GClient
+
+    ws, addr = setup
+    with LocalN2GClient(ws, no_model=True) as c:
+        n = len(c.list_graphs())
+    with LocalN2GClient(ws, no_model=True, timeout=1e-3) as c:
+        assert c.export_to(tmp_path / "all") == n and len(list((tmp_path / "all" / "graphs").iterdir())) == n
+        assert c.report_to(tmp_path / "report") == tmp_path / "report" / "index.html"
+        assert (tmp_path / "report" / "index.html").exists()
+        for call in (lambda: c.export_to(tmp_path / "cut", timeout=1e-9),
+                     lambda: c.report_to(tmp_path / "cut-report", timeout=1e-9),
+                     lambda: list(c.pairs("subset", threshold=0.3, timeout=1e-9))):
+            with pytest.raises(N2GError) as e:
+                call()
+            assert e.value.code.name == "DEADLINE_EXCEEDED", e.value
+        assert not (tmp_path / "cut" / "export.json").exists()
+        assert not (tmp_path / "cut-report" / "index.html").exists()

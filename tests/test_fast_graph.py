@@ -614,3 +614,33 @@ def test_topk_window_ids_are_exact_and_non_negative():
     assert t.top()[0].tolist() == [[-1, -1]]
     t.update(np.ones((1, 1, 1), np.float32), np.array([2**63 - 1], np.uint64))
     assert t.top()[0].tolist() == [[2**63 - 1, -1]]
+
+
+def test_the_type_stub_parses_and_declares_the_module():
+    """n2g_fast.pyi (what type checkers and editors read) is valid Python and declares every public
+    name of the module and of its classes; the copy beside the crate is the same file."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "n2g_fast.pyi").read_text()
+    assert (root / "n2g_fast" / "n2g_fast.pyi").read_text() == text
+    tree = ast.parse(text)
+
+    def declared(body) -> set[str]:
+        out = set()
+        for node in body:
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+                out.add(node.name)
+            elif isinstance(node, ast.Assign):
+                out |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+            elif isinstance(node, ast.AnnAssign):
+                out.add(node.target.id)
+        return out
+
+    public = {n for n in dir(n2g_fast) if not n.startswith("_") and n != "n2g_fast"}  # the .so submodule
+    assert public - declared(tree.body) == set()
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name != "N2GError":
+            real = {m for m in dir(getattr(n2g_fast, node.name)) if not m.startswith("_")}
+            assert real - declared(node.body) == set(), node.name

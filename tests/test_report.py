@@ -151,8 +151,9 @@ def test_neighbours_equal_brute_force():
         brute = sorted((-(ov(a, oa) + ov(c, oc)) / 2, o) for o, (oa, oc) in labels.items()
                        if o != key and ov(a, oa) + ov(c, oc) > 0)[:5]
         assert [-s for s, _ in brute] == pytest.approx([n[1] for n in got[key]], abs=1e-6)
-        # the same neighbours up to the order of equal scores
-        assert {o for s, o in brute if s > brute[-1][0]} <= {n[0] for n in got[key]}
+        # the same neighbours up to the order of equal scores: every one scoring strictly more than
+        # the fifth is listed (brute holds negated scores, so "more" is "less" here)
+        assert {o for s, o in brute if s < brute[-1][0]} <= {n[0] for n in got[key]}
 
 
 def test_report_files_and_escaping(tmp_path):

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from n2g import vocab
 from n2g.client import AsyncN2GClient, N2GClient, N2GError
 from n2g_servers import NATIVE_LAYERS, NATIVE_MODEL, NATIVE_SAMPLE, ServerProcess, native_workspace, run_cli
 
@@ -237,6 +238,7 @@ def test_build_watch_and_model_free_rpcs_during_build(client, ws):
     assert final.state == "succeeded" and final.done == final.total == len(todo)
     stages = [e.stage for e in events]
     assert stages[0] == "state" and stages[-1] == "done" and "fit" in stages
+    assert set(stages) <= set(vocab.BUILD_STAGES), stages
     fits = [e for e in events if e.stage == "fit" and e.last_neuron is not None]
     assert [e.last_neuron for e in fits] == [(0, n) for n in todo]  # one commit per group of 1
     assert "running" in during, "no model-free call landed while the build ran"

@@ -1,8 +1,8 @@
 """The `n2g` command line.
 
 Every operation works against a server (`--server HOST:PORT`, or $N2G_SERVER) or locally on a
-workspace directory (`--workspace DIR`). Remote commands need only the client library (grpcio,
-numpy); local commands and `serve` import the service lazily, so `n2g --help` never loads torch.
+workspace directory (`--workspace DIR`). Remote commands need only the client library and tqdm
+(progress bars); local commands and `serve` import the service lazily, so `n2g --help` never loads torch.
 Output is a human-readable table by default, JSON with `--json`.
 
     n2g serve --workspace W [--model M | --no-model] [--port P] [--token T] [--tls-cert C --tls-key K]
@@ -280,7 +280,8 @@ def _add_build(sub) -> None:
     p.add_argument("--group-size", type=int, default=None,
                    help="neurons fitted together (shared forward passes); default: sized to the device (8 on a CPU)")
     p.add_argument("--device", default=None, help="local: cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--k", type=int, default=None, help="top-k examples per neuron (default 20)")
+    p.add_argument("--k", type=int, default=None,
+                   help="top-k examples per neuron (default: what the fit method needs, 40 for the default fit, 20 for paper)")
     p.add_argument("--window-tokens", type=int, default=None, help="tokens per corpus window (default 64)")
     p.add_argument("--config", default=None, help='JSON config overrides, e.g. \'{"fit": {"n_substitutes": 3}}\'')
     p.add_argument("--method", default=None, help="fit method: paper (the paper's N2G) or calibrated "

@@ -1,7 +1,8 @@
 """Python client of the n2g service: `N2GClient` (blocking) and `AsyncN2GClient` (asyncio).
 
-Needs only grpcio, protobuf and numpy (no torch, nothing from the server package). Results are
-the dataclasses of `n2g.types`, activations numpy arrays; the wire format stays in `n2g.convert`.
+Needs only grpcio, grpcio-health-checking, protobuf, googleapis-common-protos (a busy server's
+retry hint) and numpy (no torch, nothing from the server package). Results are the dataclasses of
+`n2g.types`, activations numpy arrays; the wire format stays in `n2g.convert`.
 
     from n2g.client import N2GClient
     with N2GClient("localhost:50051") as c:
@@ -17,8 +18,8 @@ the transport - the network (`N2GClient`, `AsyncN2GClient`, whose methods are th
 or the application layer in this process (`n2g.local.LocalN2GClient`).
 
 Errors are `N2GError` with `.code` (a `grpc.StatusCode`) and `.message`. Calls are retried with
-exponential backoff while the server is UNAVAILABLE (starting or restarting), within the call's
-deadline; `start_build` sends a client-chosen job id, so its retries never start a job twice.
+exponential backoff while the server is UNAVAILABLE (starting or restarting), and after the wait a
+busy server names (RESOURCE_EXHAUSTED with a RetryInfo), within the call's deadline; `start_build` sends a client-chosen job id, so its retries never start a job twice.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Sequence
 import grpc
 import numpy as np
 from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+from grpc_health.v1.health_pb2_grpc import HealthStub
 
 from . import vocab
 from .convert import OPS
@@ -222,28 +225,13 @@ def _retry_after(e: grpc.RpcError) -> float | None:
     return None
 
 
-# grpc.health.v1 by hand (two one-field messages), so the client needs no grpcio-health-checking.
-_HEALTH_METHOD = "/grpc.health.v1.Health/Check"
-_HEALTH_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+def _health_check(channel, service: str, timeout: float):
+    """grpc.health.v1's Check on `channel` (sync: the reply; aio: an awaitable of it)."""
+    return HealthStub(channel).Check(HealthCheckRequest(service=service), timeout=timeout)
 
 
-def _health_request(service: str) -> bytes:
-    data = service.encode()
-    if not data:
-        return b""
-    out, n = bytearray(b"\x0a"), len(data)
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            break
-    return bytes(out) + data
-
-
-def _health_status(data: bytes) -> str:
-    if len(data) >= 2 and data[0] == 0x08:
-        return _HEALTH_STATUS.get(data[1], "UNKNOWN")
-    return "UNKNOWN"
+def _health_status(reply) -> str:
+    return HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
 def _channel_args(max_message_bytes: int, tls_server_name: str | None) -> list[tuple[str, Any]]:
@@ -748,9 +736,8 @@ class N2GClient(_ClientBase, _Api):
 
     def health(self, service: str = "", timeout: float = 5.0) -> str:
         """grpc.health.v1 status of `service` ("" = the server): SERVING, NOT_SERVING, ..."""
-        fn = self._channel.unary_unary(_HEALTH_METHOD, request_serializer=None, response_deserializer=None)
         try:
-            return _health_status(fn(_health_request(service), timeout=timeout))
+            return _health_status(_health_check(self._channel, service, timeout))
         except grpc.RpcError as e:
             raise _error(e) from None
 
@@ -831,9 +818,8 @@ class AsyncN2GClient(_ClientBase, _Api):
                 call.cancel()
 
     async def health(self, service: str = "", timeout: float = 5.0) -> str:
-        fn = self._channel.unary_unary(_HEALTH_METHOD, request_serializer=None, response_deserializer=None)
         try:
-            return _health_status(await fn(_health_request(service), timeout=timeout))
+            return _health_status(await _health_check(self._channel, service, timeout))
         except grpc.RpcError as e:
             raise _error(e) from None
 

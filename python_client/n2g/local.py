@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator
 
-from .client import _Api, _checked_text
+from .client import _Api, _budget, _checked_text
 
 
 class LocalN2GClient(_Api):
@@ -62,8 +62,13 @@ class LocalN2GClient(_Api):
             self._reraise(e)
 
     def _stream_call(self, name: str, args: dict[str, Any], timeout: float | None) -> Iterator:
+        from n2g_service.app import Deadline
+
+        # as over the network: a stream has no deadline unless the call gives one (the client's
+        # timeout is for unary calls; an export or a report of a whole model takes longer)
         try:
-            for item in getattr(self.app, name)(**_checked_text(self._open(args)), deadline=self._deadline(timeout)):
+            for item in getattr(self.app, name)(**_checked_text(self._open(args)),
+                                                deadline=Deadline.after(_budget(timeout))):
                 if isinstance(item, list):
                     yield from item
                 else:

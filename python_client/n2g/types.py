@@ -103,7 +103,7 @@ class Job:
 @dataclass(frozen=True)
 class JobEvent:
     job: Job
-    stage: str  # state | corpus | scan | fit | done | failed | cancelled
+    stage: str  # one of vocab.BUILD_STAGES: state | corpus | scan | merge | fit | done | failed | cancelled
     done: int
     total: int
     message: str

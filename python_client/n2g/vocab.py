@@ -13,7 +13,7 @@ JOB_FINAL = ("succeeded", "failed", "cancelled")
 
 # Build progress stages, in order (BuildEvent.stage / proto JobEvent.stage); "state" is the first
 # event of a watch (the job as stored), "failed"/"cancelled" end a job that did not succeed.
-BUILD_STAGES = ("state", "corpus", "scan", "fit", "done", "failed", "cancelled")
+BUILD_STAGES = ("state", "corpus", "scan", "merge", "fit", "done", "failed", "cancelled")
 
 # How a graph predicts (n2g-method.md section 6; proto Semantics).
 SEMANTICS = ("all_paths_max", "greedy_deepest")

@@ -374,6 +374,9 @@ class N2GApp:
                     entry.waiting_since = time.monotonic()
                     yield item
                     entry.waiting_since = None
+                # a stream cut short by its deadline must not end as if complete (gRPC says so to a
+                # remote caller by itself; an in-process caller hears it only from here)
+                deadline.check()
             finally:
                 with self._open_lock:
                     self._open_streams.pop(id(entry), None)
@@ -393,7 +396,7 @@ class N2GApp:
 
     def _computation_slot(self, what: str):
         return self._slot(self._computations, f"{self.max_computations} long computations (evaluations, true "
-                                              f"activations, build plans) are running on this server already "
+                                              f"activations, build plans, similar neurons) are running on this server already "
                                               f"({what} is one); retry shortly")
 
     # -- shape and validation ---------------------------------------------------------------------

@@ -121,8 +121,8 @@ PARTIAL_EVENT_EVERY_S = 1.0  # the most often a scan unit reports its progress b
 
 @dataclass
 class BuildEvent:
-    """One progress event; `stage` is corpus | scan | merge | fit | done. `done`/`total` count
-    the stage's items (windows for the scan, neurons for the fit); `eta_s` is the stage's
+    """One progress event; `stage` is corpus | scan | merge | fit | done (of vocab.BUILD_STAGES).
+    `done`/`total` count the stage's items (windows for the scan, neurons for the fit); `eta_s` is the stage's
     remaining time at this run's rate (None until measurable). ``partial``: progress inside a
     unit that is not committed yet (a kill now loses it; a resumed build scans it again)."""
     stage: str

@@ -43,7 +43,6 @@ log = logging.getLogger("n2g.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["N2G"].full_name  # "n2g.v1.N2G"
 _SERVICE = pb.DESCRIPTOR.services_by_name["N2G"]
 C = grpc.StatusCode
-ServerLimits = Limits  # the limits a server enforces are the ones it reports (n2g.types.Limits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,10 +209,6 @@ class RunningServer:
     port: int
     address: str
 
-    @property
-    def servicer(self) -> N2GApp:  # older name
-        return self.app
-
     def __post_init__(self) -> None:
         self._stopping = threading.Event()
         threading.Thread(target=self._watch_workspace, name="n2g-workspace-watch", daemon=True).start()
@@ -338,8 +333,8 @@ def serve(workspace: str | Path, model: str | None = None, *, no_model: bool = F
 
     log.info("workspace %s: model %s, corpus %s, %d graphs", ws.path, ws.model_name, ws.corpus, graphs)
     if not model_host.enabled:
-        log.warning("running WITHOUT a model (--no-model): graph RPCs only; Tokenize, GetActivations, StartBuild "
-                    "and Predict on texts answer FAILED_PRECONDITION")
+        log.warning("running WITHOUT a model (--no-model): graph RPCs only; Tokenize, GetActivations, StartBuild, "
+                    "PlanBuild, Predict on texts and Evaluate with compute answer FAILED_PRECONDITION")
     log.log(logging.INFO if token else logging.WARNING, "auth: %s",
             "bearer token required on every RPC but health" if token
             else "OFF (no --token): any client that can connect may call every RPC")

@@ -5,7 +5,7 @@ A :class:`FitMethod` has a name, a one-line summary, a preset (the FitConfig fie
 :func:`n2g_service.fit.fit_neurons` looks the method up by ``FitConfig.method``. Registered here:
 
 - ``paper``: the paper's fit on the training windows alone (stages 1 to 6 of
-  :mod:`.pipeline`); byte for byte the graphs of the orchestrator it replaced;
+  :mod:`.pipeline`); byte for byte the graphs of the reference fit (tests/fit_paper_reference.py);
 - ``calibrated``: the paper's fit on the training windows plus further top windows, then END
   values and contexts calibrated on real corpus occurrences (:mod:`.calibrate`).
 
