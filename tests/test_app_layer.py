@@ -85,16 +85,58 @@ def test_config_mistakes_refused_the_same_both_ways(pair):
         assert out[0] == out[1]
 
 
-def test_async_client_has_every_method_of_the_sync_one():
+def test_async_client_answers_as_the_sync_one(pair):
+    """Every method of N2GClient, called on AsyncN2GClient in a loop, gives an awaitable (or an
+    async iterator for streams) whose answer equals the blocking client's; a build started and
+    waited for asynchronously succeeds."""
+    local, srv = pair
     public = {n for n, f in inspect.getmembers(N2GClient, inspect.isfunction) if not n.startswith("_")}
-    for name in public - {"close"}:
-        fn = getattr(AsyncN2GClient, name)
-        assert getattr(N2GClient, name).__doc__ == fn.__doc__ or fn.__doc__ is None or name in (
-            "wait_job", "export_to", "report", "report_to"), name
-        # calling it in a loop yields a coroutine or an async iterator
-        assert name in dir(AsyncN2GClient)
-    assert inspect.iscoroutinefunction(AsyncN2GClient.export_to)
-    assert inspect.iscoroutinefunction(AsyncN2GClient.report_to)
+    with N2GClient(srv.address) as s:
+        key = s.list_graphs()[0].key
+        job = s.list_jobs()[0].id
+        label = s.graph(*key).summary.activating[0]
+    calls = {  # name -> (args, kwargs); results compared by their repr (numpy arrays inside)
+        "model_info": ((), {}), "tokenize": ((["a cat"],), {}), "list_jobs": ((), {}), "get_job": ((job,), {}),
+        "list_graphs": ((), {}), "graph": (key, {"structure": True}),
+        "predict": (([key],), {"token_ids": [[1, 5, 7]]}), "activations": (([key],), {"token_ids": [[1, 5, 7]]}),
+        "evaluate": ((), {}), "search": (([(label, "activating")],), {}), "in_context_neurons": ((), {}),
+        "similar": (key, {"threshold": 0.5}), "plan_build": (([1],), {"neurons": [0, 1]}),
+        "pairs": (("subset",), {"threshold": 0.5}), "export": (([key[0]],), {}), "watch_job": ((job,), {}),
+        "wait_job": ((job,), {}), "cancel_job": ((job,), {}), "health": ((), {}), "wait_ready": ((), {}),
+    }
+    # export_to, report and report_to: test_async_export_and_report; start_build below
+    assert public - set(calls) == {"close", "start_build", "export_to", "report", "report_to"}
+
+    def plain(x):
+        x = list(x) if inspect.isgenerator(x) or type(x).__name__ == "generator" else x
+        if type(x).__name__ == "BuildPlan":  # its time estimate is measured on each call
+            return (x.layers, x.neurons, x.neurons_built, x.scan_shards, x.scan_tokens, x.fit_groups)
+        return repr(x)
+
+    with N2GClient(srv.address) as s:
+        want = {name: plain(getattr(s, name)(*a, **kw)) for name, (a, kw) in calls.items()}
+
+    async def go():
+        got = {}
+        async with AsyncN2GClient(srv.address) as c:
+            for name, (a, kw) in calls.items():
+                r = getattr(c, name)(*a, **kw)
+                if inspect.isawaitable(r):
+                    got[name] = await r
+                else:
+                    assert hasattr(r, "__aiter__"), name
+                    got[name] = [x async for x in r]
+            neuron = _unbuilt(local, 1)[:1]
+            started = await c.start_build([1], neuron)
+            done = await c.wait_job(started.id, timeout=600)
+            return got, done, neuron
+
+    got, done, neuron = asyncio.run(go())
+    for name in calls:
+        assert plain(got[name]) == want[name], name
+    assert done.state == "succeeded"
+    with N2GClient(srv.address) as s:
+        assert s.graph(1, neuron[0]).key == (1, neuron[0])
 
 
 def test_async_export_and_report(pair, tmp_path):
@@ -223,6 +265,15 @@ def test_eval_on_every_test_set_local_and_remote(pair):
     assert {t for _, _, t in sets} == {"paper", "ordinary", "detection"}
     again = json.loads(run_cli("eval", "--workspace", str(local), "--json").stdout)["test_sets"]
     assert again["neurons"] == after["neurons"]  # read back, the same scores
+    # the server (its own copy of the workspace, the same seeded sample) computes and stores them
+    # on request, then scores from what it stored; its neurons that the local copy has score the same
+    remote = json.loads(run_cli("eval", "--server", srv.address, "--json", "--compute").stdout)["test_sets"]
+    assert remote["unavailable"] == {} and remote["heldout"] == after["heldout"]
+    assert json.loads(run_cli("eval", "--server", srv.address, "--json").stdout)["test_sets"]["neurons"] == remote[
+        "neurons"]
+    keys = {(n["layer"], n["neuron"]) for n in after["neurons"]}
+    shared = [n for n in remote["neurons"] if (n["layer"], n["neuron"]) in keys]
+    assert shared and shared == after["neurons"]
 
 
 def test_a_dry_run_answers_while_a_build_writes(pair):
@@ -326,14 +377,18 @@ def test_a_reader_during_a_graph_index_update_waits_for_it(tmp_path, monkeypatch
     index.invalidate()
     rows = ws.graph_rows
 
+    inside = threading.Event()
+
     def slow_rows(keys):
+        inside.set()
         time.sleep(0.5)  # an update of many graphs
         yield from rows(keys)
 
     monkeypatch.setattr(ws, "graph_rows", slow_rows)
     first = threading.Thread(target=index.keys)
     first.start()
-    time.sleep(0.1)  # the first reader is inside the update
+    assert inside.wait(30)  # the first reader is inside the update
+    monkeypatch.setattr(ws, "graph_rows", lambda keys: pytest.fail("a second update: the reader did not wait"))
     assert index.keys() == {(0, n) for n in range(5)}
     first.join()
 
@@ -354,11 +409,19 @@ def test_a_report_whose_caller_has_gone_is_not_built(pair, monkeypatch):
     monkeypatch.setattr(app_module, "report_zip", lambda path, layers=None: built.append(path) or b"zip")
     app._report_lock.acquire()  # a report is being built
     got: list = []
-    t = threading.Thread(target=lambda: got.extend(app.report(deadline=Deadline.after(0.3))))
+    errors: list = []
+
+    def call():
+        try:
+            got.extend(app.report(deadline=Deadline.after(0.3)))
+        except N2GError as e:
+            errors.append(e.code.name)
+
+    t = threading.Thread(target=call)
     t.start()
     time.sleep(0.8)
     app._report_lock.release()
     t.join(5)
-    assert not t.is_alive() and got == [] and built == []
+    assert not t.is_alive() and got == [] and built == [] and errors == ["DEADLINE_EXCEEDED"]
     assert [c.data for c in app.report()] == [b"zip"] and len(built) == 1  # a caller that waits gets it
     app.close()

@@ -18,30 +18,17 @@ from n2g_servers import ServerProcess
 
 pytestmark = pytest.mark.real_model
 
-FORTUNES = Path("/usr/share/games/fortunes")
 N_NEURONS = 4
 
 
 def _fortunes_corpus(path: Path, n: int = 300) -> Path:
-    records: list[str] = []
-    for f in sorted(FORTUNES.iterdir()):
-        if not f.is_file() or f.suffix in (".dat", ".u8"):
-            continue
-        cur: list[str] = []
-        for line in f.read_text(errors="replace").splitlines():
-            if line.strip() == "%":
-                if cur and "\n".join(cur).strip():
-                    records.append("\n".join(cur).strip())
-                cur = []
-            else:
-                cur.append(line)
-        if len(records) >= n:
-            break
-    path.write_text("".join(json.dumps({"text": r}) + "\n" for r in records[:n]))
+    """The first n fortunes (Debian's package, which `make` installs) as a JSONL corpus."""
+    from n2g_service.corpus import load_fortunes
+
+    path.write_text("".join(json.dumps({"text": r}) + "\n" for r in load_fortunes()[:n]))
     return path
 
 
-@pytest.mark.skipif(not FORTUNES.is_dir(), reason="needs the fortunes Debian package")
 def test_kill_resume_then_rpc_equals_local(tmp_path):
     import n2g_fast
     from n2g_service.workspace import Workspace
