@@ -425,3 +425,26 @@ def test_a_report_whose_caller_has_gone_is_not_built(pair, monkeypatch):
     assert not t.is_alive() and got == [] and built == [] and errors == ["DEADLINE_EXCEEDED"]
     assert [c.data for c in app.report()] == [b"zip"] and len(built) == 1  # a caller that waits gets it
     app.close()
+
+
+def test_a_local_client_refuses_a_workspace_replaced_under_it(tmp_path_factory):
+    """Both transports go through one entry point (N2GApp.call / stream) with the same checks: a
+    local client answered from a database file that was replaced under it (a server said
+    DATA_LOSS)."""
+    import os
+    import shutil
+
+    from n2g.local import LocalN2GClient
+
+    ws = native_workspace(tmp_path_factory, "app-replaced")
+    db = ws / "n2g.sqlite"
+    shutil.copy(db, ws.parent / "backup.sqlite")
+    with LocalN2GClient(ws, no_model=True) as c:
+        key = c.list_graphs()[0].key
+        os.replace(ws.parent / "backup.sqlite", db)
+        for call in (c.list_graphs, lambda: c.graph(*key), lambda: list(c.export(examples=False))):
+            with pytest.raises(N2GError) as e:
+                call()
+            assert e.value.code == grpc.StatusCode.DATA_LOSS and "removed or replaced" in e.value.message
+    with LocalN2GClient(ws, no_model=True) as c:  # opened again: the file there now
+        assert c.graph(*key).key == key

@@ -145,10 +145,14 @@ def test_busy_retry_hints_are_bounded_by_the_deadline_and_the_client_backoff():
         with N2GClient(f"127.0.0.1:{port}", backoff=0.1) as c:
             t0 = time.monotonic()
             with pytest.raises(N2GError) as e:
-                c.model_info(timeout=1.0)
-            assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.value.retry_after == 0.0
-            assert time.monotonic() - t0 < 1.5
-            assert 2 <= len(calls) <= 11, len(calls)  # each wait 0.1-0.2 s
+                c.model_info(timeout=3.0)
+            elapsed = time.monotonic() - t0
+            # the busy error handed on, not DEADLINE_EXCEEDED: no try was started past the deadline
+            assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.value.retry_after == 0.0, e.value
+            assert elapsed < 3.0 + 1.0, elapsed
+            # tried again (a hint is no reason to give up), each time after the 0.1-0.2 s backoff:
+            # at most 3.0 / 0.1 + 1 tries in the 3 s; a busy loop makes thousands
+            assert 2 <= len(calls) <= 31, len(calls)
             assert min(np.diff(calls)) >= 0.09
     finally:
         server.stop(None)
@@ -158,6 +162,7 @@ def test_busy_retry_hints_are_bounded_by_the_deadline_and_the_client_backoff():
             t0 = time.monotonic()
             with pytest.raises(N2GError) as e:
                 c.model_info(timeout=30)
-            assert e.value.retry_after == 3600.0 and len(calls) == 1 and time.monotonic() - t0 < 2
+            # given up at once: waiting out the hour, or the deadline, would take 30 s or more
+            assert e.value.retry_after == 3600.0 and len(calls) == 1 and time.monotonic() - t0 < 10
     finally:
         server.stop(None)

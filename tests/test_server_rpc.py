@@ -54,6 +54,16 @@ def _local_store(ws):
     return store
 
 
+def _wait_until_running(client, job_id: str, timeout: float) -> None:
+    """Returns once the job is `running`; fails (rather than spinning for ever) if it ends first
+    or is still queued after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while (job := client.get_job(job_id)).state != "running":
+        assert job.state not in vocab.JOB_FINAL, f"job {job_id} ended {job.state} before it was seen running: {job}"
+        assert time.monotonic() < deadline, f"job {job_id} still {job.state} after {timeout} s"
+        time.sleep(0.02)
+
+
 def test_health_reflection_and_info(server, client):
     assert client.health() == "SERVING"
     assert client.health("n2g.v1.N2G") == "SERVING"
@@ -229,9 +239,11 @@ def test_build_watch_and_model_free_rpcs_during_build(client, ws):
                 time.sleep(0.02)
 
     t = threading.Thread(target=probe)
+    t0 = time.perf_counter()
     t.start()
     try:
         final = client.wait_job(job.id, progress=events.append, timeout=240)
+        build_s = time.perf_counter() - t0
     finally:
         stop.set()
         t.join()
@@ -241,8 +253,12 @@ def test_build_watch_and_model_free_rpcs_during_build(client, ws):
     assert set(stages) <= set(vocab.BUILD_STAGES), stages
     fits = [e for e in events if e.stage == "fit" and e.last_neuron is not None]
     assert [e.last_neuron for e in fits] == [(0, n) for n in todo]  # one commit per group of 1
+    # a predict that waited for the build would end after it: none would see the job running
     assert "running" in during, "no model-free call landed while the build ran"
-    assert max(latencies) < 2.5, f"model-free predict stalled during the build: {max(latencies):.2f} s"
+    # nor any one wait for a good part of it (the build's length is the reference, measured here:
+    # under load the build and the predicts slow down together; 2.5 s is the floor for a short build)
+    assert max(latencies) < max(2.5, build_s / 2), \
+        f"model-free predict stalled during the build: {max(latencies):.2f} s of a {build_s:.2f} s build"
     # the new graphs are served at once
     pred = client.predict([(0, n) for n in todo], token_ids=[[1, 5, 7, 9]])
     assert len(pred.neurons) == len(todo)
@@ -348,8 +364,7 @@ def test_a_job_cancelled_during_a_neuron_group_stops_within_it_and_stays_cancell
     built = {n for l, n in Workspace(server.workspace).built_keys() if l == 1}
     todo = [n for n in range(128) if n not in built][:64]
     job = client.start_build([1], todo, group_size=len(todo), job_id="cancel-in-group")
-    while client.get_job(job.id).state != "running":
-        time.sleep(0.02)
+    _wait_until_running(client, job.id, timeout=120)
     time.sleep(0.3)
     assert client.cancel_job(job.id).state == "cancelled"
     assert client.wait_job(job.id, timeout=120).state == "cancelled"

@@ -259,6 +259,9 @@ def _delays(retries: int, backoff: float, max_backoff: float) -> Iterator[float]
         d = min(d * 2, max_backoff)
 
 
+_MIN_TRY_S = 0.1  # the least time left after a wait that is worth another try
+
+
 class _Retry:
     """When a failed call is tried again. UNAVAILABLE (the server starting or restarting): after
     a jittered, doubling backoff, `retries` times. RESOURCE_EXHAUSTED with a RetryInfo (the server
@@ -288,7 +291,9 @@ class _Retry:
             d = max(after, self.min_wait) * (1.0 + random.random())
         else:
             return None
-        if d is None or (self.deadline is not None and self.deadline - self.now() <= d):
+        # a try that would start with next to nothing left ends DEADLINE_EXCEEDED, which says less
+        # than the error in hand (a busy server's refusal carries when to come back)
+        if d is None or (self.deadline is not None and self.deadline - self.now() <= d + _MIN_TRY_S):
             return None
         return d
 

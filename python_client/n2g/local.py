@@ -57,7 +57,7 @@ class LocalN2GClient(_Api):
 
     def _call(self, name: str, args: dict[str, Any], timeout: float | None):
         try:
-            return getattr(self.app, name)(**_checked_text(self._open(args)), deadline=self._deadline(timeout))
+            return self.app.call(name, _checked_text(self._open(args)), self._deadline(timeout))
         except Exception as e:
             self._reraise(e)
 
@@ -67,8 +67,7 @@ class LocalN2GClient(_Api):
         # as over the network: a stream has no deadline unless the call gives one (the client's
         # timeout is for unary calls; an export or a report of a whole model takes longer)
         try:
-            for item in getattr(self.app, name)(**_checked_text(self._open(args)),
-                                                deadline=Deadline.after(_budget(timeout))):
+            for item in self.app.stream(name, _checked_text(self._open(args)), Deadline.after(_budget(timeout))):
                 if isinstance(item, list):
                     yield from item
                 else:

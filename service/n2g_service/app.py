@@ -332,7 +332,19 @@ class N2GApp:
         answers would come from the old file and its writes would be lost."""
         if self.ws.replaced():
             raise N2GError(C.DATA_LOSS, f"workspace {self.ws.path}: its database was removed or replaced "
-                                        "while this server had it open; restart the server to serve what is there now")
+                                        "while this process had it open; restart the server (or the command) "
+                                        "to use what is there now")
+
+    # The entry points of every transport (the servicer, the in-process client): one API call by
+    # its operation name (n2g.convert.OPS), with the checks every call gets.
+    def call(self, name: str, args: dict[str, Any], deadline: Deadline) -> Any:
+        self.check_workspace()
+        deadline.check()
+        return getattr(self, name)(**args, deadline=deadline)
+
+    def stream(self, name: str, args: dict[str, Any], deadline: Deadline) -> Iterator[Any]:
+        self.check_workspace()
+        yield from getattr(self, name)(**args, deadline=deadline)
 
     def _heavy_call(self, fn: Callable[[], Any], deadline: Deadline, what: str) -> Any:
         """`fn()` on a heavy-work thread; DEADLINE_EXCEEDED when the caller's deadline passes

@@ -95,14 +95,12 @@ class N2GServicer:
         self.app = app
 
     def handler(self, op: Op) -> Callable:
-        method = getattr(self.app, op.name)
         if op.stream:
             def stream(request, context):
                 try:
                     if isinstance(request, _BadRequest):
                         raise N2GError(C.INVALID_ARGUMENT, request.message)
-                    self.app.check_workspace()
-                    for item in method(**op.args(request), deadline=_deadline(context)):
+                    for item in self.app.stream(op.name, op.args(request), _deadline(context)):
                         yield op.result_pb(item)
                 except Exception as e:  # noqa: BLE001 - one request never takes the server down
                     _abort(context, op.rpc, e)
@@ -112,10 +110,7 @@ class N2GServicer:
             try:
                 if isinstance(request, _BadRequest):
                     raise N2GError(C.INVALID_ARGUMENT, request.message)
-                self.app.check_workspace()
-                deadline = _deadline(context)
-                deadline.check()
-                return op.result_pb(method(**op.args(request), deadline=deadline))
+                return op.result_pb(self.app.call(op.name, op.args(request), _deadline(context)))
             except Exception as e:  # noqa: BLE001
                 _abort(context, op.rpc, e)
         return unary
