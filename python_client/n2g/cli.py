@@ -23,6 +23,10 @@ from typing import Any, Sequence
 from . import vocab
 from .vocab import DEFAULT_CORPUS, DEFAULT_MODEL
 
+# gRPC's C core logs to stderr on its own (e.g. a line per failed TLS handshake, before the
+# command's one-line error); read at its first import, so set before any. GRPC_VERBOSITY overrides.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 
 class CliError(Exception):
     """A usage error: printed as one line, exit status 2."""
@@ -103,8 +107,8 @@ def _short(items: Sequence[str], n: int = 6) -> str:
 
 def _add_conn(p: argparse.ArgumentParser, *, workspace_required: bool = False) -> None:
     g = p.add_argument_group("where")
-    g.add_argument("--server", default=None if workspace_required else os.environ.get("N2G_SERVER"),
-                   help="HOST:PORT of an n2g server (default $N2G_SERVER)")
+    g.add_argument("--server", default=None, help="HOST:PORT of an n2g server (default $N2G_SERVER)")
+    p.set_defaults(server_from_env=not workspace_required)
     g.add_argument("--workspace", type=Path, default=None, help="work locally on this workspace directory")
     g.add_argument("--token", default=None, help="bearer token for the server (default $N2G_TOKEN)")
     g.add_argument("--tls", action="store_true", help="connect with TLS (system root certificates)")
@@ -117,11 +121,6 @@ def _add_conn(p: argparse.ArgumentParser, *, workspace_required: bool = False) -
 def _client(args, *, needs_model: bool = True, create: bool = False, writes: bool = False):
     """The client every command uses: over the network (--server) or on a local workspace
     (--workspace), the same API and the same application layer below either."""
-    if args.workspace is not None and args.server:
-        if os.environ.get("N2G_SERVER") == args.server:
-            args.server = None  # an explicit --workspace wins over the environment
-        else:
-            raise CliError("give --server or --workspace, not both")
     if args.server:
         from .client import N2GClient
 
@@ -852,6 +851,9 @@ def _connection_hint(args, e) -> str:
     if not any(w in e.message for w in ("failed to connect", "Connection refused", "Socket closed",
                                         "handshake", "Connection reset")):
         return ""
+    if (getattr(args, "tls", False) or getattr(args, "tls_ca", None)) and any(w in e.message for w in ("handshake", "CERTIFICATE", "SSL", "ssl")):
+        return (" (the TLS handshake failed: trust the server's certificate with --tls-ca CERT, give the name it "
+                "holds with --tls-server-name if that is not the host, and check the server runs with --tls-cert)")
     from .client import with_default_port
 
     return (f" (is an n2g server running at {with_default_port(args.server)}? `n2g serve` listens on port "
@@ -859,9 +861,19 @@ def _connection_hint(args, e) -> str:
             f"127.0.0.1 by default; a server started with --tls-cert needs --tls)")
 
 
+def _where(args) -> None:
+    """--server or --workspace as given; $N2G_SERVER stands for --server when neither is (an
+    explicit --workspace wins over the environment, both given explicitly are refused)."""
+    if getattr(args, "server", None) and getattr(args, "workspace", None) is not None:
+        raise CliError("give --server or --workspace, not both")
+    if getattr(args, "server_from_env", False) and args.server is None and args.workspace is None:
+        args.server = os.environ.get("N2G_SERVER") or None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _where(args)
         return COMMANDS[args.command](args)
     except CliError as e:
         print(f"error: {e}", file=sys.stderr)
