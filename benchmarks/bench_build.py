@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import tempfile
 import time
@@ -30,7 +29,9 @@ from n2g_service.activations import forward_to_layer, forward_tokens  # noqa: E4
 from n2g_service.config import EvalConfig, FitConfig, ScanConfig  # noqa: E402
 from n2g_service.fit import scan_k  # noqa: E402
 from n2g_service.corpus import load_texts, make_windows  # noqa: E402
-from n2g_service.jobs import BuildRequest, compute_group, run_build  # noqa: E402
+from n2g_service.build.compute import compute_group  # noqa: E402
+from n2g_service.build.request import BuildRequest  # noqa: E402
+from n2g_service.build.runner import run_build  # noqa: E402
 from n2g_service.models import load_model  # noqa: E402
 from n2g_service.scan import compare_precision, scan_layers  # noqa: E402
 from n2g_service.workspace import Workspace  # noqa: E402

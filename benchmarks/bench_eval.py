@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT / "service"))
 from n2g_service.config import EvalConfig, ScanConfig  # noqa: E402
 from n2g_service.corpus import load_texts, make_windows  # noqa: E402
 from n2g_service.evaluate import evaluate_workspace, format_report  # noqa: E402
-from n2g_service.jobs import BuildRequest, run_build  # noqa: E402
+from n2g_service.build.request import BuildRequest  # noqa: E402
+from n2g_service.build.runner import run_build  # noqa: E402
 from n2g_service.workspace import Workspace  # noqa: E402
 
 

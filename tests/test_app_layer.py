@@ -225,7 +225,7 @@ def test_layers_stay_in_their_lane():
         text = path.read_text()
         assert "._conn(" not in text and not re.search(r"\bexecute\(\s*[\"']", text), path
     server = (service / "server.py").read_text()
-    for needle in ("import torch", "from .jobs", "from .evaluate", "from .activations", "np.", "json.loads"):
+    for needle in ("import torch", "from .build", "from .evaluate", "from .activations", "np.", "json.loads"):
         assert needle not in server, needle
 
 

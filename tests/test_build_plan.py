@@ -12,7 +12,8 @@ import n2g_fast
 from n2g_service.build.plan import PartialTopK, fit_groups, merge_topk_reference, parse_layers, shard_ranges
 from n2g_service.build.summary import plan_summary
 from n2g_service.config import ScanConfig
-from n2g_service.jobs import BuildRequest, run_build
+from n2g_service.build.request import BuildRequest
+from n2g_service.build.runner import run_build
 from n2g_service.scan import LayerScan, merge_partials
 from n2g_service.workspace import BuildStore, Workspace
 
@@ -223,10 +224,10 @@ def test_a_scan_shard_reports_its_batches_and_stops_within_one(native_model, nat
     the rerun scans it whole and equals one pass."""
     import threading
 
-    import n2g_service.jobs as jobs
-    from n2g_service.jobs import BuildCancelled
+    import n2g_service.build.runner as runner
+    from n2g_service.build.request import BuildCancelled
 
-    monkeypatch.setattr(jobs, "PARTIAL_EVENT_EVERY_S", 0.0)
+    monkeypatch.setattr(runner, "PARTIAL_EVENT_EVERY_S", 0.0)
     windows = native_windows[:96]
     req = BuildRequest(layers=[0, 1], neurons=[3], scan=ScanConfig(k=4, window_tokens=32, batch_size=8),
                        shard_windows=48)
@@ -265,7 +266,7 @@ def test_a_scan_shard_reports_its_batches_and_stops_within_one(native_model, nat
 
 
 def test_work_sizes_follow_the_device():
-    from n2g_service.jobs import device_sizes
+    from n2g_service.build.request import device_sizes
 
     req = BuildRequest(layers=[0], neurons=[1])
     dims = {"d_model": 576, "d_mlp": 1536, "n_heads": 9}
@@ -277,24 +278,23 @@ def test_work_sizes_follow_the_device():
     assert device_sizes(dims, "cuda", 70 * 2**30, BuildRequest(layers=[0], neurons=[1], group_size=5))["group_size"] == 5
 
 
-def test_progress_bars_one_per_stage():
-    import io
+def test_progress_bars_one_per_stage(capsys):
+    """The command line's progress (local and remote builds alike): a bar per stage with its unit,
+    lines for the other stages, each job state said once across re-opened watches."""
+    from n2g.cli import _progress_printer
+    from n2g.types import Job, JobEvent
 
-    from n2g_service.build.progress import ProgressBars
-    from n2g_service.jobs import BuildEvent
-
-    out = io.StringIO()
-    with ProgressBars(file=out) as bars:
-        bars(BuildEvent("corpus", 0, 1, "tokenising corpus"))
-        bars(BuildEvent("scan", 0, 300, "3 shards"))
-        bars(BuildEvent("scan", 100, 300, "shard scan:0-100", eta_s=4.0))
-        scan = bars.bars["scan"]
-        assert (scan.n, scan.total, scan.unit) == (100, 300, "win")
-        bars(BuildEvent("fit", 4, 10, "6 neurons to build"))
-        bars(BuildEvent("fit", 6, 10, "layer 0: built [3, 4]", 0, 4))
-        assert set(bars.bars) == {"scan", "fit"} and bars.bars["fit"].n == 6 and bars.bars["fit"].unit == "neuron"
-    text = out.getvalue()
-    assert "[corpus] tokenising corpus" in text and "scan" in text and "6/10" in text
+    job = Job("j", "running", 10, 0, "", 0.0, 0.0, {})
+    show = _progress_printer(json_mode=False)
+    for ev in (JobEvent(job, "state", 0, 0, "running", None, 0.0), JobEvent(job, "corpus", 0, 1, "tokenising corpus", None, 0.0),
+               JobEvent(job, "scan", 0, 300, "3 shards", None, 0.0), JobEvent(job, "scan", 100, 300, "shard scan:0-100", None, 0.0),
+               JobEvent(job, "state", 0, 0, "running", None, 0.0), JobEvent(job, "fit", 4, 10, "6 neurons to build", None, 0.0),
+               JobEvent(job, "fit", 6, 10, "layer 0: built [3, 4]", None, 0.0)):
+        show(ev)
+    show.close()
+    err = capsys.readouterr().err
+    assert err.count("[state] running") == 1 and "[corpus] tokenising corpus" in err
+    assert "100/300" in err and "window" in err and "6/10" in err and "neuron" in err
 
 
 def test_a_neuron_that_never_fires_gets_an_empty_graph(native_model, native_windows):
@@ -302,7 +302,7 @@ def test_a_neuron_that_never_fires_gets_an_empty_graph(native_model, native_wind
     empty graph, no fires), not fitted, and do not stop their group."""
     import n2g_fast
     from n2g_service.activations import layer_activations
-    from n2g_service.jobs import compute_group
+    from n2g_service.build.compute import compute_group
 
     ids = list(range(20))
     recs = compute_group(native_model, 0, [4, 9], native_windows, [-0.25, 1.5], [ids, ids],

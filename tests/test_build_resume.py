@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from n2g_service.config import ScanConfig
-from n2g_service.jobs import BuildRequest, plan_neurons, run_build
+from n2g_service.build.request import BuildRequest, plan_neurons
+from n2g_service.build.runner import run_build
 from n2g_service.workspace import BuildStore, Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +26,8 @@ SCRIPT = f"""
 import sys
 sys.path.insert(0, {str(ROOT / 'service')!r})
 from n2g_service.config import ScanConfig
-from n2g_service.jobs import BuildRequest, plan_neurons, run_build
+from n2g_service.build.request import BuildRequest, plan_neurons
+from n2g_service.build.runner import run_build
 from n2g_service.models import native_random_model
 from n2g_service.workspace import Workspace
 import time

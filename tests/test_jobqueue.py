@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from n2g_service.jobqueue import MAX_STALLS, JobQueue
-from n2g_service.jobs import BuildRequest
+from n2g_service.build.request import BuildRequest
 from n2g_service.workspace import (DB_NAME, JOB_STATES, MAX_JOB_ID_CHARS, MAX_JOB_REQUEST_BYTES, Workspace,
                                    WorkspaceError, validate_job_id)
 
@@ -224,7 +224,7 @@ def test_an_executor_that_cannot_go_on_fails_the_job_in_one_log_line(ws, monkeyp
     in the log, as for a bug; the reason is the whole story."""
     import logging
 
-    import n2g_service.jobs as jobs_module
+    import n2g_service.build.runner as jobs_module
     from n2g_service.build.executors import ExecutorError
 
     def run_build(*a, **kw):

@@ -13,7 +13,8 @@ import torch
 
 from n2g_service.build.executors import RayExecutor, model_spec
 from n2g_service.config import ScanConfig
-from n2g_service.jobs import BuildRequest, run_build
+from n2g_service.build.request import BuildRequest
+from n2g_service.build.runner import run_build
 from n2g_service.workspace import BuildStore, Workspace
 
 REQ = dict(layers="all", neurons=[3, 17, 40, 77, 101], group_size=2, scan=ScanConfig(k=6, window_tokens=32),

@@ -20,7 +20,8 @@ from n2g_service.evaluate import (
     ordinary_window_ids,
     summarise,
 )
-from n2g_service.jobs import BuildRequest, run_build
+from n2g_service.build.request import BuildRequest
+from n2g_service.build.runner import run_build
 from n2g_service.workspace import Workspace
 
 CFG = EvalConfig(ordinary_windows=200, n_bootstrap=300)

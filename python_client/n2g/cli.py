@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import vocab
-from .vocab import DEFAULT_CORPUS, DEFAULT_MODEL
+from .vocab import DEFAULT_MODEL
 
 # gRPC's C core logs to stderr on its own (e.g. a line per failed TLS handshake, before the
 # command's one-line error); read at its first import, so set before any. GRPC_VERBOSITY overrides.
@@ -169,7 +169,8 @@ def _add_serve(sub) -> None:
     m.add_argument("--no-model", action="store_true", help="serve stored graphs only; no model is loaded")
     p.add_argument("--corpus", default=None, help="corpus of a new workspace (default fortunes)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, localhost only)")
-    p.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
+    p.add_argument("--port", type=int, default=vocab.DEFAULT_PORT,
+                   help=f"port (default {vocab.DEFAULT_PORT}; 0 picks a free one)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--hook", default=None, help="neuron hook (default mlp.hook_post; SoLU models mlp.hook_mid)")
     p.add_argument("--token", default=None,
@@ -211,14 +212,7 @@ def _cmd_serve(args) -> int:
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     limits = Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
     token = args.token if args.token is not None else os.environ.get("N2G_TOKEN")
-    if token is not None and not token.strip():
-        raise CliError("an empty --token (or N2G_TOKEN) would switch auth off: give a real token or none")
-    if (args.tls_cert is None) != (args.tls_key is None):
-        raise CliError("TLS needs both --tls-cert and --tls-key")
-    for path in (args.tls_cert, args.tls_key):
-        if path is not None and not path.is_file():
-            raise CliError(f"no such file: {path}")
-    try:
+    try:  # serve() checks the options (token, TLS files, port, threads) before it loads anything
         serve(args.workspace, args.model, no_model=args.no_model, corpus=args.corpus, host=args.host, port=args.port,
               device=args.device, hook=args.hook, token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
               limits=limits, max_workers=args.max_workers, max_streams=args.max_streams, resume=not args.no_resume,
@@ -808,8 +802,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("neuron", type=int, nargs="?")
     p.add_argument("--all", action="store_true", help="every pair of the workspace")
     p.add_argument("--kind", choices=vocab.PAIR_KINDS, default=vocab.DEFAULT_PAIR_KIND, help="--all: which pairs")
-    p.add_argument("--threshold", type=float, default=None, help="overlap threshold, 0.25 to 1 (default 0.9)")
-    p.add_argument("--k", type=int, default=None, help="nearest neighbours to show (default 10)")
+    p.add_argument("--threshold", type=float, default=None, help=f"overlap threshold, {vocab.MIN_PAIR_THRESHOLD} to 1 "
+                                                                  f"(default {vocab.DEFAULT_SIMILARITY_THRESHOLD})")
+    p.add_argument("--k", type=int, default=None, help=f"nearest neighbours to show (default {vocab.DEFAULT_NEIGHBOURS})")
     _add_conn(p)
     p = sub.add_parser("eval", help="scores per layer: the paper's table, then every method on ordinary text and "
                                     "detection with 95%% intervals and paired differences")

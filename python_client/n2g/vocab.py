@@ -27,6 +27,7 @@ DEFAULT_ROLE = "either"
 PAIR_KINDS = ("similar", "subset")
 DEFAULT_PAIR_KIND = "similar"
 DEFAULT_SIMILARITY_THRESHOLD = 0.9  # the paper's overlap threshold
+MIN_PAIR_THRESHOLD = 0.25  # below, nearly every two graphs sharing a token pair up: quadratic output
 DEFAULT_NEIGHBOURS = 10
 DEFAULT_PAIR_BATCH = 1000
 

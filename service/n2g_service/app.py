@@ -55,7 +55,7 @@ MAX_GROUP_SIZE = 4096          # neurons fitted together
 MAX_CONFIG_JSON = 64 << 10     # bytes of a build's or an evaluation's JSON overrides
 MAX_NEIGHBOURS = 10_000
 MAX_PAIR_BATCH = 100_000
-MIN_PAIR_THRESHOLD = 0.25      # below, nearly every two graphs sharing a token pair up: quadratic output
+MIN_PAIR_THRESHOLD = vocab.MIN_PAIR_THRESHOLD
 HEAVY_SLOTS = 2                # whole-store computations (all pairs) running at once
 BYTES_PER_TOKEN = 8            # texts are measured in UTF-8 bytes before they are tokenised
 STOP_WAIT_S = 120              # on shutdown, how long the build worker may take to stop
@@ -432,7 +432,7 @@ class N2GApp:
         """Writes the model's shape and token strings into the workspace, so that a reader without
         the model can validate requests and show tokens."""
         if self.host.loaded:
-            from .jobs import record_model_meta
+            from .build.runner import record_model_meta
 
             record_model_meta(self.ws, self.host.get())
 
@@ -591,7 +591,7 @@ class N2GApp:
         """The BuildRequest these arguments describe, checked against the model and the limits."""
         from .config import EvalConfig, FitConfig, ScanConfig
         from .fit import scan_k
-        from .jobs import BuildRequest
+        from .build.request import BuildRequest
 
         model = self.host.get()
         if layers and layer_spec:
@@ -681,7 +681,7 @@ class N2GApp:
 
     def _check_stored_request(self, request: dict[str, Any]) -> None:
         """For the job queue: raises ValueError when a stored request cannot run here."""
-        from .jobs import BuildRequest
+        from .build.request import BuildRequest
 
         model = self.host.get()
         req = BuildRequest.from_dict(request)
@@ -700,7 +700,7 @@ class N2GApp:
                     workers: int | None = None, precision: str | None = None, shard_windows: int | None = None,
                     worker_threads: int | None = None, job_id: str | None = None, *,
                     deadline: Deadline = NO_DEADLINE) -> T.Job:
-        from .jobs import new_job_id
+        from .build.request import new_job_id
 
         if job_id and not _JOB_ID_RE.fullmatch(job_id):
             raise invalid(f"job_id {_shown(job_id)} is not 1-64 characters of A-Z a-z 0-9 _ -")
@@ -730,7 +730,7 @@ class N2GApp:
         short calibration of the forward pass under the model lock). Writes nothing."""
         from .build.summary import plan_summary
         from .corpus import CorpusError
-        from .jobs import BuiltWithOtherSettings
+        from .build.runner import BuiltWithOtherSettings
 
         req = self.build_request(layers, layer_spec, neurons, sample, seed, group_size, k, window_tokens,
                                  config_json, executor, ray_address, workers, precision, shard_windows,

@@ -2,7 +2,7 @@
 
 Jobs live in the workspace's `jobs` table, so they outlive the process: on start the server calls
 `resume_pending()`, which puts every job still `queued` or `running` (a server that was killed
-mid-build) back in the queue; `jobs.run_build` skips the neurons already committed, so a resumed
+mid-build) back in the queue; `build.runner.run_build` skips the neurons already committed, so a resumed
 job loses and duplicates nothing. The server holds the workspace's writer lock, so a job found
 `running` at start was left by a process that died. A job is never resumed into a crash loop:
 each start is counted with the `done` it started from (and marked once it commits a scan shard
@@ -27,7 +27,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .jobs import BuildEvent
+from .build.request import BuildEvent
 from .workspace import (ACTIVE_JOB_STATES, MAX_JOB_REQUEST_BYTES, TERMINAL_JOB_STATES, JobRecord, Workspace,
                         WorkspaceError, utf8_text)
 
@@ -129,7 +129,7 @@ class JobQueue:
 
     def _problem(self, job_id: str) -> str | None:
         """Why the stored job cannot run, or None."""
-        from .jobs import BuildRequest
+        from .build.request import BuildRequest
 
         job = self.ws.get_job(job_id)
         if job is None:
@@ -228,7 +228,8 @@ class JobQueue:
                 self.current = None
 
     def _run(self, job_id: str) -> None:
-        from .jobs import BuildCancelled, BuildRequest, run_build
+        from .build.request import BuildCancelled, BuildRequest
+        from .build.runner import run_build
 
         job = self._seen = self.ws.get_job(job_id)
         if job is None or job.state not in ACTIVE_JOB_STATES:

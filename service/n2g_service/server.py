@@ -246,7 +246,7 @@ def serve(workspace: str | Path, model: str | None = None, *, no_model: bool = F
     loopback without a token needs `allow_remote_without_token`. Builds with executor "ray" join
     `ray_address` (None: a local cluster); a request cannot name another."""
     if token is not None and not token.strip():
-        raise ValueError("an empty --token would switch auth off: give a real token or none")
+        raise ValueError("an empty --token (or N2G_TOKEN) would switch auth off: give a real token or none")
     if not _is_loopback(host) and not token and not allow_remote_without_token:
         raise ValueError(f"refusing to listen on {host} (beyond this machine) without an auth token: give --token, "
                          f"or --allow-remote-without-token if the network is trusted")

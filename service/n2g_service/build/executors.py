@@ -1,6 +1,6 @@
 """Executors run a build's work units: in this process (the default) or on Ray actors.
 
-Both take the same units and return the same results; the driver (``jobs.run_build``) is the only
+Both take the same units and return the same results; the driver (``runner.run_build``) is the only
 writer to the workspace. A unit is a pure function of the model and its payload
 (:func:`execute_unit`), so where it runs never changes what it gives.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -24,6 +23,9 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import numpy as np
+
+from .compute import compute_group
+from .request import BuildCancelled, BuildRequest
 
 _SERVICE_DIR = str(Path(__file__).resolve().parents[2])  # holds the n2g_service package
 
@@ -129,8 +131,6 @@ def execute_unit(model, unit: Unit, windows, on_progress: Callable[[int, int], N
                            window_ids=np.arange(a, b), exclude=p.get("exclude"),
                            precision=p.get("precision", "float32"), on_batch=on_progress)
     if unit.kind == "fit":
-        from ..jobs import BuildRequest, compute_group
-
         req = BuildRequest.from_dict(p["request"])
         return compute_group(model, p["layer"], p["neurons"], windows, p["max_activation"], p["top_window_ids"],
                              req, p.get("job_id"), p.get("heldout"))
@@ -155,7 +155,6 @@ class InProcessExecutor:
         """``on_progress(unit, done, total)`` follows a scan unit batch by batch; a cancel
         stops a unit at its next forward pass (nothing of the unit is committed)."""
         from ..activations import Stopped, stop_when
-        from ..jobs import BuildCancelled
 
         for unit in units:
             if cancel is not None and cancel.is_set():
@@ -299,7 +298,6 @@ class RayExecutor:
         """(``on_progress`` is not called: an actor's unit reports when it is done.)"""
         from ray.exceptions import RayActorError
 
-        from ..jobs import BuildCancelled
 
         ray = self.ray
         windows_ref = ray.put(windows)  # once; each actor reads it zero-copy

@@ -107,10 +107,11 @@ def plan_summary(ws, model, req, *, calibrate: bool = True, calibration_windows:
     time estimate from bare forward passes of ``calibration_windows`` windows at a few depths on
     this machine (seconds). Writes nothing to the workspace."""
     from ..fit import fit_method
-    from ..jobs import (_layers_to_scan, _scan_identity, _stored_scans, check_built_settings,
-                        keys_known_before_scan, make_corpus_windows, resolve_fit_sizes)
     from ..workspace import BuildStore
     from .plan import fit_groups, shard_ranges
+    from .request import resolve_fit_sizes
+    from .runner import (_layers_to_scan, _scan_identity, _stored_scans, check_built_settings,
+                         keys_known_before_scan, make_corpus_windows)
 
     req.validate(model.n_layers, model.d_mlp)
     layers = req.resolved_layers(model.n_layers)

@@ -8,8 +8,9 @@ transaction, so rerunning the same request after a crash or a SIGKILL runs only 
 done: nothing is lost and nothing is built twice. Shard results are partial top-k per layer,
 merged exactly into the layer's scan once every shard is in.
 
-Units run on an executor (`build.executors`): in this process (default) or on Ray actors; the
-driver (this module) is the only writer to the workspace.
+Units run on an executor (`executors`): in this process (default) or on Ray actors, each fit
+group through `compute.compute_group`; the driver (this module) is the only writer to the
+workspace. What is asked (`BuildRequest`) and the progress events live in `request`.
 """
 
 from __future__ import annotations
@@ -19,143 +20,16 @@ import dataclasses
 import json
 import threading
 import time
-import uuid
-from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 
-from .build.plan import FitGroup, ScanShard, digest, fit_groups, parse_layers, scan_key, shard_ranges
-from .config import EvalConfig, FitConfig, ScanConfig
-from .workspace import BuildStore, NeuronRecord, Workspace
-
-EXECUTORS = ("inprocess", "ray")
-PRECISIONS = ("float32", "bfloat16", "float16")
-# fit sizes on a GPU: many more neurons a group and tokens a forward pass than on a CPU
-GPU_GROUP_SIZE = 64
-GPU_MAX_GROUP_SIZE = 512
-GPU_MAX_BATCH_TOKENS = 1 << 18
-GPU_SCAN_BATCH = 256
-
-
-class BuildCancelled(Exception):
-    """Raised inside the runner when the job's cancel event is set."""
-
-
-@dataclass
-class BuildRequest:
-    layers: list[int] | str  # layer ids, or a spec: "all", "0-5", "0,2,4-6" (resolved per model)
-    neurons: list[int] | None = None  # the same neuron indices in every layer asked
-    sample: int | None = None  # or a seeded random sample of live neurons per layer
-    seed: int = 0
-    group_size: int = 0  # neurons fitted together (shared forward passes); 0: sized to the device (8 on a CPU)
-    scan: ScanConfig = field(default_factory=ScanConfig)
-    fit: FitConfig = field(default_factory=FitConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    # how the plan runs (none of these change a result)
-    executor: str = "inprocess"  # inprocess | ray
-    ray_address: str | None = None  # None: start a local Ray cluster
-    workers: int = 0  # Ray actors (0: one per GPU, else 1; more than the GPUs share them); ignored in-process
-    worker_threads: int = 0  # torch threads per CPU actor (0: the CPU count / workers)
-    shard_windows: int = 1024  # corpus windows per scan shard
-    precision: str = "float32"  # scan forward passes: float32 | bfloat16 | float16 (for GPUs)
-
-    _RUN_DEFAULTS = {"executor": "inprocess", "ray_address": None, "workers": 0, "worker_threads": 0,
-                     "shard_windows": 1024, "precision": "float32"}
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {
-            "layers": self.layers if isinstance(self.layers, str) else list(self.layers),
-            "neurons": self.neurons, "sample": self.sample, "seed": self.seed,
-            "group_size": self.group_size, "scan": self.scan.to_dict(), "fit": self.fit.to_dict(),
-            "eval": self.eval.to_dict(),
-        }
-        # written only when set, so a request stored before these existed compares equal
-        for k, default in self._RUN_DEFAULTS.items():
-            if getattr(self, k) != default:
-                d[k] = getattr(self, k)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BuildRequest":
-        layers = d["layers"]
-        return cls(
-            layers=layers if isinstance(layers, str) else list(layers), neurons=d.get("neurons"),
-            sample=d.get("sample"), seed=d.get("seed", 0),
-            group_size=d.get("group_size", 8), scan=ScanConfig.from_dict(d.get("scan", {})),
-            fit=FitConfig.from_dict(d.get("fit", {})), eval=EvalConfig.from_dict(d.get("eval", {})),
-            **{k: d.get(k, default) for k, default in cls._RUN_DEFAULTS.items()},
-        )
-
-    def resolved_layers(self, n_layers: int) -> list[int]:
-        return parse_layers(self.layers, n_layers)
-
-    def validate(self, n_layers: int, d_mlp: int) -> None:
-        if isinstance(self.layers, (list, tuple)) and not self.layers:
-            raise ValueError("no layers asked: give at least one layer")
-        self.resolved_layers(n_layers)
-        if (self.neurons is None) == (self.sample is None):
-            raise ValueError("give either neurons (explicit indices) or sample (a count per layer), not both or neither")
-        if self.neurons is not None:
-            if not self.neurons:
-                raise ValueError("the neuron list is empty")
-            for n in self.neurons:
-                if not 0 <= n < d_mlp:
-                    raise ValueError(f"neuron {n} out of range: layers have neurons 0..{d_mlp - 1}")
-        if self.sample is not None and not 1 <= self.sample <= d_mlp:
-            raise ValueError(f"sample must be between 1 and {d_mlp}, got {self.sample}")
-        if self.group_size < 0:
-            raise ValueError("group_size must be at least 1 (or 0: sized to the device)")
-        if self.executor not in EXECUTORS:
-            raise ValueError(f"unknown executor {self.executor!r}; use one of {list(EXECUTORS)}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; use one of {list(PRECISIONS)}")
-        if self.shard_windows < 1:
-            raise ValueError("shard_windows must be at least 1")
-        if self.workers < 0 or self.worker_threads < 0:
-            raise ValueError("workers and worker_threads must be >= 0 (0 = automatic)")
-
+from ..config import FitConfig, ScanConfig
+from ..workspace import BuildStore, Workspace
+from .plan import FitGroup, ScanShard, digest, fit_groups, scan_key, shard_ranges
+from .request import BuildEvent, BuildRequest, device_sizes, model_dims, plan_neurons
 
 PARTIAL_EVENT_EVERY_S = 1.0  # the most often a scan unit reports its progress before its commit
-
-
-@dataclass
-class BuildEvent:
-    """One progress event; `stage` is corpus | scan | merge | fit | done (of vocab.BUILD_STAGES).
-    `done`/`total` count the stage's items (windows for the scan, neurons for the fit); `eta_s` is the stage's
-    remaining time at this run's rate (None until measurable). ``partial``: progress inside a
-    unit that is not committed yet (a kill now loses it; a resumed build scans it again)."""
-    stage: str
-    done: int
-    total: int
-    message: str = ""
-    layer: int | None = None
-    neuron: int | None = None
-    elapsed_s: float = 0.0
-    eta_s: float | None = None
-    partial: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def new_job_id() -> str:
-    return uuid.uuid4().hex[:12]
-
-
-def plan_neurons(req: BuildRequest, max_activation: dict[int, np.ndarray]) -> list[tuple[int, int]]:
-    """The (layer, neuron) keys a request covers. A sample draws among live neurons only
-    (a_max > 0): a neuron that never fires on the corpus has nothing for a graph to explain."""
-    keys: list[tuple[int, int]] = []
-    for layer in sorted(max_activation):
-        if req.neurons is not None:
-            keys.extend((layer, n) for n in sorted(set(req.neurons)))
-            continue
-        live = np.flatnonzero(max_activation[layer] > 0)
-        rng = np.random.default_rng([req.seed, layer])
-        chosen = rng.choice(live, size=min(req.sample, live.size), replace=False)
-        keys.extend((layer, int(n)) for n in sorted(chosen))
-    return keys
 
 
 def record_model_meta(ws: Workspace, model) -> None:
@@ -171,7 +45,7 @@ def record_model_meta(ws: Workspace, model) -> None:
 
 def make_corpus_windows(ws: Workspace, model, cfg: ScanConfig) -> np.ndarray:
     """The workspace's windows, or (without writing them) the corpus tokenised into windows."""
-    from .corpus import load_texts, make_windows
+    from ..corpus import load_texts, make_windows
 
     windows = ws.load_windows()
     if windows is not None:
@@ -197,140 +71,10 @@ def heldout_window_ids(ws: Workspace, req: BuildRequest) -> np.ndarray:
     """Window ids the scan leaves out of every top-k: the evaluation's held-out ordinary text
     (fixed for the workspace at its first use)."""
     try:
-        from .evaluate import heldout_window_ids as held
+        from ..evaluate import heldout_window_ids as held
     except ImportError:  # an evaluation without held-out text
         return np.zeros(0, np.int64)
     return np.unique(np.asarray(held(ws, req.eval), dtype=np.int64))
-
-
-def device_sizes(model_dims: dict[str, int], device: str, free_bytes: int | None, req: BuildRequest) -> dict[str, int]:
-    """Work sizes for a device: neurons a fit group, tokens a fit forward pass, windows a scan
-    batch. On a CPU the request's. On a GPU the fit's batches take about a quarter of the free
-    memory (activations of one layer at a time: no gradients), groups grow so their passes stay
-    full, and scan batches grow to 256 windows; an explicit group_size is kept."""
-    if not device.startswith("cuda"):
-        return {"group_size": req.group_size or 8, "batch_tokens": req.fit.batch_tokens,
-                "scan_batch": req.scan.batch_size}
-    d_model, d_mlp = model_dims.get("d_model", 1024), model_dims.get("d_mlp", 4096)
-    heads, t = model_dims.get("n_heads", 16), req.scan.window_tokens
-    per_token = 4 * (16 * d_model + 4 * d_mlp + 2 * heads * t)  # float32 bytes alive a token
-    free = free_bytes if free_bytes else 16 * 2**30
-    batch_tokens = int(min(max(free // 4 // per_token, req.fit.batch_tokens), GPU_MAX_BATCH_TOKENS))
-    # a neuron's fit runs about 40 windows of examples per stage: enough neurons to fill a pass
-    group = req.group_size or int(min(max(batch_tokens // (40 * t), GPU_GROUP_SIZE), GPU_MAX_GROUP_SIZE))
-    return {"group_size": group, "batch_tokens": batch_tokens, "scan_batch": max(req.scan.batch_size, GPU_SCAN_BATCH)}
-
-
-def model_dims(model) -> dict[str, int]:
-    cfg = model.bridge.cfg
-    return {k: int(getattr(cfg, k)) for k in ("d_model", "d_mlp", "n_heads") if getattr(cfg, k, None)}
-
-
-def resolve_fit_sizes(req: BuildRequest, device: str) -> tuple[int, int]:
-    """(neurons a fit group, tokens a forward pass) on ``device`` (see :func:`device_sizes`)."""
-    s = device_sizes({}, device, None, req)
-    return s["group_size"], s["batch_tokens"]
-
-
-def _examples(tokens: np.ndarray, acts: np.ndarray) -> list[dict[str, Any]]:
-    return [{"token_ids": t.tolist(), "activations": [round(float(x), 6) for x in a]} for t, a in zip(tokens, acts)]
-
-
-def compute_group(model, layer: int, neurons: list[int], windows: np.ndarray, max_activation: list[float],
-                  top_window_ids: list[list[int]], req: BuildRequest, job_id: str | None,
-                  heldout: np.ndarray | None = None) -> list[NeuronRecord]:
-    """Fits and evaluates a group of neurons of one layer from their scan rows (a_max and top
-    window ids, one per neuron); returns the records without committing them. ``heldout``: the
-    windows no fit may learn from (the evaluation's ordinary text)."""
-    from .activations import shared_activations
-
-    # the fit asks for the true activations of the training windows again: read them back
-    with shared_activations():
-        return _compute_group(model, layer, neurons, windows, max_activation, top_window_ids, req, job_id, heldout)
-
-
-def _compute_group(model, layer, neurons, windows, max_activation, top_window_ids, req, job_id, heldout):
-    from .activations import ActivationRunner, forward_tokens
-    from .evaluate import evaluate_neuron, split_train_test
-    from .fit import fit_neurons
-
-    t0 = time.perf_counter()
-    tokens0 = forward_tokens()[0]
-    amax = {n: float(a) for n, a in zip(neurons, max_activation)}
-    ex_tokens: dict[int, np.ndarray] = {}
-    for n, ids in zip(neurons, top_window_ids):
-        ids = np.asarray(ids, dtype=np.int64)
-        ex_tokens[n] = windows[ids[ids >= 0][: min(req.scan.k, 2 * req.eval.n_train)]]  # the paper's windows
-    # True activations of every neuron on its examples: one runner for the group, so windows that
-    # several neurons share run once and the passes are full.
-    seqs = [t for n in neurons for t in ex_tokens[n]]
-    owners = [n for n in neurons for _ in ex_tokens[n]]
-    acts = iter(ActivationRunner(model, layer, req.fit.batch_tokens).run(seqs, owners))
-    # a neuron that never fires on the corpus (a_max <= 0) has nothing for a graph to explain: it
-    # gets an empty graph and its raw activations (no fires), not a fit
-    live = [n for n in neurons if amax[n] > 0]
-    scale = {n: amax[n] if amax[n] > 0 else 1.0 for n in neurons}
-    ex_acts = {n: np.array([next(acts) for _ in ex_tokens[n]], dtype=np.float32).reshape(ex_tokens[n].shape) / scale[n]
-               for n in neurons}
-    splits = {n: split_train_test(len(ex_tokens[n]), req.eval.n_train, req.eval.seed, layer, n) for n in neurons}
-    train = {n: [ex_tokens[n][i] for i in splits[n][0]] for n in neurons}
-    tops = {n: np.asarray(ids, dtype=np.int64) for n, ids in zip(neurons, top_window_ids)}
-    extra = None
-    with contextlib.suppress(ImportError):
-        from .fit import training_pool
-
-        # the paper's train + test windows are the first 2 x n_train ranks; further ranks (a scan
-        # with k above that) are extra training windows for a fit method that learns from more
-        n_paper = {n: int((tops[n] >= 0).sum().clip(max=min(req.scan.k, 2 * req.eval.n_train))) for n in neurons}
-        extra = training_pool(windows, tops, neurons, min(n_paper.values()),
-                              {n: tops[n][: n_paper[n]][splits[n][1]].tolist() for n in neurons},
-                              heldout if heldout is not None else ())
-    fitted = {}
-    if live:
-        train_live, amax_live = {n: train[n] for n in live}, {n: amax[n] for n in live}
-        fitted = (fit_neurons(model, layer, live, train_live, amax_live, req.fit, extra=extra) if extra is not None
-                  else fit_neurons(model, layer, live, train_live, amax_live, req.fit))
-    seconds = (time.perf_counter() - t0) / len(neurons)
-    fit_tokens = (forward_tokens()[0] - tokens0) / len(neurons)
-    records = []
-    for n in neurons:
-        tr, te = splits[n]
-        result = fitted[n] if n in fitted else _dead_result(model, layer, n, amax[n])
-        train_pairs = [(ex_tokens[n][i], ex_acts[n][i]) for i in tr] + [(t, a) for _, t, a in result.extra_train]
-        test_pairs = [(ex_tokens[n][i], ex_acts[n][i]) for i in te]
-        metrics = evaluate_neuron(result.graph, train_pairs, test_pairs, req.eval)
-        stats = dict(result.stats)
-        stats["seconds_per_neuron_in_group"] = seconds
-        stats["fit_tokens"] = fit_tokens  # forward-pass tokens a neuron of the group cost
-        examples = {
-            "layer": layer, "neuron": n, "max_activation": amax[n],
-            # + the windows the fit learnt from beyond them: the baselines are fitted on the same
-            "train": _examples(ex_tokens[n][tr], ex_acts[n][tr])
-            + _examples([t for _, t, _ in result.extra_train], [a for _, _, a in result.extra_train]),
-            "test": _examples(ex_tokens[n][te], ex_acts[n][te]),
-        }
-        records.append(NeuronRecord(layer, n, amax[n], result.graph.to_bytes(), examples, stats, metrics, job_id))
-    return records
-
-
-def _dead_result(model, layer: int, neuron: int, amax: float):
-    import n2g_fast
-
-    from .fit import FitResult
-
-    graph = n2g_fast.NeuronGraph(model.name, layer, neuron, model.hook, amax)
-    graph.finalize()
-    return FitResult(graph, {"dead": True, "n_paths": 0, "n_nodes": 0})
-
-
-def build_group(ws: Workspace, model, layer: int, neurons: list[int], windows: np.ndarray,
-                scan: dict[str, Any], req: BuildRequest, job_id: str | None) -> list[NeuronRecord]:
-    """Fits, evaluates and commits a group of neurons of one layer (outside any plan)."""
-    records = compute_group(model, layer, neurons, windows, [float(scan["max_activation"][n]) for n in neurons],
-                            [scan["top_window_ids"][n][:req.scan.k].tolist() for n in neurons], req, job_id)
-    for rec in records:
-        ws.put_neuron(rec)
-    return records
 
 
 class _Rate:
@@ -345,7 +89,7 @@ class _Rate:
 
 
 def make_executor(req: BuildRequest, model, model_lock: ContextManager | None = None):
-    from .build.executors import InProcessExecutor, RayExecutor, model_spec
+    from .executors import InProcessExecutor, RayExecutor, model_spec
 
     if req.executor == "ray":
         return RayExecutor(model_spec(model), address=req.ray_address, workers=req.workers,
@@ -444,8 +188,8 @@ def run_build(ws: Workspace, model, req: BuildRequest, *, job_id: str | None = N
     work (corpus windows, one scan shard, one neuron group) and released between them, so other
     users of the model interleave with a long build. `executor` overrides the request's (an
     executor passed in is left open, so several builds can share one Ray cluster)."""
-    from .build.executors import Unit
-    from .scan import LayerScan, merge_partials
+    from .executors import Unit
+    from ..scan import LayerScan, merge_partials
 
     progress = progress or (lambda e: None)
     lock = model_lock if model_lock is not None else contextlib.nullcontext()
