@@ -219,8 +219,8 @@ class Evaluation:
 class ListResult(list):
     """A listing's items (at most the call's limit), and ``total``: how many matched before it."""
 
-    def __init__(self, graphs=(), total: int | None = None):
-        super().__init__(graphs)
+    def __init__(self, items=(), total: int | None = None):
+        super().__init__(items)
         self.total = len(self) if total is None else int(total)
 
 

@@ -1029,7 +1029,7 @@ class N2GApp:
         self._limit(limit)
         found = self.graphs.in_context_neurons()
         shown = found[:limit] if limit else found
-        return T.InContextResult([T.InContextNeuron(x.key, x.shared, x.fraction) for x in shown], len(found))
+        return T.InContextResult(shown, len(found))
 
     @_computation("finding similar neurons")  # waits on a heavy-work thread: it holds an RPC thread as long
     def similar(self, layer: int | None, neuron: int | None, threshold: float | None = None, k: int | None = None,
@@ -1040,11 +1040,9 @@ class N2GApp:
             raise invalid(f"k must be between 1 and {MAX_NEIGHBOURS} (0 = {vocab.DEFAULT_NEIGHBOURS}), got {k}")
         found = self._heavy_call(lambda: {kind: self.graphs.pairs(kind, threshold) for kind in vocab.PAIR_KINDS},
                                  deadline, "finding similar pairs")
-        pairs = {kind: [_pair(p) for p in found[kind] if key in (p.a, p.b)] for kind in vocab.PAIR_KINDS}
+        pairs = {kind: [p for p in found[kind] if key in (p.a, p.b)] for kind in vocab.PAIR_KINDS}
         deadline.check()
-        neighbours = [T.Neighbour(n.key, n.score, n.activating_overlap, n.context_overlap)
-                      for n in self.graphs.neighbours(key, k or vocab.DEFAULT_NEIGHBOURS)]
-        return T.Similar(pairs["similar"], pairs["subset"], neighbours)
+        return T.Similar(pairs["similar"], pairs["subset"], self.graphs.neighbours(key, k or vocab.DEFAULT_NEIGHBOURS))
 
     def pairs(self, kind: str | None = None, threshold: float | None = None, batch_size: int | None = None, *,
               deadline: Deadline = NO_DEADLINE) -> Iterator[list[T.Pair]]:
@@ -1063,7 +1061,7 @@ class N2GApp:
             for i in range(0, len(found), size):
                 if not deadline.active():
                     return
-                yield [_pair(p) for p in found[i: i + size]]
+                yield found[i: i + size]
         yield from self._streamed("streaming pairs", deadline, batches)
 
     # -- export and report --------------------------------------------------------------------------
@@ -1161,10 +1159,6 @@ def method_scores(metrics: dict[str, Any]) -> list[T.MethodScore]:
 def _job(job: JobRecord, orphaned: bool = False) -> T.Job:
     return T.Job(job.id, job.state, job.total, job.done, job.error or "", job.created_at, job.updated_at,
                  job.request, orphaned)
-
-
-def _pair(p) -> T.Pair:
-    return T.Pair(p.a, p.b, p.kind, p.activating_overlap, p.context_overlap)
 
 
 def _node(node: dict[str, Any]) -> T.GraphNode:

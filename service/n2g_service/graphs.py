@@ -23,7 +23,7 @@ from .workspace import Workspace
 
 log = logging.getLogger("n2g.graphs")
 
-from n2g.types import Key  # noqa: E402
+from n2g.types import InContextNeuron, Key, Neighbour, Pair  # noqa: E402 - the API's result types
 from n2g.vocab import DEFAULT_SEMANTICS, ROLES, SEMANTICS  # noqa: E402,F401
 
 
@@ -36,31 +36,6 @@ class GraphInfo:
     context: list[str]
     max_activation: float
     created_at: float
-
-
-@dataclass(frozen=True)
-class PairResult:
-    """One similar or subset pair; for a subset pair `a` is the neuron with the smaller sets."""
-    a: Key
-    b: Key
-    kind: str  # "similar" | "subset"
-    activating_overlap: float
-    context_overlap: float
-
-
-@dataclass(frozen=True)
-class Neighbour:
-    key: Key
-    score: float
-    activating_overlap: float
-    context_overlap: float
-
-
-@dataclass(frozen=True)
-class InContext:
-    key: Key
-    shared: list[str]  # labels among both the activating and the context tokens
-    fraction: float    # shared / activating labels
 
 
 class GraphIndex:
@@ -183,13 +158,14 @@ class GraphIndex:
     def search(self, clauses: Sequence[tuple[int | str, str]]) -> list[Key]:
         return [tuple(k) for k in self._fresh().search(list(clauses))]
 
-    def in_context_neurons(self) -> list[InContext]:
-        return [InContext(tuple(k), list(shared), float(frac)) for k, shared, frac in self._fresh().in_context_neurons()]
+    def in_context_neurons(self) -> list[InContextNeuron]:
+        return [InContextNeuron(tuple(k), list(shared), float(frac))
+                for k, shared, frac in self._fresh().in_context_neurons()]
 
-    def pairs(self, kind: str, threshold: float) -> list[PairResult]:
+    def pairs(self, kind: str, threshold: float) -> list[Pair]:
         store = self._fresh()
         raw = store.similar_pairs(threshold) if kind == "similar" else store.subset_pairs(threshold)
-        return [PairResult(tuple(a), tuple(b), kind, float(ao), float(co)) for a, b, ao, co in raw]
+        return [Pair(tuple(a), tuple(b), kind, float(ao), float(co)) for a, b, ao, co in raw]
 
     def neighbours(self, key: Key, k: int) -> list[Neighbour]:
         return [Neighbour(tuple(o), float(s), float(ao), float(co))
