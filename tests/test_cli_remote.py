@@ -606,9 +606,12 @@ def test_a_local_stream_is_not_cut_by_the_unary_timeout_and_never_ends_as_if_com
 
     ws, addr = setup
     with LocalN2GClient(ws, no_model=True) as c:
-        n = len(c.list_graphs())
+        keys = [g.key for g in c.list_graphs()]
+        n = len(keys)
     with LocalN2GClient(ws, no_model=True, timeout=1e-3) as c:
-        assert c.export_to(tmp_path / "all") == n and len(list((tmp_path / "all" / "graphs").iterdir())) == n
+        written = []  # export_to's progress: each neuron's key as it is written
+        assert c.export_to(tmp_path / "all", progress=written.append) == n
+        assert sorted(written) == sorted(keys) and len(list((tmp_path / "all" / "graphs").iterdir())) == n
         assert c.report_to(tmp_path / "report") == tmp_path / "report" / "index.html"
         assert (tmp_path / "report" / "index.html").exists()
         for call in (lambda: c.export_to(tmp_path / "cut", timeout=1e-9),

@@ -727,18 +727,18 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .client import _ExportWriter
-
     with _client(args, needs_model=False) as c:
-        items = c.export(_layer_filter(args.layers), examples=True)
+        bar = None
         if not args.json and sys.stderr.isatty():
             from tqdm import tqdm
 
-            items = tqdm(items, desc="exporting", unit="neuron", file=sys.stderr)
-        writer = _ExportWriter(args.out)
-        for e in items:
-            writer.write(e)
-        n = writer.finish()
+            bar = tqdm(desc="exporting", unit="neuron", file=sys.stderr)
+        try:
+            n = c.export_to(args.out, _layer_filter(args.layers),
+                            progress=(lambda key: bar.update()) if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
     if args.json:
         _print_json({"exported": n, "out": str(args.out)})
     else:
@@ -747,14 +747,8 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from .client import _unzip, write_file
-
     with _client(args, needs_model=False) as c:
-        data = c.report(_layer_filter(args.layers))
-    if args.zip is not None:
-        args.zip.parent.mkdir(parents=True, exist_ok=True)
-        write_file(args.zip, data)
-    index = _unzip(data, args.out)
+        index = c.report_to(args.out, _layer_filter(args.layers), zip_path=args.zip)
     if args.json:
         _print_json({"index": str(index)})
     else:

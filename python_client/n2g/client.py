@@ -470,11 +470,15 @@ class _Api:
         return self._stream_call("export", dict(layers=_layers(layers), examples=examples), timeout)
 
     def export_to(self, out_dir: str | os.PathLike, layers: Sequence[int] | None = None, *,
-                  timeout: float | None = None) -> int:
-        """Writes out_dir/graphs/L_N.json and out_dir/examples/L_N.json; returns the count."""
+                  timeout: float | None = None, progress: Callable[[Key], None] | None = None) -> int:
+        """Writes out_dir/graphs/L_N.json and out_dir/examples/L_N.json, then out_dir/export.json
+        (the count: an export without it is not complete); returns the count. ``progress`` is
+        called with each neuron's key as it is written."""
         writer = _ExportWriter(out_dir)
         for e in self.export(layers, examples=True, timeout=timeout):
             writer.write(e)
+            if progress is not None:
+                progress(e.key)
         return writer.finish()
 
     def report(self, layers: Sequence[int] | None = None, *, timeout: float | None = None) -> bytes:
@@ -486,9 +490,10 @@ class _Api:
         return sink.bytes()
 
     def report_to(self, out_dir: str | os.PathLike, layers: Sequence[int] | None = None, *,
-                  timeout: float | None = None) -> Path:
-        """Fetches the report and unpacks it into out_dir; returns out_dir/index.html."""
-        return _unzip(self.report(layers, timeout=timeout), out_dir)
+                  timeout: float | None = None, zip_path: str | os.PathLike | None = None) -> Path:
+        """Fetches the report and unpacks it into out_dir (keeping the archive at ``zip_path`` too,
+        if given); returns out_dir/index.html."""
+        return _unpack_report(self.report(layers, timeout=timeout), out_dir, zip_path)
 
 
 def write_file(path: str | os.PathLike, data: bytes | str | Iterable[bytes]) -> None:
@@ -580,6 +585,14 @@ def _zip_entries(data: bytes) -> int | None:
         if data[at:at + 4] == b"PK\x06\x06" and at + 40 <= len(data):
             entries = struct.unpack_from("<Q", data, at + 32)[0]
     return entries
+
+
+def _unpack_report(data: bytes, out_dir, zip_path) -> Path:
+    """The report's archive kept at ``zip_path`` (if given) and unpacked into out_dir."""
+    if zip_path is not None:
+        Path(zip_path).parent.mkdir(parents=True, exist_ok=True)
+        write_file(zip_path, data)
+    return _unzip(data, out_dir)
 
 
 def _unzip(data: bytes, out_dir) -> Path:
@@ -864,10 +877,12 @@ class AsyncN2GClient(_ClientBase, _Api):
             await asyncio.sleep(0.2)
 
     async def export_to(self, out_dir: str | os.PathLike, layers: Sequence[int] | None = None, *,
-                        timeout: float | None = None) -> int:
+                        timeout: float | None = None, progress: Callable[[Key], None] | None = None) -> int:
         writer = _ExportWriter(out_dir)
         async for e in self.export(layers, examples=True, timeout=timeout):
             writer.write(e)
+            if progress is not None:
+                progress(e.key)
         return writer.finish()
 
     async def report(self, layers: Sequence[int] | None = None, *, timeout: float | None = None) -> bytes:
@@ -877,5 +892,5 @@ class AsyncN2GClient(_ClientBase, _Api):
         return sink.bytes()
 
     async def report_to(self, out_dir: str | os.PathLike, layers: Sequence[int] | None = None, *,
-                        timeout: float | None = None) -> Path:
-        return _unzip(await self.report(layers, timeout=timeout), out_dir)
+                        timeout: float | None = None, zip_path: str | os.PathLike | None = None) -> Path:
+        return _unpack_report(await self.report(layers, timeout=timeout), out_dir, zip_path)
