@@ -451,6 +451,14 @@ def test_tls_options(capsys, srv, tmp_path):
     code, out, err = run(capsys, "info", "--server", srv.addr, "--tls-ca", srv.cert, "--token", TOKEN,
                          "--timeout", "1")
     assert code == 1 and _one_error_line(err).startswith("error: UNAVAILABLE")
+    # a name the certificate does not hold: the hint is about TLS (it said "needs --tls")
+    code, out, err = run(capsys, "info", "--server", srv.addr, "--tls-ca", srv.cert, "--tls-server-name",
+                         "other.example", "--token", TOKEN, "--timeout", "1")
+    assert code == 1 and "--tls-server-name" in _one_error_line(err) and "needs --tls)" not in err
+    # a --tls-ca that is no certificate: said at once, in one line (gRPC failed each handshake later)
+    (tmp_path / "not.pem").write_text("hello\n")
+    code, out, err = run(capsys, "info", "--server", srv.addr, "--tls-ca", tmp_path / "not.pem", "--timeout", "1")
+    assert code == 2 and "holds no PEM certificate" in _one_error_line(err)
     # --tls-ca: the CA given is the one trusted (another certificate for the same name is not)
     other, _ = _certificate(tmp_path / "other", SERVER_NAME)
     code, out, err = run(capsys, "info", "--server", srv.addr, "--tls-ca", other, "--tls-server-name", SERVER_NAME,
@@ -504,5 +512,8 @@ def test_environment_variables(capsys, srv, client, tmp_path, monkeypatch):
     monkeypatch.delenv("N2G_SERVER")
     code, out, err = run(capsys, "info", "--workspace", tmp_path / "other", *srv.conn())
     assert code == 2 and _one_error_line(err) == "error: give --server or --workspace, not both\n"
+    code, out, err = run(capsys, "info")
+    assert code == 2 and "give --server HOST:PORT (or set N2G_SERVER) or --workspace DIR" in _one_error_line(err)
+    monkeypatch.setenv("N2G_SERVER", "  ")  # blank is unset (it was dialled as a host name)
     code, out, err = run(capsys, "info")
     assert code == 2 and "give --server HOST:PORT (or set N2G_SERVER) or --workspace DIR" in _one_error_line(err)

@@ -4,6 +4,7 @@ workspace itself (`--workspace`), and errors are one clear line."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -605,13 +606,26 @@ def test_a_local_stream_is_not_cut_by_the_unary_timeout_and_never_ends_as_if_com
     from n2g.local import LocalN2GClient
 
     ws, addr = setup
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        LocalN2GClient(ws, no_model=True, timeout=0)  # as N2GClient checks it (was: every call DEADLINE_EXCEEDED)
     with LocalN2GClient(ws, no_model=True) as c:
         keys = [g.key for g in c.list_graphs()]
         n = len(keys)
+        with pytest.raises(ValueError, match="timeout must be a positive number"):
+            c.list_graphs(timeout=float("nan"))
     with LocalN2GClient(ws, no_model=True, timeout=1e-3) as c:
         written = []  # export_to's progress: each neuron's key as it is written
         assert c.export_to(tmp_path / "all", progress=written.append) == n
         assert sorted(written) == sorted(keys) and len(list((tmp_path / "all" / "graphs").iterdir())) == n
+        # one layer exported again into the folder: it holds that export only (export.json listed
+        # one layer beside files of every layer); files not named as n2g names them stay
+        (tmp_path / "all" / "graphs" / "notes.json").write_text("{}")
+        layer = keys[0][0]
+        mine = sorted(k for k in keys if k[0] == layer)
+        assert c.export_to(tmp_path / "all", layers=[layer]) == len(mine) < n
+        assert sorted(p.name for p in (tmp_path / "all" / "graphs").iterdir()) == sorted(
+            [f"{l}_{m}.json" for l, m in mine] + ["notes.json"])
+        assert sorted(p.name for p in (tmp_path / "all" / "examples").iterdir()) == sorted(f"{l}_{m}.json" for l, m in mine)
         assert c.report_to(tmp_path / "report") == tmp_path / "report" / "index.html"
         assert (tmp_path / "report" / "index.html").exists()
         for call in (lambda: c.export_to(tmp_path / "cut", timeout=1e-9),
@@ -622,3 +636,20 @@ def test_a_local_stream_is_not_cut_by_the_unary_timeout_and_never_ends_as_if_com
             assert e.value.code.name == "DEADLINE_EXCEEDED", e.value
         assert not (tmp_path / "cut" / "export.json").exists()
         assert not (tmp_path / "cut-report" / "index.html").exists()
+        # a stream that sent everything is complete, however long its reader took over it
+        job = c.list_jobs()[0]
+        assert job.state == "succeeded"
+        assert c.wait_job(job.id, progress=lambda ev: time.sleep(0.6), timeout=0.3).state == "succeeded"
+        got = []
+        for batch_item in c.pairs("subset", threshold=0.3, timeout=0.3):  # one batch: every pair at once
+            got.append(batch_item)
+            time.sleep(0.4) if len(got) == 1 else None
+        assert got and len(got) == len(list(c.pairs("subset", threshold=0.3)))
+
+
+def test_report_zip_must_be_a_file_path(capsys, setup, tmp_path):
+    ws, _ = setup
+    for bad in ("", str(tmp_path)):
+        code, out, err = run(capsys, "report", "--out", str(tmp_path / "r"), "--zip", bad, "--workspace", str(ws))
+        assert code == 2 and err.startswith("error: --zip needs the path of a file") and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists()

@@ -100,6 +100,37 @@ def test_unavailable_after_bounded_retries():
     assert time.perf_counter() - t0 < 5
 
 
+def test_waiting_for_a_job_on_a_server_never_reached_is_an_error():
+    """wait_job's reconnect waited for ever (and `n2g jobs watch` printed nothing) when no server
+    was there to begin with; it is for a server that goes away during the watch."""
+    import asyncio
+
+    from n2g.client import AsyncN2GClient
+
+    port = free_port()
+    outcome = {}
+
+    def wait():
+        with N2GClient(f"127.0.0.1:{port}", retries=2, backoff=0.05) as c:
+            try:
+                c.wait_job("some-job")
+            except N2GError as e:
+                outcome["sync"] = e.code
+
+    t = threading.Thread(target=wait, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive() and outcome["sync"] == grpc.StatusCode.UNAVAILABLE
+
+    async def wait_async():
+        async with AsyncN2GClient(f"127.0.0.1:{port}", retries=2, backoff=0.05) as c:
+            with pytest.raises(N2GError) as e:
+                await asyncio.wait_for(c.wait_job("some-job"), 30)
+            return e.value.code
+
+    assert asyncio.run(wait_async()) == grpc.StatusCode.UNAVAILABLE
+
+
 def test_deadline(inproc):
     with N2GClient(f"127.0.0.1:{inproc.port}") as c:
         with pytest.raises(N2GError) as e:
@@ -166,3 +197,38 @@ def test_busy_retry_hints_are_bounded_by_the_deadline_and_the_client_backoff():
             assert e.value.retry_after == 3600.0 and len(calls) == 1 and time.monotonic() - t0 < 10
     finally:
         server.stop(None)
+
+
+def test_a_busy_retry_fits_its_jitter_to_the_deadline():
+    """With a 1 s hint and 1.5 s left, the retry gave up 61% of the time (its jittered wait of 1-2 s
+    was compared with the time left) although a 1.0-1.4 s wait still left room for a try."""
+    from google.protobuf import any_pb2
+    from google.rpc import error_details_pb2, status_pb2
+
+    from n2g.client import _MIN_TRY_S, _Retry
+
+    info = error_details_pb2.RetryInfo()
+    info.retry_delay.FromSeconds(1)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message="busy", details=[detail])
+
+    class Busy(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        def trailing_metadata(self):
+            return (("grpc-status-details-bin", status.SerializeToString()),)
+
+    client = type("C", (), {"retries": 5, "backoff": 0.1, "max_backoff": 2.0})()
+    now = 100.0
+    for left, gives_up in ((1.5, False), (2.0, False), (3.5, False), (1.05, True)):
+        waits = [_Retry(client, now + left, lambda: now).delay(Busy()) for _ in range(200)]
+        if gives_up:
+            assert waits == [None] * 200, left
+        else:
+            assert None not in waits, left
+            assert all(1.0 <= w <= min(2.0, left - _MIN_TRY_S) for w in waits), (left, min(waits), max(waits))
+    # without a deadline: the whole jitter, 1-2 s
+    waits = [_Retry(client, None, lambda: now).delay(Busy()) for _ in range(200)]
+    assert all(1.0 <= w <= 2.0 for w in waits) and max(waits) > 1.5

@@ -23,9 +23,10 @@ from typing import Any, Sequence
 from . import vocab
 from .vocab import DEFAULT_MODEL
 
-# gRPC's C core logs to stderr on its own (e.g. a line per failed TLS handshake, before the
-# command's one-line error); read at its first import, so set before any. GRPC_VERBOSITY overrides.
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+# gRPC's C core logs to stderr on its own (a line per failed TLS handshake, a port in use...,
+# before the command's own one-line error about it); read at its first import, so set before any.
+# GRPC_VERBOSITY=ERROR (or DEBUG) in the environment shows them.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 
 class CliError(Exception):
@@ -747,6 +748,8 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_report(args) -> int:
+    if args.zip is not None and (not args.zip.name or args.zip.is_dir()):
+        raise CliError(f"--zip needs the path of a file to write, got {str(args.zip)!r}")
     with _client(args, needs_model=False) as c:
         index = c.report_to(args.out, _layer_filter(args.layers), zip_path=args.zip)
     if args.json:
@@ -840,7 +843,8 @@ def _connection_hint(args, e) -> str:
     if not any(w in e.message for w in ("failed to connect", "Connection refused", "Socket closed",
                                         "handshake", "Connection reset")):
         return ""
-    if (getattr(args, "tls", False) or getattr(args, "tls_ca", None)) and any(w in e.message for w in ("handshake", "CERTIFICATE", "SSL", "ssl")):
+    if (getattr(args, "tls", False) or getattr(args, "tls_ca", None)) and any(
+            w in e.message for w in ("handshake", "CERTIFICATE", "SSL", "ssl", "Hostname", "verif")):
         return (" (the TLS handshake failed: trust the server's certificate with --tls-ca CERT, give the name it "
                 "holds with --tls-server-name if that is not the host, and check the server runs with --tls-cert)")
     from .client import with_default_port
@@ -856,7 +860,7 @@ def _where(args) -> None:
     if getattr(args, "server", None) and getattr(args, "workspace", None) is not None:
         raise CliError("give --server or --workspace, not both")
     if getattr(args, "server_from_env", False) and args.server is None and args.workspace is None:
-        args.server = os.environ.get("N2G_SERVER") or None
+        args.server = os.environ.get("N2G_SERVER", "").strip() or None
 
 
 def main(argv: list[str] | None = None) -> int:

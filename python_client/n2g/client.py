@@ -249,6 +249,11 @@ def _credentials(tls: bool, root_certificates: bytes | str | os.PathLike | None)
     roots = root_certificates
     if isinstance(roots, (str, os.PathLike)):
         roots = Path(roots).read_bytes()
+    if roots is not None and b"-----BEGIN CERTIFICATE-----" not in roots:
+        # gRPC would take it and fail every handshake later, with a log line per try
+        where = f" {root_certificates}" if isinstance(root_certificates, (str, os.PathLike)) else "s"
+        raise ValueError(f"the root certificate{where} given for TLS holds no PEM certificate "
+                         "('-----BEGIN CERTIFICATE-----')")
     return grpc.ssl_channel_credentials(root_certificates=roots)
 
 
@@ -288,12 +293,17 @@ class _Retry:
                     return None
                 self.busy_left -= 1
             # never sooner than the client's own backoff: a hint of 0 must not make a busy loop
-            d = max(after, self.min_wait) * (1.0 + random.random())
+            base = max(after, self.min_wait)
+            d = base * (1.0 + random.random())
+            if self.deadline is not None:  # the jitter shrinks to what the deadline leaves room for
+                room = self.deadline - self.now() - _MIN_TRY_S
+                if room >= base:
+                    d = min(d, room)
         else:
             return None
         # a try that would start with next to nothing left ends DEADLINE_EXCEEDED, which says less
         # than the error in hand (a busy server's refusal carries when to come back)
-        if d is None or (self.deadline is not None and self.deadline - self.now() <= d + _MIN_TRY_S):
+        if d is None or (self.deadline is not None and self.deadline - self.now() < d + _MIN_TRY_S):
             return None
         return d
 
@@ -380,20 +390,24 @@ class _Api:
     def wait_job(self, job_id: str, progress: Callable[[JobEvent], None] | None = None, *,
                  timeout: float | None = None, reconnect: bool = True) -> Job:
         """Watches a job until it finishes and returns it. With `reconnect`, a server that goes
-        away (restart) is waited for and watched again, within `timeout` (None: no limit)."""
+        away (restart) once the watch has begun is waited for and watched again, within `timeout`
+        (None: no limit); a server never reached is an error (after the client's usual retries)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        reached = False
         while True:
+            last = None
             try:
                 left = None if deadline is None else max(1e-3, deadline - time.monotonic())
-                last = None
                 for ev in self.watch_job(job_id, timeout=left):
-                    last = ev
+                    last, reached = ev, True
                     if progress is not None:
                         progress(ev)
                 if last is not None and last.job.finished:
                     return last.job
             except N2GError as e:
-                if not reconnect or e.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                if last is not None and last.job.finished:
+                    return last.job  # its end was heard: whatever cut the stream after it
+                if not (reconnect and reached) or e.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     raise
             if deadline is not None and time.monotonic() >= deadline:
                 raise N2GError(grpc.StatusCode.DEADLINE_EXCEEDED, f"job {job_id} not finished after {timeout} s")
@@ -549,6 +563,13 @@ class _ExportWriter:
 
     def finish(self) -> int:
         self._start()
+        # an earlier export into this folder (other layers, neurons built since removed) leaves
+        # L_N.json files this one did not write: removed, so the folder holds what export.json lists
+        written = {f"{l}_{n}.json" for l, n in self.keys}
+        for folder in ("graphs", "examples"):
+            for path in (self.out / folder).glob("*_*.json"):
+                if re.fullmatch(r"\d+_\d+\.json", path.name) and path.name not in written:
+                    path.unlink(missing_ok=True)
         write_file(self.out / "export.json", _json.dumps({"neurons": self.count, "keys": self.keys}))
         return self.count
 
@@ -859,18 +880,21 @@ class AsyncN2GClient(_ClientBase, _Api):
                        timeout: float | None = None, reconnect: bool = True) -> Job:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        reached = False
         while True:
+            last = None
             try:
                 left = None if deadline is None else max(1e-3, deadline - loop.time())
-                last = None
                 async for ev in self.watch_job(job_id, timeout=left):
-                    last = ev
+                    last, reached = ev, True
                     if progress is not None:
                         progress(ev)
                 if last is not None and last.job.finished:
                     return last.job
             except N2GError as e:
-                if not reconnect or e.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                if last is not None and last.job.finished:
+                    return last.job
+                if not (reconnect and reached) or e.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     raise
             if deadline is not None and loop.time() >= deadline:
                 raise N2GError(grpc.StatusCode.DEADLINE_EXCEEDED, f"job {job_id} not finished after {timeout} s")

@@ -27,7 +27,7 @@ class LocalN2GClient(_Api):
         from n2g_service.app import N2GApp, open_workspace
 
         self.target = f"local:{workspace}"
-        self.timeout = timeout
+        self.timeout = _budget(timeout)  # checked as the network client checks it
         # a build (create=True) is the workspace's writer: it takes the lock at once; other
         # commands read, and take it only if they must write (e.g. evaluation's stored activations)
         ws, host = open_workspace(workspace, model=model, no_model=no_model, corpus=corpus, device=device,
@@ -53,7 +53,7 @@ class LocalN2GClient(_Api):
     def _deadline(self, timeout: float | None):
         from n2g_service.app import Deadline
 
-        return Deadline.after(timeout if timeout is not None else self.timeout)
+        return Deadline.after(self.timeout if timeout is None else _budget(timeout))
 
     def _call(self, name: str, args: dict[str, Any], timeout: float | None):
         try:

@@ -386,9 +386,6 @@ class N2GApp:
                     entry.waiting_since = time.monotonic()
                     yield item
                     entry.waiting_since = None
-                # a stream cut short by its deadline must not end as if complete (gRPC says so to a
-                # remote caller by itself; an in-process caller hears it only from here)
-                deadline.check()
             finally:
                 with self._open_lock:
                     self._open_streams.pop(id(entry), None)
@@ -831,6 +828,7 @@ class N2GApp:
                                  getattr(b, "eta_s", None))
                 if up.final:
                     return
+            deadline.check()  # the job goes on past the caller's deadline: the watch was cut short
         finally:
             self.jobs.unsubscribe(job.id, q)
 
@@ -1059,8 +1057,7 @@ class N2GApp:
         def batches():
             found = self._heavy_call(lambda: self.graphs.pairs(kind, threshold), deadline, "finding pairs")
             for i in range(0, len(found), size):
-                if not deadline.active():
-                    return
+                deadline.check()  # cut short: an error, never an end that looks complete
                 yield found[i: i + size]
         yield from self._streamed("streaming pairs", deadline, batches)
 
@@ -1073,8 +1070,7 @@ class N2GApp:
             for rec in self.ws.iter_neurons(with_examples=examples):
                 if wanted and rec.layer not in wanted:
                     continue
-                if not deadline.active():
-                    return
+                deadline.check()  # cut short: an error, never an end that looks complete
                 yield T.ExportedNeuron((rec.layer, rec.neuron), rec.graph().to_json(),
                                        json.dumps(rec.examples) if examples else "")
         yield from self._streamed("an export", deadline, neurons)
@@ -1093,17 +1089,14 @@ class N2GApp:
             # one report at a time; a caller that has gone while it waited builds none (it would
             # hold a stream slot for the whole build of a report nobody reads)
             while not self._report_lock.acquire(timeout=0.25):
-                if not deadline.active():
-                    return
+                deadline.check()  # cut short: an error, never an end that looks complete
             try:
-                if not deadline.active():
-                    return
+                deadline.check()  # cut short: an error, never an end that looks complete
                 data = report_zip(self.ws.path, wanted)
             finally:
                 self._report_lock.release()
             for i in range(0, max(len(data), 1), chunk):
-                if not deadline.active():
-                    return
+                deadline.check()  # cut short: an error, never an end that looks complete
                 yield T.ReportChunk(data[i: i + chunk], len(data), "n2g-report.zip")
         yield from self._streamed("a report", deadline, pieces)
 
