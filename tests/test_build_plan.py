@@ -4,12 +4,13 @@ single pass, ties included), request compatibility with stored jobs, the dry run
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import numpy as np
 import pytest
 
 import n2g_fast
-from n2g_service.build.plan import PartialTopK, fit_groups, merge_topk_reference, parse_layers, shard_ranges
+from n2g_service.build.plan import fit_groups, parse_layers, shard_ranges
 from n2g_service.build.summary import plan_summary
 from n2g_service.config import ScanConfig
 from n2g_service.build.request import BuildRequest
@@ -73,6 +74,29 @@ def _single_and_sharded(rng, n_windows, tokens, d, k, bounds, integer_scores):
     return single, parts
 
 
+def merge_topk_reference(parts: Sequence[LayerScan], k: int) -> LayerScan:
+    """Partial top-k results merged with numpy: best score first, ties to the lower window id (the
+    order a single pass over the windows in id order keeps). The reference `merge_partials` (the
+    Rust merge) is checked against."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    ids = np.concatenate([p.top_window_ids for p in parts], axis=1)
+    scores = np.concatenate([p.top_scores for p in parts], axis=1).astype(np.float32)
+    d = ids.shape[0]
+    # pads (-1) sort last: give them -inf and the largest id
+    key_ids = np.where(ids < 0, np.iinfo(np.int64).max, ids)
+    key_scores = np.where(ids < 0, -np.inf, scores)
+    out_ids = np.full((d, k), -1, np.int64)
+    out_scores = np.full((d, k), -np.inf, np.float32)
+    for n in range(d):
+        order = np.lexsort((key_ids[n], -key_scores[n]))[:k]
+        keep = order[ids[n, order] >= 0]
+        out_ids[n, : keep.size] = ids[n, keep]
+        out_scores[n, : keep.size] = scores[n, keep]
+    amax = np.max(np.stack([p.max_activation for p in parts]), axis=0).astype(np.float32)
+    return LayerScan(parts[0].layer, amax, out_ids, out_scores, sum(p.seconds for p in parts))
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_merge_equals_single_pass(seed):
     """Property: random data, random shard boundaries, shards merged in a random order."""
@@ -83,8 +107,7 @@ def test_merge_equals_single_pass(seed):
     order = rng.permutation(len(parts))
     want_ids, want_scores = single.top()
     merged = merge_partials([parts[i] for i in order], k)
-    ref = merge_topk_reference([PartialTopK(p.max_activation, p.top_window_ids, p.top_scores) for p in
-                                (parts[i] for i in order)], k)
+    ref = merge_topk_reference([parts[i] for i in order], k)
     for got in (merged, ref):
         assert np.array_equal(got.top_window_ids, want_ids)
         assert np.array_equal(got.top_scores, want_scores)

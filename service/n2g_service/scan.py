@@ -118,33 +118,19 @@ def scan_layers(
 def merge_partials(parts: Sequence[LayerScan], k: int) -> LayerScan:
     """Merges the scans of disjoint sets of windows of one layer into the scan of their union,
     exactly as one pass over all of them would give it (ties to the lower window id)."""
-    from .build.plan import PartialTopK, merge_topk_reference
+    import n2g_fast
 
     if not parts:
         raise ValueError("nothing to merge")
-    layer = parts[0].layer
-    rust = _rust_merge(parts, k)
-    if rust is not None:
-        amax, ids, scores = rust
-    else:
-        m = merge_topk_reference([PartialTopK(p.max_activation, p.top_window_ids, p.top_scores) for p in parts], k)
-        amax, ids, scores = m.max_activation, m.top_window_ids, m.top_scores
-    return LayerScan(layer, amax, ids, scores, sum(p.seconds for p in parts))
-
-
-def _rust_merge(parts: Sequence[LayerScan], k: int):
-    """``n2g_fast.TopK.merge`` (bit-exact with a single pass), or None with an older extension."""
-    import n2g_fast
-
-    if not hasattr(n2g_fast.TopK, "merge"):
-        return None
+    # n2g_fast.TopK.merge: bit-exact with a single pass (the tests check it against a numpy merge)
     acc = n2g_fast.TopK(int(parts[0].max_activation.shape[0]), k)
     for p in parts:
         acc.merge(n2g_fast.TopK.from_arrays(np.ascontiguousarray(p.top_window_ids, np.int64),
                                             np.ascontiguousarray(p.top_scores, np.float32),
                                             np.ascontiguousarray(p.max_activation, np.float32)))
     ids, scores = acc.top()
-    return (np.asarray(acc.max_activation(), np.float32), np.asarray(ids, np.int64), np.asarray(scores, np.float32))
+    return LayerScan(parts[0].layer, np.asarray(acc.max_activation(), np.float32), np.asarray(ids, np.int64),
+                     np.asarray(scores, np.float32), sum(p.seconds for p in parts))
 
 
 def compare_precision(model: LoadedModel, windows: np.ndarray, layers: Iterable[int], precision: str,

@@ -1,4 +1,4 @@
-"""The build plan: layer specs, scan shards and fit groups, and the exact merge of shard top-k.
+"""The build plan: layer specs, scan shards and fit groups (shard top-k merge: `scan.merge_partials`).
 
 A whole-model build is split into work units, each committed to the workspace when it finishes:
 
@@ -89,36 +89,3 @@ def scan_key(n_windows: int, window_tokens: int, k: int, excluded: np.ndarray) -
     ex = np.unique(np.asarray(excluded, dtype=np.int64))
     return digest({"n": int(n_windows), "t": int(window_tokens), "k": int(k),
                    "excluded": hashlib.sha1(ex.tobytes()).hexdigest()})
-
-
-@dataclass
-class PartialTopK:
-    """One shard's (or a merged) top-k of one layer."""
-
-    max_activation: np.ndarray  # float32 [d_mlp]; -inf where no token was seen
-    top_window_ids: np.ndarray  # int64 [d_mlp, k]; -1 pads
-    top_scores: np.ndarray  # float32 [d_mlp, k]; -inf pads
-    seconds: float = 0.0
-
-
-def merge_topk_reference(parts: Sequence[PartialTopK], k: int) -> PartialTopK:
-    """Merges partial top-k results with numpy: best score first, ties to the lower window id
-    (the order a single pass over the windows in id order keeps). The reference the Rust merge is
-    checked against; also used where ``n2g_fast.TopK.merge`` is not available."""
-    if not parts:
-        raise ValueError("nothing to merge")
-    ids = np.concatenate([p.top_window_ids for p in parts], axis=1)
-    scores = np.concatenate([p.top_scores for p in parts], axis=1).astype(np.float32)
-    d = ids.shape[0]
-    # pads (-1) sort last: give them -inf and the largest id
-    key_ids = np.where(ids < 0, np.iinfo(np.int64).max, ids)
-    key_scores = np.where(ids < 0, -np.inf, scores)
-    out_ids = np.full((d, k), -1, np.int64)
-    out_scores = np.full((d, k), -np.inf, np.float32)
-    for n in range(d):
-        order = np.lexsort((key_ids[n], -key_scores[n]))[:k]
-        keep = order[ids[n, order] >= 0]
-        out_ids[n, : keep.size] = ids[n, keep]
-        out_scores[n, : keep.size] = scores[n, keep]
-    amax = np.max(np.stack([p.max_activation for p in parts]), axis=0).astype(np.float32)
-    return PartialTopK(amax, out_ids, out_scores, sum(p.seconds for p in parts))
