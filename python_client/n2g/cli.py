@@ -325,7 +325,7 @@ def _progress_printer(json_mode: bool):
                 bar = bars[ev.stage] = tqdm(total=ev.total, initial=ev.done, desc=desc, unit=unit, file=sys.stderr)
             bar.total = ev.total
             bar.n = ev.done
-            bar.set_postfix_str(_printable(ev.message)[-40:])
+            bar.set_postfix_str(_printable(ev.message)[-40:], refresh=False)  # drawn once, below
             bar.refresh()
         elif ev.stage in ("corpus", "state") or (ev.stage in _BAR_UNITS and ev.message):
             print(f"[{ev.stage}] {ev.message}", file=sys.stderr)
