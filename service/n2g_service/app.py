@@ -405,8 +405,8 @@ class N2GApp:
 
     def _computation_slot(self, what: str):
         return self._slot(self._computations, f"{self.max_computations} long computations (evaluations, true "
-                                              f"activations, build plans, similar neurons) are running on this server already "
-                                              f"({what} is one); retry shortly")
+                                              f"activations, build plans, similar neurons) are running on this "
+                                              f"server already ({what} is one); retry shortly")
 
     # -- shape and validation ---------------------------------------------------------------------
     def shape(self) -> tuple[int | None, int | None, int | None]:
