@@ -448,3 +448,11 @@ def test_a_local_client_refuses_a_workspace_replaced_under_it(tmp_path_factory):
             assert e.value.code == grpc.StatusCode.DATA_LOSS and "removed or replaced" in e.value.message
     with LocalN2GClient(ws, no_model=True) as c:  # opened again: the file there now
         assert c.graph(*key).key == key
+        # replaced while an export runs: it stops with DATA_LOSS (it read on from the old file)
+        shutil.copy(db, ws.parent / "backup.sqlite")
+        exported = c.export(examples=False)
+        next(exported)
+        os.replace(ws.parent / "backup.sqlite", db)
+        with pytest.raises(N2GError) as e:
+            list(exported)
+        assert e.value.code == grpc.StatusCode.DATA_LOSS

@@ -1071,6 +1071,7 @@ class N2GApp:
                 if wanted and rec.layer not in wanted:
                     continue
                 deadline.check()  # cut short: an error, never an end that looks complete
+                self.check_workspace()  # replaced mid-export: stop rather than go on from the old file
                 yield T.ExportedNeuron((rec.layer, rec.neuron), rec.graph().to_json(),
                                        json.dumps(rec.examples) if examples else "")
         yield from self._streamed("an export", deadline, neurons)
