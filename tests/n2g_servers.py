@@ -194,12 +194,14 @@ class ServerProcess:
             self._log.close()
 
 
-def self_signed_cert(directory: Path) -> tuple[Path, Path]:
-    """(cert, key) PEM files for CN=localhost with subjectAltName localhost and 127.0.0.1."""
+def self_signed_cert(directory: Path, name: str | None = None) -> tuple[Path, Path]:
+    """(cert, key) PEM files in `directory` (made if missing): for CN=localhost with subjectAltName
+    localhost and 127.0.0.1, or for `name` alone."""
+    directory.mkdir(parents=True, exist_ok=True)
     cert, key = directory / "server.crt", directory / "server.key"
+    cn, alt = ("localhost", "DNS:localhost,IP:127.0.0.1") if name is None else (name, f"DNS:{name}")
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "2", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                    str(cert), "-days", "2", "-subj", f"/CN={cn}", "-addext", f"subjectAltName={alt}"],
                    check=True, capture_output=True)
     return cert, key
 

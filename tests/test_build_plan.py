@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import n2g_fast
-from n2g_service.build.plan import fit_groups, parse_layers, shard_ranges
+from n2g.layers import parse_layers
+from n2g_service.build.plan import fit_groups, shard_ranges
 from n2g_service.build.summary import plan_summary
 from n2g_service.config import ScanConfig
 from n2g_service.build.request import BuildRequest

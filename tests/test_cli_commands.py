@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,20 +14,10 @@ import numpy as np
 import pytest
 
 from n2g.cli import main
-from n2g_servers import NATIVE_MODEL, native_workspace, run_cli
+from n2g_servers import NATIVE_MODEL, native_workspace, run_cli, self_signed_cert
 
 TOKEN = "cli-s3cret"
 SERVER_NAME = "n2g.test"  # the only name in the server's certificate (not 127.0.0.1, not localhost)
-
-
-def _certificate(directory: Path, name: str) -> tuple[Path, Path]:
-    """A self-signed (cert, key) for `name` alone."""
-    directory.mkdir(parents=True, exist_ok=True)
-    cert, key = directory / "server.crt", directory / "server.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "2", "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}"],
-                   check=True, capture_output=True)
-    return cert, key
 
 
 @dataclass
@@ -48,7 +37,7 @@ def srv(tmp_path_factory):
     from n2g_service.server import serve
 
     ws = native_workspace(tmp_path_factory, "cli-commands")
-    cert, key = _certificate(ws.parent / "tls", SERVER_NAME)
+    cert, key = self_signed_cert(ws.parent / "tls", SERVER_NAME)
     running = serve(ws, NATIVE_MODEL, device="cpu", port=0, block=False, token=TOKEN, tls_cert=cert, tls_key=key)
     try:
         yield Server(ws, f"127.0.0.1:{running.port}", cert)
@@ -460,7 +449,7 @@ def test_tls_options(capsys, srv, tmp_path):
     code, out, err = run(capsys, "info", "--server", srv.addr, "--tls-ca", tmp_path / "not.pem", "--timeout", "1")
     assert code == 2 and "holds no PEM certificate" in _one_error_line(err)
     # --tls-ca: the CA given is the one trusted (another certificate for the same name is not)
-    other, _ = _certificate(tmp_path / "other", SERVER_NAME)
+    other, _ = self_signed_cert(tmp_path / "other", SERVER_NAME)
     code, out, err = run(capsys, "info", "--server", srv.addr, "--tls-ca", other, "--tls-server-name", SERVER_NAME,
                          "--token", TOKEN, "--timeout", "1")
     assert code == 1 and _one_error_line(err).startswith("error: UNAVAILABLE")

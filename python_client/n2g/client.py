@@ -19,7 +19,8 @@ or the application layer in this process (`n2g.local.LocalN2GClient`).
 
 Errors are `N2GError` with `.code` (a `grpc.StatusCode`) and `.message`. Calls are retried with
 exponential backoff while the server is UNAVAILABLE (starting or restarting), and after the wait a
-busy server names (RESOURCE_EXHAUSTED with a RetryInfo), within the call's deadline; `start_build` sends a client-chosen job id, so its retries never start a job twice.
+busy server names (RESOURCE_EXHAUSTED with a RetryInfo), within the call's deadline;
+`start_build` sends a client-chosen job id, so its retries never start a job twice.
 """
 
 from __future__ import annotations
@@ -225,6 +226,17 @@ def _retry_after(e: grpc.RpcError) -> float | None:
     return None
 
 
+def _watch_cut(e: N2GError, last: JobEvent | None, rewatch: bool) -> Job | None:
+    """What `wait_job` does when a watch ends in `e`: the job, if its end was heard before (whatever
+    cut the stream after it); None to watch again, when `rewatch` (a server reached before, which
+    went away: UNAVAILABLE, CANCELLED); else `e` is raised."""
+    if last is not None and last.job.finished:
+        return last.job
+    if rewatch and e.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return None
+    raise e
+
+
 def _health_check(channel, service: str, timeout: float):
     """grpc.health.v1's Check on `channel` (sync: the reply; aio: an awaitable of it)."""
     return HealthStub(channel).Check(HealthCheckRequest(service=service), timeout=timeout)
@@ -405,10 +417,9 @@ class _Api:
                 if last is not None and last.job.finished:
                     return last.job
             except N2GError as e:
-                if last is not None and last.job.finished:
-                    return last.job  # its end was heard: whatever cut the stream after it
-                if not (reconnect and reached) or e.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-                    raise
+                ended = _watch_cut(e, last, reached and reconnect)
+                if ended is not None:
+                    return ended
             if deadline is not None and time.monotonic() >= deadline:
                 raise N2GError(grpc.StatusCode.DEADLINE_EXCEEDED, f"job {job_id} not finished after {timeout} s")
             time.sleep(0.2)
@@ -892,10 +903,9 @@ class AsyncN2GClient(_ClientBase, _Api):
                 if last is not None and last.job.finished:
                     return last.job
             except N2GError as e:
-                if last is not None and last.job.finished:
-                    return last.job
-                if not (reconnect and reached) or e.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-                    raise
+                ended = _watch_cut(e, last, reached and reconnect)
+                if ended is not None:
+                    return ended
             if deadline is not None and loop.time() >= deadline:
                 raise N2GError(grpc.StatusCode.DEADLINE_EXCEEDED, f"job {job_id} not finished after {timeout} s")
             await asyncio.sleep(0.2)

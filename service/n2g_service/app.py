@@ -375,7 +375,10 @@ class N2GApp:
 
     def _streamed(self, what: str, deadline: Deadline, items: Callable[[], Iterator[Any]]) -> Iterator[Any]:
         """Yields ``items()`` while holding a stream slot. When none is free, the stream whose
-        reader has stalled longest (>= STREAM_STALL_S at one message) is cancelled for this one."""
+        reader has stalled longest (>= STREAM_STALL_S at one message) is cancelled for this one.
+        ``items()`` ends only when it has sent everything; where its deadline stops it first it
+        raises (``deadline.check()``), so a stream cut short never ends as if complete (a remote
+        caller hears so from gRPC anyway; an in-process one only from here)."""
         refusal = f"{self.max_streams} streams are open on this server already ({what} is one); retry when one ends"
         with self._slot(self._streams, refusal, self._cancel_stalled_stream):
             entry = _OpenStream(what, deadline.cancel)
@@ -1057,7 +1060,7 @@ class N2GApp:
         def batches():
             found = self._heavy_call(lambda: self.graphs.pairs(kind, threshold), deadline, "finding pairs")
             for i in range(0, len(found), size):
-                deadline.check()  # cut short: an error, never an end that looks complete
+                deadline.check()
                 yield found[i: i + size]
         yield from self._streamed("streaming pairs", deadline, batches)
 
@@ -1070,7 +1073,7 @@ class N2GApp:
             for rec in self.ws.iter_neurons(with_examples=examples):
                 if wanted and rec.layer not in wanted:
                     continue
-                deadline.check()  # cut short: an error, never an end that looks complete
+                deadline.check()
                 self.check_workspace()  # replaced mid-export: stop rather than go on from the old file
                 yield T.ExportedNeuron((rec.layer, rec.neuron), rec.graph().to_json(),
                                        json.dumps(rec.examples) if examples else "")
@@ -1090,14 +1093,14 @@ class N2GApp:
             # one report at a time; a caller that has gone while it waited builds none (it would
             # hold a stream slot for the whole build of a report nobody reads)
             while not self._report_lock.acquire(timeout=0.25):
-                deadline.check()  # cut short: an error, never an end that looks complete
+                deadline.check()
             try:
-                deadline.check()  # cut short: an error, never an end that looks complete
+                deadline.check()
                 data = report_zip(self.ws.path, wanted)
             finally:
                 self._report_lock.release()
             for i in range(0, max(len(data), 1), chunk):
-                deadline.check()  # cut short: an error, never an end that looks complete
+                deadline.check()
                 yield T.ReportChunk(data[i: i + chunk], len(data), "n2g-report.zip")
         yield from self._streamed("a report", deadline, pieces)
 

@@ -4,6 +4,6 @@ executors that run units (`executors`: in-process and Ray) and the dry run
 (`summary.plan_summary`). Progress is drawn by the command line
 (`n2g.cli`), from the job's events, the same for a local and a remote build."""
 
-from .plan import FitGroup, ScanShard, fit_groups, parse_layers, shard_ranges
+from .plan import FitGroup, ScanShard, fit_groups, shard_ranges
 
-__all__ = ["FitGroup", "ScanShard", "fit_groups", "parse_layers", "shard_ranges"]
+__all__ = ["FitGroup", "ScanShard", "fit_groups", "shard_ranges"]

@@ -14,6 +14,7 @@ import numpy as np
 from ..workspace import NeuronRecord
 from .request import BuildRequest
 
+
 def _examples(tokens: np.ndarray, acts: np.ndarray) -> list[dict[str, Any]]:
     return [{"token_ids": t.tolist(), "activations": [round(float(x), 6) for x in a]} for t, a in zip(tokens, acts)]
 

@@ -1,4 +1,5 @@
-"""The build plan: layer specs, scan shards and fit groups (shard top-k merge: `scan.merge_partials`).
+"""The build plan: scan shards and fit groups (layer specs: `n2g.layers`; shard top-k merge:
+`scan.merge_partials`).
 
 A whole-model build is split into work units, each committed to the workspace when it finishes:
 
@@ -21,7 +22,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from n2g.layers import MAX_LAYERS, parse_layers  # noqa: F401 - one grammar for clients and server
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from n2g.layers import parse_layers  # one layer grammar for clients and server
+
 from ..config import EvalConfig, FitConfig, ScanConfig
-from .plan import parse_layers
 
 EXECUTORS = ("inprocess", "ray")
 PRECISIONS = ("float32", "bfloat16", "float16")
