@@ -3,6 +3,7 @@ loaded once; tests that use it are marked ``real_model``)."""
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -14,6 +15,20 @@ for sub in ("service", "python_client"):
     p = str(ROOT / sub)
     if p not in sys.path:
         sys.path.insert(0, p)
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_left_as_found():
+    """A test that runs `serve` in-process must leave SIGINT/SIGTERM as it found them: a handler
+    left behind is inherited by forked workers (multiprocessing pools), where a terminate's SIGTERM
+    raised SystemExit before the worker's exit code was set and the worker ran the rest of the
+    suite while pytest waited for it for ever."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    changed = [signal.Signals(sig).name for sig, h in before.items() if signal.getsignal(sig) is not h]
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+    assert not changed, f"the test left its own handler for {', '.join(changed)}"
 
 
 @pytest.fixture(scope="session")

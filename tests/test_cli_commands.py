@@ -506,3 +506,21 @@ def test_environment_variables(capsys, srv, client, tmp_path, monkeypatch):
     monkeypatch.setenv("N2G_SERVER", "  ")  # blank is unset (it was dialled as a host name)
     code, out, err = run(capsys, "info")
     assert code == 2 and "give --server HOST:PORT (or set N2G_SERVER) or --workspace DIR" in _one_error_line(err)
+
+
+def test_version_names_one_version_for_the_cli_the_server_and_the_extension(capsys, client):
+    """`n2g --version`: the package and its Rust extension, each the version its manifest
+    declares (a stale extension build shows there), and the server reports the same one."""
+    import tomllib
+
+    import n2g_fast
+
+    root = Path(__file__).resolve().parents[1]
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    crate = tomllib.loads((root / "n2g_fast" / "Cargo.toml").read_text())["package"]["version"]
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"n2g {declared} (n2g_fast {crate})"
+    assert n2g_fast.__version__ == crate == declared
+    assert client.model_info().server_version == declared

@@ -415,6 +415,7 @@ def test_ctrl_c_on_a_local_build_cancels_its_job_and_the_same_command_resumes(ca
     command resumes jobs, and a later server would have run it behind the user's back."""
     import signal
     import subprocess
+    import threading
     import time
 
     from n2g_servers import PYTHON, env, write_corpus
@@ -424,14 +425,23 @@ def test_ctrl_c_on_a_local_build_cancels_its_job_and_the_same_command_resumes(ca
     ws = tmp_path / "ws"
     cmd = ["build", "--workspace", str(ws), "--model", "native:0", "--corpus", str(corpus), "--layers", "0", "1",
            "--neurons", *map(str, range(0, 64, 2)), "--group-size", "2", "--window-tokens", "32", "--device", "cpu"]
-    p = subprocess.Popen([PYTHON, "-m", "n2g.cli", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env())
+    p = subprocess.Popen([PYTHON, "-m", "n2g.cli", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env())
+    chunks: list[bytes] = []  # read as it comes: the signal goes once the first group is built, mid-build
+
+    def read():
+        while piece := p.stderr.read1(4096):
+            chunks.append(piece)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and p.poll() is None:
-        if (ws / "n2g.sqlite").exists() and any(j.state == "running" for j in Workspace(ws, mode="read").list_jobs()):
-            break
-        time.sleep(0.1)
+    while time.monotonic() < deadline and p.poll() is None and b"built [" not in b"".join(chunks):
+        time.sleep(0.05)
+    assert p.poll() is None, f"the build ended before it could be interrupted: {b''.join(chunks)}"
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
+    p.wait(timeout=120)
+    reader.join(timeout=10)
+    err = b"".join(chunks)
     assert p.returncode == 130, err
     assert b"cancelled; what it committed is kept" in err
     [job] = Workspace(ws, mode="read").list_jobs()

@@ -5,6 +5,8 @@ and the model lock's deadline."""
 from __future__ import annotations
 
 import math
+import os
+import signal
 import threading
 import time
 
@@ -14,7 +16,7 @@ import pytest
 from n2g.client import N2GClient, N2GError
 from n2g.v1 import n2g_pb2 as pb
 from n2g.v1 import n2g_pb2_grpc as pbg
-from n2g_servers import NATIVE_MODEL, ServerProcess, native_workspace, self_signed_cert
+from n2g_servers import NATIVE_MODEL, ServerProcess, free_port, native_workspace, self_signed_cert
 
 C = grpc.StatusCode
 LIMITS = ["--max-texts", "8", "--max-tokens-per-sequence", "64", "--max-total-tokens", "200",
@@ -301,6 +303,39 @@ def test_internal_error_keeps_server_up(tmp_path_factory):
             assert c.model_info().neurons_built > 0 and c.health() == "SERVING"
     finally:
         running.stop(0)
+
+
+def test_serve_in_process_stops_on_sigterm_and_gives_the_callers_handlers_back(tmp_path_factory):
+    """`n2g serve` run through main() in this process (as an embedding would): SIGTERM stops it
+    cleanly, and SIGINT/SIGTERM are the caller's again afterwards (a handler left behind was
+    inherited by forked pool workers, where it hung the test suite)."""
+    from n2g.cli import main
+
+    ws = native_workspace(tmp_path_factory, "inproc-signal")
+    port = free_port()
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    served, returned = [], threading.Event()
+
+    def stop_once_serving():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not served and not returned.is_set():
+            try:
+                with N2GClient(f"127.0.0.1:{port}", timeout=2) as c:
+                    served.append(c.health())
+            except N2GError:
+                time.sleep(0.1)
+        if not returned.is_set():  # SIGINT if it never served: a failure, not a hang
+            os.kill(os.getpid(), signal.SIGTERM if served else signal.SIGINT)
+
+    t = threading.Thread(target=stop_once_serving)
+    t.start()
+    try:
+        code = main(["serve", "--workspace", str(ws), "--no-model", "--port", str(port)])
+    finally:
+        returned.set()
+        t.join(timeout=70)
+    assert code == 0 and served == ["SERVING"]
+    assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
 def test_model_lock_honours_deadline():

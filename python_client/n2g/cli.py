@@ -198,13 +198,21 @@ def _add_serve(sub) -> None:
 
 
 def _cmd_serve(args) -> int:
-    import logging
     import signal
 
     # a stop asked while the service is still importing ends cleanly; serve() installs its own
     # handlers once it starts (they stop the start-up or the server just as cleanly)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: sys.exit(0))
+    previous = {sig: signal.signal(sig, lambda signum, frame: sys.exit(0)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _serve(args)
+    finally:  # main() run in-process (tests, embedding) leaves the caller's handlers as they were
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(args) -> int:
+    import logging
+
     from n2g_service.server import serve
 
     from .types import Limits
@@ -762,8 +770,22 @@ def _cmd_report(args) -> int:
 # ---------------------------------------------------------------------------------------------
 # parser
 
+def _version() -> str:
+    """This n2g and its Rust extension (a stale `maturin develop` shows here first)."""
+    from . import __version__
+
+    try:
+        import n2g_fast
+
+        fast = n2g_fast.__version__
+    except ImportError:
+        fast = "not installed"
+    return f"n2g {__version__} (n2g_fast {fast})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="n2g", description="Neuron to Graph: build, evaluate and serve neuron graphs")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     p = sub.add_parser("info", help="the model, its shape, and what the workspace holds")

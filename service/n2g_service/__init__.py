@@ -6,4 +6,4 @@ Modules, lowest first: ``config``, ``models``, ``corpus`` -> ``activations`` -> 
 need them.
 """
 
-__version__ = "0.1.0"
+from n2g import __version__  # one version for the client, the service and pyproject.toml

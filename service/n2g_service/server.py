@@ -269,6 +269,7 @@ def serve(workspace: str | Path, model: str | None = None, *, no_model: bool = F
     # once serving, it stops the server cleanly (the loop below).
     stop = threading.Event()
     starting = True
+    previous: dict = {}
     if block:
         def on_signal(signum, frame):
             if starting:
@@ -276,74 +277,77 @@ def serve(workspace: str | Path, model: str | None = None, *, no_model: bool = F
             log.info("signal %d: shutting down", signum)
             stop.set()
 
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
-    app = server = None
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        log.info("starting on workspace %s", workspace)
-        t0 = time.perf_counter()
-        ws, model_host = open_workspace(workspace, model=model, no_model=no_model, corpus=corpus, device=device,
-                                        hook=hook, create=not no_model, writer=None if no_model else "n2g serve",
-                                        load_now=not no_model)
-        app = N2GApp(ws, model_host, limits, max_streams=streams, max_computations=computations,
-                     ray_address=ray_address or None, trusted_caller=False)
-        if model_host.loaded:
-            m = model_host.get()
-            log.info("model %s loaded on %s in %.1f s (%d layers x %d neurons, hook %s)", model_host.name, m.device,
-                     time.perf_counter() - t0, m.n_layers, m.d_mlp, m.hook)
-        app.record_shape()
-        graphs = len(app.graphs)  # load the graph store now: a damaged workspace fails here, not later
-
-        interceptors = [_AuthInterceptor(token)] if token else []
-        opts = [("grpc.max_receive_message_length", limits.max_message_bytes),
-                ("grpc.max_send_message_length", limits.max_message_bytes),
-                ("grpc.so_reuseport", 0)]
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="n2g-rpc"),
-                             interceptors=interceptors, options=opts)
-        server.add_generic_rpc_handlers((N2GServicer(app).generic_handler(),))
-        health_servicer = health.HealthServicer(experimental_non_blocking=True)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-
-        address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        app = server = None
         try:
-            bound = server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
-        except RuntimeError as e:  # grpc reports a failed bind this way (the TLS files were checked above)
-            app.close()
-            raise OSError(f"could not listen on {address} ({e}); is the port in use?") from None
-        if not bound:
-            app.close()
-            raise OSError(f"could not listen on {address}; is the port in use?")
-        server.start()
-        for name in ("", SERVICE_NAME):
-            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        starting = False
-    except _StoppedWhileStarting as e:
-        log.info("signal %d while starting: stopped before serving", e.args[0])
-        if server is not None:
-            server.stop(0)
-        if app is not None:
-            app.close()
-        return None
+            log.info("starting on workspace %s", workspace)
+            t0 = time.perf_counter()
+            ws, model_host = open_workspace(workspace, model=model, no_model=no_model, corpus=corpus, device=device,
+                                            hook=hook, create=not no_model, writer=None if no_model else "n2g serve",
+                                            load_now=not no_model)
+            app = N2GApp(ws, model_host, limits, max_streams=streams, max_computations=computations,
+                         ray_address=ray_address or None, trusted_caller=False)
+            if model_host.loaded:
+                m = model_host.get()
+                log.info("model %s loaded on %s in %.1f s (%d layers x %d neurons, hook %s)", model_host.name, m.device,
+                         time.perf_counter() - t0, m.n_layers, m.d_mlp, m.hook)
+            app.record_shape()
+            graphs = len(app.graphs)  # load the graph store now: a damaged workspace fails here, not later
 
-    log.info("workspace %s: model %s, corpus %s, %d graphs", ws.path, ws.model_name, ws.corpus, graphs)
-    if not model_host.enabled:
-        log.warning("running WITHOUT a model (--no-model): graph RPCs only; Tokenize, GetActivations, StartBuild, "
-                    "PlanBuild, Predict on texts and Evaluate with compute answer FAILED_PRECONDITION")
-    log.log(logging.INFO if token else logging.WARNING, "auth: %s",
-            "bearer token required on every RPC but health" if token
-            else "OFF (no --token): any client that can connect may call every RPC")
-    log.log(logging.INFO if tls_cert else logging.WARNING, "TLS: %s",
-            f"ON (certificate {tls_cert})" if tls_cert else "OFF (plain-text connections)")
-    actual = f"{host}:{bound}" if ":" not in host else f"[{host}]:{bound}"
-    log.info("listening on %s (max %d concurrent RPC threads, %d streams, %d computations)", actual, max_workers,
-             app.max_streams, app.max_computations)
-    resumed = app.start_jobs(resume=resume)
-    if resumed:
-        log.info("resuming %d unfinished job(s): %s", len(resumed), ", ".join(resumed))
-    running = RunningServer(server, app, health_servicer, bound, actual)
-    if block:
-        while not stop.wait(1.0):
-            pass
-        running.stop()
-    return running
+            interceptors = [_AuthInterceptor(token)] if token else []
+            opts = [("grpc.max_receive_message_length", limits.max_message_bytes),
+                    ("grpc.max_send_message_length", limits.max_message_bytes),
+                    ("grpc.so_reuseport", 0)]
+            server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="n2g-rpc"),
+                                 interceptors=interceptors, options=opts)
+            server.add_generic_rpc_handlers((N2GServicer(app).generic_handler(),))
+            health_servicer = health.HealthServicer(experimental_non_blocking=True)
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+            reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+
+            address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+            try:
+                bound = server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
+            except RuntimeError as e:  # grpc reports a failed bind this way (the TLS files were checked above)
+                app.close()
+                raise OSError(f"could not listen on {address} ({e}); is the port in use?") from None
+            if not bound:
+                app.close()
+                raise OSError(f"could not listen on {address}; is the port in use?")
+            server.start()
+            for name in ("", SERVICE_NAME):
+                health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            starting = False
+        except _StoppedWhileStarting as e:
+            log.info("signal %d while starting: stopped before serving", e.args[0])
+            if server is not None:
+                server.stop(0)
+            if app is not None:
+                app.close()
+            return None
+
+        log.info("workspace %s: model %s, corpus %s, %d graphs", ws.path, ws.model_name, ws.corpus, graphs)
+        if not model_host.enabled:
+            log.warning("running WITHOUT a model (--no-model): graph RPCs only; Tokenize, GetActivations, StartBuild, "
+                        "PlanBuild, Predict on texts and Evaluate with compute answer FAILED_PRECONDITION")
+        log.log(logging.INFO if token else logging.WARNING, "auth: %s",
+                "bearer token required on every RPC but health" if token
+                else "OFF (no --token): any client that can connect may call every RPC")
+        log.log(logging.INFO if tls_cert else logging.WARNING, "TLS: %s",
+                f"ON (certificate {tls_cert})" if tls_cert else "OFF (plain-text connections)")
+        actual = f"{host}:{bound}" if ":" not in host else f"[{host}]:{bound}"
+        log.info("listening on %s (max %d concurrent RPC threads, %d streams, %d computations)", actual, max_workers,
+                 app.max_streams, app.max_computations)
+        resumed = app.start_jobs(resume=resume)
+        if resumed:
+            log.info("resuming %d unfinished job(s): %s", len(resumed), ", ".join(resumed))
+        running = RunningServer(server, app, health_servicer, bound, actual)
+        if block:
+            while not stop.wait(1.0):
+                pass
+            running.stop()
+        return running
+    finally:  # an in-process caller (tests, embedding) gets its own handlers back
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
