@@ -1009,3 +1009,18 @@ def test_an_unread_stream_gives_its_slot_up_to_a_new_one(stored_srv, stored_stub
         app.stream_stall_s = 10.0
         app.limits = dataclasses.replace(app.limits, max_message_bytes=64 << 20)
         slow.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# probe: a layers list of millions of entries (one valid layer repeated)
+
+def test_a_huge_layers_list_is_refused_before_any_work(stub):
+    """Before: `layers` had no length limit: a million copies of layer 0 (2 MB on the wire) were
+    parsed several times (once under the model lock for a plan), ~10 s of CPU for PlanBuild and
+    ~5 s for StartBuild per million entries, minutes and gigabytes at the message limit."""
+    req = pb.StartBuildRequest(layers=[0] * 1_000_000, neurons=[1])
+    for rpc in (stub.PlanBuild, stub.StartBuild):
+        _, seconds = _timed(lambda: _expect(lambda: rpc(req, timeout=60), C.RESOURCE_EXHAUSTED,
+                                            "layers lists 1000000 layers", "layer_spec"))
+        assert seconds < 3, seconds
+    assert stub.PlanBuild(pb.StartBuildRequest(layers=[0, 0, 1], neurons=[1]), timeout=30).layers == [0, 1]

@@ -34,6 +34,7 @@ import numpy as np
 
 from n2g import types as T
 from n2g import vocab
+from n2g.layers import MAX_LAYERS
 from n2g.types import Key, Limits, N2GError
 
 from .labels import normalise_token
@@ -596,6 +597,11 @@ class N2GApp:
         model = self.host.get()
         if layers and layer_spec:
             raise invalid("give layers or layer_spec, not both")
+        # checked before the list is parsed (several times, one under the model lock): millions of
+        # entries of a valid layer took minutes of CPU and gigabytes per request
+        if layers is not None and len(layers) > MAX_LAYERS:
+            raise too_big(f"layers lists {len(layers)} layers; give each layer once (at most {MAX_LAYERS}), or "
+                          f"layer_spec, e.g. all or 0-5")
         if layer_spec is not None and len(layer_spec) > 200:
             raise invalid(f"layer_spec {_shown(layer_spec)} is too long: write e.g. all, 0-5 or 0,2,4-6")
         if workers is not None and not 0 < workers <= 1024:
