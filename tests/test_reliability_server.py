@@ -1024,3 +1024,35 @@ def test_a_huge_layers_list_is_refused_before_any_work(stub):
                                             "layers lists 1000000 layers", "layer_spec"))
         assert seconds < 3, seconds
     assert stub.PlanBuild(pb.StartBuildRequest(layers=[0, 0, 1], neurons=[1]), timeout=30).layers == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# probe: normalised true activations of a neuron that never fires on the corpus
+
+def test_normalised_activations_of_a_dead_neuron_are_refused_not_inf(tmp_path_factory):
+    """Before: a neuron whose scan a_max is 0 or negative (a dead ReLU or GELU unit) answered
+    GetActivations(normalise=true) with inf/NaN, or with its values' signs flipped, and no error."""
+    from n2g_service.server import serve
+    from n2g_service.workspace import Workspace
+
+    ws = native_workspace(tmp_path_factory, "rel-dead")
+    w = Workspace(ws, mode="write", purpose="test set-up")
+    scan = w.load_layer_scan(0)
+    amax = np.array(scan["max_activation"], np.float32)
+    amax[5], amax[6] = -0.05, 0.0  # what a scan stores for units that never fire
+    w.save_layer_scan(0, amax, scan["top_window_ids"], scan["top_scores"], scan["seconds"])
+    w.close()
+    running = serve(ws, NATIVE_MODEL, device="cpu", port=0, block=False, max_workers=8)
+    try:
+        with N2GClient(f"127.0.0.1:{running.port}") as c:
+            for dead, shown in ((5, "-0.05"), (6, "0")):
+                with pytest.raises(N2GError) as e:
+                    c.activations([(0, 7), (0, dead)], ["the cat sat"])
+                assert e.value.code == C.INVALID_ARGUMENT, e.value
+                for w_ in (f"neuron 0:{dead} never fires", f"a_max {shown})", "normalise=false"):
+                    assert w_ in e.value.message, e.value.message
+            raw = c.activations([(0, 5), (0, 6)], ["the cat sat"], normalise=False)  # raw ones are defined
+            assert np.isfinite(raw.values[0]).all()
+            assert np.isfinite(c.activations([(0, 7)], ["the cat sat"]).values[0]).all()
+    finally:
+        running.stop(0)

@@ -911,6 +911,12 @@ class N2GApp:
             l, n = keys[int(np.flatnonzero(np.isnan(scan_max))[0])]
             raise invalid(f"layer {l} is not scanned in this workspace, so a_max of neuron {l}:{n} is unknown; "
                           f"ask normalise=false or build a neuron of layer {l} first")
+        # a neuron that never fired on the corpus (a dead GELU/ReLU unit) has a_max <= 0: dividing by
+        # it gave inf, NaN or sign-flipped values without a word
+        if normalise and (scan_max <= 0).any():
+            j = int(np.flatnonzero(scan_max <= 0)[0])
+            raise invalid(f"neuron {keys[j][0]}:{keys[j][1]} never fires on this workspace's corpus (a_max "
+                          f"{scan_max[j]:g}), so its normalised activations are undefined; ask normalise=false")
         out = [np.zeros((len(keys), len(s)), np.float32) for s in seqs]
         with self.host.forward(deadline) as model:
             for layer in sorted({l for l, _ in keys}):
