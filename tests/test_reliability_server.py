@@ -1056,3 +1056,44 @@ def test_normalised_activations_of_a_dead_neuron_are_refused_not_inf(tmp_path_fa
             assert np.isfinite(c.activations([(0, 7)], ["the cat sat"]).values[0]).all()
     finally:
         running.stop(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# probe: concurrent evaluations that compute the same held-out activations
+
+def test_concurrent_evaluations_compute_the_held_out_activations_once(tmp_path_factory, monkeypatch):
+    """Before: evaluations with compute_heldout at once on layers with no stored true activations
+    each ran every forward pass over the held-out windows again (one after the other, under the
+    model lock): n callers, n times the work. Now one computes and stores; the others read it."""
+    from n2g_service import activations
+    from n2g_service.app import N2GApp, open_workspace
+
+    ws = native_workspace(tmp_path_factory, "rel-evals")
+    w, host = open_workspace(ws, model=NATIVE_MODEL, device="cpu", writer="test", load_now=True)
+    app = N2GApp(w, host)
+    passes = []
+    real = activations.layer_activations
+
+    def counted(model, tokens, layers, *a, **kw):
+        passes.append(tuple(tokens.shape))
+        time.sleep(0.05)  # a real model's pass is slow: the callers overlap
+        return real(model, tokens, layers, *a, **kw)
+
+    monkeypatch.setattr(activations, "layer_activations", counted)
+    try:
+        reports = []
+        callers = [threading.Thread(target=lambda: reports.append(app.evaluate(compute_heldout=True).details))
+                   for _ in range(3)]
+        for t in callers:
+            t.start()
+        for t in callers:
+            t.join(120)
+        assert len(reports) == 3 and reports[0] == reports[1] == reports[2]
+        together = len(passes)
+        passes.clear()
+        _sql(ws, "DELETE FROM eval_ordinary_acts")
+        alone = app.evaluate(compute_heldout=True).details
+        assert alone == reports[0]
+        assert together == len(passes) > 0, (together, len(passes))
+    finally:
+        app.close()

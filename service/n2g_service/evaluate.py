@@ -31,6 +31,7 @@ does not fire; window-level balanced accuracy). Metrics are in metrics.py.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -237,6 +238,9 @@ def ordinary_window_ids(heldout: np.ndarray, windows: np.ndarray, examples: Mapp
     return heldout[keep]
 
 
+_HELDOUT_LOCK = threading.Lock()  # see ensure_ordinary_activations
+
+
 def ensure_ordinary_activations(ws, model, layer: int, neurons: Sequence[int], cfg: EvalConfig = EvalConfig(),
                                 *, heldout: np.ndarray | None = None, windows: np.ndarray | None = None,
                                 model_lock: Any = None) -> dict[int, np.ndarray]:
@@ -266,25 +270,32 @@ def ensure_ordinary_activations(ws, model, layer: int, neurons: Sequence[int], c
     rows = max(1, cfg.batch_tokens // max(t, 1))
     lock = model_lock if model_lock is not None else contextlib.nullcontext()
     for c0 in range(0, len(missing), 1024):  # bounds host memory on whole-layer evaluations
-        chunk = missing[c0: c0 + 1024]
-        out = np.zeros((n, t, len(chunk)), dtype=np.float32)
-        with lock:
-            idx = None
-            for s in range(0, n, rows):
-                acts = layer_activations(model, torch.from_numpy(toks[s: s + rows]), [layer])[layer]
-                if idx is None:
-                    idx = torch.as_tensor(chunk, dtype=torch.long, device=acts.device)
-                out[s: s + rows] = acts.index_select(2, idx).cpu().numpy()
-        got = {nn: np.ascontiguousarray(out[:, :, j]) for j, nn in enumerate(chunk)}
-        try:
-            ws.save_ordinary_activations(layer, got)
-        except WorkspaceError as e:
-            if e.kind not in ("read_only", "locked"):
-                raise
-            # a read-only workspace, or one another process is writing (a build): use them now,
-            # compute them again next time, rather than lose the passes just run
-            log.warning("layer %d: true activations on the held-out windows not stored (%s)", layer, e)
-            have.update(got)
+        # one evaluation at a time computes and stores a chunk: one that waited for it reads what
+        # the other stored (concurrent evaluations each ran every pass again, under the model lock)
+        with _HELDOUT_LOCK:
+            stored = ws.load_ordinary_activations(layer, missing[c0: c0 + 1024])
+            have.update(stored)
+            chunk = [nn for nn in missing[c0: c0 + 1024] if nn not in stored]
+            if not chunk:
+                continue
+            out = np.zeros((n, t, len(chunk)), dtype=np.float32)
+            with lock:
+                idx = None
+                for s in range(0, n, rows):
+                    acts = layer_activations(model, torch.from_numpy(toks[s: s + rows]), [layer])[layer]
+                    if idx is None:
+                        idx = torch.as_tensor(chunk, dtype=torch.long, device=acts.device)
+                    out[s: s + rows] = acts.index_select(2, idx).cpu().numpy()
+            got = {nn: np.ascontiguousarray(out[:, :, j]) for j, nn in enumerate(chunk)}
+            try:
+                ws.save_ordinary_activations(layer, got)
+            except WorkspaceError as e:
+                if e.kind not in ("read_only", "locked"):
+                    raise
+                # a read-only workspace, or one another process is writing (a build): use them now,
+                # compute them again next time, rather than lose the passes just run
+                log.warning("layer %d: true activations on the held-out windows not stored (%s)", layer, e)
+                have.update(got)
     have.update(ws.load_ordinary_activations(layer, [nn for nn in missing if nn not in have]))
     return have
 
