@@ -192,11 +192,18 @@ def _choice(value: str | None, names: Sequence[str], what: str) -> str | None:
 def _build_args(layers, neurons, sample, seed, group_size, k, window_tokens, config, executor, ray_address,
                 workers, worker_threads, precision, shard_windows) -> dict[str, Any]:
     spec = layers if isinstance(layers, str) else None
-    return dict(layers=[] if spec else [int(l) for l in layers], layer_spec=spec,
-                neurons=[int(n) for n in neurons] if neurons else None, sample=sample, seed=int(seed),
-                group_size=group_size, k=k, window_tokens=window_tokens,
+    if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
+        layers = [layers]  # one layer, as the listings take it
+    # whole numbers, as everywhere else: int() built neuron 1 for 1.7 and layer 1 for True, and a
+    # numpy array of neurons had no truth value
+    neurons = [_whole(n, "neuron") for n in _items(neurons, "neurons")]
+    counts = dict(sample=sample, group_size=group_size, k=k, window_tokens=window_tokens, workers=workers,
+                  worker_threads=worker_threads, shard_windows=shard_windows)
+    return dict(layers=[] if spec else [_whole(l, "layer") for l in _items(layers, "layers")], layer_spec=spec,
+                neurons=neurons or None, seed=_whole(seed, "seed"),
+                **{name: None if v is None else _whole(v, name) for name, v in counts.items()},
                 config_json=_json.dumps(config) if config else None, executor=executor, ray_address=ray_address,
-                workers=workers, worker_threads=worker_threads, precision=precision, shard_windows=shard_windows)
+                precision=precision)
 
 
 def _error(e: grpc.RpcError) -> N2GError:
