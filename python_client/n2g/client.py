@@ -545,7 +545,10 @@ def write_file(path: str | os.PathLike, data: bytes | str | Iterable[bytes]) -> 
                 f.write(piece)
         os.replace(tmp, path)
     except OSError as e:  # named by the file asked for, not the temporary one
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only disk refuses even that (EROFS): the error to show is `e`
+            pass
         raise type(e)(e.errno, e.strerror, str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
