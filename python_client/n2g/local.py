@@ -9,10 +9,17 @@ service package (`n2g_service`), imported here on first use.
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
+import time
 from typing import Any, Iterator
 
-from .client import _Api, _budget, _checked_text
+from .client import _MIN_TRY_S, _Api, _budget, _checked_text
+from .types import N2GError
+
+# busy refusals retried without a deadline (the network clients' default `retries`)
+BUSY_RETRIES = 5
 
 
 class LocalN2GClient(_Api):
@@ -56,24 +63,37 @@ class LocalN2GClient(_Api):
         return Deadline.after(self.timeout if timeout is None else _budget(timeout))
 
     def _call(self, name: str, args: dict[str, Any], timeout: float | None):
-        try:
-            return self.app.call(name, _checked_text(self._open(args)), self._deadline(timeout))
-        except Exception as e:
-            self._reraise(e)
+        deadline = self._deadline(timeout)
+        for tries in itertools.count():
+            try:
+                return self.app.call(name, _checked_text(self._open(args)), deadline)
+            except Exception as e:
+                wait = _busy_wait(e, deadline, tries)
+                if wait is None:
+                    self._reraise(e)
+            time.sleep(wait)
 
     def _stream_call(self, name: str, args: dict[str, Any], timeout: float | None) -> Iterator:
         from n2g_service.app import Deadline
 
         # as over the network: a stream has no deadline unless the call gives one (the client's
         # timeout is for unary calls; an export or a report of a whole model takes longer)
-        try:
-            for item in self.app.stream(name, _checked_text(self._open(args)), Deadline.after(_budget(timeout))):
-                if isinstance(item, list):
-                    yield from item
-                else:
-                    yield item
-        except Exception as e:
-            self._reraise(e)
+        deadline = Deadline.after(_budget(timeout))
+        for tries in itertools.count():
+            started = False
+            try:
+                for item in self.app.stream(name, _checked_text(self._open(args)), deadline):
+                    started = True
+                    if isinstance(item, list):
+                        yield from item
+                    else:
+                        yield item
+                return
+            except Exception as e:
+                wait = None if started else _busy_wait(e, deadline, tries)  # retried before its first item only
+                if wait is None:
+                    self._reraise(e)
+            time.sleep(wait)
 
     @staticmethod
     def _reraise(e: Exception):
@@ -90,3 +110,18 @@ class LocalN2GClient(_Api):
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         return None
+
+
+def _busy_wait(e: Exception, deadline, tries: int) -> float | None:
+    """Seconds to wait before trying again a call the application refused as busy (all its slots
+    taken, e.g. by this client's other threads), as the network clients do: the delay it names,
+    jittered up to twice, within the deadline (without one, BUSY_RETRIES times); None: give up."""
+    after = e.retry_after if isinstance(e, N2GError) else None
+    if after is None:
+        return None
+    wait = max(after, 0.01) * (1.0 + random.random())
+    left = deadline.remaining()
+    if left is None:
+        return wait if tries < BUSY_RETRIES else None
+    room = left - _MIN_TRY_S
+    return None if room < after else min(wait, room)
