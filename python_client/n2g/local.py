@@ -90,6 +90,8 @@ class LocalN2GClient(_Api):
                         yield item
                 return
             except Exception as e:
+                if self.closed:  # closed while its reader held the stream: sqlite3's "closed database" said less
+                    self._open(args)
                 wait = None if started else _busy_wait(e, deadline, tries)  # retried before its first item only
                 if wait is None:
                     self._reraise(e)
