@@ -1,5 +1,6 @@
 """The Python client: retries while the server is unavailable, deadlines, no protobuf types in
-its results, no torch or service imports."""
+its results, no torch or service imports; what it refuses before sending (the same refusals from
+the in-process client), and the in-process client's busy retries, closed streams and output files."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import grpc
 import numpy as np
 import pytest
 
-from n2g.client import N2GClient, N2GError
-from n2g_servers import PYTHON, ServerProcess, env, free_port, native_workspace
+from n2g.client import N2GClient, N2GError, _Api, write_file
+from n2g.local import LocalN2GClient
+from n2g_servers import PYTHON, ServerProcess, env, free_port, native_workspace, read_only_dir
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +234,102 @@ def test_a_busy_retry_fits_its_jitter_to_the_deadline():
     # without a deadline: the whole jitter, 1-2 s
     waits = [_Retry(client, None, lambda: now).delay(Busy()) for _ in range(200)]
     assert all(1.0 <= w <= 2.0 for w in waits) and max(waits) > 1.5
+
+
+# --- what the clients refuse before sending, alike ------------------------------------------------
+
+
+class _Recorder(_Api):
+    """The client API over a transport that returns what it was asked."""
+
+    timeout = None
+
+    def _call(self, name, args, timeout):
+        return args
+
+
+@pytest.mark.parametrize("method", ["start_build", "plan_build"])
+def test_build_requests_refuse_what_they_would_truncate_and_take_numpy(method):
+    """A float or a bool neuron was truncated into another neuron's build (1.7 built neuron 1,
+    True layer 1, seed 1.9 seed 1); a numpy array of neurons had no truth value."""
+    call = getattr(_Recorder(), method)
+    sent = call(np.array([0, 1]), np.array([3, 7], dtype=np.int32), seed=np.int64(2))
+    assert (sent["layers"], sent["neurons"], sent["seed"]) == ([0, 1], [3, 7], 2)
+    assert all(type(x) is int for x in [*sent["layers"], *sent["neurons"], sent["seed"]])
+    assert call(1, [5])["layers"] == [1]  # one layer, as list_graphs and evaluate take it
+    assert call("0-2", sample=4)["layer_spec"] == "0-2"
+    for bad in (dict(layers=[0], neurons=[1.7]), dict(layers=[0.9], neurons=[1]), dict(layers=[True], neurons=[1]),
+                dict(layers=[0], neurons=[np.float64(3.0)]), dict(layers=[0], sample=2.5),
+                dict(layers=[0], sample=4, seed=1.9), dict(layers=[0], sample=4, group_size="8")):
+        with pytest.raises(ValueError, match="is not a whole number"):
+            call(**bad)
+
+
+def test_the_in_process_client_refuses_wrongly_typed_arguments_as_the_network_client_does(inproc):
+    """The in-process client raised TypeErrors from deep in the application (or took limit=True
+    as 1) where the network client's request message refused the argument."""
+    with N2GClient(f"127.0.0.1:{inproc.port}") as remote, LocalN2GClient(inproc.app.ws.path, no_model=True) as local:
+        key = remote.list_graphs(limit=1)[0].key
+        for call in (lambda c: c.list_graphs(limit="2"), lambda c: c.list_graphs(limit=1.5),
+                     lambda c: c.list_graphs(limit=True), lambda c: c.similar(*key, k=2.5),
+                     lambda c: c.search([("cat", "either")], limit=2.7), lambda c: c.get_job(5)):
+            said = []
+            for c in (remote, local):
+                with pytest.raises(N2GError) as e:
+                    call(c)
+                said.append((e.value.code, e.value.message))
+            assert said[0] == said[1] and said[0][0] == grpc.StatusCode.INVALID_ARGUMENT, said
+        assert len(local.list_graphs(limit=np.int64(2))) == 2  # numpy's whole numbers still go
+
+
+# --- the in-process client -------------------------------------------------------------------------
+
+
+def test_the_in_process_client_retries_busy_refusals_within_the_deadline(tmp_path_factory):
+    """Threads sharing one in-process client got RESOURCE_EXHAUSTED "retry shortly" where the
+    network client waits and tries again."""
+    ws = native_workspace(tmp_path_factory, "busy")
+
+    def hold_slots(client, seconds: float | None) -> None:
+        """Takes every whole-store computation slot, as other threads' calls would; gives them
+        back after `seconds` (None: never)."""
+        slots, n = client.app._heavy_slots, 0
+        while slots.acquire(blocking=False):
+            n += 1
+        if seconds is not None:
+            threading.Timer(seconds, lambda: [slots.release() for _ in range(n)]).start()
+
+    with LocalN2GClient(ws, no_model=True) as c:
+        key = c.list_graphs()[0].key
+        hold_slots(c, 0.5)
+        assert c.similar(*key, timeout=30).neighbours is not None  # a unary call
+        hold_slots(c, 0.5)
+        assert isinstance(list(c.pairs("subset", threshold=0.5, timeout=30)), list)  # a stream, before its first item
+        hold_slots(c, None)
+        with pytest.raises(N2GError) as e:  # past the deadline: the refusal itself, with its hint
+            c.similar(*key, timeout=0.5)
+        assert e.value.code.name == "RESOURCE_EXHAUSTED" and e.value.retry_after
+
+
+def test_a_stream_of_a_closed_in_process_client_says_it_is_closed(tmp_path_factory):
+    """The reader's next item was sqlite3's ProgrammingError ("Cannot operate on a closed
+    database"), not the closed-client error every call gives after close()."""
+    ws = native_workspace(tmp_path_factory, "closed-stream")
+    c = LocalN2GClient(ws, no_model=True)
+    stream = c.export()
+    next(stream)
+    c.close()
+    with pytest.raises(N2GError) as e:
+        list(stream)
+    assert e.value.code.name == "FAILED_PRECONDITION" and "closed" in e.value.message
+
+
+def test_write_file_on_a_read_only_folder_names_the_file_asked_for(tmp_path):
+    """The error named the temporary file beside it, whose clean-up the read-only disk refused too."""
+    out = tmp_path / "out"
+    out.mkdir()
+    with read_only_dir(out):
+        with pytest.raises(OSError) as e:
+            write_file(out / "g.svg", "<svg/>")
+    assert e.value.filename == str(out / "g.svg")
+    assert list(out.iterdir()) == []

@@ -293,20 +293,27 @@ class _Retry:
     refused clients do not come back together; as often as the deadline allows (without one,
     `retries` times). Never past the deadline; any other error is final."""
 
-    def __init__(self, client: "_ClientBase", deadline: float | None, now: Callable[[], float]):
-        self.delays = _delays(client.retries, client.backoff, client.max_backoff)
+    def __init__(self, client: "_ClientBase | _Api", deadline: float | None, now: Callable[[], float], *,
+                 unavailable: bool = True):
+        # unavailable=False: busy refusals only (the local client: its UNAVAILABLE is a workspace
+        # another process writes, which no backoff of seconds waits out)
+        self.delays = _delays(client.retries if unavailable else 0, client.backoff, client.max_backoff)
         # busy refusals: bounded by the deadline, else by `retries`; retries=0 turns both off
         self.busy_left = client.retries if deadline is None or client.retries <= 0 else None
         self.min_wait = max(client.backoff, 0.01)
         self.deadline = deadline
         self.now = now
 
-    def delay(self, e: grpc.RpcError) -> float | None:
+    def delay(self, e: grpc.RpcError | N2GError) -> float | None:
         """Seconds to wait before the next try, or None to give up with `e`."""
-        code = e.code() if hasattr(e, "code") else None
+        if isinstance(e, N2GError):  # the local client's: the application's own error
+            code, after = e.code, e.retry_after
+        else:
+            code = e.code() if hasattr(e, "code") else None
+            after = _retry_after(e) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
         if code == grpc.StatusCode.UNAVAILABLE:
             d = next(self.delays, None)
-        elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and (after := _retry_after(e)) is not None:
+        elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and after is not None:
             if self.busy_left is not None:
                 if self.busy_left <= 0:
                     return None

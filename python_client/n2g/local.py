@@ -9,24 +9,24 @@ service package (`n2g_service`), imported here on first use.
 
 from __future__ import annotations
 
-import itertools
 import os
-import random
 import time
 from typing import Any, Iterator
 
-from .client import _MIN_TRY_S, _Api, _budget, _checked_text
+from .client import _Api, _budget, _request, _Retry
+from .convert import OPS
 from .types import N2GError
-
-# busy refusals retried without a deadline (the network clients' default `retries`)
-BUSY_RETRIES = 5
 
 
 class LocalN2GClient(_Api):
     """The client API over a local workspace. `model` names the model (default: the workspace's);
     `create=True` makes a new workspace (with `corpus`); `no_model=True` never loads one (model
     calls answer FAILED_PRECONDITION); with `no_model`, `writes=True` still takes the writer lock
-    when it writes (e.g. cancelling a job no process runs)."""
+    when it writes (e.g. cancelling a job no process runs). A call refused as busy (all the
+    application's slots taken, e.g. by this client's other threads) is tried again as the network
+    client does: after the delay it names, within the deadline (without one, `retries` times)."""
+
+    retries, backoff, max_backoff = 5, 0.1, 2.0  # the network client's defaults
 
     def __init__(self, workspace: str | os.PathLike, *, model: str | None = None, corpus: str | None = None,
                  device: str | None = None, no_model: bool = False, create: bool = False,
@@ -57,32 +57,39 @@ class LocalN2GClient(_Api):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _deadline(self, timeout: float | None):
+    def _checked(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        """`args`, if the network client could send them: what its request message refuses (a
+        float or a bool count, a number for a job id, text that is not Unicode) is the same
+        INVALID_ARGUMENT here, not an error from deep in the application."""
+        _request(OPS[name], self._open(args))
+        return args
+
+    def _tries(self, budget: float | None):
+        """The application's deadline for the call, and when to try it again (`_Retry`)."""
         from n2g_service.app import Deadline
 
-        return Deadline.after(self.timeout if timeout is None else _budget(timeout))
+        return Deadline.after(budget), _Retry(self, None if budget is None else time.monotonic() + budget,
+                                              time.monotonic, unavailable=False)
 
     def _call(self, name: str, args: dict[str, Any], timeout: float | None):
-        deadline = self._deadline(timeout)
-        for tries in itertools.count():
+        deadline, retry = self._tries(self.timeout if timeout is None else _budget(timeout))
+        while True:
             try:
-                return self.app.call(name, _checked_text(self._open(args)), deadline)
+                return self.app.call(name, self._checked(name, args), deadline)
             except Exception as e:
-                wait = _busy_wait(e, deadline, tries)
-                if wait is None:
+                d = retry.delay(e) if isinstance(e, N2GError) else None
+                if d is None:
                     self._reraise(e)
-            time.sleep(wait)
+            time.sleep(d)
 
     def _stream_call(self, name: str, args: dict[str, Any], timeout: float | None) -> Iterator:
-        from n2g_service.app import Deadline
-
         # as over the network: a stream has no deadline unless the call gives one (the client's
         # timeout is for unary calls; an export or a report of a whole model takes longer)
-        deadline = Deadline.after(_budget(timeout))
-        for tries in itertools.count():
+        deadline, retry = self._tries(_budget(timeout))
+        while True:
             started = False
             try:
-                for item in self.app.stream(name, _checked_text(self._open(args)), deadline):
+                for item in self.app.stream(name, self._checked(name, args), deadline):
                     started = True
                     if isinstance(item, list):
                         yield from item
@@ -92,10 +99,11 @@ class LocalN2GClient(_Api):
             except Exception as e:
                 if self.closed:  # closed while its reader held the stream: sqlite3's "closed database" said less
                     self._open(args)
-                wait = None if started else _busy_wait(e, deadline, tries)  # retried before its first item only
-                if wait is None:
+                # tried again before its first item only, as over the network
+                d = retry.delay(e) if isinstance(e, N2GError) and not started else None
+                if d is None:
                     self._reraise(e)
-            time.sleep(wait)
+            time.sleep(d)
 
     @staticmethod
     def _reraise(e: Exception):
@@ -113,17 +121,3 @@ class LocalN2GClient(_Api):
     def wait_ready(self, timeout: float = 60.0) -> None:
         return None
 
-
-def _busy_wait(e: Exception, deadline, tries: int) -> float | None:
-    """Seconds to wait before trying again a call the application refused as busy (all its slots
-    taken, e.g. by this client's other threads), as the network clients do: the delay it names,
-    jittered up to twice, within the deadline (without one, BUSY_RETRIES times); None: give up."""
-    after = e.retry_after if isinstance(e, N2GError) else None
-    if after is None:
-        return None
-    wait = max(after, 0.01) * (1.0 + random.random())
-    left = deadline.remaining()
-    if left is None:
-        return wait if tries < BUSY_RETRIES else None
-    room = left - _MIN_TRY_S
-    return None if room < after else min(wait, room)
