@@ -500,3 +500,27 @@ def test_a_database_removed_or_replaced_under_a_writer_stops_its_writes(ws_path,
     ws.put_neuron(_record(2, 1))
     assert ws.has_neuron(2, 1)
     ws.close()
+
+
+# -- a paused reader ------------------------------------------------------------------------------
+def test_a_paused_neuron_iteration_holds_no_read_transaction(ws_path):
+    """Before: iter_neurons read every row in one statement, so a caller paused between rows (a
+    slow export stream) held a read transaction: WAL checkpoints could not copy what was written
+    since into the database, and the -wal file grew by all a build wrote meanwhile."""
+    w = Workspace(ws_path, mode="write", purpose="test")
+    for n in range(5, 100):  # more rows than one read
+        w.put_neuron(_record(0, n))
+    r = Workspace(ws_path, mode="read")
+    it = r.iter_neurons()
+    first = next(it)
+    for n in range(100, 110):  # a build commits while the reader waits
+        w.put_neuron(_record(0, n))
+    conn = sqlite3.connect(ws_path / DB_NAME)
+    busy, log, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    conn.close()
+    assert log > 0 and done == log, (busy, log, done)
+    # every row there when it started, in order, once; none added since
+    got = [(first.layer, first.neuron)] + [(x.layer, x.neuron) for x in it]
+    assert got == sorted(set(KEYS) | {(0, n) for n in range(5, 100)})
+    r.close()
+    w.close()

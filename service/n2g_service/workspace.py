@@ -1052,22 +1052,36 @@ class Workspace:
         """Every sound neuron (of ``layers``, if given), in (layer, neuron) order; damaged rows are
         skipped (and logged). ``with_stats=False`` leaves the fit statistics (the largest JSON
         after the examples) undecoded: a listing of a whole model needs none of them."""
-        self._healthy_keys()  # checks the rows not checked yet, examples included
+        present = set(self._healthy_keys())  # checks the rows not checked yet, examples included
         sql = self._select("examples" if with_examples else "NULL", "stats" if with_stats else "NULL")
         args: list[int] = []
+        where = "(layer, neuron) > (?, ?)"
         if layers is not None:
             args = sorted({int(l) for l in layers})
-            sql += f" WHERE {_in('layer', args)}" if args else " WHERE 0"
-        for row in self._conn().execute(sql + " ORDER BY layer, neuron", args):
-            key, fp = (row[0], row[1]), tuple(row[9:10])
-            if self._known_damaged(key, fp):
-                continue
-            try:
-                rec = self._decode(row, with_examples, with_stats)
-            except ValueError as e:
-                self._note(key, fp, str(e))
-                continue
-            yield rec
+            where += f" AND {_in('layer', args)}" if args else " AND 0"
+        # Read a page at a time, each its own statement: a caller that stops between rows (a slow
+        # export stream) must not hold a read transaction, which kept WAL checkpoints from resetting
+        # the log (the -wal file grew by all a build wrote meanwhile). Rows added since the start
+        # are left out, as one statement would have left them out.
+        last = (-1, -1)
+        while True:
+            rows = self._conn().execute(f"{sql} WHERE {where} ORDER BY layer, neuron LIMIT {self._PAGE}",
+                                        [*last, *args]).fetchall()
+            for row in rows:
+                key, fp = (row[0], row[1]), tuple(row[9:10])
+                if key not in present or self._known_damaged(key, fp):
+                    continue
+                try:
+                    rec = self._decode(row, with_examples, with_stats)
+                except ValueError as e:
+                    self._note(key, fp, str(e))
+                    continue
+                yield rec
+            if len(rows) < self._PAGE:
+                return
+            last = (rows[-1][0], rows[-1][1])
+
+    _PAGE = 64  # neuron rows a read of iter_neurons (with examples, a few MB)
 
     def fit_settings(self, keys: Collection[tuple[int, int]]) -> dict[str, list[tuple[int, int]]]:
         """The fit settings the sound built neurons among ``keys`` were built with: each distinct
