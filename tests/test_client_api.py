@@ -5,6 +5,7 @@ the in-process client), and the in-process client's busy retries, closed streams
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import threading
 import time
@@ -263,6 +264,19 @@ def test_build_requests_refuse_what_they_would_truncate_and_take_numpy(method):
                 dict(layers=[0], sample=4, seed=1.9), dict(layers=[0], sample=4, group_size="8")):
         with pytest.raises(ValueError, match="is not a whole number"):
             call(**bad)
+
+
+def test_search_clauses_that_are_not_token_role_pairs_say_so():
+    """A string, or one pair, for the clauses failed with "not enough values to unpack"."""
+    call = _Recorder().search
+    assert call([(" love", "activating"), (17, "either")])["clauses"] == [(" love", "activating"), (17, "either")]
+    assert call(np.array([[" love", "context"]]))["clauses"] == [(" love", "context")]
+    with pytest.raises(ValueError, match="'love' is one string: give \\(token, role\\) pairs"):
+        call("love")
+    for bad, shown in ((("love", "activating"), "clause 0 'love'"), ([(" a", "either"), 5], "clause 1 5"),
+                       ([(" a", "either", 3)], "clause 0 (' a', 'either', 3)")):
+        with pytest.raises(ValueError, match=re.escape(shown) + " is not a \\(token, role\\) pair"):
+            call(bad)
 
 
 def test_the_in_process_client_refuses_wrongly_typed_arguments_as_the_network_client_does(inproc):

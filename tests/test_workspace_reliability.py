@@ -349,6 +349,22 @@ def test_command_line_reports_a_damaged_workspace_in_one_line(ws_path, tmp_path)
     assert "empty (0 bytes)" in p.stderr
 
 
+def test_a_file_named_as_the_workspace_is_refused_as_a_file(tmp_path):
+    """Reading commands said "no workspace; build one first", and that build then failed with
+    "cannot create workspace (File exists)"."""
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    for args in (["info"], ["build", "--model", "native:0", "--layers", "0", "--sample", "1"]):
+        p = subprocess.run([sys.executable, "-m", "n2g.cli", *args, "--workspace", str(f)], capture_output=True,
+                           text=True, timeout=120, env=_env())
+        assert p.returncode == 2 and p.stderr.strip() == (f"error: {f} is a file, not a workspace folder: give a "
+                                                          f"folder (a new one, or one n2g made)"), p.stderr
+    with pytest.raises(WorkspaceError) as e:
+        Workspace(f, create=True)
+    assert e.value.kind == "invalid"
+    assert f.read_text() == "mine"
+
+
 def test_creation_is_atomic_and_writes_no_temporary_files(tmp_path):
     path = tmp_path / "new"
     ws = Workspace(path, create=True, model="m")

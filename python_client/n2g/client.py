@@ -483,8 +483,16 @@ class _Api:
                timeout: float | None = None) -> SearchResult:
         """Neurons matching every (token, role) clause; token is a label or a token id, role
         activating | context | either."""
-        out = [(int(t) if isinstance(t, (int, np.integer)) and not isinstance(t, bool) else str(t),
-                _choice(r, vocab.ROLES, "role")) for t, r in _items(clauses, "clauses")]
+        if isinstance(clauses, (str, bytes)):  # read as clauses, its letters failed to unpack
+            raise ValueError(f"clauses {clauses!r} is one string: give (token, role) pairs, e.g. [({clauses!r}, "
+                             f"'either')]")
+        out = []
+        for i, c in enumerate(_items(clauses, "clauses")):
+            if isinstance(c, (str, bytes)) or not isinstance(c, (Sequence, np.ndarray)) or len(c) != 2:
+                raise ValueError(f"clause {i} {c!r} is not a (token, role) pair, e.g. (' love', 'activating')")
+            t, r = c
+            out.append((int(t) if isinstance(t, (int, np.integer)) and not isinstance(t, bool) else str(t),
+                        _choice(r, vocab.ROLES, "role")))
         return self._call("search", dict(clauses=out, limit=limit), timeout)
 
     def in_context_neurons(self, *, limit: int = 0, timeout: float | None = None) -> InContextResult:

@@ -38,7 +38,7 @@ from n2g.layers import MAX_LAYERS
 from n2g.types import Key, Limits, N2GError
 
 from .labels import normalise_token
-from .workspace import JobRecord, Workspace, WorkspaceError
+from .workspace import JobRecord, Workspace, WorkspaceError, check_folder
 
 log = logging.getLogger("n2g.app")
 
@@ -220,6 +220,7 @@ def open_workspace(path: str | Path, *, model: str | None = None, no_model: bool
 
     path = Path(path)
     exists = Workspace.exists(path)
+    check_folder(path)
     if not exists and (no_model or not create):
         raise WorkspaceError(f"no workspace at {path}; build one first with `n2g build --workspace {path}`")
     mode = "read" if no_model and not writes else ("write" if writer else "auto")

@@ -541,6 +541,13 @@ def _schema_indexes() -> set[str]:
     return set(re.findall(r"CREATE INDEX IF NOT EXISTS (\w+)", _SCHEMA))
 
 
+def check_folder(path: Path) -> None:
+    """A workspace is a folder: a file there said "no workspace; build one", then "File exists"."""
+    if path.exists() and not path.is_dir():
+        raise WorkspaceError(f"{path} is a file, not a workspace folder: give a folder (a new one, or one n2g made)",
+                             "invalid")
+
+
 class Workspace:
     """Thread-safe access to one workspace directory (one connection per thread).
 
@@ -561,6 +568,7 @@ class Workspace:
         if create and mode == "read":
             raise ValueError("a workspace opened with mode='read' cannot be created")
         self.path = Path(path)
+        check_folder(self.path)
         self.mode = mode
         self._purpose = purpose
         self._db_path = self.path / DB_NAME
