@@ -471,6 +471,26 @@ def test_terminal_controls_in_workspace_or_server_strings_are_shown_not_obeyed(c
     assert code == 2 and "\x1b" not in err and "\\x1b" in err
 
 
+def test_graph_json_with_controls_in_labels_is_json(capsys, tmp_path):
+    """`graph --json` printed n2g_fast's JSON through the terminal escapes: a label holding NEL,
+    CSI or DEL (kept raw in the JSON) came out as "\\x85", which is no JSON escape."""
+    import n2g_fast
+
+    from n2g_service.workspace import NeuronRecord, Workspace
+
+    labels = ["a\x85", "\x9b31m", "d\x7f", "r\u202e", "e\x1b[2J", "\u2028"]
+    ws = Workspace(tmp_path / "ws", create=True, model="m", corpus="c", hook="h")
+    g = n2g_fast.NeuronGraph("m", 0, 1, "h", 1.0)
+    for i, label in enumerate(labels):
+        g.add_path((label, [i], 0.9), [], 0.9)
+    ws.put_neuron(NeuronRecord(0, 1, 1.0, g.to_bytes(), {}, {}, {}))
+    ws.close()
+    code, out, err = run(capsys, "graph", "0", "1", "--json", "--workspace", str(tmp_path / "ws"))
+    assert code == 0, err
+    assert not any(ch in out for ch in "\x85\x9b\x7f\u202e\x1b\u2028")
+    assert sorted(r["label"] for r in json.loads(out)["roots"]) == sorted(labels)
+
+
 def test_a_corpus_file_name_that_is_not_utf8_fails_the_job_with_it_escaped(capsys, tmp_path):
     """The failure quoted the name with a lone surrogate, which neither the workspace nor gRPC can
     carry: the job stayed `running` for good and its watch answered INTERNAL."""

@@ -43,6 +43,11 @@ _TERMINAL_CONTROLS.update({c: f"\\u{c:04x}" for c in (0x061c, 0x200e, 0x200f, 0x
                                                        *range(0x2066, 0x206a))})
 
 
+# The same characters as JSON escapes, for JSON text that holds them raw (n2g_fast's graph JSON
+# escapes only C0 controls): _printable's "\x85" in a string is no JSON.
+_JSON_CONTROLS = {c: f"\\u{c:04x}" for c in _TERMINAL_CONTROLS}
+
+
 def _printable(text: Any) -> str:
     """`text` safe to print: strings from a workspace or a server (model and corpus names, error
     messages, job messages) may hold terminal controls."""
@@ -581,7 +586,7 @@ def _cmd_graph(args) -> int:
             write_file(path, text)
             print(f"wrote {path}", file=sys.stderr)
     if args.json:
-        print(g.json)
+        print(g.json.translate(_JSON_CONTROLS))  # (print's own escapes would make it no JSON)
         return 0
     s = g.summary
     print(f"neuron {_key(s.key)} of {g.model} ({g.hook}), a_max {s.max_activation:.4f}")
