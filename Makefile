@@ -8,8 +8,9 @@ STAMPS := .stamps
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUST_SRC := $(shell find n2g_fast/src -name '*.rs' 2>/dev/null) n2g_fast/Cargo.toml Cargo.toml
 PROTO_SRC := $(wildcard proto/n2g/v1/*.proto)
-# Debian packages: the default corpus, and a browser for the report's rendering test.
-DEB_PACKAGES := fortunes chromium
+# Debian packages: the default corpus, a browser for the report's rendering test, and Graphviz
+# for the test that draws the DOT output (n2g itself renders SVG without it).
+DEB_PACKAGES := fortunes chromium graphviz
 
 DEMO_WORKSPACE ?= workspaces/demo
 DEMO_ARGS ?= --layers 0 1 3 --sample 8
@@ -21,7 +22,7 @@ setup: $(STAMPS)/deb $(STAMPS)/rust $(STAMPS)/proto $(STAMPS)/pth
 $(STAMPS):
 	mkdir -p $(STAMPS)
 
-$(STAMPS)/deb: | $(STAMPS)
+$(STAMPS)/deb: Makefile | $(STAMPS)
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 	touch $@

@@ -350,6 +350,22 @@ def test_render_dot_and_svg():
     xml.dom.minidom.parseString(svg)  # well-formed
 
 
+def test_graphviz_draws_each_label_as_shown_and_the_title_once():
+    """Graphviz decodes HTML entities in plain labels ("&amp;" drew "&", "&#x202e;" a raw RLO,
+    "&#10;" a line break), each column's cluster inherited the graph's label (the title was
+    drawn once per depth), and a NUL in the model name (a graph read from JSON) was a syntax error."""
+    labels = ["&amp;", "&nbsp;", "&#x202e;x", "a&#10;b", "&lt;b&gt;", "\\N\\", '"&"']
+    g = NeuronGraph("m\x00", 0, 0, "h", 1.0)
+    for i, label in enumerate(labels):
+        g.add_path((label, [i], 0.9), [("c&", [100], 0.9)], 0.9)
+    out = subprocess.run(["dot", "-Tjson"], input=g.to_dot().encode(), capture_output=True, check=True).stdout
+    doc = json.loads(out)
+    drawn = [op["text"] for o in [doc, *doc.get("objects", [])] for op in o.get("_ldraw_", []) if op["op"] == "T"]
+    title = [t for t in drawn if t.startswith("m\ufffd · layer 0")]
+    assert len(title) == 1, drawn
+    assert sorted(t for t in drawn if t not in title) == sorted(map(n2g_fast.visible, [*labels, "c&"]))
+
+
 def test_a_drawing_holds_at_most_64_activating_labels():
     """A neuron that fires on hundreds of first tokens: the 64 highest are drawn, with the BOS
     context they hang from, and the title says how many were left out; predictions keep all."""

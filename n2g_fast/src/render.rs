@@ -150,8 +150,22 @@ pub fn invisible(c: char) -> bool {
         )
 }
 
+/// A DOT string's contents. Graphviz reads HTML entities in plain labels too ("&amp;" draws "&",
+/// "&#x202e;" a raw RLO, "&#10;" a line break), so '&' is written as "&amp;" to draw as itself.
+/// Control characters (possible in a model name: labels hold none after [`visible`]) become the
+/// replacement character, as in the SVG: a NUL ended `dot`'s input in a syntax error.
 fn dot_escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"")
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '&' => out.push_str("&amp;"),
+            c if c.is_control() => out.push('\u{FFFD}'),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn xml_escape(s: &str) -> String {
@@ -205,7 +219,8 @@ pub fn to_dot(g: &NeuronGraph) -> String {
     out.push_str("  node [shape=box, style=\"filled,solid\", fontname=\"Helvetica\"];\n");
     out.push_str("  edge [penwidth=3, dir=back];\n");
     for depth in 0..=max_depth {
-        let _ = writeln!(out, "  subgraph cluster_{} {{\n    pencolor=white; penwidth=3;", max_depth - depth);
+        // a cluster inherits the graph's label: without its own empty one, each column drew the title
+        let _ = writeln!(out, "  subgraph cluster_{} {{\n    pencolor=white; penwidth=3; label=\"\";", max_depth - depth);
         for (i, n) in d.nodes.iter().enumerate().filter(|(_, n)| n.depth == depth) {
             let (fill, font) = colours(n);
             let shown = visible(&n.label);
@@ -414,7 +429,9 @@ mod tests {
         let g = sample();
         let dot = to_dot(&g);
         assert!(dot.contains("rankdir=RL"));
-        assert!(dot.contains("label=\"·<b>&\\\"\""), "{dot}");
+        assert!(dot.contains("label=\"·<b>&amp;\\\"\""), "{dot}"); // Graphviz decodes entities: '&' as one
+        // every cluster clears the graph's label it inherits, so the title is drawn once
+        assert_eq!(dot.matches("subgraph cluster_").count(), dot.matches("penwidth=3; label=\"\";").count());
         assert!(dot.contains("label=\"x·y\"") && dot.contains("label=\"⏎\"") && dot.contains("label=\"⇥\""));
         assert!(dot.contains("penwidth=7"));
         assert!(!dot.contains("IGNORE"));
@@ -443,6 +460,15 @@ mod tests {
         g.add_path(&tok("a", &[4], 0.2), &[], 0.2).unwrap(); // a graded END on a drawn node
         g.finalize().unwrap();
         assert_eq!(dag(&g), dag(&sample()));
+    }
+
+    #[test]
+    fn dot_titles_hold_no_control_characters() {
+        let mut g = graph();
+        g.model = "a\0b\x1b[2J\n".to_owned();
+        let dot = to_dot(&g);
+        assert!(dot.contains("label=\"a\u{FFFD}b\u{FFFD}[2J\u{FFFD} · layer"), "{dot}");
+        assert!(!dot.chars().any(|c| c.is_control() && c != '\n'));
     }
 
     #[test]
