@@ -437,12 +437,13 @@ def test_ctrl_c_on_a_local_build_cancels_its_job_and_the_same_command_resumes(ca
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and p.poll() is None and b"built [" not in b"".join(chunks):
         time.sleep(0.05)
-    assert p.poll() is None, f"the build ended before it could be interrupted: {b''.join(chunks)}"
+    [job] = Workspace(ws, mode="read").list_jobs()
+    assert p.poll() is None and job.done < job.total, f"the build ended before it could be interrupted: {job}"
     p.send_signal(signal.SIGINT)
     p.wait(timeout=120)
     reader.join(timeout=10)
     err = b"".join(chunks)
-    assert p.returncode == 130, err
+    assert p.returncode == 130, (job, err.decode(errors="replace").replace("\r", "\n")[-3000:])
     assert b"cancelled; what it committed is kept" in err
     [job] = Workspace(ws, mode="read").list_jobs()
     assert job.state == "cancelled"

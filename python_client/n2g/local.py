@@ -90,6 +90,7 @@ class LocalN2GClient(_Api):
             started = False
             try:
                 for item in self.app.stream(name, self._checked(name, args), deadline):
+                    self._open(args)  # closed while its reader held the stream: it ends, as every call after close()
                     started = True
                     if isinstance(item, list):
                         yield from item
@@ -97,7 +98,7 @@ class LocalN2GClient(_Api):
                         yield item
                 return
             except Exception as e:
-                if self.closed:  # closed while its reader held the stream: sqlite3's "closed database" said less
+                if self.closed:  # the database went with it: sqlite3's "closed database" said less
                     self._open(args)
                 # tried again before its first item only, as over the network
                 d = retry.delay(e) if isinstance(e, N2GError) and not started else None
