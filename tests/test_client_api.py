@@ -237,6 +237,42 @@ def test_a_busy_retry_fits_its_jitter_to_the_deadline():
     assert all(1.0 <= w <= 2.0 for w in waits) and max(waits) > 1.5
 
 
+def test_a_health_check_on_a_closed_client_says_it_is_closed(tmp_path_factory):
+    """health() and wait_ready() skipped the closed-client check: gRPC then crashed the whole
+    process on the closed channel (SIGSEGV from N2GClient, an abort from AsyncN2GClient), and the
+    in-process client answered SERVING."""
+    code = """if True:
+        import asyncio
+        from n2g.client import AsyncN2GClient, N2GClient, N2GError
+
+        async def said(call):
+            try:
+                r = call()
+                await r if asyncio.iscoroutine(r) else None
+            except N2GError as e:
+                return e.code.name
+            return "answered"
+
+        async def go():
+            sync, aio = N2GClient("127.0.0.1:1"), AsyncN2GClient("127.0.0.1:1")
+            sync.close()
+            await aio.close()
+            return [await said(c.health) for c in (sync, aio)] + [
+                await said(lambda: c.wait_ready(timeout=1)) for c in (sync, aio)]
+
+        print(*asyncio.run(go()))
+    """
+    p = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, env=env(), timeout=60)
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    assert p.stdout.split() == ["FAILED_PRECONDITION"] * 4, p.stdout
+    local = LocalN2GClient(native_workspace(tmp_path_factory, "closed-health"), no_model=True)
+    local.close()
+    for call in (local.health, local.wait_ready):
+        with pytest.raises(N2GError) as e:
+            call()
+        assert e.value.code.name == "FAILED_PRECONDITION" and "closed" in e.value.message
+
+
 # --- what the clients refuse before sending, alike ------------------------------------------------
 
 

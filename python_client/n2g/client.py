@@ -811,6 +811,7 @@ class N2GClient(_ClientBase, _Api):
 
     def health(self, service: str = "", timeout: float = 5.0) -> str:
         """grpc.health.v1 status of `service` ("" = the server): SERVING, NOT_SERVING, ..."""
+        self._open({})  # gRPC crashes the process (SIGSEGV) on a health check over a closed channel
         try:
             return _health_status(_health_check(self._channel, service, timeout))
         except grpc.RpcError as e:
@@ -818,6 +819,7 @@ class N2GClient(_ClientBase, _Api):
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Waits until the server answers health checks with SERVING."""
+        self._open({})  # closed: said at once, not as a server never ready
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -893,12 +895,14 @@ class AsyncN2GClient(_ClientBase, _Api):
                 call.cancel()
 
     async def health(self, service: str = "", timeout: float = 5.0) -> str:
+        self._open({})  # gRPC aborts the process on a health check over a closed channel
         try:
             return _health_status(await _health_check(self._channel, service, timeout))
         except grpc.RpcError as e:
             raise _error(e) from None
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
+        self._open({})
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
