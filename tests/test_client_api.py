@@ -273,6 +273,63 @@ def test_a_health_check_on_a_closed_client_says_it_is_closed(tmp_path_factory):
         assert e.value.code.name == "FAILED_PRECONDITION" and "closed" in e.value.message
 
 
+def test_an_asyncio_call_cut_short_by_close_is_an_error_not_a_cancelled_task():
+    """close() while another task awaited a call (unary or a stream) raised asyncio.CancelledError
+    in that task, which nobody had cancelled: it ended as cancelled (a TaskGroup drops such a task
+    silently) where the blocking client raises an N2GError."""
+    import asyncio
+
+    from n2g.client import AsyncN2GClient
+    from n2g.convert import OPS
+
+    def hang(request, context):  # answers nothing until the caller goes away
+        while context.is_active():
+            time.sleep(0.05)
+
+    class Handler(grpc.GenericRpcHandler):
+        def service(self, details):
+            if any(op.stream and details.method.endswith(f"/{op.rpc}") for op in OPS.values()):
+                return grpc.unary_stream_rpc_method_handler(hang)
+            return grpc.unary_unary_rpc_method_handler(hang)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[Handler()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+
+    async def cut(call) -> tuple[bool, BaseException | None]:
+        c = AsyncN2GClient(f"127.0.0.1:{port}")
+        task = asyncio.create_task(call(c))
+        await asyncio.sleep(0.5)
+        await c.close()
+        await asyncio.wait([task], timeout=10)
+        return task.cancelled(), None if task.cancelled() else task.exception()
+
+    async def stream(c):
+        return [x async for x in c.export()]
+
+    async def cancelled(c):  # the caller's own cancel stays a cancel
+        task = asyncio.create_task(c.model_info())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        await asyncio.wait([task], timeout=10)
+        return task.cancelled()
+
+    async def go():
+        c = AsyncN2GClient(f"127.0.0.1:{port}")
+        own = await cancelled(c)
+        await c.close()
+        return [await cut(lambda c: c.model_info()), await cut(stream)], own
+
+    try:
+        got, own = asyncio.run(go())
+    finally:
+        server.stop(None)
+    for was_cancelled, error in got:
+        assert not was_cancelled and isinstance(error, N2GError), (was_cancelled, error)
+        assert error.code == grpc.StatusCode.FAILED_PRECONDITION and "closed" in error.message
+    assert own
+
+
 # --- what the clients refuse before sending, alike ------------------------------------------------
 
 

@@ -850,6 +850,15 @@ class AsyncN2GClient(_ClientBase, _Api):
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
+    def _closed_under(self) -> N2GError | None:
+        """The error of a call that close() cut short: grpc.aio cancels every call on the channel,
+        and the asyncio.CancelledError it raises would mark the caller's task cancelled (a TaskGroup
+        drops it silently). None when the task itself was cancelled (that error is the caller's)."""
+        task = asyncio.current_task()
+        if not self.closed or (task is not None and task.cancelling()):
+            return None
+        return N2GError(grpc.StatusCode.FAILED_PRECONDITION, "this client was closed during the call: open a new one")
+
     async def _call(self, name: str, args: dict[str, Any], timeout: float | None):
         op = OPS[name]
         return op.result(await self._unary(op.rpc, _request(op, self._open(args)), timeout))
@@ -868,6 +877,10 @@ class AsyncN2GClient(_ClientBase, _Api):
         while True:
             try:
                 return await getattr(self._stub, method)(request, timeout=retry.remaining(), metadata=self._metadata)
+            except asyncio.CancelledError:
+                if (closed := self._closed_under()) is None:
+                    raise
+                raise closed from None
             except grpc.RpcError as e:
                 d = retry.delay(e)
                 if d is None:
@@ -886,6 +899,10 @@ class AsyncN2GClient(_ClientBase, _Api):
                     started = True
                     yield item
                 return
+            except asyncio.CancelledError:
+                if (closed := self._closed_under()) is None:
+                    raise
+                raise closed from None
             except grpc.RpcError as e:
                 d = None if started else retry.delay(e)
                 if d is None:
