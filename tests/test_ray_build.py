@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from n2g_service.config import ScanConfig
 from n2g_service.build.request import BuildRequest
 from n2g_service.build.runner import run_build
 from n2g_service.workspace import BuildStore, Workspace
+from n2g_servers import env
 
 REQ = dict(layers="all", neurons=[3, 17, 40, 77, 101], group_size=2, scan=ScanConfig(k=6, window_tokens=32),
            shard_windows=64)
@@ -51,6 +54,34 @@ def inprocess_graphs(native_model, windows, tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return {(l, n): g for l, n, g in ws.graph_bytes()}, {l: ws.load_layer_scan(l) for l in (0, 1)}, keys
+
+
+def test_a_process_that_ran_a_ray_build_still_shuts_down_on_sigterm():
+    """Ray's core worker installed absl's crash handler in the driver, which took SIGTERM and
+    killed the process at once (exit -15): a server that had run a Ray build never ran its clean
+    shutdown again (its job left running, Ray's agents orphaned). Run before the module's cluster
+    starts: a subprocess with a cluster of its own (1 worker), its executor started in a thread as
+    the server's build worker starts it."""
+    code = """if True:
+        import os, signal, threading, time
+        got = []
+        signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+        from n2g_service.build.executors import RayExecutor, model_spec
+        from n2g_service.models import native_random_model
+
+        def build():
+            RayExecutor(model_spec(native_random_model(n_layers=2, d_model=64, d_mlp=128, seed=0)), workers=1,
+                        threads=1).close()
+
+        t = threading.Thread(target=build)
+        t.start()
+        t.join()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+        print("handled" if got else "not handled")
+    """
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), timeout=300)
+    assert p.returncode == 0 and p.stdout.split() == ["handled"], (p.returncode, p.stdout, p.stderr[-2000:])
 
 
 def test_ray_build_is_identical_to_inprocess(native_model, windows, ray_executor, inprocess_graphs, tmp_path):

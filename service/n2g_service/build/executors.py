@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -233,6 +234,14 @@ class RayExecutor:
 
     def __init__(self, spec: dict[str, Any], *, address: str | None = None, workers: int = 0, threads: int = 0,
                  max_attempts: int = 3, on_submit: Callable[[Unit, int], None] | None = None) -> None:
+        # Ray's core worker installs absl's crash handler in this process, which takes SIGTERM too
+        # and kills the process at once: a server that had run a Ray build never shut down cleanly
+        # again (its job left running, Ray's agents orphaned). Ray reads the switch at its import.
+        own_switch = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER" not in os.environ
+        if own_switch:
+            os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"
+            if "ray._private.ray_constants" in sys.modules:  # imported before (an embedding program)
+                sys.modules["ray._private.ray_constants"].RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
         try:
             import ray
         except ImportError:
@@ -245,6 +254,8 @@ class RayExecutor:
         self.on_submit = on_submit
         self._owns_ray = False
         env = {"PYTHONPATH": os.pathsep.join([_SERVICE_DIR, *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])}
+        if own_switch:  # the workers keep their crash reports
+            env["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "0"
         if not ray.is_initialized():
             kw: dict[str, Any] = {"runtime_env": {"env_vars": env}, "include_dashboard": False,
                                   "logging_level": "warning", "log_to_driver": False}
