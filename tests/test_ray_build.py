@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from n2g_service.build.executors import RayExecutor, model_spec
+from n2g_service.build.executors import InProcessExecutor, RayExecutor, Unit, model_spec
 from n2g_service.config import ScanConfig
 from n2g_service.build.request import BuildRequest
 from n2g_service.build.runner import run_build
@@ -125,6 +125,20 @@ def test_killed_worker_unit_is_retried(native_model, windows, ray_executor, inpr
     assert unit.state == "done" and unit.attempts == 2 and unit.worker != f"ray:{pid}"
     assert all(u.attempts == 1 for u in store.units(plan_id) if u.unit_id != unit_id)
     assert len(ray_executor.actors) == 2  # the dead worker was replaced
+
+
+def test_a_unit_that_raises_on_ray_fails_as_it_does_in_process(native_model, windows, ray_executor):
+    """A unit's own error reached the job as Ray's RayTaskError(ValueError), whose message is the
+    worker's traceback with terminal colour codes: the failed job stored that as its reason, where
+    the same build in-process says `ValueError: ...` in one line."""
+    bad = Unit("bad", "bogus", {})
+    said = []
+    for ex in (InProcessExecutor(native_model), ray_executor):
+        with pytest.raises(ValueError) as e:
+            list(ex.run([bad], windows))
+        said.append(f"{type(e.value).__name__}: {e.value}")
+    assert said[0] == said[1] == "ValueError: unknown unit kind 'bogus'", said
+    assert len(ray_executor.actors) == 2  # the worker is not dead: nothing to replace
 
 
 def test_actor_layout_spreads_workers_over_the_gpus():

@@ -307,7 +307,7 @@ class RayExecutor:
             on_start: Callable[[Unit, str], None] | None = None,
             on_progress: Callable[[Unit, int, int], None] | None = None) -> Iterator[UnitResult]:
         """(``on_progress`` is not called: an actor's unit reports when it is done.)"""
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
 
 
         ray = self.ray
@@ -365,6 +365,13 @@ class RayExecutor:
                     queue.appendleft(unit)
                     replace()
                     continue
+                except RayTaskError as e:
+                    # the unit's own error, as the in-process executor raises it: Ray's wrapper puts
+                    # the worker's traceback (and terminal colours) in its message, which a failed
+                    # job stored and showed as its one-line reason (kept here as the cause)
+                    if isinstance(e.cause, Exception):
+                        raise e.cause from e
+                    raise
                 free.append(actor)
                 yield UnitResult(unit, value, seconds, f"ray:{self.pids.get(actor)}")
 
