@@ -425,7 +425,12 @@ def test_ctrl_c_on_a_local_build_cancels_its_job_and_the_same_command_resumes(ca
     ws = tmp_path / "ws"
     cmd = ["build", "--workspace", str(ws), "--model", "native:0", "--corpus", str(corpus), "--layers", "0", "1",
            "--neurons", *map(str, range(0, 64, 2)), "--group-size", "2", "--window-tokens", "32", "--device", "cpu"]
-    p = subprocess.Popen([PYTHON, "-m", "n2g.cli", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env())
+    # Ctrl-C as a terminal delivers it: a shell's background job (`make test &`) hands SIGINT on
+    # ignored, and Python keeps an ignored SIGINT ignored (the build then ran to its end, exit 0)
+    interactive = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                   "runpy.run_module('n2g.cli', run_name='__main__', alter_sys=True)")
+    p = subprocess.Popen([PYTHON, "-c", interactive, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         env=env())
     chunks: list[bytes] = []  # read as it comes: the signal goes once the first group is built, mid-build
 
     def read():
