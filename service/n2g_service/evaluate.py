@@ -273,9 +273,10 @@ def ensure_ordinary_activations(ws, model, layer: int, neurons: Sequence[int], c
         # one evaluation at a time computes and stores a chunk: one that waited for it reads what
         # the other stored (concurrent evaluations each ran every pass again, under the model lock)
         with _HELDOUT_LOCK:
-            stored = ws.load_ordinary_activations(layer, missing[c0: c0 + 1024])
+            part = missing[c0: c0 + 1024]
+            stored = ws.load_ordinary_activations(layer, part)
             have.update(stored)
-            chunk = [nn for nn in missing[c0: c0 + 1024] if nn not in stored]
+            chunk = [nn for nn in part if nn not in stored]
             if not chunk:
                 continue
             out = np.zeros((n, t, len(chunk)), dtype=np.float32)
