@@ -14,6 +14,7 @@ each. A unit whose actor dies is retried on another actor (a replacement is star
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import sys
@@ -226,6 +227,24 @@ def actor_layout(gpus: int, workers: int, cpus: int, threads: int = 0) -> tuple[
     return n, {"num_cpus": 1}, threads if threads > 0 else max(1, cpus // n), 0.0
 
 
+class _RayNotices(logging.Filter):
+    """Drops two notices ``ray.init`` prints on every build, into the user's progress output:
+    that it set no SIGTERM handler (n2g's build runs off the main thread, and the server and the
+    CLI handle SIGTERM themselves) and that the cluster uses token authentication (how to turn it
+    off is no advice n2g should pass on). Every other Ray message is kept."""
+
+    NOTICES = ("SIGTERM handler is not set", "Token authentication is enabled")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOTICES)
+
+
+def _quiet_ray_notices(ray) -> None:
+    for handler in logging.getLogger("ray").handlers:  # Ray's own handler; its loggers do not propagate
+        if not any(isinstance(f, _RayNotices) for f in handler.filters):
+            handler.addFilter(_RayNotices())
+
+
 class RayExecutor:
     """Runs units on Ray actors. With no ``address`` a local Ray cluster is started (and shut
     down by :meth:`close`); with one, ``ray.init(address=...)`` joins that cluster."""
@@ -248,6 +267,7 @@ class RayExecutor:
             raise ExecutorError("--executor ray needs Ray: pip install 'ray>=2.9' in this environment "
                                "(and on every node of the cluster)") from None
 
+        _quiet_ray_notices(ray)
         self.ray = ray
         self.spec = spec
         self.max_attempts = max_attempts
