@@ -7,9 +7,10 @@
 #   benchmarks/bench_ray_gpu.sh workspaces/raygpu 15 256 16 4
 #
 # Each build is one `n2g build` (model load, scan and fit: the wall time a user waits; Ray's
-# start-up counts against Ray). Prints seconds and neurons a second for each, then how many graphs
-# the Ray builds share byte for byte with the in-process one (batches are sized to each actor's
-# share of the GPU, so float sums can differ in the last bits). N2G="python3 -m n2g.cli" picks the CLI.
+# start-up counts against Ray). Printed as each build ends, so a run cut short keeps what it
+# measured: its seconds, neurons a second, its fit phase (the build's own progress bar) and how
+# many graphs it shares byte for byte with the in-process build. N2G="python3 -m n2g.cli" picks
+# the CLI; DEVICE=cpu runs it on a machine without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-workspaces/raygpu}; layer=${2:-15}; sample=${3:-256}; group=${4:-16}
@@ -19,6 +20,26 @@ read -r -a n2g <<< "${N2G:-.venv/bin/n2g}"  # e.g. N2G="python3 -m n2g.cli"
 device=${DEVICE:-cuda}
 rm -rf "$out"; mkdir -p "$out"
 
+report() {  # out, name, t0, t1
+  python3 - "$@" <<'PY'
+import pathlib, re, sys
+out, name, t0, t1 = pathlib.Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+graphs = {p.name: p.read_bytes() for p in (out / f"{name}.export" / "graphs").glob("*.json")}
+# the fit phase: the last full reading of the build's progress bar, "N/N [mm:ss"
+bars = re.findall(r"building neurons: +100%\|[^|]*\| *\d+/\d+ \[(\d+):(\d+)", (out / f"{name}.log").read_text())
+fit = f"fit phase {int(bars[-1][0]) * 60 + int(bars[-1][1])} s" if bars else "fit phase not read"
+line = (f"{name:>10}: {len(graphs)} neurons, command {t1 - t0:6.1f} s "
+        f"({len(graphs) / (t1 - t0):.2f} neurons/s), {fit}")
+ref_dir = out / "inprocess.export" / "graphs"
+if name != "inprocess" and ref_dir.is_dir():
+    ref = {p.name: p.read_bytes() for p in ref_dir.glob("*.json")}
+    same = sum(graphs.get(k) == v for k, v in ref.items())
+    line += f"; {same} of {len(ref)} graphs byte-identical to in-process"
+    line += "" if set(graphs) == set(ref) else ", NEURONS DIFFER"
+print(line, flush=True)
+PY
+}
+
 build() {  # name, extra build args...
   local name=$1; shift
   local t0 t1
@@ -27,25 +48,10 @@ build() {  # name, extra build args...
     --device "$device" "$@" > "$out/$name.log" 2>&1 || { tail -20 "$out/$name.log"; exit 1; }
   t1=$(date +%s.%N)
   "${n2g[@]}" export --workspace "$out/$name" --out "$out/$name.export" > /dev/null
-  python3 - "$name" "$t0" "$t1" "$out/$name.export" <<'EOF'
-import sys, pathlib
-name, t0, t1, d = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), pathlib.Path(sys.argv[4])
-n = len(list((d / "graphs").glob("*.json")))
-print(f"{name:>12}: {n} neurons in {t1 - t0:6.1f} s  ({n / (t1 - t0):.2f} neurons/s, wall time of the command)")
-EOF
+  report "$out" "$name" "$t0" "$t1"
 }
 
 build inprocess
 for w in "${workers[@]}"; do
   build "ray$w" --executor ray --workers "$w"
 done
-python3 - "$out" "${workers[@]}" <<'EOF'
-import sys, pathlib
-out, workers = pathlib.Path(sys.argv[1]), sys.argv[2:]
-ref = {p.name: p.read_bytes() for p in (out / "inprocess.export" / "graphs").glob("*.json")}
-for w in workers:
-    got = {p.name: p.read_bytes() for p in (out / f"ray{w}.export" / "graphs").glob("*.json")}
-    same = sum(got.get(k) == v for k, v in ref.items())
-    print(f"ray {w} workers: {same} of {len(ref)} graphs byte-identical to in-process; "
-          f"neurons {'the same' if set(got) == set(ref) else 'DIFFER'}")
-EOF
